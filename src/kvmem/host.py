@@ -1,0 +1,378 @@
+"""Host memory: mappings at real host virtual addresses, and the events that change them.
+
+Defines:
+- `HostMemory` — an mmap'd range (anonymous, memfd or file) whose `hva` is a real address
+  of this process, as KVM's `userspace_addr` is. `discard`, `remap` and `protect` change
+  what backs a range, and each is reported to every registered notifier as an
+  invalidation of that hva range: `invalidate_range_start(start, end)` before the change,
+  `invalidate_range_end(start, end)` after it (KVM's MMU notifier, §5).
+- `notifiers` — the process-wide notifier list (one mm, as in the kernel: a VM subscribes
+  to every mapping, not to particular objects).
+- `accessible(hva, n, prot)` — how much of an hva range is mapped by a live `HostMemory`
+  with that protection. Accessors copy only what it allows, inside a `guard` read
+  section, so an unmapped or protected range fails like a faulting `copy_{from,to}_user`
+  (EFAULT) instead of crashing the process.
+
+Theory: the mapping table is an immutable sorted tuple republished on every change, and
+copies run inside a read section of `guard` (an `Srcu`). Unmapping and protecting first
+republish the table, then wait for a grace period, then change the real mapping — so no
+copy can be in flight on a range that is about to become inaccessible.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from . import sync
+from .errors import KvmError
+from .uapi import PAGE_MASK
+
+__all__ = [
+    "HostMemory",
+    "InvalidationListener",
+    "accessible",
+    "address_of",
+    "guard",
+    "new_bytes",
+    "notifiers",
+]
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [
+    ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long,
+]
+_munmap = _libc.munmap
+_munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_mprotect = _libc.mprotect
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_madvise = _libc.madvise
+_madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+_MAP_NORESERVE = 0x4000
+_MAP_FIXED = 0x10
+_MADV_DONTNEED = 4
+_FALLOC_FL_KEEP_SIZE = 1
+_FALLOC_FL_PUNCH_HOLE = 2
+
+PROT_NONE = mmap.PROT_NONE if hasattr(mmap, "PROT_NONE") else 0
+PROT_READ = mmap.PROT_READ
+PROT_WRITE = mmap.PROT_WRITE
+PROT_RW = PROT_READ | PROT_WRITE
+
+Kind = Literal["anonymous", "memfd", "file"]
+
+_memmove = ctypes.memmove
+_memset = ctypes.memset
+_string_at = ctypes.string_at
+_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
+_new_bytes.restype = ctypes.py_object
+_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
+
+
+def _oserror(what: str) -> OSError:
+    err = ctypes.get_errno()
+    return OSError(err, f"{what}: {os.strerror(err)}")
+
+
+class InvalidationListener(Protocol):
+    def invalidate_range_start(self, start: int, end: int) -> None: ...
+    def invalidate_range_end(self, start: int, end: int) -> None: ...
+
+
+class _Notifiers:
+    """The mm's notifier list: a listener sees every invalidation of any mapping."""
+
+    def __init__(self) -> None:
+        self._lock = sync.Mutex("host.notifiers")
+        self._listeners: sync.Atomic[tuple[InvalidationListener, ...]] = sync.Atomic(())
+
+    def register(self, listener: InvalidationListener) -> None:
+        with self._lock:
+            self._listeners.store((*self._listeners.load(), listener))
+
+    def unregister(self, listener: InvalidationListener) -> None:
+        with self._lock:
+            self._listeners.store(tuple(x for x in self._listeners.load() if x is not listener))
+
+    def start(self, start: int, end: int) -> None:
+        for listener in self._listeners.load():
+            listener.invalidate_range_start(start, end)
+
+    def end(self, start: int, end: int) -> None:
+        for listener in self._listeners.load():
+            listener.invalidate_range_end(start, end)
+
+
+notifiers = _Notifiers()
+guard = sync.Srcu("host.guard")
+
+
+@dataclass(frozen=True, slots=True)
+class _Region:
+    """An accessible run of a mapping: [start, end) with one protection."""
+
+    start: int
+    end: int
+    prot: int
+    owner: HostMemory
+
+
+# sorted by start, disjoint; republished whole on every change
+_table: sync.Atomic[tuple[tuple[int, ...], tuple[_Region, ...]]] = sync.Atomic(((), ()))
+_table_lock = sync.Mutex("host.table")
+
+
+def _republish(drop: HostMemory | None, add: Iterable[_Region]) -> None:
+    _table_lock.assert_held()
+    regions = [r for r in _table.load()[1] if r.owner is not drop] + list(add)
+    regions.sort(key=lambda r: r.start)
+    _table.store((tuple(r.start for r in regions), tuple(regions)))
+
+
+def accessible(hva: int, n: int, prot: int) -> int:
+    """How many bytes from `hva` (up to `n`) are mapped with at least `prot`."""
+    starts, regions = _table.load()
+    done = 0
+    while done < n:
+        i = bisect.bisect_right(starts, hva + done) - 1
+        if i < 0:
+            break
+        r = regions[i]
+        if hva + done >= r.end or (r.prot & prot) != prot:
+            break
+        done = min(n, r.end - hva)
+    return done
+
+
+def new_bytes(n: int) -> bytes:
+    """A new, uninitialised bytes object of `n` bytes, to be filled by one copy."""
+    out: bytes = _new_bytes(None, n)
+    return out
+
+
+def address_of(data: bytes | bytearray | memoryview) -> int:
+    """The address of a buffer's first byte (bytes: its internal storage)."""
+    if isinstance(data, bytes):
+        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+    view = data if isinstance(data, memoryview) else memoryview(data)
+    if view.readonly:
+        raise TypeError("a read-only buffer other than bytes cannot be written from")
+    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+
+
+class HostMemory:
+    """A host mapping at a real hva. Create with `anonymous`, `memfd` or `file`."""
+
+    def __init__(self, kind: Kind, size: int, fd: int | None, path: str | None) -> None:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if size <= 0 or size & PAGE_MASK:
+            raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096")
+        self.kind: Kind = kind
+        self.size = size
+        self.fd = fd
+        self.path = path
+        self._lock = sync.Mutex("HostMemory")
+        self._closed = False
+        addr = _mmap(None, size, PROT_RW, self._map_flags(), -1 if fd is None else fd, 0)
+        if addr in (None, _MAP_FAILED):
+            raise _oserror("mmap")
+        self.hva: int = addr
+        # per-page protection, as runs: [(start_offset, end_offset, prot)]
+        self._prot: list[tuple[int, int, int]] = [(0, size, PROT_RW)]
+        with _table_lock:
+            _republish(None, self._regions())
+
+    # -- constructors -------------------------------------------------------------------
+    @classmethod
+    def anonymous(cls, size: int) -> HostMemory:
+        """Private anonymous memory (MAP_NORESERVE: pages are allocated on first touch)."""
+        return cls("anonymous", size, None, None)
+
+    @classmethod
+    def memfd(cls, size: int, name: str = "kvmem") -> HostMemory:
+        """Shared memory backed by a memfd (can be mapped twice: aliasing hvas)."""
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)
+            return cls("memfd", size, fd, None)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def file(cls, path: str | os.PathLike[str], size: int) -> HostMemory:
+        """Shared mapping of a file, extended to `size` if shorter."""
+        p = os.fspath(path)
+        fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:
+                os.ftruncate(fd, size)
+            return cls("file", size, fd, p)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _map_flags(self) -> int:
+        if self.fd is None:
+            return mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+        return mmap.MAP_SHARED
+
+    def _regions(self) -> list[_Region]:
+        return [
+            _Region(self.hva + s, self.hva + e, p, self) for s, e, p in self._prot if p != PROT_NONE
+        ]
+
+    # -- views ----------------------------------------------------------------------------
+    def view(self) -> memoryview:
+        """A writable memoryview over the whole mapping (host access: never dirty-logged)."""
+        self._check_open()
+        return memoryview((ctypes.c_char * self.size).from_address(self.hva)).cast("B")
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"hva={self.hva:#x}"
+        return f"HostMemory({self.kind}, size={self.size:#x}, {state})"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- changes, each an invalidation ----------------------------------------------------
+    def _check_range(self, offset: int, length: int) -> None:
+        for name, v in (("offset", offset), ("length", length)):
+            if not isinstance(v, int) or isinstance(v, bool):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        self._check_open()
+        if offset < 0 or length <= 0 or offset & PAGE_MASK or length & PAGE_MASK:
+            raise KvmError(errno.EINVAL, f"range {offset:#x}+{length:#x} must be page-aligned")
+        if offset + length > self.size:
+            raise KvmError(errno.EINVAL,
+                           f"range {offset:#x}+{length:#x} beyond size {self.size:#x}")
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise KvmError(errno.EBADF, "host memory is closed")
+
+    def _change(self, offset: int, length: int, action: Callable[[], None]) -> None:
+        self._check_range(offset, length)
+        start, end = self.hva + offset, self.hva + offset + length
+        with self._lock:
+            notifiers.start(start, end)
+            try:
+                action()
+            finally:
+                notifiers.end(start, end)
+
+    def discard(self, offset: int, length: int) -> None:
+        """Drop the pages (MADV_DONTNEED; hole punch for memfd/file): they read as zero."""
+
+        def act() -> None:
+            addr = self.hva + offset
+            punch = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+            if self.fd is not None and _fallocate(self.fd, punch, offset, length) != 0:
+                raise _oserror("fallocate")
+            if _madvise(addr, length, _MADV_DONTNEED) != 0:
+                raise _oserror("madvise")
+
+        self._change(offset, length, act)
+
+    def remap(self, offset: int, length: int) -> None:
+        """Map the range anew in place (mmap MAP_FIXED): anonymous memory gets fresh zero
+        pages; memfd/file memory is mapped again from the same file offset."""
+
+        def act() -> None:
+            self._set_prot(offset, length, PROT_NONE)  # readers keep off while it is replaced
+            fd = -1 if self.fd is None else self.fd
+            addr = _mmap(self.hva + offset, length, PROT_RW, self._map_flags() | _MAP_FIXED,
+                         fd, 0 if self.fd is None else offset)
+            if addr in (None, _MAP_FAILED):
+                raise _oserror("mmap")
+            self._set_prot(offset, length, PROT_RW)
+
+        self._change(offset, length, act)
+
+    def protect(self, offset: int, length: int, prot: int) -> None:
+        """mprotect the range: PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE."""
+        if prot not in (PROT_NONE, PROT_READ, PROT_RW):
+            raise KvmError(errno.EINVAL, f"prot {prot} must be PROT_NONE, PROT_READ or PROT_RW")
+
+        def act() -> None:
+            narrowing = prot != PROT_RW
+            if narrowing:
+                self._set_prot(offset, length, prot)  # copies stop before the real change
+            if _mprotect(self.hva + offset, length, prot) != 0:
+                raise _oserror("mprotect")
+            if not narrowing:
+                self._set_prot(offset, length, prot)
+
+        self._change(offset, length, act)
+
+    def protection(self, offset: int) -> int:
+        """The protection of the page at `offset`."""
+        for s, e, p in self._prot:
+            if s <= offset < e:
+                return p
+        raise KvmError(errno.EINVAL, f"offset {offset:#x} beyond size {self.size:#x}")
+
+    def _set_prot(self, offset: int, length: int, prot: int) -> None:
+        end = offset + length
+        runs: list[tuple[int, int, int]] = []
+        for s, e, p in self._prot:
+            if s < offset:
+                runs.append((s, min(e, offset), p))
+            if e > end:
+                runs.append((max(s, end), e, p))
+        runs.append((offset, end, prot))
+        runs.sort()
+        merged: list[tuple[int, int, int]] = []
+        for s, e, p in runs:
+            if merged and merged[-1][1] == s and merged[-1][2] == p:
+                merged[-1] = (merged[-1][0], e, p)
+            else:
+                merged.append((s, e, p))
+        self._prot = merged
+        with _table_lock:
+            _republish(self, self._regions())
+        guard.synchronize()
+
+    def close(self) -> None:
+        """Unmap (an invalidation of the whole range) and close the file descriptor."""
+        if self._closed:
+            return
+        with self._lock:
+            start, end = self.hva, self.hva + self.size
+            notifiers.start(start, end)
+            try:
+                with _table_lock:
+                    _republish(self, ())
+                guard.synchronize()
+                self._closed = True
+                if _munmap(self.hva, self.size) != 0:
+                    raise _oserror("munmap")
+                if self.fd is not None:
+                    os.close(self.fd)
+            finally:
+                notifiers.end(start, end)
+
+    def __enter__(self) -> HostMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+

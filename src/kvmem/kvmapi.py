@@ -1,0 +1,541 @@
+"""A thin, typed wrapper over the real Linux `/dev/kvm` API (x86-64), in pure Python.
+
+Defines:
+- the ioctl numbers, built with `_IO`/`_IOR`/`_IOW`/`_IOWR` from the uapi structs' sizes, and
+  the capability, slot-flag, dirty-log and exit-reason numbers of `include/uapi/linux/kvm.h`;
+- `kvm_available()` — None where KVM works, else why not (tests skip with that reason);
+- `Kvm` (the `/dev/kvm` fd), `KvmVm` (a VM fd), `KvmVcpu` (a vCPU fd and its `kvm_run` page):
+  each owns exactly one fd, closed by `close()` or by leaving its `with` block;
+- `KvmCaps` — the capabilities kvmem's model has to agree with, read once.
+
+Why: this is the oracle of kvmem's differential tests — the same sequence of calls goes to the
+model and to the kernel, and every errno must match — and the base of the KVM engine.
+
+Rules:
+- Self-contained: nothing here imports the rest of kvmem, so a wrong constant in the model cannot
+  leak into the oracle that is meant to catch it. The numbers are the uapi's, written out again.
+- Every ioctl argument is an unsigned field of fixed width (u32 slot and flags, u64 addresses and
+  sizes). An int that does not fit is a `ValueError` raised before any ioctl: the kernel never
+  sees a silently truncated value. Whatever the kernel refuses is an `OSError` whose `errno` is
+  the kernel's, and whose message names the ioctl and its arguments.
+- Only mechanism, no policy: no check the kernel would make is made here first, so the kernel
+  answers every request that reaches it. The one exception protects this process: the kernel
+  writes `KVM_GET_DIRTY_LOG`'s bitmap through a raw pointer, as long as the *slot's* bitmap, so
+  `KvmVm` remembers the page count of each slot it installed and refuses a disagreeing `npages`
+  instead of letting the kernel write past the buffer.
+- `fcntl.ioctl` releases the GIL, so `KvmVcpu.run()` blocks only its own thread; a signal that
+  interrupts `KVM_RUN` surfaces as `OSError(EINTR)`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Self
+
+__all__ = [
+    "KVMIO",
+    "KVM_API_VERSION",
+    "KVM_CAP_CHECK_EXTENSION_VM",
+    "KVM_CAP_DIRTY_LOG_RING",
+    "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+    "KVM_CAP_GUEST_MEMFD",
+    "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_CAP_MULTI_ADDRESS_SPACE",
+    "KVM_CAP_NR_MEMSLOTS",
+    "KVM_CAP_READONLY_MEM",
+    "KVM_CAP_SYNC_MMU",
+    "KVM_CAP_USER_MEMORY2",
+    "KVM_CAP_X86_SMM",
+    "KVM_CHECK_EXTENSION",
+    "KVM_CLEAR_DIRTY_LOG",
+    "KVM_CREATE_GUEST_MEMFD",
+    "KVM_CREATE_VCPU",
+    "KVM_CREATE_VM",
+    "KVM_DIRTY_LOG_INITIALLY_SET",
+    "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
+    "KVM_ENABLE_CAP",
+    "KVM_EXIT_FAIL_ENTRY",
+    "KVM_EXIT_HLT",
+    "KVM_EXIT_INTERNAL_ERROR",
+    "KVM_EXIT_IO",
+    "KVM_EXIT_MMIO",
+    "KVM_EXIT_SHUTDOWN",
+    "KVM_GET_API_VERSION",
+    "KVM_GET_DIRTY_LOG",
+    "KVM_GET_REGS",
+    "KVM_GET_SREGS",
+    "KVM_GET_VCPU_MMAP_SIZE",
+    "KVM_MEM_GUEST_MEMFD",
+    "KVM_MEM_LOG_DIRTY_PAGES",
+    "KVM_MEM_READONLY",
+    "KVM_RESET_DIRTY_RINGS",
+    "KVM_RUN",
+    "KVM_SET_REGS",
+    "KVM_SET_SREGS",
+    "KVM_SET_USER_MEMORY_REGION",
+    "KVM_SET_USER_MEMORY_REGION2",
+    "Kvm",
+    "KvmCaps",
+    "KvmVcpu",
+    "KvmVm",
+    "dirty_bitmap_bytes",
+    "kvm_available",
+]
+
+KVM_PATH: Final = "/dev/kvm"
+KVM_API_VERSION: Final = 12
+
+# ---------------------------------------------------------------------------------------------
+# ioctl number encoding (asm-generic/ioctl.h, which x86 uses): dir(2) | size(14) | type(8) | nr(8)
+
+_IOC_NRBITS: Final = 8
+_IOC_TYPEBITS: Final = 8
+_IOC_SIZEBITS: Final = 14
+_IOC_NRSHIFT: Final = 0
+_IOC_TYPESHIFT: Final = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT: Final = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT: Final = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_NONE: Final = 0
+_IOC_WRITE: Final = 1
+_IOC_READ: Final = 2
+
+
+def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
+    if not 0 <= size < 1 << _IOC_SIZEBITS:
+        raise ValueError(f"ioctl argument size {size} does not fit {_IOC_SIZEBITS} bits")
+    return (
+        (direction << _IOC_DIRSHIFT)
+        | (type_ << _IOC_TYPESHIFT)
+        | (nr << _IOC_NRSHIFT)
+        | (size << _IOC_SIZESHIFT)
+    )
+
+
+def _IO(type_: int, nr: int) -> int:
+    return _IOC(_IOC_NONE, type_, nr, 0)
+
+
+def _IOR(type_: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_READ, type_, nr, size)
+
+
+def _IOW(type_: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_WRITE, type_, nr, size)
+
+
+def _IOWR(type_: int, nr: int, size: int) -> int:
+    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, size)
+
+
+# ---------------------------------------------------------------------------------------------
+# uapi structs, as `struct` layouts ("=" : native byte order, no implicit padding)
+
+# kvm_userspace_memory_region: slot, flags, guest_phys_addr, memory_size, userspace_addr
+_REGION: Final = struct.Struct("=IIQQQ")
+# kvm_userspace_memory_region2: the five above, guest_memfd_offset u64, guest_memfd u32,
+# pad1 u32, pad2[14] u64 (pads always zero here)
+_REGION2: Final = struct.Struct("=IIQQQQI4x112x")
+# kvm_dirty_log: slot u32, padding1 u32, dirty_bitmap pointer (union with u64)
+_DIRTY_LOG: Final = struct.Struct("=I4xQ")
+# kvm_clear_dirty_log: slot u32, num_pages u32, first_page u64, dirty_bitmap pointer
+_CLEAR_DIRTY_LOG: Final = struct.Struct("=IIQQ")
+# kvm_enable_cap: cap u32, flags u32, args[4] u64, pad[64] u8
+_ENABLE_CAP: Final = struct.Struct("=II4Q64x")
+# kvm_create_guest_memfd: size u64, flags u64, reserved[6] u64
+_CREATE_GUEST_MEMFD: Final = struct.Struct("=QQ48x")
+# sizes only: the register structs are not wrapped (yet) but their ioctl numbers depend on them
+_KVM_REGS_SIZE: Final = 18 * 8  # 16 GPRs, rip, rflags
+_KVM_SREGS_SIZE: Final = 8 * 24 + 2 * 16 + 7 * 8 + 4 * 8  # segs, dtables, crs/efer/apic, irq bmp
+# kvm_run: request_interrupt_window u8, immediate_exit u8, padding1[6], exit_reason u32, ...
+_EXIT_REASON: Final = struct.Struct("=I")
+_EXIT_REASON_OFFSET: Final = 8
+
+KVMIO: Final = 0xAE
+
+# system ioctls (/dev/kvm)
+KVM_GET_API_VERSION: Final = _IO(KVMIO, 0x00)
+KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
+KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)  # also a VM ioctl with KVM_CAP_CHECK_EXTENSION_VM
+KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
+# VM ioctls
+KVM_CREATE_VCPU: Final = _IO(KVMIO, 0x41)
+KVM_GET_DIRTY_LOG: Final = _IOW(KVMIO, 0x42, _DIRTY_LOG.size)
+KVM_SET_USER_MEMORY_REGION: Final = _IOW(KVMIO, 0x46, _REGION.size)
+KVM_SET_USER_MEMORY_REGION2: Final = _IOW(KVMIO, 0x49, _REGION2.size)
+KVM_ENABLE_CAP: Final = _IOW(KVMIO, 0xA3, _ENABLE_CAP.size)
+KVM_CLEAR_DIRTY_LOG: Final = _IOWR(KVMIO, 0xC0, _CLEAR_DIRTY_LOG.size)
+KVM_RESET_DIRTY_RINGS: Final = _IO(KVMIO, 0xC7)
+KVM_CREATE_GUEST_MEMFD: Final = _IOWR(KVMIO, 0xD4, _CREATE_GUEST_MEMFD.size)
+# vCPU ioctls
+KVM_RUN: Final = _IO(KVMIO, 0x80)
+KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, _KVM_REGS_SIZE)
+KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, _KVM_REGS_SIZE)
+KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, _KVM_SREGS_SIZE)
+KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, _KVM_SREGS_SIZE)
+
+# capabilities
+KVM_CAP_NR_MEMSLOTS: Final = 10
+KVM_CAP_SYNC_MMU: Final = 16
+KVM_CAP_READONLY_MEM: Final = 81
+KVM_CAP_CHECK_EXTENSION_VM: Final = 105
+KVM_CAP_X86_SMM: Final = 117
+KVM_CAP_MULTI_ADDRESS_SPACE: Final = 118
+KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: Final = 168
+KVM_CAP_DIRTY_LOG_RING: Final = 192
+KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
+KVM_CAP_USER_MEMORY2: Final = 231
+KVM_CAP_GUEST_MEMFD: Final = 234
+
+# kvm_userspace_memory_region(2).flags
+KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
+KVM_MEM_READONLY: Final = 1 << 1
+KVM_MEM_GUEST_MEMFD: Final = 1 << 2
+
+# KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 args[0]
+KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE: Final = 1 << 0
+KVM_DIRTY_LOG_INITIALLY_SET: Final = 1 << 1
+
+# kvm_run.exit_reason (the ones kvmem's engine meets)
+KVM_EXIT_IO: Final = 2
+KVM_EXIT_HLT: Final = 5
+KVM_EXIT_MMIO: Final = 6
+KVM_EXIT_SHUTDOWN: Final = 8
+KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTERNAL_ERROR: Final = 17
+
+_PAGE_SHIFT: Final = 12
+_INT_MAX: Final = (1 << 31) - 1
+
+
+def dirty_bitmap_bytes(npages: int) -> int:
+    """Bytes of a slot's dirty bitmap: one bit per page, in whole 64-bit words."""
+    return ((npages + 63) // 64) * 8
+
+
+def _fit(name: str, value: int, bits: int) -> int:
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{name}={value:#x} does not fit the kernel's u{bits} field")
+    return value
+
+
+def _int_arg(name: str, value: int) -> int:
+    # An ioctl taking its argument by value gets it through fcntl's C `int`; keep it
+    # non-negative so the kernel's `unsigned long` sees the same number the caller wrote.
+    if not 0 <= value <= _INT_MAX:
+        raise ValueError(f"{name}={value:#x} does not fit the ioctl's argument (0..{_INT_MAX:#x})")
+    return value
+
+
+class _FdOwner:
+    """Owns one fd: `fd` while open, `close()` once (later calls do nothing), `with` support,
+    and `_ioctl`, which turns the kernel's refusal into an `OSError` naming the call."""
+
+    _kind = "fd"
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @property
+    def fd(self) -> int:
+        if self._fd is None:
+            raise ValueError(f"{self._kind} is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd is None
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _ioctl(self, name: str, request: int, arg: int | bytearray = 0, **fields: int) -> int:
+        fd = self.fd
+        try:
+            if isinstance(arg, bytearray):
+                # mutate_flag=True: the kernel's return value comes back, and any struct
+                # fields it wrote are copied back into `arg`
+                return int(fcntl.ioctl(fd, request, arg, True))
+            return fcntl.ioctl(fd, request, arg)
+        except OSError as e:
+            args = " ".join(f"{k}={v:#x}" for k, v in fields.items())
+            raise OSError(e.errno, f"{name}({args}): {e.strerror}") from None
+
+
+@dataclass(frozen=True)
+class KvmCaps:
+    """What this kernel offers a default VM, for the parts kvmem models."""
+
+    nr_memslots: int  # user slot ids are 0 .. nr_memslots-1
+    address_spaces: int  # memslot address spaces of a VM (as_id < this); 1 without SMM
+    readonly_mem: bool
+    manual_dirty_log_protect: int  # mask of KVM_DIRTY_LOG_* bits the kernel accepts
+    dirty_ring_max_bytes: int  # 0: no dirty ring
+    user_memory2: bool
+    guest_memfd: bool
+    smm: bool
+
+
+class Kvm(_FdOwner):
+    """The `/dev/kvm` fd: system ioctls and VM creation."""
+
+    _kind = "/dev/kvm fd"
+
+    def __init__(self, path: str = KVM_PATH) -> None:
+        super().__init__(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+
+    def api_version(self) -> int:
+        return self._ioctl("KVM_GET_API_VERSION", KVM_GET_API_VERSION)
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl(
+            "KVM_CHECK_EXTENSION", KVM_CHECK_EXTENSION, _int_arg("cap", cap), cap=cap
+        )
+
+    def vcpu_mmap_size(self) -> int:
+        return self._ioctl("KVM_GET_VCPU_MMAP_SIZE", KVM_GET_VCPU_MMAP_SIZE)
+
+    def create_vm(self, type: int = 0) -> KvmVm:
+        vcpu_mmap_size = self.vcpu_mmap_size()
+        fd = self._ioctl("KVM_CREATE_VM", KVM_CREATE_VM, _int_arg("type", type), type=type)
+        return KvmVm(fd, vcpu_mmap_size)
+
+    def caps(self) -> KvmCaps:
+        """Read the capabilities. Values that depend on the VM (address spaces, memslots,
+        guest_memfd, ...) come from a throwaway default VM's fd where the kernel answers
+        KVM_CHECK_EXTENSION there, else from /dev/kvm."""
+        with self.create_vm() as vm:
+            vm_answers = self.check_extension(KVM_CAP_CHECK_EXTENSION_VM) > 0
+            check = vm.check_extension if vm_answers else self.check_extension
+            return KvmCaps(
+                nr_memslots=check(KVM_CAP_NR_MEMSLOTS),
+                address_spaces=max(1, check(KVM_CAP_MULTI_ADDRESS_SPACE)),
+                readonly_mem=check(KVM_CAP_READONLY_MEM) > 0,
+                manual_dirty_log_protect=check(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
+                dirty_ring_max_bytes=check(KVM_CAP_DIRTY_LOG_RING),
+                user_memory2=check(KVM_CAP_USER_MEMORY2) > 0,
+                guest_memfd=check(KVM_CAP_GUEST_MEMFD) > 0,
+                smm=check(KVM_CAP_X86_SMM) > 0,
+            )
+
+
+class KvmVm(_FdOwner):
+    """A VM fd (made by `Kvm.create_vm`): memslots, dirty logging, capabilities, vCPUs.
+
+    Guest memory passed as `hva` belongs to the caller, who keeps it mapped while the VM may
+    use it. `slot` is always the uapi's u32: `(as_id << 16) | id`."""
+
+    _kind = "KVM VM fd"
+
+    def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
+        super().__init__(fd)
+        self._vcpu_mmap_size = vcpu_mmap_size
+        # pages of every slot installed through this object, keyed by the u32 `slot`:
+        # the size of the bitmap the kernel will write for KVM_GET_DIRTY_LOG
+        self._npages: dict[int, int] = {}
+
+    def check_extension(self, cap: int) -> int:
+        return self._ioctl(
+            "KVM_CHECK_EXTENSION", KVM_CHECK_EXTENSION, _int_arg("cap", cap), cap=cap
+        )
+
+    def set_user_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
+        arg = bytearray(
+            _REGION.pack(
+                _fit("slot", slot, 32),
+                _fit("flags", flags, 32),
+                _fit("gpa", gpa, 64),
+                _fit("size", size, 64),
+                _fit("hva", hva, 64),
+            )
+        )
+        self._ioctl(
+            "KVM_SET_USER_MEMORY_REGION",
+            KVM_SET_USER_MEMORY_REGION,
+            arg,
+            slot=slot,
+            flags=flags,
+            gpa=gpa,
+            size=size,
+            hva=hva,
+        )
+        self._installed(slot, size)
+
+    def set_user_memory_region2(
+        self,
+        slot: int,
+        flags: int,
+        gpa: int,
+        size: int,
+        hva: int,
+        guest_memfd_offset: int = 0,
+        guest_memfd: int = 0,
+    ) -> None:
+        arg = bytearray(
+            _REGION2.pack(
+                _fit("slot", slot, 32),
+                _fit("flags", flags, 32),
+                _fit("gpa", gpa, 64),
+                _fit("size", size, 64),
+                _fit("hva", hva, 64),
+                _fit("guest_memfd_offset", guest_memfd_offset, 64),
+                _fit("guest_memfd", guest_memfd, 32),
+            )
+        )
+        self._ioctl(
+            "KVM_SET_USER_MEMORY_REGION2",
+            KVM_SET_USER_MEMORY_REGION2,
+            arg,
+            slot=slot,
+            flags=flags,
+            gpa=gpa,
+            size=size,
+            hva=hva,
+            guest_memfd_offset=guest_memfd_offset,
+            guest_memfd=guest_memfd,
+        )
+        self._installed(slot, size)
+
+    def _installed(self, slot: int, size: int) -> None:
+        # Called only after the kernel accepted the request, so this mirrors its slot sizes:
+        # size 0 deleted the slot; anything else created it or kept its size (MOVE/FLAGS_ONLY).
+        if size == 0:
+            self._npages.pop(slot, None)
+        else:
+            self._npages[slot] = size >> _PAGE_SHIFT
+
+    def get_dirty_log(self, slot: int, npages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: the slot's bitmap, `dirty_bitmap_bytes(npages)` bytes, bit i
+        (little-endian within each byte) = page i of the slot."""
+        _fit("slot", slot, 32)
+        known = self._npages.get(slot)
+        if known is not None and npages != known:
+            raise ValueError(
+                f"slot {slot:#x} has {known} pages, not {npages}: the kernel writes a bitmap "
+                "as long as the slot's"
+            )
+        if npages < 0:
+            raise ValueError(f"npages={npages} is negative")
+        bitmap = ctypes.create_string_buffer(dirty_bitmap_bytes(npages))
+        arg = bytearray(_DIRTY_LOG.pack(slot, ctypes.addressof(bitmap)))
+        self._ioctl("KVM_GET_DIRTY_LOG", KVM_GET_DIRTY_LOG, arg, slot=slot)
+        return bitmap.raw
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bitmap: bytes) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear (and re-protect) the pages whose bit is set in `bitmap`,
+        bit 0 being `first_page`. The kernel reads `dirty_bitmap_bytes(num_pages)` bytes."""
+        needed = dirty_bitmap_bytes(_fit("num_pages", num_pages, 32))
+        if len(bitmap) < needed:
+            raise ValueError(
+                f"bitmap has {len(bitmap)} bytes; the kernel reads {needed} for {num_pages} pages"
+            )
+        buffer = ctypes.create_string_buffer(bytes(bitmap), len(bitmap))
+        arg = bytearray(
+            _CLEAR_DIRTY_LOG.pack(
+                _fit("slot", slot, 32),
+                num_pages,
+                _fit("first_page", first_page, 64),
+                ctypes.addressof(buffer),
+            )
+        )
+        self._ioctl(
+            "KVM_CLEAR_DIRTY_LOG",
+            KVM_CLEAR_DIRTY_LOG,
+            arg,
+            slot=slot,
+            first_page=first_page,
+            num_pages=num_pages,
+        )
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> int:
+        if len(args) > 4:
+            raise ValueError(f"kvm_enable_cap has 4 args, got {len(args)}")
+        values = [_fit(f"args[{i}]", a, 64) for i, a in enumerate(args)]
+        values += [0] * (4 - len(values))
+        arg = bytearray(_ENABLE_CAP.pack(_fit("cap", cap, 32), _fit("flags", flags, 32), *values))
+        fields = {f"args{i}": a for i, a in enumerate(args)}
+        return self._ioctl("KVM_ENABLE_CAP", KVM_ENABLE_CAP, arg, cap=cap, flags=flags, **fields)
+
+    def enable_manual_dirty_log_protect(self, initially_set: bool) -> None:
+        mode = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            mode |= KVM_DIRTY_LOG_INITIALLY_SET
+        self.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, mode)
+
+    def enable_dirty_ring(self, nbytes: int) -> None:
+        """Switch the VM to the dirty ring: `nbytes` per vCPU (power of two, before any vCPU)."""
+        self.enable_cap(KVM_CAP_DIRTY_LOG_RING, nbytes)
+
+    def reset_dirty_rings(self) -> int:
+        """Recycle harvested ring entries of every vCPU; returns how many were reset."""
+        return self._ioctl("KVM_RESET_DIRTY_RINGS", KVM_RESET_DIRTY_RINGS)
+
+    def create_guest_memfd(self, size: int, flags: int = 0) -> int:
+        """A new guest_memfd of `size` bytes; the caller owns (and closes) the returned fd."""
+        arg = bytearray(_CREATE_GUEST_MEMFD.pack(_fit("size", size, 64), _fit("flags", flags, 64)))
+        return self._ioctl(
+            "KVM_CREATE_GUEST_MEMFD", KVM_CREATE_GUEST_MEMFD, arg, size=size, flags=flags
+        )
+
+    def create_vcpu(self, id: int) -> KvmVcpu:
+        fd = self._ioctl("KVM_CREATE_VCPU", KVM_CREATE_VCPU, _int_arg("id", id), id=id)
+        try:
+            return KvmVcpu(fd, self._vcpu_mmap_size)
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+class KvmVcpu(_FdOwner):
+    """A vCPU fd (made by `KvmVm.create_vcpu`) and its shared `kvm_run` mapping."""
+
+    _kind = "KVM vCPU fd"
+
+    def __init__(self, fd: int, mmap_size: int) -> None:
+        self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        super().__init__(fd)
+
+    @property
+    def exit_reason(self) -> int:
+        return int(_EXIT_REASON.unpack_from(self.kvm_run, _EXIT_REASON_OFFSET)[0])
+
+    def run(self) -> int:
+        """KVM_RUN until the next exit to userspace; returns `kvm_run.exit_reason`."""
+        self._ioctl("KVM_RUN", KVM_RUN)
+        return self.exit_reason
+
+    def close(self) -> None:
+        # unmap first: the mapping keeps the vCPU file alive even after its fd is closed
+        self.kvm_run.close()
+        super().close()
+
+
+def kvm_available(path: str = KVM_PATH) -> str | None:
+    """None if `path` opens, speaks API version 12 and creates a VM; else the reason why not."""
+    try:
+        with Kvm(path) as kvm:
+            version = kvm.api_version()
+            if version != KVM_API_VERSION:
+                return f"{path}: KVM_GET_API_VERSION is {version}, expected {KVM_API_VERSION}"
+            kvm.create_vm().close()
+    except OSError as e:
+        return f"{path} is not usable: {e}"
+    return None

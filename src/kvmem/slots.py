@@ -1,0 +1,424 @@
+"""Memory slots, slot sets, and KVM's rules for changing them.
+
+Rules of this room:
+- A `MemorySlot` and a `SlotSet` never change once built (the one exception is the
+  generation of a published set, which the writer finalises after the grace period, as
+  KVM does). Changing slots means building a new set; publishing it is the `Vm`'s job.
+- Validation is KVM's `kvm_set_memory_region` + x86 `prepare`, as an ordered table of
+  (check, errno, message): the first failing row wins, in KVM's order (kvm-semantics §1.3).
+  Nothing here publishes, waits or notifies.
+
+Defines `MemorySlot`, `SlotSet`, `Request` (one KVM_SET_USER_MEMORY_REGION), `Change`
+(a validated request with its kind), `Limits` (what the VM supports) and `validate`.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+
+from ._pindex import IdTable, SortedIndex
+from .dirty import DirtyBitmap
+from .errors import KvmError
+from .uapi import (
+    DEFAULT_PHYS_BITS,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_MAX_NR_PAGES,
+    KVM_MEM_READONLY,
+    KVM_MEM_SLOTS_NUM,
+    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
+    KVM_MEMSLOT_INVALID,
+    KVM_SET_USER_MEMORY_REGION_V1_FLAGS,
+    KVM_USER_MEM_SLOTS,
+    PAGE_MASK,
+    PAGE_SHIFT,
+    TASK_SIZE_MAX,
+    U16_MAX,
+    U32_MAX,
+    U64_MAX,
+)
+
+__all__ = [
+    "Change",
+    "ChangeKind",
+    "Limits",
+    "MemorySlot",
+    "Request",
+    "SlotSet",
+    "validate",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class MemorySlot:
+    """One memory slot: gfns [base_gfn, end_gfn) of address space `as_id`, backed by host
+    memory at [hva, hva + npages*4096). `flags` holds the user flags plus, while a DELETE or
+    MOVE is in flight, `KVM_MEMSLOT_INVALID`."""
+
+    id: int
+    as_id: int
+    base_gfn: int
+    npages: int
+    hva: int
+    flags: int
+    end_gfn: int = field(init=False, repr=False)
+    dirty_bitmap: DirtyBitmap | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "end_gfn", self.base_gfn + self.npages)
+
+    @property
+    def slot(self) -> int:
+        """The ioctl's `slot` field: (as_id << 16) | id."""
+        return (self.as_id << 16) | self.id
+
+    @property
+    def gpa(self) -> int:
+        return self.base_gfn << PAGE_SHIFT
+
+    @property
+    def size(self) -> int:
+        return self.npages << PAGE_SHIFT
+
+    @property
+    def hva_end(self) -> int:
+        return self.hva + (self.npages << PAGE_SHIFT)
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & KVM_MEM_READONLY)
+
+    @property
+    def dirty_logging(self) -> bool:
+        return bool(self.flags & KVM_MEM_LOG_DIRTY_PAGES)
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.flags & KVM_MEMSLOT_INVALID)
+
+    def hva_of(self, gfn: int) -> int:
+        return self.hva + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+    def gfn_of(self, hva: int) -> int:
+        return self.base_gfn + ((hva - self.hva) >> PAGE_SHIFT)
+
+    def with_flags(self, flags: int) -> MemorySlot:
+        return MemorySlot(
+            self.id, self.as_id, self.base_gfn, self.npages, self.hva, flags, self.dirty_bitmap
+        )
+
+
+def _hva_key(s: MemorySlot) -> int:
+    return (s.hva << 32) | (s.as_id << 16) | s.id
+
+
+def _gfn_end(s: MemorySlot) -> int:
+    return s.end_gfn
+
+
+def _hva_end_key(s: MemorySlot) -> int:
+    return s.hva_end << 32
+
+
+class SlotSet:
+    """An immutable snapshot of one address space's slots (KVM's `struct kvm_memslots`).
+
+    `generation` is set at publication (with the in-progress bit while the swap is in
+    flight) and finalised by the writer; everything else is fixed at construction.
+    `last_used` is the VM-wide last-used-slot hint: a benign racy cache, as in KVM.
+    """
+
+    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "as_id", "generation", "last_used", "npages")
+
+    def __init__(
+        self,
+        as_id: int,
+        generation: int,
+        by_gfn: SortedIndex[MemorySlot] | None = None,
+        by_hva: SortedIndex[MemorySlot] | None = None,
+        by_id: IdTable[MemorySlot] | None = None,
+        npages: int = 0,
+    ) -> None:
+        self.as_id = as_id
+        self.generation = generation
+        self._by_gfn: SortedIndex[MemorySlot] = by_gfn or SortedIndex(_gfn_end)
+        self._by_hva: SortedIndex[MemorySlot] = by_hva or SortedIndex(_hva_end_key)
+        self._by_id: IdTable[MemorySlot] = by_id or IdTable()
+        self.npages = npages
+        self.last_used: MemorySlot | None = None
+
+    # -- lookups ----------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._by_gfn)
+
+    def __iter__(self) -> Iterator[MemorySlot]:
+        """Slots in gfn order."""
+        return iter(self._by_gfn)
+
+    def by_id(self, slot_id: int) -> MemorySlot | None:
+        return self._by_id.get(slot_id)
+
+    def search(self, gfn: int) -> MemorySlot | None:
+        """The slot containing `gfn` (INVALID slots included), or None."""
+        s = self._by_gfn.floor(gfn)
+        if s is not None and gfn < s.end_gfn:
+            return s
+        return None
+
+    def lookup(self, gfn: int) -> MemorySlot | None:
+        """`__gfn_to_memslot`: the last-used hint first, then `search` (remembering a hit)."""
+        s = self.last_used
+        if s is not None and s.base_gfn <= gfn < s.end_gfn:
+            return s
+        s = self._by_gfn.floor(gfn)
+        if s is not None and gfn < s.end_gfn:
+            self.last_used = s
+            return s
+        return None
+
+    def overlapping(self, start_gfn: int, end_gfn: int) -> Iterator[MemorySlot]:
+        """Slots meeting [start_gfn, end_gfn), in gfn order (KVM's range iteration)."""
+        for s in self._by_gfn.from_key(start_gfn):
+            if s.base_gfn >= end_gfn:
+                return
+            if s.end_gfn > start_gfn:
+                yield s
+
+    def by_hva(self, start: int, end: int) -> Iterator[MemorySlot]:
+        """Slots whose hva range meets [start, end) (several may alias one hva)."""
+        return self._by_hva.overlapping(start << 32, end << 32)
+
+    # -- building ---------------------------------------------------------------------------
+    def _derive(self, by_gfn: SortedIndex[MemorySlot], by_hva: SortedIndex[MemorySlot],
+                by_id: IdTable[MemorySlot], npages: int) -> SlotSet:
+        return SlotSet(self.as_id, self.generation, by_gfn, by_hva, by_id, npages)
+
+    def with_slot(self, new: MemorySlot) -> SlotSet:
+        return self._derive(
+            self._by_gfn.insert(new.base_gfn, new),
+            self._by_hva.insert(_hva_key(new), new),
+            self._by_id.set(new.id, new),
+            self.npages + new.npages,
+        )
+
+    def without(self, old: MemorySlot) -> SlotSet:
+        return self._derive(
+            self._by_gfn.remove(old.base_gfn),
+            self._by_hva.remove(_hva_key(old)),
+            self._by_id.set(old.id, None),
+            self.npages - old.npages,
+        )
+
+    def replacing(self, old: MemorySlot, new: MemorySlot) -> SlotSet:
+        return self._derive(
+            self._by_gfn.replace(old.base_gfn, new.base_gfn, new),
+            self._by_hva.replace(_hva_key(old), _hva_key(new), new),
+            self._by_id.set(new.id, new),
+            self.npages - old.npages + new.npages,
+        )
+
+    def published(self, generation: int) -> SlotSet:
+        """The same slots as a new set object carrying `generation` (for a swap)."""
+        return SlotSet(self.as_id, generation, self._by_gfn, self._by_hva, self._by_id,
+                       self.npages)
+
+    @property
+    def in_progress(self) -> bool:
+        return bool(self.generation & KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS)
+
+
+# --------------------------------------------------------------------------------------------
+# Requests and validation
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a VM supports: the numbers KVM's checks compare against."""
+
+    address_spaces: int = 2
+    max_slots: int = KVM_USER_MEM_SLOTS
+    readonly_mem: bool = True
+    phys_bits: int = DEFAULT_PHYS_BITS
+    user_va_end: int = TASK_SIZE_MAX
+
+    @property
+    def max_gfn(self) -> int:
+        return (1 << (self.phys_bits - PAGE_SHIFT)) - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """The fields of `struct kvm_userspace_memory_region`."""
+
+    slot: int
+    flags: int
+    gpa: int
+    size: int
+    hva: int
+
+    @property
+    def as_id(self) -> int:
+        return self.slot >> 16
+
+    @property
+    def id(self) -> int:
+        return self.slot & U16_MAX
+
+    @property
+    def npages(self) -> int:
+        return self.size >> PAGE_SHIFT
+
+    @property
+    def base_gfn(self) -> int:
+        return self.gpa >> PAGE_SHIFT
+
+    def describe(self) -> str:
+        return (f"slot {self.as_id}:{self.id} flags {self.flags:#x} gpa {self.gpa:#x} "
+                f"size {self.size:#x} hva {self.hva:#x}")
+
+
+_FIELDS = (("slot", U32_MAX), ("flags", U32_MAX), ("gpa", U64_MAX), ("size", U64_MAX),
+           ("hva", U64_MAX))
+
+
+def make_request(slot: object, flags: object, gpa: object, size: object, hva: object) -> Request:
+    """Check the Python-level shape of the arguments (ints within their C field widths)."""
+    values = (slot, flags, gpa, size, hva)
+    for (name, limit), v in zip(_FIELDS, values, strict=True):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if v < 0 or v > limit:
+            raise KvmError(errno.EINVAL, f"{name} {v} does not fit the ioctl's "
+                                         f"{limit.bit_length()}-bit field")
+    return Request(*values)  # type: ignore[arg-type]
+
+
+class ChangeKind(Enum):
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags_only"
+    NONE = "none"  # identical request: KVM returns 0 and changes nothing
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    kind: ChangeKind
+    as_id: int
+    old: MemorySlot | None
+    new: MemorySlot | None
+
+
+# Each row: (check, errno, message). `check(req, limits)` is True when the rule is broken.
+_Rule = tuple[Callable[[Request, Limits], bool], int, Callable[[Request, Limits], str]]
+
+
+def _allowed_flags(limits: Limits) -> int:
+    return KVM_MEM_LOG_DIRTY_PAGES | (KVM_MEM_READONLY if limits.readonly_mem else 0)
+
+
+def _access_ok(hva: int, size: int, limits: Limits) -> bool:
+    end = hva + size
+    return end <= limits.user_va_end
+
+
+REQUEST_RULES: tuple[_Rule, ...] = (
+    (lambda r, lim: bool(r.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS), errno.EINVAL,
+     lambda r, lim: f"flags {r.flags:#x} has bits KVM_SET_USER_MEMORY_REGION does not take"),
+    (lambda r, lim: r.id >= lim.max_slots, errno.EINVAL,
+     lambda r, lim: f"slot id {r.id} is not below the {lim.max_slots} user slots"),
+    (lambda r, lim: bool(r.flags & ~_allowed_flags(lim)), errno.EINVAL,
+     lambda r, lim: f"flags {r.flags:#x} not supported by this VM "
+                    f"(allowed {_allowed_flags(lim):#x})"),
+    (lambda r, lim: bool(r.size & PAGE_MASK), errno.EINVAL,
+     lambda r, lim: f"memory_size {r.size:#x} is not a multiple of 4096"),
+    (lambda r, lim: bool(r.gpa & PAGE_MASK), errno.EINVAL,
+     lambda r, lim: f"guest_phys_addr {r.gpa:#x} is not page-aligned"),
+    (lambda r, lim: bool(r.hva & PAGE_MASK), errno.EINVAL,
+     lambda r, lim: f"userspace_addr {r.hva:#x} is not page-aligned"),
+    (lambda r, lim: not _access_ok(r.hva, r.size, lim), errno.EINVAL,
+     lambda r, lim: f"userspace range {r.hva:#x}+{r.size:#x} is not user memory "
+                    f"(ends above {lim.user_va_end:#x})"),
+    (lambda r, lim: r.as_id >= lim.address_spaces or r.id >= KVM_MEM_SLOTS_NUM, errno.EINVAL,
+     lambda r, lim: f"address space {r.as_id} does not exist "
+                    f"(this VM has {lim.address_spaces})"),
+    (lambda r, lim: r.gpa + r.size > U64_MAX + 1, errno.EINVAL,
+     lambda r, lim: f"guest range {r.gpa:#x}+{r.size:#x} wraps the 64-bit address space"),
+    (lambda r, lim: r.npages > KVM_MEM_MAX_NR_PAGES, errno.EINVAL,
+     lambda r, lim: f"{r.npages} pages exceed the per-slot limit of {KVM_MEM_MAX_NR_PAGES}"),
+)
+
+
+def check_request(req: Request, limits: Limits) -> None:
+    """The checks that need no slot set (kvm-semantics §1.3 rows 2–11), in KVM's order."""
+    for broken, err, message in REQUEST_RULES:
+        if broken(req, limits):
+            raise KvmError(err, f"{message(req, limits)} [{req.describe()}]")
+
+
+def validate(
+    req: Request,
+    slots: SlotSet,
+    limits: Limits,
+    total_pages: int,
+    move_refused: Callable[[], str | None] = lambda: None,
+) -> Change:
+    """Classify `req` against `slots` (its address space's set) or raise KVM's refusal.
+
+    `total_pages` is the VM's `nr_memslot_pages` (all address spaces); `move_refused` is
+    x86 `prepare`'s page-track check, returning the reason a MOVE must be refused.
+    """
+    check_request(req, limits)
+    old = slots.by_id(req.id)
+    if req.size == 0:
+        if old is None:
+            raise KvmError(errno.EINVAL, f"cannot delete slot {req.as_id}:{req.id}: "
+                                         "it does not exist")
+        if total_pages < old.npages:
+            raise KvmError(errno.EIO, "nr_memslot_pages underflow")
+        return Change(ChangeKind.DELETE, req.as_id, old, None)
+    if old is None:
+        if total_pages + req.npages > U64_MAX:
+            raise KvmError(errno.EINVAL, "total guest pages overflow")
+        kind = ChangeKind.CREATE
+    else:
+        if req.hva != old.hva:
+            raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id} exists with hva "
+                                         f"{old.hva:#x}; userspace_addr cannot change")
+        if req.npages != old.npages:
+            raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id} exists with "
+                                         f"{old.npages} pages; size cannot change "
+                                         "(delete and create, or use a transaction's resize)")
+        if (req.flags ^ old.flags) & KVM_MEM_READONLY:
+            raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id}: KVM_MEM_READONLY "
+                                         "cannot change on an existing slot")
+        if req.base_gfn != old.base_gfn:
+            kind = ChangeKind.MOVE
+        elif req.flags != old.flags:
+            kind = ChangeKind.FLAGS_ONLY
+        else:
+            return Change(ChangeKind.NONE, req.as_id, old, old)
+    new = MemorySlot(req.id, req.as_id, req.base_gfn, req.npages, req.hva, req.flags)
+    if kind in (ChangeKind.CREATE, ChangeKind.MOVE):
+        for other in slots.overlapping(new.base_gfn, new.end_gfn):
+            if other.id != new.id:
+                raise KvmError(errno.EEXIST, f"gfns {new.base_gfn:#x}..{new.end_gfn:#x} of "
+                                             f"slot {req.as_id}:{req.id} overlap slot "
+                                             f"{other.as_id}:{other.id} "
+                                             f"({other.base_gfn:#x}..{other.end_gfn:#x})")
+        # x86 kvm_arch_prepare_memory_region
+        if kind is ChangeKind.MOVE:
+            reason = move_refused()
+            if reason is not None:
+                raise KvmError(errno.EINVAL, reason)
+        if new.end_gfn - 1 > limits.max_gfn:
+            raise KvmError(errno.EINVAL, f"slot ends at gfn {new.end_gfn - 1:#x}, beyond the "
+                                         f"maximum gfn {limits.max_gfn:#x}")
+    return Change(kind, req.as_id, old, new)
+
+
+def creator_pid() -> int:
+    return os.getpid()
