@@ -49,6 +49,7 @@ from .uapi import (
     KVM_USER_MEM_SLOTS,
     PAGE_MASK,
     PAGE_SHIFT,
+    TASK_SIZE_MAX,
     U16_MAX,
 )
 
@@ -105,9 +106,10 @@ class Vm:
         *,
         readonly_mem: bool = True,
         phys_bits: int = 52,
+        user_va_end: int = TASK_SIZE_MAX,
     ) -> None:
         for name, v in (("address_spaces", address_spaces), ("max_slots", max_slots),
-                        ("phys_bits", phys_bits)):
+                        ("phys_bits", phys_bits), ("user_va_end", user_va_end)):
             if not isinstance(v, int) or isinstance(v, bool):
                 raise TypeError(f"{name} must be an int, not {type(v).__name__}")
         if not 1 <= address_spaces <= 2:
@@ -116,7 +118,8 @@ class Vm:
             raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}]")
         if not 13 <= phys_bits <= 64:
             raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
-        self.limits = Limits(address_spaces, max_slots, bool(readonly_mem), phys_bits)
+        self.limits = Limits(address_spaces, max_slots, bool(readonly_mem), phys_bits,
+                             user_va_end)
         self.slots_lock = sync.Mutex("slots_lock")
         self.srcu = sync.Srcu("vm.srcu")
         self._memslots: sync.Atomic[Root] = sync.Atomic(
