@@ -143,7 +143,7 @@ def write(lookup: Lookup, gpa: int, data: bytes | bytearray | memoryview) -> Non
     """`kvm_write_guest`: write `data` at gpa, marking written pages of logging slots."""
     n = len(data) if not isinstance(data, memoryview) else data.nbytes
     runs, hole = _runs(lookup, gpa, n, True)
-    src = host.address_of(data)
+    src = host.address_of(data) if runs else 0
     done = 0
     host.guard.read_lock()
     try:
