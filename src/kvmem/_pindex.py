@@ -5,8 +5,9 @@ Defines:
   chunks (≤ 2·CHUNK entries each) plus a tuple of each chunk's first key. A lookup is two
   C-level `bisect`s; an insert or remove copies one chunk and the tuple of first keys, never
   the whole index — so a change at 32,764 slots costs about what it costs at 100. Each chunk
-  also keeps the largest `end` of its values (used for interval queries over hva ranges,
-  whose intervals may overlap because hvas may alias).
+  may also keep the largest `end` of its values (given `end_of`: interval queries over
+  hva ranges, whose intervals may overlap because hvas may alias), maintained
+  incrementally.
 - `IdTable` — an immutable array of 32,768 entries in 128 pages of 256: get is two index
   operations, set copies one page and the page table.
 
@@ -29,7 +30,7 @@ class SortedIndex(Generic[V]):
 
     def __init__(
         self,
-        end_of: Callable[[V], int],
+        end_of: Callable[[V], int] | None = None,
         tops: tuple[int, ...] = (),
         chunk_keys: tuple[tuple[int, ...], ...] = (),
         chunk_vals: tuple[tuple[V, ...], ...] = (),
@@ -64,34 +65,52 @@ class SortedIndex(Generic[V]):
             return self.chunk_vals[c][i]
         return None
 
-    def _rebuild(self, c: int, keys: list[int], vals: list[V]) -> SortedIndex[V]:
-        """Replace chunk `c` by `keys/vals` (split if too big, dropped if empty)."""
+    def _rebuild(self, c: int, keys: list[int], vals: list[V], end: int | None
+                 ) -> SortedIndex[V]:
+        """Replace chunk `c` by `keys/vals` whose largest end is `end` (None: recompute);
+        split if too big, dropped if empty."""
         new_keys: list[tuple[int, ...]] = []
         new_vals: list[tuple[V, ...]] = []
         if len(keys) > 2 * CHUNK:
             for i in range(0, len(keys), CHUNK):
                 new_keys.append(tuple(keys[i:i + CHUNK]))
                 new_vals.append(tuple(vals[i:i + CHUNK]))
+            end = None
         elif keys:
             new_keys.append(tuple(keys))
             new_vals.append(tuple(vals))
         end_of = self._end_of
-        ends = tuple(max(end_of(v) for v in vs) for vs in new_vals)
+        if end_of is None:
+            ends: tuple[int, ...] = ()
+        elif end is not None:
+            ends = (end,)
+        else:
+            ends = tuple(max(map(end_of, vs)) for vs in new_vals)
         tops = tuple(k[0] for k in new_keys)
         return SortedIndex(
             end_of,
             self.tops[:c] + tops + self.tops[c + 1:],
             self.chunk_keys[:c] + tuple(new_keys) + self.chunk_keys[c + 1:],
             self.chunk_vals[:c] + tuple(new_vals) + self.chunk_vals[c + 1:],
-            self.chunk_ends[:c] + ends + self.chunk_ends[c + 1:],
+            self.chunk_ends[:c] + ends + self.chunk_ends[c + 1:] if end_of else (),
             self.size + len(keys) - (len(self.chunk_keys[c]) if c < len(self.chunk_keys) else 0),
         )
 
+    def _end_after_insert(self, c: int, value: V) -> int | None:
+        if self._end_of is None:
+            return None
+        return max(self.chunk_ends[c], self._end_of(value))
+
+    def _end_after_remove(self, c: int, value: V) -> int | None:
+        """The chunk's end stays unless the removed value held it (then: recompute)."""
+        if self._end_of is None or self._end_of(value) >= self.chunk_ends[c]:
+            return None
+        return self.chunk_ends[c]
+
     def insert(self, key: int, value: V) -> SortedIndex[V]:
         if not self.tops:
-            return SortedIndex(
-                self._end_of, (key,), ((key,),), ((value,),), (self._end_of(value),), 1
-            )
+            ends = () if self._end_of is None else (self._end_of(value),)
+            return SortedIndex(self._end_of, (key,), ((key,),), ((value,),), ends, 1)
         c = max(bisect_right(self.tops, key) - 1, 0)
         keys = list(self.chunk_keys[c])
         vals = list(self.chunk_vals[c])
@@ -100,7 +119,7 @@ class SortedIndex(Generic[V]):
             raise KeyError(f"duplicate key {key:#x}")
         keys.insert(i, key)
         vals.insert(i, value)
-        return self._rebuild(c, keys, vals)
+        return self._rebuild(c, keys, vals, self._end_after_insert(c, value))
 
     def remove(self, key: int) -> SortedIndex[V]:
         c = bisect_right(self.tops, key) - 1
@@ -111,8 +130,9 @@ class SortedIndex(Generic[V]):
         if i == len(keys) or keys[i] != key:
             raise KeyError(key)
         vals = list(self.chunk_vals[c])
+        end = self._end_after_remove(c, vals[i])
         del keys[i], vals[i]
-        return self._rebuild(c, keys, vals)
+        return self._rebuild(c, keys, vals, end)
 
     def replace(self, old_key: int, key: int, value: V) -> SortedIndex[V]:
         """Remove `old_key` and insert `key`; in place within the chunk when the key stays."""
@@ -123,8 +143,11 @@ class SortedIndex(Generic[V]):
             if i == len(keys) or keys[i] != key:
                 raise KeyError(key)
             vals = list(self.chunk_vals[c])
+            end = self._end_after_remove(c, vals[i])
             vals[i] = value
-            return self._rebuild(c, list(keys), vals)
+            if end is not None and self._end_of is not None:
+                end = max(end, self._end_of(value))
+            return self._rebuild(c, list(keys), vals, end)
         return self.remove(old_key).insert(key, value)
 
     def from_key(self, key: int) -> Iterator[V]:
@@ -141,8 +164,10 @@ class SortedIndex(Generic[V]):
 
     def overlapping(self, start: int, end: int) -> Iterator[V]:
         """Values whose interval [key, end_of(value)) meets [start, end)."""
-        last = bisect_left(self.tops, end)  # chunks that begin before `end`
         end_of = self._end_of
+        if end_of is None:
+            raise TypeError("this index keeps no interval ends")
+        last = bisect_left(self.tops, end)  # chunks that begin before `end`
         for c in range(last):
             if self.chunk_ends[c] <= start:
                 continue
@@ -177,3 +202,13 @@ class IdTable(Generic[V]):
         pages = list(self.pages)
         pages[p] = None if all(x is None for x in page) else tuple(page)
         return IdTable(tuple(pages))
+
+    def free(self) -> Iterator[int]:
+        """Indexes holding None, in order (a whole empty page costs one step)."""
+        for p, page in enumerate(self.pages):
+            if page is None:
+                yield from range(p << 8, (p + 1) << 8)
+            else:
+                for j, v in enumerate(page):
+                    if v is None:
+                        yield (p << 8) | j

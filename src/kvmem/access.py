@@ -29,11 +29,10 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["HvaCache", "check_range", "clear", "read", "read_into", "write"]
+__all__ = ["HvaCache", "check_range", "clear", "read", "write"]
 
 Lookup = Callable[[int], MemorySlot | None]
 
-_memmove = ctypes.memmove
 _memset = ctypes.memset
 
 
@@ -99,58 +98,46 @@ def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
                             f"unmapped or protected ({done} bytes done)", gpa, done)
 
 
-def read_into(lookup: Lookup, gpa: int, dst: int, n: int) -> None:
-    """Copy guest [gpa, gpa+n) to the host buffer at address `dst`."""
-    runs, hole = _runs(lookup, gpa, n, False)
-    done = 0
-    host.guard.read_lock()
-    try:
-        for _slot, hva, length in runs:
-            ok = host.accessible(hva, length, host.PROT_READ)
-            _memmove(dst + done, hva, ok)
-            if ok != length:
-                raise _host_fault(gpa + done + ok, done + ok, False)
-            done += length
-    finally:
-        host.guard.read_unlock()
-    if hole is not None:
-        raise hole
-
-
 def read(lookup: Lookup, gpa: int, n: int) -> bytes:
     """`kvm_read_guest`: bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError`
     with `partial` holding the bytes read before it."""
     runs, hole = _runs(lookup, gpa, n, False)
-    if hole is None and len(runs) == 1:
-        _slot, hva, length = runs[0]
-        host.guard.read_lock()
-        try:
-            ok = host.accessible(hva, length, host.PROT_READ)
-            if ok == length:
-                return ctypes.string_at(hva, length)
-        finally:
-            host.guard.read_unlock()
-    out: bytes = host.new_bytes(n)
+    parts: list[memoryview] = []
+    done = 0
+    host.guard.read_lock()
     try:
-        read_into(lookup, gpa, host.address_of(out), n)
-    except GuestAccessError as e:
-        e.partial = out[: e.done]
-        raise
+        for _slot, hva, length in runs:
+            segs, ok = host.views(hva, length, host.PROT_READ)
+            parts += segs
+            if ok != length:
+                hole = _host_fault(gpa + done + ok, done + ok, False)
+                break
+            done += length
+        out = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+    finally:
+        host.guard.read_unlock()
+    if hole is not None:
+        hole.partial = out
+        raise hole
     return out
 
 
 def write(lookup: Lookup, gpa: int, data: bytes | bytearray | memoryview) -> None:
     """`kvm_write_guest`: write `data` at gpa, marking written pages of logging slots."""
-    n = len(data) if not isinstance(data, memoryview) else data.nbytes
+    src = data if isinstance(data, memoryview) else memoryview(data)
+    n = src.nbytes
     runs, hole = _runs(lookup, gpa, n, True)
-    src = host.address_of(data) if runs else 0
     done = 0
     host.guard.read_lock()
     try:
         for slot, hva, length in runs:
-            ok = host.accessible(hva, length, host.PROT_WRITE)
+            segs, ok = host.views(hva, length, host.PROT_WRITE)
+            pos = done
+            for seg in segs:
+                k = len(seg)
+                seg[:] = src[pos:pos + k]
+                pos += k
             if ok:
-                _memmove(hva, src + done, ok)
                 _mark_dirty(slot, hva, ok)
             if ok != length:
                 raise _host_fault(gpa + done + ok, done + ok, True)
@@ -251,9 +238,10 @@ class HvaCache:
             return read(self._current().lookup, self.gpa + offset, n)
         host.guard.read_lock()
         try:
-            if host.accessible(self.hva + offset, n, host.PROT_READ) != n:
+            segs, ok = host.views(self.hva + offset, n, host.PROT_READ)
+            if ok != n:
                 raise _host_fault(self.gpa + offset, 0, False)
-            return ctypes.string_at(self.hva + offset, n)
+            return bytes(segs[0]) if len(segs) == 1 else b"".join(segs)
         finally:
             host.guard.read_unlock()
 
@@ -263,11 +251,16 @@ class HvaCache:
         if slot is None:
             write(self._current().lookup, self.gpa + offset, data)
             return
+        src = data if isinstance(data, memoryview) else memoryview(data)
         host.guard.read_lock()
         try:
-            if host.accessible(self.hva + offset, n, host.PROT_WRITE) != n:
+            segs, ok = host.views(self.hva + offset, n, host.PROT_WRITE)
+            if ok != n:
                 raise _host_fault(self.gpa + offset, 0, True)
-            _memmove(self.hva + offset, host.address_of(data), n)
+            pos = 0
+            for seg in segs:
+                seg[:] = src[pos:pos + len(seg)]
+                pos += len(seg)
         finally:
             host.guard.read_unlock()
         bitmap = slot.dirty_bitmap

@@ -99,6 +99,24 @@ class DirtyBitmap:
             live &= ~user[:avail]
         return cleared
 
+    def merge_from(self, src: DirtyBitmap, src_first: int, dst_first: int, count: int) -> None:
+        """OR bits [src_first, src_first+count) of `src` into [dst_first, ...) of this one."""
+        if count <= 0:
+            return
+        with src._lock:
+            raw = np.frombuffer(src._bits, dtype=np.uint8)[
+                src_first >> 3:(src_first + count + 7) >> 3]
+            bits = np.unpackbits(raw, bitorder="little")[(src_first & 7):(src_first & 7) + count]
+        if not bits.any():
+            return
+        pad = dst_first & 7
+        placed = np.zeros((pad + count + 7) // 8 * 8, dtype=np.uint8)
+        placed[pad:pad + count] = bits
+        packed = np.packbits(placed, bitorder="little")
+        with self._lock:
+            dst = np.frombuffer(self._bits, dtype=np.uint8)
+            dst[dst_first >> 3:(dst_first >> 3) + len(packed)] |= packed
+
     def count(self) -> int:
         with self._lock:
             return int(np.unpackbits(np.frombuffer(self._bits, dtype=np.uint8)).sum())

@@ -39,9 +39,7 @@ __all__ = [
     "HostMemory",
     "InvalidationListener",
     "accessible",
-    "address_of",
     "guard",
-    "new_bytes",
     "notifiers",
 ]
 
@@ -74,12 +72,6 @@ PROT_RW = PROT_READ | PROT_WRITE
 
 Kind = Literal["anonymous", "memfd", "file"]
 
-_memmove = ctypes.memmove
-_memset = ctypes.memset
-_string_at = ctypes.string_at
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype = ctypes.py_object
-_new_bytes.argtypes = [ctypes.c_void_p, ctypes.c_ssize_t]
 
 
 def _oserror(what: str) -> OSError:
@@ -157,20 +149,26 @@ def accessible(hva: int, n: int, prot: int) -> int:
     return done
 
 
-def new_bytes(n: int) -> bytes:
-    """A new, uninitialised bytes object of `n` bytes, to be filled by one copy."""
-    out: bytes = _new_bytes(None, n)
-    return out
-
-
-def address_of(data: bytes | bytearray | memoryview) -> int:
-    """The address of a buffer's first byte (bytes: its internal storage)."""
-    if isinstance(data, bytes):
-        return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
-    view = data if isinstance(data, memoryview) else memoryview(data)
-    if view.readonly:
-        raise TypeError("a read-only buffer other than bytes cannot be written from")
-    return ctypes.addressof(ctypes.c_char.from_buffer(view))
+def views(hva: int, n: int, prot: int) -> tuple[list[memoryview], int]:
+    """Memoryviews over the host pages of [hva, hva+n) that allow `prot`, in order, and how
+    many bytes they cover (less than `n` where the range stops being accessible). Call
+    inside a `guard` read section and finish copying before leaving it."""
+    starts, regions = _table.value
+    out: list[memoryview] = []
+    done = 0
+    while done < n:
+        cur = hva + done
+        i = bisect.bisect_right(starts, cur) - 1
+        if i < 0:
+            break
+        r = regions[i]
+        if cur >= r.end or (r.prot & prot) != prot:
+            break
+        take = min(n - done, r.end - cur)
+        off = cur - r.owner.hva
+        out.append(r.owner._mv[off:off + take])
+        done += take
+    return out, done
 
 
 class HostMemory:
@@ -191,6 +189,7 @@ class HostMemory:
         if addr in (None, _MAP_FAILED):
             raise _oserror("mmap")
         self.hva: int = addr
+        self._mv = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
         # per-page protection, as runs: [(start_offset, end_offset, prot)]
         self._prot: list[tuple[int, int, int]] = [(0, size, PROT_RW)]
         with _table_lock:
@@ -240,7 +239,7 @@ class HostMemory:
     def view(self) -> memoryview:
         """A writable memoryview over the whole mapping (host access: never dirty-logged)."""
         self._check_open()
-        return memoryview((ctypes.c_char * self.size).from_address(self.hva)).cast("B")
+        return self._mv
 
     def __len__(self) -> int:
         return self.size
@@ -313,13 +312,12 @@ class HostMemory:
             raise KvmError(errno.EINVAL, f"prot {prot} must be PROT_NONE, PROT_READ or PROT_RW")
 
         def act() -> None:
-            narrowing = prot != PROT_RW
-            if narrowing:
-                self._set_prot(offset, length, prot)  # copies stop before the real change
+            # copies keep off the range while the real protection changes: neither the old
+            # nor the new protection may be assumed until mprotect has returned
+            self._set_prot(offset, length, PROT_NONE)
             if _mprotect(self.hva + offset, length, prot) != 0:
                 raise _oserror("mprotect")
-            if not narrowing:
-                self._set_prot(offset, length, prot)
+            self._set_prot(offset, length, prot)
 
         self._change(offset, length, act)
 

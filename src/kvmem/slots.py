@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -115,10 +116,6 @@ def _hva_key(s: MemorySlot) -> int:
     return (s.hva << 32) | (s.as_id << 16) | s.id
 
 
-def _gfn_end(s: MemorySlot) -> int:
-    return s.end_gfn
-
-
 def _hva_end_key(s: MemorySlot) -> int:
     return s.hva_end << 32
 
@@ -144,7 +141,7 @@ class SlotSet:
     ) -> None:
         self.as_id = as_id
         self.generation = generation
-        self._by_gfn: SortedIndex[MemorySlot] = by_gfn or SortedIndex(_gfn_end)
+        self._by_gfn: SortedIndex[MemorySlot] = by_gfn or SortedIndex()
         self._by_hva: SortedIndex[MemorySlot] = by_hva or SortedIndex(_hva_end_key)
         self._by_id: IdTable[MemorySlot] = by_id or IdTable()
         self.npages = npages
@@ -161,20 +158,31 @@ class SlotSet:
     def by_id(self, slot_id: int) -> MemorySlot | None:
         return self._by_id.get(slot_id)
 
+    def free_ids(self) -> Iterator[int]:
+        """Slot ids without a slot, in increasing order."""
+        return self._by_id.free()
+
     def search(self, gfn: int) -> MemorySlot | None:
-        """The slot containing `gfn` (INVALID slots included), or None."""
-        s = self._by_gfn.floor(gfn)
-        if s is not None and gfn < s.end_gfn:
-            return s
-        return None
+        """The slot containing `gfn` (INVALID slots included), or None. The hot path of
+        every translation: the index's two bisects are inlined here."""
+        idx = self._by_gfn
+        c = bisect_right(idx.tops, gfn) - 1
+        if c < 0:
+            return None
+        s = idx.chunk_vals[c][bisect_right(idx.chunk_keys[c], gfn) - 1]
+        return s if gfn < s.end_gfn else None
 
     def lookup(self, gfn: int) -> MemorySlot | None:
         """`__gfn_to_memslot`: the last-used hint first, then `search` (remembering a hit)."""
         s = self.last_used
         if s is not None and s.base_gfn <= gfn < s.end_gfn:
             return s
-        s = self._by_gfn.floor(gfn)
-        if s is not None and gfn < s.end_gfn:
+        idx = self._by_gfn
+        c = bisect_right(idx.tops, gfn) - 1
+        if c < 0:
+            return None
+        s = idx.chunk_vals[c][bisect_right(idx.chunk_keys[c], gfn) - 1]
+        if gfn < s.end_gfn:
             self.last_used = s
             return s
         return None

@@ -495,18 +495,15 @@ def _carry_dirty_bits(changes: Sequence[Change]) -> None:
             and c.new.dirty_bitmap is not None]
     for old in gone:
         assert old.dirty_bitmap is not None
-        pages = old.dirty_bitmap.pages()
-        if not pages:
-            continue
         for new in born:
-            if new.as_id != old.as_id or new.hva - (new.base_gfn << PAGE_SHIFT) != \
-                    old.hva - (old.base_gfn << PAGE_SHIFT):
+            same_mapping = (new.hva - (new.base_gfn << PAGE_SHIFT)
+                            == old.hva - (old.base_gfn << PAGE_SHIFT))
+            lo, hi = max(old.base_gfn, new.base_gfn), min(old.end_gfn, new.end_gfn)
+            if new.as_id != old.as_id or not same_mapping or lo >= hi:
                 continue
             assert new.dirty_bitmap is not None
-            for rel in pages:
-                gfn = old.base_gfn + rel
-                if new.base_gfn <= gfn < new.end_gfn:
-                    new.dirty_bitmap.mark(gfn - new.base_gfn)
+            new.dirty_bitmap.merge_from(old.dirty_bitmap, lo - old.base_gfn,
+                                        lo - new.base_gfn, hi - lo)
 
 
 class Vcpu:
@@ -651,15 +648,17 @@ class Transaction:
         return current
 
     def _free_ids(self, as_id: int, count: int, taken: set[int]) -> list[int]:
-        used = {s.id for s in self.vm.slot_set(as_id)}
-        for r in self._requests:
-            if r.as_id == as_id:
-                (used.discard if r.size == 0 else used.add)(r.id)
-        used |= taken
-        out = [i for i in range(self.vm.limits.max_slots) if i not in used][:count]
-        if len(out) < count:
-            raise KvmError(errno.ENOSPC, f"address space {as_id} has no {count} free slot ids")
-        return out
+        """The lowest ids free in the published set and not created by this batch."""
+        created = {r.id for r in self._requests if r.as_id == as_id and r.size != 0}
+        out: list[int] = []
+        for i in self.vm.slot_set(as_id).free_ids():
+            if i >= self.vm.limits.max_slots:
+                break
+            if i not in created and i not in taken:
+                out.append(i)
+                if len(out) == count:
+                    return out
+        raise KvmError(errno.ENOSPC, f"address space {as_id} has no {count} free slot ids")
 
     def split(self, slot: int, at: Sequence[int], ids: Sequence[int] | None = None
               ) -> list[int]:
