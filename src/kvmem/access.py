@@ -29,7 +29,7 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["HvaCache", "check_range", "clear", "read", "write"]
+__all__ = ["HvaCache", "byte_view", "check_range", "clear", "read", "write"]
 
 Lookup = Callable[[int], MemorySlot | None]
 
@@ -47,6 +47,20 @@ def check_range(gpa: object, n: object) -> tuple[int, int]:
     if n < 0:
         raise KvmError(errno.EINVAL, f"length {n} is negative")
     return gpa, n
+
+
+def byte_view(data: object) -> memoryview:
+    """Any bytes-like object as a flat, C-contiguous memoryview of bytes."""
+    if isinstance(data, bytes | bytearray):
+        return memoryview(data)
+    if not isinstance(data, memoryview):
+        try:
+            data = memoryview(data)  # type: ignore[arg-type]
+        except TypeError:
+            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
+    if not data.c_contiguous:
+        return memoryview(data.tobytes())
+    return data if data.format == "B" and data.ndim == 1 else data.cast("B")
 
 
 def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAccessError:
@@ -122,9 +136,9 @@ def read(lookup: Lookup, gpa: int, n: int) -> bytes:
     return out
 
 
-def write(lookup: Lookup, gpa: int, data: bytes | bytearray | memoryview) -> None:
-    """`kvm_write_guest`: write `data` at gpa, marking written pages of logging slots."""
-    src = data if isinstance(data, memoryview) else memoryview(data)
+def write(lookup: Lookup, gpa: int, src: memoryview) -> None:
+    """`kvm_write_guest`: write `src` (a `byte_view`) at gpa, marking written pages of
+    logging slots."""
     n = src.nbytes
     runs, hole = _runs(lookup, gpa, n, True)
     done = 0
@@ -246,12 +260,12 @@ class HvaCache:
             host.guard.read_unlock()
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        src = byte_view(data)
+        n = src.nbytes
         slot = self._revalidate(offset, n)
         if slot is None:
-            write(self._current().lookup, self.gpa + offset, data)
+            write(self._current().lookup, self.gpa + offset, src)
             return
-        src = data if isinstance(data, memoryview) else memoryview(data)
         host.guard.read_lock()
         try:
             segs, ok = host.views(self.hva + offset, n, host.PROT_WRITE)

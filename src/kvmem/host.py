@@ -21,12 +21,12 @@ copy can be in flight on a range that is about to become inaccessible.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import ctypes.util
 import errno
 import mmap
 import os
+from bisect import bisect_right as _bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -139,7 +139,7 @@ def accessible(hva: int, n: int, prot: int) -> int:
     starts, regions = _table.load()
     done = 0
     while done < n:
-        i = bisect.bisect_right(starts, hva + done) - 1
+        i = _bisect_right(starts, hva + done) - 1
         if i < 0:
             break
         r = regions[i]
@@ -154,11 +154,17 @@ def views(hva: int, n: int, prot: int) -> tuple[list[memoryview], int]:
     many bytes they cover (less than `n` where the range stops being accessible). Call
     inside a `guard` read section and finish copying before leaving it."""
     starts, regions = _table.value
+    i = _bisect_right(starts, hva) - 1
+    if i >= 0:  # the common case: one region covers it all
+        r = regions[i]
+        if hva + n <= r.end and r.prot & prot == prot:
+            off = hva - r.owner.hva
+            return [r.owner._mv[off:off + n]], n
     out: list[memoryview] = []
     done = 0
     while done < n:
         cur = hva + done
-        i = bisect.bisect_right(starts, cur) - 1
+        i = _bisect_right(starts, cur) - 1
         if i < 0:
             break
         r = regions[i]
@@ -175,10 +181,7 @@ class HostMemory:
     """A host mapping at a real hva. Create with `anonymous`, `memfd` or `file`."""
 
     def __init__(self, kind: Kind, size: int, fd: int | None, path: str | None) -> None:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int, not {type(size).__name__}")
-        if size <= 0 or size & PAGE_MASK:
-            raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096")
+        self._check_size(size)
         self.kind: Kind = kind
         self.size = size
         self.fd = fd
@@ -195,6 +198,13 @@ class HostMemory:
         with _table_lock:
             _republish(None, self._regions())
 
+    @staticmethod
+    def _check_size(size: object) -> None:
+        if not isinstance(size, int) or isinstance(size, bool):
+            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        if size <= 0 or size & PAGE_MASK:
+            raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096")
+
     # -- constructors -------------------------------------------------------------------
     @classmethod
     def anonymous(cls, size: int) -> HostMemory:
@@ -203,7 +213,8 @@ class HostMemory:
 
     @classmethod
     def memfd(cls, size: int, name: str = "kvmem") -> HostMemory:
-        """Shared memory backed by a memfd (can be mapped twice: aliasing hvas)."""
+        """Shared memory backed by a memfd."""
+        cls._check_size(size)
         fd = os.memfd_create(name, os.MFD_CLOEXEC)
         try:
             os.ftruncate(fd, size)
@@ -215,6 +226,7 @@ class HostMemory:
     @classmethod
     def file(cls, path: str | os.PathLike[str], size: int) -> HostMemory:
         """Shared mapping of a file, extended to `size` if shorter."""
+        cls._check_size(size)
         p = os.fspath(path)
         fd = os.open(p, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:

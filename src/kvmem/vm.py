@@ -349,10 +349,9 @@ class Vm:
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Write guest memory (kvm_write_guest); marks dirty pages of logging slots."""
         access.check_range(gpa, 0)
-        data = _as_buffer(data)
         self.srcu.read_lock()
         try:
-            access.write(self._memslots.value[0].lookup, gpa, data)
+            access.write(self._memslots.value[0].lookup, gpa, access.byte_view(data))
         finally:
             self.srcu.read_unlock()
 
@@ -445,7 +444,7 @@ class Vm:
         _check_u("slot", slot, 32)
         _check_u("first_page", first_page, 64)
         _check_u("num_pages", num_pages, 32)
-        data = bytes(_as_buffer(bitmap))
+        data = access.byte_view(bitmap).tobytes()
         self._check_process()
         with self.slots_lock:
             as_id, sid = slot >> 16, slot & U16_MAX
@@ -469,17 +468,6 @@ class Vm:
                 words = [int(w) for w in cleared]
                 for listener in self._listeners:
                     listener.dirty_log_reprotect(self, s, first_page, words)
-
-
-def _as_buffer(data: object) -> bytes | bytearray | memoryview:
-    if isinstance(data, bytes | bytearray):
-        return data
-    if isinstance(data, memoryview):
-        if not data.c_contiguous:
-            return data.tobytes()
-        flat = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-        return flat.tobytes() if flat.readonly else flat
-    raise TypeError(f"data must be bytes-like, not {type(data).__name__}")
 
 
 def _carry_dirty_bits(changes: Sequence[Change]) -> None:
@@ -568,10 +556,9 @@ class Vcpu:
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         access.check_range(gpa, 0)
-        data = _as_buffer(data)
         self.vm.srcu.read_lock()
         try:
-            access.write(self.lookup, gpa, data)
+            access.write(self.lookup, gpa, access.byte_view(data))
         finally:
             self.vm.srcu.read_unlock()
 
