@@ -112,6 +112,18 @@ def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
                             f"unmapped or protected ({done} bytes done)", gpa, done)
 
 
+def _spans(runs: list[tuple[MemorySlot, int, int]]) -> list[tuple[int, int]]:
+    """Slot runs merged where they continue each other in host memory (adjacent slots over
+    one mapping, e.g. the pieces of a split): one copy per span."""
+    spans: list[tuple[int, int]] = []
+    for _slot, hva, length in runs:
+        if spans and spans[-1][0] + spans[-1][1] == hva:
+            spans[-1] = (spans[-1][0], spans[-1][1] + length)
+        else:
+            spans.append((hva, length))
+    return spans
+
+
 def read(lookup: Lookup, gpa: int, n: int) -> bytes:
     """`kvm_read_guest`: bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError`
     with `partial` holding the bytes read before it."""
@@ -120,7 +132,7 @@ def read(lookup: Lookup, gpa: int, n: int) -> bytes:
     done = 0
     host.guard.read_lock()
     try:
-        for _slot, hva, length in runs:
+        for hva, length in _spans(runs):
             segs, ok = host.views(hva, length, host.PROT_READ)
             parts += segs
             if ok != length:
@@ -144,20 +156,24 @@ def write(lookup: Lookup, gpa: int, src: memoryview) -> None:
     done = 0
     host.guard.read_lock()
     try:
-        for slot, hva, length in runs:
+        for hva, length in _spans(runs):
             segs, ok = host.views(hva, length, host.PROT_WRITE)
-            pos = done
             for seg in segs:
                 k = len(seg)
-                seg[:] = src[pos:pos + k]
-                pos += k
-            if ok:
-                _mark_dirty(slot, hva, ok)
+                seg[:] = src[done:done + k]
+                done += k
             if ok != length:
-                raise _host_fault(gpa + done + ok, done + ok, True)
-            done += length
+                hole = _host_fault(gpa + done, done, True)
+                break
     finally:
         host.guard.read_unlock()
+    pos = 0
+    for slot, hva, length in runs:
+        if pos >= done:
+            break
+        if slot.dirty_bitmap is not None:
+            _mark_dirty(slot, hva, min(length, done - pos))
+        pos += length
     if hole is not None:
         raise hole
 
