@@ -31,9 +31,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import numpy as np
+
 from . import sync
 from .errors import KvmError
-from .uapi import PAGE_MASK
+from .uapi import PAGE_MASK, PAGE_SHIFT
 
 __all__ = [
     "HostMemory",
@@ -149,6 +151,41 @@ def accessible(hva: int, n: int, prot: int) -> int:
     return done
 
 
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """The host page behind an hva at one moment (kvmem's pfn): which mapping, which page
+    of it, and which incarnation of that page. Two frames are the same page iff equal."""
+
+    owner: HostMemory
+    index: int
+    incarnation: int
+    writable: bool
+
+    @property
+    def hva(self) -> int:
+        return self.owner.hva + (self.index << PAGE_SHIFT)
+
+    def current(self) -> bool:
+        """Still the page the hva maps (no discard/remap/unmap since it was resolved)."""
+        return not self.owner._closed and int(self.owner._frames[self.index]) == self.incarnation
+
+
+def resolve(hva: int, write: bool) -> Frame | None:
+    """hva_to_pfn: the frame behind the page of `hva`, or None if it cannot be had with the
+    access wanted (unmapped, PROT_NONE, or read-only for a write). A read of a writable
+    page reports `writable` so the caller may map it writable (KVM's map_writable)."""
+    starts, regions = _table.value
+    i = _bisect_right(starts, hva) - 1
+    if i < 0:
+        return None
+    r = regions[i]
+    if hva >= r.end or not r.prot & PROT_READ or (write and not r.prot & PROT_WRITE):
+        return None
+    owner = r.owner
+    index = (hva - owner.hva) >> PAGE_SHIFT
+    return Frame(owner, index, int(owner._frames[index]), bool(r.prot & PROT_WRITE))
+
+
 def views(hva: int, n: int, prot: int) -> tuple[list[memoryview], int]:
     """Memoryviews over the host pages of [hva, hva+n) that allow `prot`, in order, and how
     many bytes they cover (less than `n` where the range stops being accessible). Call
@@ -193,6 +230,9 @@ class HostMemory:
             raise _oserror("mmap")
         self.hva: int = addr
         self._mv = memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
+        # which host page backs each page now: bumped when discard/remap/close replace it
+        # (np.zeros is calloc: untouched entries of a huge mapping cost nothing)
+        self._frames = np.zeros(size >> PAGE_SHIFT, dtype=np.uint32)
         # per-page protection, as runs: [(start_offset, end_offset, prot)]
         self._prot: list[tuple[int, int, int]] = [(0, size, PROT_RW)]
         with _table_lock:
@@ -300,6 +340,7 @@ class HostMemory:
                 raise _oserror("fallocate")
             if _madvise(addr, length, _MADV_DONTNEED) != 0:
                 raise _oserror("madvise")
+            self._new_frames(offset, length)
 
         self._change(offset, length, act)
 
@@ -314,6 +355,7 @@ class HostMemory:
                          fd, 0 if self.fd is None else offset)
             if addr in (None, _MAP_FAILED):
                 raise _oserror("mmap")
+            self._new_frames(offset, length)
             self._set_prot(offset, length, PROT_RW)
 
         self._change(offset, length, act)
@@ -361,6 +403,9 @@ class HostMemory:
             _republish(self, self._regions())
         guard.synchronize()
 
+    def _new_frames(self, offset: int, length: int) -> None:
+        self._frames[offset >> PAGE_SHIFT:(offset + length) >> PAGE_SHIFT] += 1
+
     def close(self) -> None:
         """Unmap (an invalidation of the whole range) and close the file descriptor."""
         if self._closed:
@@ -373,6 +418,7 @@ class HostMemory:
                     _republish(self, ())
                 guard.synchronize()
                 self._closed = True
+                self._new_frames(0, self.size)
                 if _munmap(self.hva, self.size) != 0:
                     raise _oserror("munmap")
                 if self.fd is not None:
