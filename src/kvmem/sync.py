@@ -269,3 +269,9 @@ class Srcu:
 def _alive(rec: _Reader) -> bool:
     thread = rec.thread()
     return thread is not None and thread.is_alive()
+
+
+def pause() -> None:
+    """Let other threads run (a retry loop's back-off; a scheduling point under the
+    checker)."""
+    time.sleep(0)

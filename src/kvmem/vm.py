@@ -27,9 +27,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Protocol
 
-from . import access, sync
+from . import access, host, sync
 from .dirty import DirtyBitmap
 from .errors import GuestAccessError, KvmError, TransactionError
+from .mmu import MemoryFault, MmioExit, Mmu
 from .slots import (
     Change,
     ChangeKind,
@@ -49,11 +50,12 @@ from .uapi import (
     KVM_USER_MEM_SLOTS,
     PAGE_MASK,
     PAGE_SHIFT,
+    PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
 )
 
-__all__ = ["SlotsListener", "Transaction", "Vcpu", "Vm"]
+__all__ = ["MemoryFault", "MmioExit", "SlotsListener", "Transaction", "Vcpu", "Vm"]
 
 Root = tuple[SlotSet, ...]
 
@@ -64,6 +66,9 @@ class SlotsListener(Protocol):
     def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
         """A DELETE/MOVE published the INVALID copy of `slot` and the grace period passed:
         drop everything derived from it (KVM's arch_flush_shadow_memslot)."""
+
+    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
+        """A transaction is about to publish `changes` (optional method)."""
 
     def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
         """`changes` are published and no reader uses the old sets any more."""
@@ -127,9 +132,11 @@ class Vm:
         )
         self._nr_memslot_pages = 0
         self._manual_dirty_log_protect = 0
-        self._listeners: list[SlotsListener] = []
         self._vcpus: dict[int, Vcpu] = {}
         self._pid = os.getpid()
+        self.mmu = Mmu(self)
+        # the MMU hears first: stage-2 zaps precede everything derived from slots
+        self._listeners: list[SlotsListener] = [self.mmu]
 
     # -- capabilities and state -------------------------------------------------------------
     @property
@@ -225,7 +232,10 @@ class Vm:
             root[as_id] = s.published(old_root[as_id].generation
                                       | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS)
         new_root = tuple(root)
-        self._memslots.store(new_root)
+        with self.mmu.mn_lock:
+            # an invalidation between start and end must see one slot layout throughout
+            self.mmu.wait_for_invalidations()
+            self._memslots.store(new_root)
         # after this no reader holds the old sets: host memory behind them may go
         self.srcu.synchronize()
         for as_id in sets:
@@ -308,6 +318,10 @@ class Vm:
             if not changes:
                 return []
             touched = {c.as_id for c in changes}
+            for listener in self._listeners:
+                updating = getattr(listener, "slots_updating", None)
+                if updating is not None:
+                    updating(self, changes)
             self._swap({as_id: working[as_id] for as_id in touched})
             _carry_dirty_bits(changes)
             self._commit(changes)
@@ -404,6 +418,19 @@ class Vm:
                                          f"flags {flags:#x} (valid: 0, 1, 3 and flags 0)")
         with self.slots_lock:
             self._manual_dirty_log_protect = args0
+
+    def _initially_set(self) -> bool:
+        return bool(self._manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+
+    def invalidate_hva_range(self, start: int, end: int) -> None:
+        """The VMM changed its own mapping of [start, end) behind kvmem's back (mmap over
+        it, madvise...): run the MMU-notifier invalidation for it, begin and end."""
+        _check_u("start", start, 64)
+        _check_u("end", end, 64)
+        if start >= end:
+            raise KvmError(errno.EINVAL, f"empty hva range {start:#x}..{end:#x}")
+        self.mmu.invalidate_range_start(start, end)
+        self.mmu.invalidate_range_end(start, end)
 
     @property
     def manual_dirty_log_protect(self) -> int:
@@ -569,6 +596,67 @@ class Vcpu:
             access.clear(self.lookup, gpa, n)
         finally:
             self.vm.srcu.read_unlock()
+
+    # -- the memory path of a running vCPU: stage-2, faulting on a miss -------------------
+    def guest_read(self, gpa: int, n: int) -> bytes:
+        """Read as guest code does: through the stage-2, faulting pages in. Raises
+        `MmioExit` where KVM would exit with KVM_EXIT_MMIO (no slot at the page)."""
+        access.check_range(gpa, n)
+        parts: list[bytes] = []
+        self._guest_access(gpa, n, None, parts)
+        return b"".join(parts)
+
+    def guest_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write as guest code does: a missing or read-only spte faults (marking the page
+        dirty in a logging slot); no slot or a read-only slot raises `MmioExit`."""
+        access.check_range(gpa, 0)
+        src = access.byte_view(data)
+        self._guest_access(gpa, src.nbytes, src, [])
+
+    def _guest_access(self, gpa: int, n: int, src: memoryview | None,
+                      parts: list[bytes]) -> None:
+        vm = self.vm
+        mmu = vm.mmu
+        write = src is not None
+        prot = host.PROT_WRITE if write else host.PROT_READ
+        pos = 0
+        vm.srcu.read_lock()
+        try:
+            while pos < n:
+                cur = gpa + pos
+                gfn = cur >> PAGE_SHIFT
+                k = min(n - pos, PAGE_SIZE - (cur & PAGE_MASK))
+                done = False
+                mmu.tlb.read_lock()
+                try:
+                    spte = mmu.spte(self.as_id, gfn)
+                    if spte is not None and (spte.writable or not write):
+                        if not spte.current(gfn):
+                            mmu.stats["stale_uses"] += 1
+                        hva = spte.frame.hva + ((gfn - spte.gfn) << PAGE_SHIFT) + (cur & PAGE_MASK)
+                        segs, ok = host.views(hva, k, prot)
+                        if ok == k:
+                            if src is None:
+                                parts.append(bytes(segs[0]))
+                            else:
+                                segs[0][:] = src[pos:pos + k]
+                            done = True
+                finally:
+                    mmu.tlb.read_unlock()
+                if done:
+                    pos += k
+                    continue
+                try:
+                    spte = mmu.fault(self, cur, write)
+                except MmioExit:
+                    data = b"" if src is None else src[pos:pos + k].tobytes()
+                    raise MmioExit(cur, k, write, data) from None
+                if spte is None:  # retry outside the read section: an update may be waiting
+                    vm.srcu.read_unlock()
+                    sync.pause()
+                    vm.srcu.read_lock()
+        finally:
+            vm.srcu.read_unlock()
 
     def __repr__(self) -> str:
         return f"Vcpu({self.id}, smm={self._smm})"
