@@ -1,0 +1,216 @@
+"""The MMU: notifier protocol, fault retry, stage-2 zaps, dirty logging from the vCPU path."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+
+import kvmem
+from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
+from kvmem import KVM_MEM_READONLY as RO
+from kvmem.vm import MemoryFault, MmioExit
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+@pytest.fixture
+def mem() -> kvmem.HostMemory:
+    m = kvmem.HostMemory.anonymous(16 * MiB)
+    yield m
+    m.close()
+
+
+def test_range_add_merges_min_max_until_all_end() -> None:
+    vm = kvmem.Vm()
+    mmu = vm.mmu
+    with mmu.lock:
+        mmu.begin()
+        mmu.range_add(100, 110)
+        mmu.begin()  # an overlapping second invalidation
+        mmu.range_add(10, 20)
+        assert (mmu.range_start.load(), mmu.range_end.load()) == (10, 110)
+        seq = mmu.seq.load()
+        assert mmu.retry_gfn(seq, 50)  # inside the merged range
+        assert not mmu.retry_gfn(seq, 200)  # outside: only seq decides
+        mmu.end()
+        assert mmu.retry_gfn(seq, 200)  # seq moved
+        mmu.end()
+        assert mmu.in_progress.load() == 0
+
+
+def test_invalidation_without_slot_touches_nothing(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, MiB, mem.hva)
+    seq = vm.mmu.seq.load()
+    mem.discard(4 * MiB, MiB)  # no slot behind it
+    assert vm.mmu.seq.load() == seq and vm.mmu.stats["invalidations"] == 0
+    mem.discard(0, PAGE)
+    assert vm.mmu.seq.load() == seq + 1 and vm.mmu.stats["invalidations"] == 1
+
+
+def test_discard_zaps_and_guest_sees_new_page(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, LOG, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_write(0x2000, b"abc")
+    assert vm.mmu.spte(0, 2) is not None
+    mem.discard(0x2000, PAGE)
+    assert vm.mmu.spte(0, 2) is None
+    assert vcpu.guest_read(0x2000, 3) == b"\0\0\0"
+    assert vm.mmu.stats["stale_uses"] == 0
+
+
+def test_fault_in_flight_during_invalidation_retries(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    mmu = vm.mmu
+    seq = mmu.seq.load()
+    mmu.invalidate_range_start(mem.hva, mem.hva + PAGE)  # in progress over gfn 0
+    with mmu.lock:
+        assert mmu.retry_gfn(seq, 0)
+        assert not mmu.retry_gfn(seq, 5)  # unrelated gfn may proceed
+    vm.srcu.read_lock()
+    try:
+        assert mmu.fault(vcpu, 0, False) is None  # RET_PF_RETRY
+        assert mmu.fault(vcpu, 5 * PAGE, False) is not None
+    finally:
+        vm.srcu.read_unlock()
+    mmu.invalidate_range_end(mem.hva, mem.hva + PAGE)
+    with mmu.lock:
+        assert mmu.retry_gfn(seq, 5)  # the snapshot predates the end
+
+
+def test_memslot_update_waits_for_inflight_invalidation(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, MiB, mem.hva)
+    vm.mmu.invalidate_range_start(mem.hva, mem.hva + PAGE)
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (vm.set_memory_region(1, 0, MiB, MiB, mem.hva),
+                                         done.set()))
+    t.start()
+    time.sleep(0.2)
+    assert not done.is_set()  # the swap waits for mn_active to reach zero
+    vm.mmu.invalidate_range_end(mem.hva, mem.hva + PAGE)
+    t.join(5)
+    assert done.is_set()
+
+
+def test_mmio_and_readonly_exits(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, RO, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    mem.view()[0x10:0x14] = b"data"
+    assert vcpu.guest_read(0x10, 4) == b"data"
+    with pytest.raises(MmioExit) as info:
+        vcpu.guest_write(0x10, b"\x55")
+    assert (info.value.gpa, info.value.len, info.value.is_write, info.value.data) == (
+        0x10, 1, True, b"\x55")
+    assert mem.view()[0x10] == ord("d")
+    with pytest.raises(MmioExit) as info:
+        vcpu.guest_read(2 * MiB, 2)
+    assert (info.value.gpa, info.value.len, info.value.is_write) == (2 * MiB, 2, False)
+
+
+def test_protected_host_memory_is_a_memory_fault(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    mem.protect(0, PAGE, kvmem.host.PROT_READ)
+    assert vcpu.guest_read(0, 1) == b"\0"
+    with pytest.raises(MemoryFault):
+        vcpu.guest_write(0, b"x")
+
+
+def test_delete_and_move_zap_and_transactions_bracket(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_write(0x1000, b"a")
+    assert vm.mmu.mapped(0)
+    vm.set_memory_region(0, 0, 8 * MiB, 4 * MiB, mem.hva)  # MOVE
+    assert vm.mmu.mapped(0) == 0
+    assert vcpu.guest_read(8 * MiB + 0x1000, 1) == b"a"
+    seq = vm.mmu.seq.load()
+    with vm.transaction() as tx:
+        tx.split(0, [10 * MiB])
+    assert vm.mmu.mapped(0) == 0 and vm.mmu.seq.load() == seq + 1
+    assert vcpu.guest_read(8 * MiB + 0x1000, 1) == b"a"
+
+
+def test_huge_mapping_when_aligned_not_when_logging(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)  # mem.hva is 2 MiB aligned? check
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_read(0x1000, 1)
+    s = vm.mmu.spte(0, 1)
+    assert s is not None
+    aligned = (mem.hva >> 12) % 512 == 0
+    assert s.npages == (512 if aligned else 1)
+    vm.set_memory_region(1, LOG, 8 * MiB, 4 * MiB, mem.hva)
+    vcpu.guest_read(8 * MiB, 1)
+    assert vm.mmu.spte(0, (8 * MiB) >> 12).npages == 1
+
+
+@pytest.mark.parametrize("manual", [False, True])
+def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
+    """kvm-semantics §10 case 12: vCPU threads write the iteration number to random pages
+    while the host harvests; a set bit means the value is iter or iter-1; a clear bit
+    means value ≤ iter, and a value equal to iter must be dirty by the next round."""
+    npages = 1024 + 16
+    mem = kvmem.HostMemory.anonymous(npages * PAGE)
+    vm = kvmem.Vm()
+    if manual:
+        vm.enable_manual_dirty_log_protect(initially_set=True)
+    base = 1 << 30
+    vm.set_memory_region(1, LOG, base, npages * PAGE, mem.hva)
+    vcpus = [vm.create_vcpu(i) for i in range(2)]
+    iteration = [1]
+    stop = threading.Event()
+
+    def guest(vcpu: kvmem.Vcpu, seed: int) -> None:
+        rng = random.Random(seed)
+        for p in range(vcpu.id, npages, 2):
+            vcpu.guest_write(base + p * PAGE, (1).to_bytes(8, "little"))
+        while not stop.is_set():
+            it = iteration[0]
+            for _ in range(64):
+                p = rng.randrange(npages)
+                vcpu.guest_write(base + p * PAGE, it.to_bytes(8, "little"))
+
+    threads = [threading.Thread(target=guest, args=(v, i)) for i, v in enumerate(vcpus)]
+    for t in threads:
+        t.start()
+    must_be_dirty: set[int] = set()
+    checked = 0
+    try:
+        for _ in range(15):
+            time.sleep(0.02)
+            it = iteration[0]
+            bitmap = vm.get_dirty_log(1)
+            if manual:
+                vm.clear_dirty_log(1, 0, npages, bitmap)
+            iteration[0] = it + 1
+            view = mem.view()
+            for p in range(npages):
+                value = int.from_bytes(view[p * PAGE:p * PAGE + 8], "little")
+                dirty = bitmap[p >> 3] >> (p & 7) & 1
+                if dirty:
+                    must_be_dirty.discard(p)
+                    assert value in (it, it - 1, it + 1), (p, value, it)
+                else:
+                    assert p not in must_be_dirty, (p, value, it)
+                    assert value <= it + 1
+                    if value == it:
+                        must_be_dirty.add(p)
+                checked += 1
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert checked > 10 * npages
+    assert vm.mmu.stats["stale_uses"] == 0
