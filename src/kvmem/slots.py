@@ -353,7 +353,7 @@ REQUEST_RULES: tuple[_Rule, ...] = (
     (lambda r, lim: r.as_id >= lim.address_spaces or r.id >= KVM_MEM_SLOTS_NUM, errno.EINVAL,
      lambda r, lim: f"address space {r.as_id} does not exist "
                     f"(this VM has {lim.address_spaces})"),
-    (lambda r, lim: r.gpa + r.size > U64_MAX + 1, errno.EINVAL,
+    (lambda r, lim: r.gpa + r.size > U64_MAX, errno.EINVAL,
      lambda r, lim: f"guest range {r.gpa:#x}+{r.size:#x} wraps the 64-bit address space"),
     (lambda r, lim: r.npages > KVM_MEM_MAX_NR_PAGES, errno.EINVAL,
      lambda r, lim: f"{r.npages} pages exceed the per-slot limit of {KVM_MEM_MAX_NR_PAGES}"),

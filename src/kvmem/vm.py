@@ -181,8 +181,8 @@ class Vm:
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, delete (size 0), move or change flags of a
         slot; `slot` = (as_id << 16) | id. Refusals raise `KvmError` with KVM's errno."""
-        req = make_request(slot, flags, gpa, size, hva)
         self._check_process()
+        req = make_request(slot, flags, gpa, size, hva)
         with self.slots_lock:
             root = self._memslots.load()
             as_id = req.as_id if req.as_id < len(root) else 0
@@ -286,7 +286,7 @@ class Vm:
     def _apply_batch(self, requests: Sequence[Request]) -> list[Change]:
         """Validate every request in order against the sets the batch builds; publish them
         all in one swap, or nothing."""
-        self._check_process()
+        self._check_process()  # KVM answers EIO before it looks at any argument
         with self.slots_lock:
             root = self._memslots.load()
             working = dict(enumerate(root))
@@ -385,6 +385,7 @@ class Vm:
 
     # -- vCPUs ------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        self._check_process()
         _check_u("vcpu_id", vcpu_id, 32)
         with self.slots_lock:
             if vcpu_id in self._vcpus:
@@ -410,6 +411,7 @@ class Vm:
 
     def enable_cap_manual_dirty_log_protect(self, args0: int, flags: int = 0) -> None:
         """The raw capability: `args0` ∈ {0, 1, 3}, `flags` 0; anything else is EINVAL."""
+        self._check_process()
         _check_u("args[0]", args0, 64)
         _check_u("flags", flags, 32)
         allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
@@ -450,8 +452,8 @@ class Vm:
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's bitmap (ALIGN(npages, 64)/8 bytes). Without manual
         protect the returned bits are cleared and their pages write-protected again."""
-        _check_u("slot", slot, 32)
         self._check_process()
+        _check_u("slot", slot, 32)
         with self.slots_lock:
             s = self._dirty_slot(slot)
             bitmap = s.dirty_bitmap
@@ -468,11 +470,11 @@ class Vm:
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: bytes | bytearray | memoryview) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear the bits of `bitmap` (bit i = page first_page + i)."""
+        self._check_process()
         _check_u("slot", slot, 32)
         _check_u("first_page", first_page, 64)
         _check_u("num_pages", num_pages, 32)
         data = access.byte_view(bitmap).tobytes()
-        self._check_process()
         with self.slots_lock:
             as_id, sid = slot >> 16, slot & U16_MAX
             if as_id >= self.limits.address_spaces or sid >= self.limits.max_slots:
