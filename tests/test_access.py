@@ -488,19 +488,27 @@ def test_write_accepts_any_bytes_like(one_slot: tuple[Vm, HostMemory]) -> None:
 def test_access_crossing_2_pow_64(host: Callable[..., HostMemory]) -> None:
     mem = host(2)
     vm = Vm(phys_bits=64)
-    top = (1 << 64) - 2 * PAGE
+    # KVM refuses a slot whose range ends exactly at 2^64 (gpa + size wraps to 0)
+    e = refused_slot(vm, 0, LOG, (1 << 64) - 2 * PAGE, 2 * PAGE, mem.hva)
+    assert e.errno == errno.EINVAL
+    top = (1 << 64) - 3 * PAGE  # the highest slot possible: ends one page below 2^64
     vm.set_memory_region(0, LOG, top, 2 * PAGE, mem.hva)
     assert vm.read(top, 2 * PAGE) == bytes(mem.view())
-    e = fault(vm.read, top + PAGE, 2 * PAGE)
+    e = fault(vm.read, top + PAGE, 3 * PAGE)  # runs through the last page and past 2^64
     assert e.done == PAGE
-    assert e.gpa == top + PAGE + e.done
+    assert e.gpa == top + 2 * PAGE
     assert e.partial == bytes(mem.view()[PAGE:])
-    e = fault(vm.write, (1 << 64) - 3, b"abcdef")
+    e = fault(vm.write, top + 2 * PAGE - 3, b"abcdef")
     assert e.done == 3
     assert bytes(mem.view()[-3:]) == b"abc"
-    e = fault(vm.clear, (1 << 64) - 1, 2)
-    assert e.done == 1
-    assert bytes(mem.view()[-1:]) == b"\0"
+    e = fault(vm.write, (1 << 64) - 3, b"abcdef")  # wraps: nothing written anywhere
+    assert e.done == 0 and e.gpa == (1 << 64) - 3
+
+
+def refused_slot(vm: Vm, *args: int) -> KvmError:
+    with pytest.raises(KvmError) as info:
+        vm.set_memory_region(*args)
+    return info.value
 
 
 @pytest.mark.parametrize("n", [1 << 40, 1 << 50, (1 << 64) - 1])

@@ -171,11 +171,13 @@ def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
     vcpus = [vm.create_vcpu(i) for i in range(2)]
     iteration = [1]
     stop = threading.Event()
+    ready = threading.Barrier(3)
 
     def guest(vcpu: kvmem.Vcpu, seed: int) -> None:
         rng = random.Random(seed)
         for p in range(vcpu.id, npages, 2):
             vcpu.guest_write(base + p * PAGE, (1).to_bytes(8, "little"))
+        ready.wait()
         while not stop.is_set():
             it = iteration[0]
             for _ in range(64):
@@ -187,6 +189,7 @@ def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
         t.start()
     must_be_dirty: set[int] = set()
     checked = 0
+    ready.wait()  # every page written once before the rounds start, as in the selftest
     try:
         for _ in range(15):
             time.sleep(0.02)
