@@ -65,9 +65,6 @@ class DirtyBitmap:
                 for rel in range(first, end):
                     self._bits[rel >> 3] |= 1 << (rel & 7)
 
-    def test(self, rel: int) -> bool:
-        return bool(self._bits[rel >> 3] & (1 << (rel & 7)))
-
     def snapshot(self) -> bytes:
         """The live bitmap (GET with manual protect: nothing is cleared)."""
         with self._lock:
@@ -116,13 +113,3 @@ class DirtyBitmap:
         with self._lock:
             dst = np.frombuffer(self._bits, dtype=np.uint8)
             dst[dst_first >> 3:(dst_first >> 3) + len(packed)] |= packed
-
-    def count(self) -> int:
-        with self._lock:
-            return int(np.unpackbits(np.frombuffer(self._bits, dtype=np.uint8)).sum())
-
-    def pages(self) -> list[int]:
-        """Slot-relative numbers of the set bits."""
-        with self._lock:
-            bits = np.unpackbits(np.frombuffer(self._bits, dtype=np.uint8), bitorder="little")
-        return [int(i) for i in np.flatnonzero(bits) if i < self.npages]

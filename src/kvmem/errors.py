@@ -11,7 +11,6 @@ Defines:
 from __future__ import annotations
 
 import errno as _errno
-import os
 
 __all__ = ["GuestAccessError", "KvmError", "TransactionError"]
 
@@ -57,7 +56,3 @@ class TransactionError(KvmError):
 
     def __reduce__(self) -> tuple[type[TransactionError], tuple[int, KvmError]]:  # type: ignore[override]
         return (type(self), (self.index, self.cause))
-
-
-def strerror(err: int) -> str:
-    return os.strerror(err)

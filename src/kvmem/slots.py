@@ -15,7 +15,6 @@ Defines `MemorySlot`, `SlotSet`, `Request` (one KVM_SET_USER_MEMORY_REGION), `Ch
 from __future__ import annotations
 
 import errno
-import os
 from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -426,7 +425,3 @@ def validate(
             raise KvmError(errno.EINVAL, f"slot ends at gfn {new.end_gfn - 1:#x}, beyond the "
                                          f"maximum gfn {limits.max_gfn:#x}")
     return Change(kind, req.as_id, old, new)
-
-
-def creator_pid() -> int:
-    return os.getpid()
