@@ -20,6 +20,8 @@ from .uapi import (
     KVM_MEMSLOT_INVALID,
     PAGE_SIZE,
 )
+from .mmu import MemoryFault, MmioExit
+from .pfncache import PfnCache
 from .vm import SlotsListener, Transaction, Vcpu, Vm
 
 __all__ = [
@@ -32,7 +34,10 @@ __all__ = [
     "GuestAccessError",
     "HostMemory",
     "KvmError",
+    "MemoryFault",
     "MemorySlot",
+    "MmioExit",
+    "PfnCache",
     "SlotSet",
     "SlotsListener",
     "Transaction",

@@ -24,7 +24,7 @@ import errno
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from . import host, sync
 from .errors import KvmError
@@ -89,6 +89,12 @@ class _Retry(Exception):
     pass
 
 
+class PfnCacheLike(Protocol):
+    """What the invalidation path needs of a pfn cache (`kvmem.pfncache.PfnCache`)."""
+
+    def invalidate_start(self, start: int, end: int) -> None: ...
+
+
 class _Notifier:
     """Registered with `host.notifiers`; holds the MMU weakly so a VM can be collected."""
 
@@ -119,7 +125,12 @@ class Mmu:
         self.range_end: sync.Atomic[int | None] = sync.Atomic(None)
         self.mn_lock = sync.Mutex("mn_invalidate_lock")
         self.mn_done = sync.Condition(self.mn_lock)
-        self.mn_active = 0
+        # invalidations between start and end; changed under mn_lock, read locklessly by
+        # pfn-cache refreshes (which must not finish while one is in flight)
+        self.mn_active: sync.Atomic[int] = sync.Atomic(0)
+        # pfn caches that invalidations must reach (kvm->gpc_list), changed under gpc_lock
+        self.gpc_lock = sync.Mutex("gpc_lock")
+        self.gpc_list: sync.Atomic[tuple[PfnCacheLike, ...]] = sync.Atomic(())
         n = vm.limits.address_spaces
         self._small: list[dict[int, Spte]] = [{} for _ in range(n)]
         self._huge: list[dict[int, Spte]] = [{} for _ in range(n)]
@@ -173,7 +184,11 @@ class Mmu:
     # -- host side --------------------------------------------------------------------------
     def invalidate_range_start(self, start: int, end: int) -> None:
         with self.mn_lock:
-            self.mn_active += 1
+            self.mn_active.add(1)
+        # pfn caches first, before in_progress rises and without filtering by slots: an
+        # HVA-based cache may point at memory no slot maps
+        for gpc in self.gpc_list.load():
+            gpc.invalidate_start(start, end)
         hit = False
         try:
             for slot, lo, hi in self._vm.hva_to_gfn_ranges(start, end):
@@ -195,14 +210,13 @@ class Mmu:
             with self.lock:
                 self.end()
         with self.mn_lock:
-            self.mn_active -= 1
-            if self.mn_active == 0:
+            if self.mn_active.add(-1) == 0:
                 self.mn_done.notify_all()
 
     def wait_for_invalidations(self) -> None:
         """Called by a memslot swap with `mn_lock` held: no invalidation may be between
         its start and its end while the slots change under it."""
-        self.mn_done.wait_until(lambda: self.mn_active == 0)
+        self.mn_done.wait_until(lambda: self.mn_active.load() == 0)
 
     # -- stage-2 -----------------------------------------------------------------------------
     def flush(self) -> None:

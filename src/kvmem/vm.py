@@ -31,6 +31,7 @@ from . import access, host, sync
 from .dirty import DirtyBitmap
 from .errors import GuestAccessError, KvmError, TransactionError
 from .mmu import MemoryFault, MmioExit, Mmu
+from .pfncache import PfnCache
 from .slots import (
     Change,
     ChangeKind,
@@ -384,6 +385,10 @@ class Vm:
         return access.HvaCache(lambda: self._memslots.value[0], gpa, length)
 
     # -- vCPUs ------------------------------------------------------------------------------------
+    def pfn_cache(self) -> PfnCache:
+        """A new, inactive gfn-to-pfn cache of this VM (`activate` or `activate_hva` it)."""
+        return PfnCache(self)
+
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         self._check_process()
         _check_u("vcpu_id", vcpu_id, 32)

@@ -1,0 +1,312 @@
+"""gfn-to-pfn caches (kvm-semantics §4, KVM's `virt/kvm/pfncache.c`) and the lock API.
+
+A pfn cache remembers the host page behind one guest page (GPA-based: through the slots
+of address space 0) or behind one host address (HVA-based), so a hot path — a Xen
+shared_info page, a kvmclock page, a device's ring — can use it without a slot lookup.
+
+Rules of this room:
+- `rwlock` guards the cache's fields. Readers (`check`, the body of `lock()`) hold it for
+  read while they use the page; `refresh` and invalidations take it for write. So a host
+  change that reaches a valid cache waits until nobody is using its page.
+- `refresh_lock` serialises activate / refresh / deactivate (one refresher at a time).
+- Host invalidations reach a cache through `Mmu.gpc_list` *before* the MMU raises
+  `in_progress`, and without filtering by slots (an HVA cache may map memory no slot
+  does). Slot changes are not pushed to caches: `check` notices a generation change.
+
+Theory of refresh (`hva_to_pfn_retry`): mark the cache invalid; under the lock set
+`_untouched` and note whether an invalidation is in flight (`mn_active`) and the MMU
+sequence; drop the lock, resolve the page, retake the lock; start again if an invalidation
+was or is in flight, one completed since (`seq`), or one covered this cache's address
+while the lock was dropped (`_untouched` cleared). Only then is the cache valid — or,
+if the page could not be had, EFAULT.
+
+Deliberate differences from KVM:
+- `_untouched` and the in-flight check at the snapshot are kvmem's. KVM bumps `seq` only
+  when an invalidation hits a slot, so an HVA cache over memory no slot maps could be
+  refreshed with a page an invalidation replaced while the lock was dropped; the flag
+  closes that window (the idea of D. Woodhouse's 2024 RFC, not merged upstream). A failed
+  resolve during an invalidation is retried, not EFAULT: it may be the transient hole of
+  a remap.
+- `activate` refuses a page-crossing length before it activates anything (KVM leaves the
+  cache active with EINVAL); kvmem's rule is that a refused call changes nothing.
+- `lock()` is the lock/unlock API proposed for KVM in 2022 and never merged.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+from . import host, sync
+from .errors import KvmError
+from .host import Frame
+from .slots import MemorySlot
+from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, U64_MAX
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+__all__ = ["PfnCache"]
+
+
+def _check_address(name: str, v: object) -> int:
+    if not isinstance(v, int) or isinstance(v, bool):
+        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    if v < 0 or v > U64_MAX:
+        raise KvmError(errno.EINVAL, f"{name} {v:#x} is not a 64-bit address")
+    return v
+
+
+def _check_length(offset: int, length: object) -> int:
+    if not isinstance(length, int) or isinstance(length, bool):
+        raise TypeError(f"length must be an int, not {type(length).__name__}")
+    if length < 0:
+        raise KvmError(errno.EINVAL, f"length {length} is negative")
+    if (offset & PAGE_MASK) + length > PAGE_SIZE:
+        raise KvmError(errno.EINVAL, f"{length} bytes at page offset {offset & PAGE_MASK:#x} "
+                                     f"cross a page: a pfn cache holds one page")
+    return length
+
+
+class PfnCache:
+    """One cached gpa (or hva) → host page translation; see the module notes.
+
+    Typical use::
+
+        gpc = vm.pfn_cache()
+        gpc.activate(gpa, 8)
+        with gpc.lock(8, dirty=True) as view:   # checks, refreshes if needed, retries
+            view[0:8] = value.to_bytes(8, "little")
+        gpc.deactivate()
+    """
+
+    def __init__(self, vm: Vm) -> None:
+        self._vm = vm
+        self._mmu = vm.mmu
+        self.rwlock = sync.RwLock("gpc.lock")
+        self.refresh_lock = sync.Mutex("gpc.refresh_lock")
+        self.gpa: int | None = None  # None: HVA-based (KVM's INVALID_GPA)
+        self.uhva: int | None = None  # with the page offset; None: an error hva
+        self.generation = -1
+        self.memslot: MemorySlot | None = None
+        self.frame: Frame | None = None  # the pfn; None: an error pfn
+        self.active = False
+        self.valid = False
+        # set before refresh drops the lock; an invalidation covering uhva clears it
+        self._untouched = False
+        self.stats = {"refreshes": 0, "retries": 0, "invalidations": 0, "stale_uses": 0}
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def is_gpa_active(self) -> bool:
+        return self.active and self.gpa is not None
+
+    @property
+    def is_hva_active(self) -> bool:
+        return self.active and self.gpa is None
+
+    # -- activate / deactivate ------------------------------------------------------------------
+    def activate(self, gpa: int, length: int) -> None:
+        """kvm_gpc_activate: cache the page of `gpa` (address space 0) for accesses of
+        `length` bytes. EINVAL if they cross a page; EFAULT if no writable slot maps the
+        gpa now (the cache stays active and a later `refresh` may succeed)."""
+        _check_length(_check_address("gpa", gpa), length)
+        self._activate(gpa, None, length)
+
+    def activate_hva(self, hva: int, length: int) -> None:
+        """kvm_gpc_activate_hva: cache the host page of `hva` (no slot, no generation)."""
+        _check_length(_check_address("hva", hva), length)
+        self._activate(None, hva, length)
+
+    def _activate(self, gpa: int | None, uhva: int | None, length: int) -> None:
+        self._vm._check_process()
+        with self.refresh_lock:
+            if not self.active:
+                if self.valid:
+                    raise KvmError(errno.EIO, "an inactive pfn cache is valid (kvmem bug)")
+                with self._mmu.gpc_lock:
+                    self._mmu.gpc_list.store(self._mmu.gpc_list.load() + (self,))
+                # active only once invalidations can reach it: a refresh running after
+                # this point cannot map a page that an invalidation then misses
+                with self.rwlock.write():
+                    self.active = True
+            self._refresh(gpa, uhva, length)
+
+    def deactivate(self) -> None:
+        """kvm_gpc_deactivate: forget the page; gpa, hva and generation are kept."""
+        with self.refresh_lock:
+            if not self.active:
+                return
+            with self.rwlock.write():
+                self.active = False
+                self.valid = False
+                self.frame = None
+            with self._mmu.gpc_lock:
+                self._mmu.gpc_list.store(
+                    tuple(c for c in self._mmu.gpc_list.load() if c is not self))
+
+    # -- check / refresh --------------------------------------------------------------------------
+    def check(self, length: int) -> bool:
+        """kvm_gpc_check: the cached page may be used for `length` bytes. Call with
+        `rwlock` held for read and keep it while using the page."""
+        if not self.active or self.uhva is None or not self.valid:
+            return False
+        if self.gpa is not None and \
+                self.generation != self._vm._memslots.load()[0].generation:
+            return False
+        return (self.uhva & PAGE_MASK) + length <= PAGE_SIZE
+
+    def refresh(self, length: int) -> None:
+        """kvm_gpc_refresh: re-resolve the cached gpa (or hva). Raises `KvmError`: EINVAL
+        (inactive, or `length` crosses a page), EFAULT (no writable slot or host page)."""
+        with self.refresh_lock:
+            self._refresh(self.gpa, None if self.gpa is not None else self.uhva, length)
+
+    def _refresh(self, gpa: int | None, uhva: int | None, length: int) -> None:
+        self.refresh_lock.assert_held()
+        addr = gpa if gpa is not None else uhva
+        if addr is None:
+            raise KvmError(errno.EINVAL, "pfn cache has neither a gpa nor an hva")
+        _check_length(addr, length)
+        offset = addr & PAGE_MASK
+        with self.rwlock.write():
+            if not self.active:
+                raise KvmError(errno.EINVAL, "pfn cache is not active")
+            self.stats["refreshes"] += 1
+            old_page = None if self.uhva is None else self.uhva & ~PAGE_MASK
+            try:
+                if gpa is None:
+                    assert uhva is not None
+                    self.gpa, self.memslot, self.uhva = None, None, uhva
+                else:
+                    self._translate(gpa)
+                assert self.uhva is not None
+                self.uhva = (self.uhva & ~PAGE_MASK) + offset
+                if not self.valid or self.uhva & ~PAGE_MASK != old_page:
+                    self._hva_to_pfn_retry()
+            except BaseException:
+                # the named safe state: not valid, no page; gpa/uhva/generation as set
+                self.valid = False
+                self.frame = None
+                raise
+
+    def _translate(self, gpa: int) -> None:
+        """The GPA-based half of refresh: new gpa, new generation or an error hva means a
+        fresh slot lookup; otherwise the page is the one already cached."""
+        vm = self._vm
+        vm.srcu.read_lock()
+        try:
+            slots = vm._memslots.load()[0]
+            if gpa == self.gpa and slots.generation == self.generation and \
+                    self.uhva is not None:
+                return
+            gfn = gpa >> PAGE_SHIFT
+            self.gpa = gpa
+            self.generation = slots.generation
+            slot = slots.lookup(gfn)
+            self.memslot = slot
+            if slot is None or slot.invalid or slot.readonly:
+                self.uhva = None
+                why = "no slot" if slot is None else \
+                    "its slot is being deleted or moved" if slot.invalid else \
+                    "its slot is read-only"
+                raise KvmError(errno.EFAULT, f"gpa {gpa:#x} cannot be cached for writing: {why}")
+            self.uhva = slot.hva_of(gfn)
+        finally:
+            vm.srcu.read_unlock()
+
+    def _hva_to_pfn_retry(self) -> None:
+        self.rwlock.assert_write_held()
+        mmu = self._mmu
+        uhva = self.uhva
+        assert uhva is not None
+        self.valid = False
+        self.frame = None
+        while True:
+            # snapshot under the lock: an invalidation that starts after this clears
+            # `_untouched` (the cache is on the list); one that started before is in flight
+            self._untouched = True
+            quiet = mmu.mn_active.load() == 0
+            seq = mmu.seq.load()
+            self.rwlock.release_write()
+            try:
+                frame = host.resolve(uhva, write=True)  # always a writable page, as in KVM
+            finally:
+                self.rwlock.acquire_write()
+            if quiet and self._untouched and mmu.mn_active.load() == 0 and \
+                    mmu.seq.load() == seq:
+                if frame is None:
+                    raise KvmError(errno.EFAULT, f"host page at hva {uhva:#x} is unmapped "
+                                                 f"or not writable")
+                break
+            # the answer may predate a host change (or be a transient failure during one)
+            self.stats["retries"] += 1
+            self.rwlock.release_write()
+            sync.pause()
+            self.rwlock.acquire_write()
+        self.frame = frame
+        self.valid = True
+
+    # -- invalidation (called by Mmu.invalidate_range_start, before in_progress rises) -------
+    def invalidate_start(self, start: int, end: int) -> None:
+        with self.rwlock.read():
+            uhva = self.uhva
+            hit = uhva is not None and start <= uhva < end and (self.valid or self._untouched)
+        if not hit:
+            return
+        with self.rwlock.write():  # re-check: a refresh may have moved the cache meanwhile
+            uhva = self.uhva
+            if uhva is not None and start <= uhva < end:
+                if self.valid:
+                    self.stats["invalidations"] += 1
+                self.valid = False
+                self.frame = None
+                self._untouched = False
+
+    # -- use ----------------------------------------------------------------------------------------
+    def mark_dirty(self) -> None:
+        """kvm_gpc_mark_dirty_in_slot: mark the cached page dirty in its slot's log (GPA-based
+        caches of logging slots; nothing otherwise). Call inside `lock()`."""
+        slot, gpa = self.memslot, self.gpa
+        if slot is not None and gpa is not None and slot.dirty_bitmap is not None:
+            slot.dirty_bitmap.mark((gpa >> PAGE_SHIFT) - slot.base_gfn)
+
+    @contextmanager
+    def lock(self, length: int, *, dirty: bool = False) -> Iterator[memoryview]:
+        """Hold the cache valid for `length` bytes and yield a live, writable view of them:
+        check, and refresh until the check passes (errors of `refresh` propagate). With
+        `dirty=True` the page is marked dirty when the block ends. The view is released on
+        exit. Keep the block short, as in KVM where it cannot sleep: a host change to this
+        page waits for it to end, and a slot update waits for that host change — so do
+        not change host memory or slots from inside the block."""
+        self.rwlock.acquire_read()
+        held = True
+        try:
+            while not self.check(length):
+                self.rwlock.release_read()
+                held = False
+                self.refresh(length)
+                self.rwlock.acquire_read()
+                held = True
+            frame, uhva = self.frame, self.uhva
+            assert frame is not None and uhva is not None
+            if not frame.current():
+                self.stats["stale_uses"] += 1  # the oracle of the stress tests
+            off = (frame.index << PAGE_SHIFT) + (uhva & PAGE_MASK)
+            view = frame.owner._mv[off:off + length]
+            try:
+                yield view
+            finally:
+                view.release()
+                if dirty:
+                    self.mark_dirty()
+        finally:
+            if held:
+                self.rwlock.release_read()
+
+    def __repr__(self) -> str:
+        where = f"gpa={self.gpa:#x}" if self.gpa is not None else \
+            f"hva={self.uhva:#x}" if self.uhva is not None else "unset"
+        return f"PfnCache({where}, active={self.active}, valid={self.valid})"
