@@ -127,7 +127,7 @@ class PfnCache:
                 if self.valid:
                     raise KvmError(errno.EIO, "an inactive pfn cache is valid (kvmem bug)")
                 with self._mmu.gpc_lock:
-                    self._mmu.gpc_list.store(self._mmu.gpc_list.load() + (self,))
+                    self._mmu.gpc_list.store((*self._mmu.gpc_list.load(), self))
                 # active only once invalidations can reach it: a refresh running after
                 # this point cannot map a page that an invalidation then misses
                 with self.rwlock.write():
@@ -265,7 +265,7 @@ class PfnCache:
                 self.frame = None
                 self._untouched = False
 
-    # -- use ----------------------------------------------------------------------------------------
+    # -- use ------------------------------------------------------------------------------
     def mark_dirty(self) -> None:
         """kvm_gpc_mark_dirty_in_slot: mark the cached page dirty in its slot's log (GPA-based
         caches of logging slots; nothing otherwise). Call inside `lock()`."""
