@@ -13,6 +13,9 @@ changes are reported as MMU-notifier invalidations.
 
 from .errors import GuestAccessError, KvmError, TransactionError
 from .host import HostMemory
+from .mmu import MemoryFault, MmioExit, TrackedWrite
+from .pagetrack import PageTrack, TrackNotifier
+from .pfncache import PfnCache
 from .slots import Change, ChangeKind, MemorySlot, SlotSet
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -20,8 +23,6 @@ from .uapi import (
     KVM_MEMSLOT_INVALID,
     PAGE_SIZE,
 )
-from .mmu import MemoryFault, MmioExit
-from .pfncache import PfnCache
 from .vm import SlotsListener, Transaction, Vcpu, Vm
 
 __all__ = [
@@ -37,10 +38,13 @@ __all__ = [
     "MemoryFault",
     "MemorySlot",
     "MmioExit",
+    "PageTrack",
     "PfnCache",
     "SlotSet",
     "SlotsListener",
     "Transaction",
+    "TrackNotifier",
+    "TrackedWrite",
     "TransactionError",
     "Vcpu",
     "Vm",

@@ -13,9 +13,11 @@ Rules of this room:
 
 Theory of the fault (DESIGN path 3): look the gfn up in the vCPU's address space; no slot
 → `MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
-lock; lock; `retry_gfn(seq, gfn)` → retry; install the spte (writable only for a write,
-or a read of a writable page in a slot that does not log dirty pages); mark dirty when
-installed writable in a logging slot.
+lock; lock; `retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
+(performed by page tracking, never mapped writable); install the spte (writable only for
+a write, or a read of a writable page in a slot that does not log dirty pages, and never
+for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
+writable in a logging slot.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from .uapi import PAGE_SHIFT, PAGE_SIZE
 if TYPE_CHECKING:
     from .vm import Vcpu, Vm
 
-__all__ = ["MemoryFault", "MmioExit", "Mmu", "Spte"]
+__all__ = ["MemoryFault", "MmioExit", "Mmu", "Spte", "TrackedWrite"]
 
 HUGE_PAGES = 512  # 4 KiB pages in a 2 MiB mapping
 
@@ -51,6 +53,15 @@ class MmioExit(Exception):
         self.len = length
         self.is_write = is_write
         self.data = data
+
+
+class TrackedWrite(Exception):
+    """A guest write hit a write-tracked gfn: instead of mapping the page writable the
+    caller performs the write with `vm.page_track.write` (as KVM emulates it)."""
+
+    def __init__(self, gpa: int) -> None:
+        super().__init__(f"write to write-tracked gpa {gpa:#x}")
+        self.gpa = gpa
 
 
 class MemoryFault(KvmError):
@@ -136,7 +147,7 @@ class Mmu:
         self._huge: list[dict[int, Spte]] = [{} for _ in range(n)]
         self._batch_open = False
         self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0, "stale_uses": 0,
-                      "invalidations": 0}
+                      "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
 
@@ -255,19 +266,43 @@ class Mmu:
     def write_protect(self, as_id: int, gfns: Sequence[int]) -> int:
         """Make the sptes of `gfns` read-only (huge mappings are dropped)."""
         with self.lock:
-            small, huge = self._small[as_id], self._huge[as_id]
-            n = 0
-            for g in gfns:
-                s = small.get(g)
-                if s is not None and s.writable:
-                    small[g] = Spte(g, s.frame, False)
-                    n += 1
-                if g // HUGE_PAGES in huge:
-                    del huge[g // HUGE_PAGES]
-                    n += 1
+            n = self.write_protect_locked(as_id, gfns)
             if n:
                 self.flush()
             return n
+
+    def write_protect_locked(self, as_id: int, gfns: Sequence[int]) -> int:
+        """`write_protect` for a caller that holds the lock and flushes (if this returns
+        non-zero) before releasing it."""
+        self.lock.assert_held()
+        small, huge = self._small[as_id], self._huge[as_id]
+        n = 0
+        for g in gfns:
+            s = small.get(g)
+            if s is not None and s.writable:
+                small[g] = Spte(g, s.frame, False)
+                n += 1
+            if g // HUGE_PAGES in huge:
+                del huge[g // HUGE_PAGES]
+                n += 1
+        return n
+
+    def break_huge(self, as_id: int, block: int) -> bool:
+        """Replace the 2 MiB mapping of `block` (if any) by the 512 4 KiB mappings it
+        stands for, each still checked against its own host page. Lock held; the caller
+        flushes if this returns True."""
+        self.lock.assert_held()
+        spte = self._huge[as_id].pop(block, None)
+        if spte is None:
+            return False
+        f = spte.frame
+        small = self._small[as_id]
+        for i in range(HUGE_PAGES):
+            inc = int.from_bytes(spte.incarnations[4 * i:4 * i + 4], "little")
+            g = spte.gfn + i
+            small[g] = Spte(g, Frame(f.owner, f.index + i, inc, f.writable), spte.writable)
+        self.stats["broken_huge"] += 1
+        return True
 
     def spte(self, as_id: int, gfn: int) -> Spte | None:
         s = self._small[as_id].get(gfn)
@@ -284,7 +319,8 @@ class Mmu:
         """Resolve a guest access that found no (or no writable) spte, inside the VM's SRCU
         read section. None means RET_PF_RETRY: the caller leaves the read section (as a
         vCPU re-entering the guest does, so a slot update can finish) and tries again.
-        Raises `MmioExit` or `MemoryFault` where KVM would exit to userspace."""
+        Raises `MmioExit` or `MemoryFault` where KVM would exit to userspace, and
+        `TrackedWrite` for a write the caller must perform through page tracking."""
         self.stats["faults"] += 1
         try:
             return self._fault_once(vcpu, gpa, gpa >> PAGE_SHIFT, write)
@@ -319,6 +355,18 @@ class Mmu:
         with self.lock:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
+            track = self._vm.page_track
+            if huge is not None and track.block_tracked(slot.as_id, huge // HUGE_PAGES):
+                # tracking began in this 2 MiB block: map only this gfn's page, which no
+                # invalidation has touched since `seq` (retry_gfn said so)
+                idx = frame.index + gfn - huge
+                frame = Frame(frame.owner, idx, int(frame.owner._frames[idx]), frame.writable)
+                huge = None
+            if track.tracked(slot.as_id, gfn):
+                if write:
+                    self.stats["tracked_faults"] += 1
+                    raise TrackedWrite(gpa)
+                writable = False  # a tracked gfn is never writable in the stage-2
             if huge is not None:
                 inc = frame.owner._frames[frame.index:frame.index + HUGE_PAGES].tobytes()
                 spte = Spte(first, frame, writable, HUGE_PAGES, inc)

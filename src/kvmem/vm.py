@@ -30,7 +30,8 @@ from typing import Protocol
 from . import access, host, sync
 from .dirty import DirtyBitmap
 from .errors import GuestAccessError, KvmError, TransactionError
-from .mmu import MemoryFault, MmioExit, Mmu
+from .mmu import MemoryFault, MmioExit, Mmu, TrackedWrite
+from .pagetrack import PageTrack
 from .pfncache import PfnCache
 from .slots import (
     Change,
@@ -136,8 +137,10 @@ class Vm:
         self._vcpus: dict[int, Vcpu] = {}
         self._pid = os.getpid()
         self.mmu = Mmu(self)
-        # the MMU hears first: stage-2 zaps precede everything derived from slots
-        self._listeners: list[SlotsListener] = [self.mmu]
+        self.page_track = PageTrack(self)
+        # the MMU hears first: stage-2 zaps precede everything derived from slots; then
+        # page tracking (track_remove_region), then whatever is added (engines)
+        self._listeners: list[SlotsListener] = [self.mmu, self.page_track]
 
     # -- capabilities and state -------------------------------------------------------------
     @property
@@ -658,6 +661,11 @@ class Vcpu:
                 except MmioExit:
                     data = b"" if src is None else src[pos:pos + k].tobytes()
                     raise MmioExit(cur, k, write, data) from None
+                except TrackedWrite:
+                    assert src is not None
+                    vm.page_track.write(self.as_id, cur, src[pos:pos + k])
+                    pos += k
+                    continue
                 if spte is None:  # retry outside the read section: an update may be waiting
                     vm.srcu.read_unlock()
                     sync.pause()
