@@ -217,3 +217,21 @@ def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
             t.join()
     assert checked > 10 * npages
     assert vm.mmu.stats["stale_uses"] == 0
+
+
+def test_no_huge_mapping_over_a_page_being_invalidated(mem: kvmem.HostMemory) -> None:
+    """A host change of one 4 KiB page is in flight; a fault on another page of the same
+    2 MiB block must not map the whole block (the changing page would go stale)."""
+    if (mem.hva >> 12) % 512:
+        pytest.skip("host memory is not 2 MiB aligned here")
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    changing = (mem.hva + 7 * PAGE, mem.hva + 8 * PAGE)
+    vm.mmu.invalidate_range_start(*changing)
+    vcpu.guest_read(3 * PAGE, 1)
+    assert vm.mmu.spte(0, 3).npages == 1 and vm.mmu.spte(0, 7) is None
+    vm.mmu.invalidate_range_end(*changing)
+    vm.mmu.zap_gfn_range(0, 0, 512)
+    vcpu.guest_read(3 * PAGE, 1)
+    assert vm.mmu.spte(0, 7).npages == 512

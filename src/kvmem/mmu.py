@@ -100,6 +100,14 @@ class _Retry(Exception):
     pass
 
 
+class Stage2Mirror(Protocol):
+    """An engine that maps what the stage-2 maps (Unicorn): told, under the MMU lock and
+    before the flush, of every gfn range whose sptes were dropped or made read-only. It
+    must stop using its own mappings of the range before it returns."""
+
+    def stage2_unmapped(self, as_id: int, start_gfn: int, end_gfn: int) -> None: ...
+
+
 class PfnCacheLike(Protocol):
     """What the invalidation path needs of a pfn cache (`kvmem.pfncache.PfnCache`)."""
 
@@ -146,6 +154,7 @@ class Mmu:
         self._small: list[dict[int, Spte]] = [{} for _ in range(n)]
         self._huge: list[dict[int, Spte]] = [{} for _ in range(n)]
         self._batch_open = False
+        self.mirrors: list[Stage2Mirror] = []
         self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0, "stale_uses": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
@@ -184,6 +193,14 @@ class Mmu:
         """mmu_invalidate_retry_gfn: called with the lock held."""
         self.lock.assert_held()
         return self.retry_gfn_unsafe(seq, gfn)
+
+    def _range_busy(self, start: int, end: int) -> bool:
+        """An invalidation in progress covers part of [start, end) (lock held)."""
+        self.lock.assert_held()
+        if not self.in_progress.load():
+            return False
+        lo, hi = self.range_start.load(), self.range_end.load()
+        return lo is None or hi is None or (lo < end and start < hi)
 
     def retry_gfn_unsafe(self, seq: int, gfn: int) -> bool:
         if self.in_progress.load():
@@ -244,6 +261,8 @@ class Mmu:
         hgone = [h for h in list(huge) if h * HUGE_PAGES < end and (h + 1) * HUGE_PAGES > start]
         for h in hgone:
             del huge[h]
+        if self.mirrors and (gone or hgone):
+            self._unmap_mirrors(as_id, start, end)
         self.stats["zapped"] += len(gone) + len(hgone)
         return len(gone) + len(hgone)
 
@@ -282,10 +301,17 @@ class Mmu:
             if s is not None and s.writable:
                 small[g] = Spte(g, s.frame, False)
                 n += 1
+                self._unmap_mirrors(as_id, g, g + 1)
             if g // HUGE_PAGES in huge:
                 del huge[g // HUGE_PAGES]
                 n += 1
+                self._unmap_mirrors(as_id, g - g % HUGE_PAGES, g - g % HUGE_PAGES + HUGE_PAGES)
         return n
+
+    def _unmap_mirrors(self, as_id: int, start: int, end: int) -> None:
+        self.lock.assert_held()
+        for mirror in self.mirrors:
+            mirror.stage2_unmapped(as_id, start, end)
 
     def break_huge(self, as_id: int, block: int) -> bool:
         """Replace the 2 MiB mapping of `block` (if any) by the 512 4 KiB mappings it
@@ -356,9 +382,12 @@ class Mmu:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
             track = self._vm.page_track
-            if huge is not None and track.block_tracked(slot.as_id, huge // HUGE_PAGES):
-                # tracking began in this 2 MiB block: map only this gfn's page, which no
-                # invalidation has touched since `seq` (retry_gfn said so)
+            if huge is not None and (track.block_tracked(slot.as_id, huge // HUGE_PAGES)
+                                     or self._range_busy(huge, huge + HUGE_PAGES)):
+                # tracking began in this 2 MiB block, or an invalidation is changing
+                # another page of it (kvmem's host changes a 4 KiB page without first
+                # invalidating the whole 2 MiB, as a THP split would): map only this
+                # gfn's page, which no invalidation has touched since `seq`
                 idx = frame.index + gfn - huge
                 frame = Frame(frame.owner, idx, int(frame.owner._frames[idx]), frame.writable)
                 huge = None
@@ -438,6 +467,7 @@ class Mmu:
             for h in [h for h in huge if h * HUGE_PAGES < slot.end_gfn
                       and (h + 1) * HUGE_PAGES > slot.base_gfn]:
                 del huge[h]
+                self._unmap_mirrors(slot.as_id, h * HUGE_PAGES, (h + 1) * HUGE_PAGES)
             self.flush()
 
     def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
