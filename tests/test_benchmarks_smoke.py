@@ -18,7 +18,7 @@ def test_run_all_quick_writes_json(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(out.read_text())
     names = {b["name"] for b in data["benchmarks"]}
-    assert {"bench_access", "bench_translate", "bench_slots"} <= names, names
+    assert {"bench_access", "bench_translate", "bench_slots", "bench_mmu"} <= names, names
     for bench in data["benchmarks"]:
         for fig in bench["figures"]:
             assert fig["subject_ns"] > 0 and fig["baseline_ns"] > 0, fig
