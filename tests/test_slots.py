@@ -177,3 +177,20 @@ def test_refused_update_changes_nothing(mem: kvmem.HostMemory) -> None:
     refused(errno.EINVAL, vm.set_memory_region, 0, LOG, 1 << 36, MiB, mem.hva)
     assert (layout(vm), vm.generation(0), vm.generation(1)) == before
     assert vm.get_dirty_log(0)[0] == 0b1000
+
+
+def test_lookup_memo_is_per_set_and_bounded(mem: kvmem.HostMemory,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmem import slots as slots_mod
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
+    old = vm.slot_set()
+    assert vm.lookup(5) is not None and 5 in old._memo
+    vm.set_memory_region(0, 0, 0, 0, 0)  # the memo of the old set cannot answer for the new
+    assert vm.lookup(5) is None and old.search(5) is not None
+    vm.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
+    monkeypatch.setattr(slots_mod, "MEMO_MAX", 8)
+    s = vm.slot_set()
+    for g in range(20):
+        assert s.search(g) is not None and s.search(g).base_gfn == 0
+    assert 0 < len(s._memo) <= 8

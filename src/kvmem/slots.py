@@ -111,6 +111,9 @@ class MemorySlot:
         )
 
 
+MEMO_MAX = 1 << 16  # gfns remembered per slot set
+
+
 def _hva_key(s: MemorySlot) -> int:
     return (s.hva << 32) | (s.as_id << 16) | s.id
 
@@ -125,9 +128,12 @@ class SlotSet:
     `generation` is set at publication (with the in-progress bit while the swap is in
     flight) and finalised by the writer; everything else is fixed at construction.
     `last_used` is the VM-wide last-used-slot hint: a benign racy cache, as in KVM.
+    `_memo` remembers gfn → slot answers of `search`: a set never changes, so the memo is
+    never stale; it is bounded (cleared when full) and filled by racing readers harmlessly.
     """
 
-    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "as_id", "generation", "last_used", "npages")
+    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "_memo", "as_id", "generation", "last_used",
+                 "npages")
 
     def __init__(
         self,
@@ -145,6 +151,7 @@ class SlotSet:
         self._by_id: IdTable[MemorySlot] = by_id or IdTable()
         self.npages = npages
         self.last_used: MemorySlot | None = None
+        self._memo: dict[int, MemorySlot] = {}
 
     # -- lookups ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -163,28 +170,32 @@ class SlotSet:
 
     def search(self, gfn: int) -> MemorySlot | None:
         """The slot containing `gfn` (INVALID slots included), or None. The hot path of
-        every translation: the index's two bisects are inlined here."""
+        every translation: the memo, then the index's two bisects, inlined here."""
+        s = self._memo.get(gfn)
+        if s is not None:
+            return s
         idx = self._by_gfn
         c = bisect_right(idx.tops, gfn) - 1
         if c < 0:
             return None
         s = idx.chunk_vals[c][bisect_right(idx.chunk_keys[c], gfn) - 1]
-        return s if gfn < s.end_gfn else None
+        if gfn >= s.end_gfn:
+            return None
+        memo = self._memo
+        if len(memo) >= MEMO_MAX:
+            memo.clear()
+        memo[gfn] = s
+        return s
 
     def lookup(self, gfn: int) -> MemorySlot | None:
         """`__gfn_to_memslot`: the last-used hint first, then `search` (remembering a hit)."""
         s = self.last_used
         if s is not None and s.base_gfn <= gfn < s.end_gfn:
             return s
-        idx = self._by_gfn
-        c = bisect_right(idx.tops, gfn) - 1
-        if c < 0:
-            return None
-        s = idx.chunk_vals[c][bisect_right(idx.chunk_keys[c], gfn) - 1]
-        if gfn < s.end_gfn:
+        s = self.search(gfn)
+        if s is not None:
             self.last_used = s
-            return s
-        return None
+        return s
 
     def overlapping(self, start_gfn: int, end_gfn: int) -> Iterator[MemorySlot]:
         """Slots meeting [start_gfn, end_gfn), in gfn order (KVM's range iteration)."""
