@@ -11,6 +11,7 @@ changes are reported as MMU-notifier invalidations.
     vm.write(0x1000, b"hello")
 """
 
+from . import engines as engines  # registers the opener behind Vm(engine=...)
 from .errors import GuestAccessError, KvmError, TransactionError
 from .host import HostMemory
 from .mmu import MemoryFault, MmioExit, TrackedWrite

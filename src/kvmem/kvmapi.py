@@ -45,6 +45,7 @@ __all__ = [
     "KVM_CAP_DIRTY_LOG_RING",
     "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
     "KVM_CAP_GUEST_MEMFD",
+    "KVM_CAP_IMMEDIATE_EXIT",
     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_MULTI_ADDRESS_SPACE",
     "KVM_CAP_NR_MEMSLOTS",
@@ -63,6 +64,7 @@ __all__ = [
     "KVM_EXIT_FAIL_ENTRY",
     "KVM_EXIT_HLT",
     "KVM_EXIT_INTERNAL_ERROR",
+    "KVM_EXIT_INTR",
     "KVM_EXIT_IO",
     "KVM_EXIT_MMIO",
     "KVM_EXIT_SHUTDOWN",
@@ -82,6 +84,11 @@ __all__ = [
     "KVM_SET_USER_MEMORY_REGION2",
     "Kvm",
     "KvmCaps",
+    "KvmIo",
+    "KvmMmio",
+    "KvmRegs",
+    "KvmSegment",
+    "KvmSregs",
     "KvmVcpu",
     "KvmVm",
     "dirty_bitmap_bytes",
@@ -155,6 +162,25 @@ _KVM_SREGS_SIZE: Final = 8 * 24 + 2 * 16 + 7 * 8 + 4 * 8  # segs, dtables, crs/e
 # kvm_run: request_interrupt_window u8, immediate_exit u8, padding1[6], exit_reason u32, ...
 _EXIT_REASON: Final = struct.Struct("=I")
 _EXIT_REASON_OFFSET: Final = 8
+_IMMEDIATE_EXIT_OFFSET: Final = 1
+_RUN_UNION_OFFSET: Final = 32  # after ready_for_interrupt_injection, if_flag, flags, cr8, apic_base
+# kvm_run.io: direction u8 (0 in, 1 out), size u8, port u16, count u32, data_offset u64
+_RUN_IO: Final = struct.Struct("=BBHIQ")
+# kvm_run.mmio: phys_addr u64, data[8], len u32, is_write u8
+_RUN_MMIO: Final = struct.Struct("=Q8sIB")
+_RUN_MMIO_DATA_OFFSET: Final = _RUN_UNION_OFFSET + 8
+# kvm_run.internal: suberror u32, ndata u32, data[16] u64
+_RUN_INTERNAL: Final = struct.Struct("=II16Q")
+# kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags
+_REGS: Final = struct.Struct("=18Q")
+# kvm_segment: base u64, limit u32, selector u16, type, present, dpl, db, s, l, g, avl,
+# unusable, padding (u8 each)
+_SEGMENT: Final = struct.Struct("=QIH10B")
+# kvm_dtable: base u64, limit u16, padding[3] u16
+_DTABLE: Final = struct.Struct("=QH6x")
+# kvm_sregs: cs ds es fs gs ss tr ldt, gdt idt, cr0 cr2 cr3 cr4 cr8 efer apic_base,
+# interrupt_bitmap[4] u64
+_SREGS_TAIL: Final = struct.Struct("=7Q4Q")
 
 KVMIO: Final = 0xAE
 
@@ -191,6 +217,7 @@ KVM_CAP_DIRTY_LOG_RING: Final = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_IMMEDIATE_EXIT: Final = 136
 
 # kvm_userspace_memory_region(2).flags
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
@@ -207,6 +234,7 @@ KVM_EXIT_HLT: Final = 5
 KVM_EXIT_MMIO: Final = 6
 KVM_EXIT_SHUTDOWN: Final = 8
 KVM_EXIT_FAIL_ENTRY: Final = 9
+KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
 
 _PAGE_SHIFT: Final = 12
@@ -278,6 +306,132 @@ class _FdOwner:
         except OSError as e:
             args = " ".join(f"{k}={v:#x}" for k, v in fields.items())
             raise OSError(e.errno, f"{name}({args}): {e.strerror}") from None
+
+
+@dataclass
+class KvmRegs:
+    """struct kvm_regs (x86-64 general registers)."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = 2
+
+    def pack(self) -> bytes:
+        return _REGS.pack(*(_fit(k, v, 64) for k, v in vars(self).items()))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmRegs:
+        return cls(*_REGS.unpack(raw))
+
+
+@dataclass
+class KvmSegment:
+    """struct kvm_segment."""
+
+    base: int = 0
+    limit: int = 0
+    selector: int = 0
+    type: int = 0
+    present: int = 0
+    dpl: int = 0
+    db: int = 0
+    s: int = 0
+    l: int = 0  # noqa: E741 - the uapi's name
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+    def pack(self) -> bytes:
+        return _SEGMENT.pack(*vars(self).values(), 0)
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmSegment:
+        return cls(*_SEGMENT.unpack(raw)[:-1])
+
+
+_SEGMENT_NAMES: Final = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+
+
+@dataclass
+class KvmSregs:
+    """struct kvm_sregs: segments and descriptor tables as (base, limit), control registers,
+    and the raw pending-interrupt bitmap."""
+
+    cs: KvmSegment
+    ds: KvmSegment
+    es: KvmSegment
+    fs: KvmSegment
+    gs: KvmSegment
+    ss: KvmSegment
+    tr: KvmSegment
+    ldt: KvmSegment
+    gdt: tuple[int, int]
+    idt: tuple[int, int]
+    cr0: int
+    cr2: int
+    cr3: int
+    cr4: int
+    cr8: int
+    efer: int
+    apic_base: int
+    interrupt_bitmap: tuple[int, int, int, int]
+
+    def pack(self) -> bytes:
+        segs = b"".join(getattr(self, n).pack() for n in _SEGMENT_NAMES)
+        tables = _DTABLE.pack(*self.gdt) + _DTABLE.pack(*self.idt)
+        tail = _SREGS_TAIL.pack(self.cr0, self.cr2, self.cr3, self.cr4, self.cr8, self.efer,
+                                self.apic_base, *self.interrupt_bitmap)
+        return segs + tables + tail
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmSregs:
+        n = _SEGMENT.size
+        segs = [KvmSegment.unpack(raw[i * n:(i + 1) * n]) for i in range(8)]
+        off = 8 * n
+        gdt = _DTABLE.unpack_from(raw, off)
+        idt = _DTABLE.unpack_from(raw, off + _DTABLE.size)
+        tail = _SREGS_TAIL.unpack_from(raw, off + 2 * _DTABLE.size)
+        cs, ds, es, fs, gs, ss, tr, ldt = segs
+        return cls(cs, ds, es, fs, gs, ss, tr, ldt, (gdt[0], gdt[1]), (idt[0], idt[1]),
+                   tail[0], tail[1], tail[2], tail[3], tail[4], tail[5], tail[6],
+                   (tail[7], tail[8], tail[9], tail[10]))
+
+
+@dataclass(frozen=True)
+class KvmIo:
+    """kvm_run.io of a KVM_EXIT_IO: `count` transfers of `size` bytes at `data_offset` of the
+    run page."""
+
+    is_write: bool
+    size: int
+    port: int
+    count: int
+    data_offset: int
+
+
+@dataclass(frozen=True)
+class KvmMmio:
+    """kvm_run.mmio of a KVM_EXIT_MMIO."""
+
+    phys_addr: int
+    data: bytes
+    len: int
+    is_write: bool
 
 
 @dataclass(frozen=True)
@@ -521,6 +675,63 @@ class KvmVcpu(_FdOwner):
         """KVM_RUN until the next exit to userspace; returns `kvm_run.exit_reason`."""
         self._ioctl("KVM_RUN", KVM_RUN)
         return self.exit_reason
+
+    @property
+    def immediate_exit(self) -> bool:
+        return bool(self.kvm_run[_IMMEDIATE_EXIT_OFFSET])
+
+    @immediate_exit.setter
+    def immediate_exit(self, value: bool) -> None:
+        # KVM_RUN returns EINTR at once while this is set (KVM_CAP_IMMEDIATE_EXIT)
+        self.kvm_run[_IMMEDIATE_EXIT_OFFSET] = 1 if value else 0
+
+    def get_regs(self) -> KvmRegs:
+        arg = bytearray(_REGS.size)
+        self._ioctl("KVM_GET_REGS", KVM_GET_REGS, arg)
+        return KvmRegs.unpack(bytes(arg))
+
+    def set_regs(self, regs: KvmRegs) -> None:
+        self._ioctl("KVM_SET_REGS", KVM_SET_REGS, bytearray(regs.pack()))
+
+    def get_sregs(self) -> KvmSregs:
+        arg = bytearray(_KVM_SREGS_SIZE)
+        self._ioctl("KVM_GET_SREGS", KVM_GET_SREGS, arg)
+        return KvmSregs.unpack(bytes(arg))
+
+    def set_sregs(self, sregs: KvmSregs) -> None:
+        self._ioctl("KVM_SET_SREGS", KVM_SET_SREGS, bytearray(sregs.pack()))
+
+    def io(self) -> KvmIo:
+        """The port I/O of the last KVM_EXIT_IO."""
+        d, size, port, count, off = _RUN_IO.unpack_from(self.kvm_run, _RUN_UNION_OFFSET)
+        return KvmIo(d == 1, size, port, count, off)
+
+    def io_data(self, io: KvmIo) -> bytes:
+        return bytes(self.kvm_run[io.data_offset:io.data_offset + io.size * io.count])
+
+    def set_io_data(self, io: KvmIo, data: bytes) -> None:
+        """Answer an IN: the bytes KVM delivers to the guest on the next KVM_RUN."""
+        n = io.size * io.count
+        if len(data) != n:
+            raise ValueError(f"an IN of {io.count}x{io.size} bytes needs {n} bytes, "
+                             f"got {len(data)}")
+        self.kvm_run[io.data_offset:io.data_offset + n] = data
+
+    def mmio(self) -> KvmMmio:
+        """The access of the last KVM_EXIT_MMIO."""
+        addr, data, n, w = _RUN_MMIO.unpack_from(self.kvm_run, _RUN_UNION_OFFSET)
+        return KvmMmio(addr, data[:n], n, bool(w))
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """Answer an MMIO read: up to 8 bytes KVM delivers on the next KVM_RUN."""
+        if len(data) > 8:
+            raise ValueError(f"kvm_run.mmio.data holds 8 bytes, got {len(data)}")
+        self.kvm_run[_RUN_MMIO_DATA_OFFSET:_RUN_MMIO_DATA_OFFSET + len(data)] = data
+
+    def internal_error(self) -> tuple[int, tuple[int, ...]]:
+        """kvm_run.internal of a KVM_EXIT_INTERNAL_ERROR: (suberror, data[:ndata])."""
+        sub, ndata, *data = _RUN_INTERNAL.unpack_from(self.kvm_run, _RUN_UNION_OFFSET)
+        return sub, tuple(data[:min(ndata, 16)])
 
     def close(self) -> None:
         # unmap first: the mapping keeps the vCPU file alive even after its fd is closed

@@ -22,10 +22,10 @@ from __future__ import annotations
 import errno
 import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import access, host, sync
 from .dirty import DirtyBitmap
@@ -59,7 +59,19 @@ from .uapi import (
 
 __all__ = ["MemoryFault", "MmioExit", "SlotsListener", "Transaction", "Vcpu", "Vm"]
 
+if TYPE_CHECKING:
+    from .engines import Engine
+
 Root = tuple[SlotSet, ...]
+
+# Engines sit above the Vm: `kvmem.engines` registers its opener here on import, so
+# `Vm(engine=...)` works without this module importing any engine.
+_engine_opener: Callable[[str], Engine] | None = None
+
+
+def register_engine_opener(opener: Callable[[str], Engine]) -> None:
+    global _engine_opener
+    _engine_opener = opener
 
 
 class SlotsListener(Protocol):
@@ -108,13 +120,30 @@ class Vm:
 
     def __init__(
         self,
-        address_spaces: int = 2,
+        address_spaces: int | None = None,
         max_slots: int = KVM_USER_MEM_SLOTS,
         *,
         readonly_mem: bool = True,
         phys_bits: int = 52,
         user_va_end: int = TASK_SIZE_MAX,
+        engine: str | None = None,
     ) -> None:
+        """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
+        `address_spaces` defaults to 2, or to what the engine offers."""
+        opened: Engine | None = None
+        if engine is not None:
+            if _engine_opener is None:
+                raise KvmError(errno.EINVAL, "no engines registered: import kvmem.engines")
+            opened = _engine_opener(engine)
+            offered = opened.capabilities.address_spaces
+            if address_spaces is None:
+                address_spaces = offered
+            elif isinstance(address_spaces, int) and address_spaces > offered:
+                opened.close()
+                raise KvmError(errno.EINVAL, f"engine {opened.name} offers {offered} "
+                                             f"address space(s), not {address_spaces}")
+        if address_spaces is None:
+            address_spaces = 2
         for name, v in (("address_spaces", address_spaces), ("max_slots", max_slots),
                         ("phys_bits", phys_bits), ("user_va_end", user_va_end)):
             if not isinstance(v, int) or isinstance(v, bool):
@@ -141,6 +170,9 @@ class Vm:
         # the MMU hears first: stage-2 zaps precede everything derived from slots; then
         # page tracking (track_remove_region), then whatever is added (engines)
         self._listeners: list[SlotsListener] = [self.mmu, self.page_track]
+        self.engine: Engine | None = opened
+        if opened is not None:
+            opened.attach(self)
 
     # -- capabilities and state -------------------------------------------------------------
     @property
@@ -466,6 +498,11 @@ class Vm:
             s = self._dirty_slot(slot)
             bitmap = s.dirty_bitmap
             assert bitmap is not None
+            for listener in self._listeners:
+                # an engine's own log joins kvmem's first (kvm_arch_sync_dirty_log)
+                sync_log = getattr(listener, "dirty_log_sync", None)
+                if sync_log is not None:
+                    sync_log(self, s)
             if self._manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
                 return bitmap.snapshot()
             out = bitmap.harvest()

@@ -1,0 +1,533 @@
+"""The KVM engine: kvmem's slots mirrored into a real `/dev/kvm` VM, guests run by KVM_RUN.
+
+Rules of this room:
+- The mirror (`_pieces`: kvmem slot → the KVM slots standing for it) changes only under
+  `_lock`, in the order kvmem commits changes. A kvmem slot is one KVM slot, except where
+  gfns are write-tracked: each tracked run becomes a read-only KVM slot of its own, so a
+  guest write there exits (KVM_EXIT_MMIO) and kvmem performs it (DESIGN path 5). KVM slot
+  ids are the engine's own: a split needs more ids than kvmem's slot has.
+- A change that KVM cannot apply in one ioctl — a kvmem transaction, a split for tracking,
+  a merge back — is applied with every vCPU out of KVM_RUN: `_pause` sets `immediate_exit`
+  and signals each vCPU thread (QEMU's kick), waits until none is inside KVM_RUN, and
+  holds them at the gate until `_resume`. KVM's own single-ioctl semantics cover a single
+  `set_memory_region`, which is applied as it is: the naive baseline of the demo.
+- Dirty log = KVM's bits ∪ kvmem's bitmap. KVM's bits are moved, never copied: read them
+  (KVM_GET_DIRTY_LOG), OR them into kvmem's bitmap, only then clear them in KVM
+  (KVM_CLEAR_DIRTY_LOG with manual protect). A failure at any step loses nothing; bits
+  end up in kvmem's bitmap, whose own harvest rules (manual protect or not) apply.
+- A KVM slot that logs is never deleted before its bits are folded into kvmem's bitmap
+  (transactions fold in `slots_updating`, single deletes in `slots_invalidated`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from .. import sync
+from ..dirty import DirtyBitmap
+from ..kvmapi import (
+    KVM_CAP_IMMEDIATE_EXIT,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_READONLY_MEM,
+    KVM_EXIT_FAIL_ENTRY,
+    KVM_EXIT_HLT,
+    KVM_EXIT_INTERNAL_ERROR,
+    KVM_EXIT_INTR,
+    KVM_EXIT_IO,
+    KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN,
+    Kvm,
+    KvmIo,
+    KvmRegs,
+    KvmSegment,
+    KvmVcpu,
+)
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from . import EngineCapabilities, EngineError, Exit, ExitKind, Regs
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from ..slots import Change, MemorySlot
+    from ..vm import Vcpu, Vm
+
+__all__ = ["KICK_SIGNAL", "KvmEngine", "KvmEngineVcpu"]
+
+KICK_SIGNAL = signal.SIGUSR1  # QEMU's SIG_IPI
+_USER_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
+
+
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick's handler: its only job is to exist, so the signal interrupts KVM_RUN."""
+
+
+def _install_kick_handler() -> None:
+    current = signal.getsignal(KICK_SIGNAL)
+    if callable(current):
+        return  # any handler interrupts KVM_RUN; keep the one installed
+    if threading.current_thread() is not threading.main_thread():
+        raise EngineError(errno.EINVAL, f"the first KVM engine must be created in the main "
+                                        f"thread: it installs the {KICK_SIGNAL.name} handler "
+                                        "that kicks vCPUs out of KVM_RUN")
+    signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+@dataclass(frozen=True, slots=True)
+class _Piece:
+    """One KVM slot standing for [gfn, gfn + npages) of a kvmem slot."""
+
+    kvm_slot: int  # (as_id << 16) | the engine's id
+    gfn: int
+    npages: int
+    hva: int
+    flags: int
+
+
+def _flat(selector: int, type_: int) -> KvmSegment:
+    return KvmSegment(base=0, limit=0xFFFF_FFFF, selector=selector, type=type_, present=1,
+                      dpl=0, db=1, s=1, l=0, g=1)
+
+
+class KvmEngine:
+    """kvmem on /dev/kvm. Create with `Vm(engine="kvm")`; reach it as `vm.engine`."""
+
+    name = "kvm"
+
+    def __init__(self) -> None:
+        _install_kick_handler()
+        self._kvm = Kvm()
+        try:
+            self._fd = self._kvm.create_vm()
+            check = self._fd.check_extension
+            self._caps = EngineCapabilities(
+                name=self.name,
+                address_spaces=max(1, check(KVM_CAP_MULTI_ADDRESS_SPACE)),
+                max_slots=check(KVM_CAP_NR_MEMSLOTS),
+                readonly_mem=check(KVM_CAP_READONLY_MEM) > 0,
+                dirty_log=True,
+                write_tracking=check(KVM_CAP_READONLY_MEM) > 0,
+            )
+            if not check(KVM_CAP_IMMEDIATE_EXIT):
+                raise EngineError(errno.ENOSYS, "KVM lacks KVM_CAP_IMMEDIATE_EXIT: vCPUs "
+                                                "could not be held out of KVM_RUN")
+            # manual protect: reading KVM's log does not clear it, so bits are cleared only
+            # once they are safe in kvmem's bitmap
+            self._manual = bool(check(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1)
+            if self._manual:
+                self._fd.enable_manual_dirty_log_protect(initially_set=False)
+        except BaseException:
+            self._kvm.close()
+            raise
+        self._vm: Vm | None = None
+        self._lock = sync.Mutex("kvm_engine.mirror")
+        self._gate = threading.Condition()
+        self._paused = 0
+        self._batch_paused = False
+        self._broken: str | None = None
+        self._pieces: dict[tuple[int, int], list[_Piece]] = {}
+        self._split: list[set[int]] = [set() for _ in range(self._caps.address_spaces)]
+        self._free_ids: list[list[int]] = [[] for _ in range(self._caps.address_spaces)]
+        self._next_id = [0] * self._caps.address_spaces
+        self._vcpus: list[KvmEngineVcpu] = []
+        self.stats = {"ioctls": 0, "pauses": 0, "kicks": 0, "tracked_writes": 0,
+                      "dirty_folds": 0, "splits": 0}
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self._caps
+
+    @property
+    def vm(self) -> Vm:
+        if self._vm is None:
+            raise EngineError(errno.EINVAL, "engine is not attached to a Vm")
+        return self._vm
+
+    def attach(self, vm: Vm) -> None:
+        if self._vm is not None:
+            raise EngineError(errno.EBUSY, "engine already attached to a Vm")
+        if vm.address_spaces > self._caps.address_spaces:
+            raise EngineError(errno.EINVAL, f"KVM here has {self._caps.address_spaces} "
+                                            f"address space(s); the Vm has {vm.address_spaces}")
+        self._vm = vm
+        with vm.slots_lock, self._lock:
+            for as_id in range(vm.address_spaces):
+                for s in vm.slot_set(as_id):
+                    self._install(s)
+        vm.add_listener(self)
+
+    # -- vCPUs --------------------------------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
+        vcpu = self.vm.create_vcpu(vcpu_id)
+        cpu = KvmEngineVcpu(self, vcpu, self._fd.create_vcpu(vcpu_id))
+        with self._gate:
+            self._vcpus.append(cpu)
+        return cpu
+
+    @property
+    def vcpus(self) -> list[KvmEngineVcpu]:
+        return list(self._vcpus)
+
+    def close(self) -> None:
+        vm, self._vm = self._vm, None
+        if vm is not None:
+            with contextlib.suppress(ValueError):
+                vm.remove_listener(self)
+        with self._gate:
+            self._broken = self._broken or "engine closed"
+            self._gate.notify_all()
+        for cpu in self._vcpus:
+            cpu.kick()
+            cpu._fd.close()
+        self._fd.close()
+        self._kvm.close()
+
+    # -- holding vCPUs out of KVM_RUN ----------------------------------------------------------
+    def _pause(self) -> None:
+        """Kick every vCPU out of KVM_RUN and keep it out until `_resume`."""
+        with self._gate:
+            self._paused += 1
+            self.stats["pauses"] += 1
+            for cpu in self._vcpus:
+                if cpu._in_run:
+                    cpu._interrupt()
+            # a vCPU inside KVM_RUN leaves it at once: immediate_exit covers a signal that
+            # arrived before it entered
+            self._gate.wait_for(lambda: not any(c._in_run for c in self._vcpus))
+
+    def _resume(self) -> None:
+        with self._gate:
+            self._paused -= 1
+            self._gate.notify_all()
+
+    # -- the mirror ---------------------------------------------------------------------------
+    def _alloc_id(self, as_id: int) -> int:
+        free = self._free_ids[as_id]
+        if free:
+            return free.pop()
+        sid = self._next_id[as_id]
+        if sid >= self._caps.max_slots:
+            raise EngineError(errno.ENOSPC, f"KVM has no free slot id in address space "
+                                            f"{as_id} ({self._caps.max_slots} in all)")
+        self._next_id[as_id] = sid + 1
+        return sid
+
+    def _set(self, kvm_slot: int, flags: int, gfn: int, npages: int, hva: int) -> None:
+        try:
+            self._fd.set_user_memory_region(kvm_slot, flags, gfn << PAGE_SHIFT,
+                                            npages << PAGE_SHIFT, hva)
+        except OSError as e:
+            self._broken = f"KVM refused slot {kvm_slot:#x} gfn {gfn:#x}+{npages}: {e}"
+            with self._gate:
+                self._gate.notify_all()
+            raise EngineError(e.errno or errno.EIO, self._broken) from None
+        self.stats["ioctls"] += 1
+
+    def _plan(self, s: MemorySlot) -> list[tuple[int, int, int, int]]:
+        """(gfn, npages, hva, flags) of the KVM slots for kvmem slot `s`: tracked gfns of a
+        writable slot become read-only pieces of their own."""
+        flags = s.flags & _USER_FLAGS
+        tracked: list[int] = []
+        if not s.readonly:
+            tracked = [g for g in self.vm.page_track.tracked_gfns(s.as_id)
+                       if s.base_gfn <= g < s.end_gfn]
+        out: list[tuple[int, int, int, int]] = []
+        pos = s.base_gfn
+        i = 0
+        while i < len(tracked):
+            lo = tracked[i]
+            hi = lo + 1
+            while i + 1 < len(tracked) and tracked[i + 1] == hi:
+                i += 1
+                hi += 1
+            i += 1
+            if lo > pos:
+                out.append((pos, lo - pos, s.hva_of(pos), flags))
+            out.append((lo, hi - lo, s.hva_of(lo), flags | KVM_MEM_READONLY))
+            pos = hi
+        if pos < s.end_gfn:
+            out.append((pos, s.end_gfn - pos, s.hva_of(pos), flags))
+        return out
+
+    def _install(self, s: MemorySlot) -> None:
+        self._lock.assert_held()
+        pieces = []
+        for gfn, npages, hva, flags in self._plan(s):
+            sid = self._alloc_id(s.as_id)
+            kvm_slot = (s.as_id << 16) | sid
+            self._set(kvm_slot, flags, gfn, npages, hva)
+            pieces.append(_Piece(kvm_slot, gfn, npages, hva, flags))
+            if flags & KVM_MEM_READONLY and not s.readonly:
+                self._split[s.as_id].update(range(gfn, gfn + npages))
+        self._pieces[(s.as_id, s.id)] = pieces
+
+    def _remove(self, s: MemorySlot) -> None:
+        self._lock.assert_held()
+        for p in self._pieces.pop((s.as_id, s.id), []):
+            self._set(p.kvm_slot, 0, 0, 0, 0)
+            self._free_ids[s.as_id].append(p.kvm_slot & 0xFFFF)
+            if p.flags & KVM_MEM_READONLY:
+                self._split[s.as_id].difference_update(range(p.gfn, p.gfn + p.npages))
+
+    def _replace(self, old: MemorySlot, new: MemorySlot) -> None:
+        """MOVE / FLAGS_ONLY: one ioctl on the same KVM slot where neither side is split
+        (KVM keeps its dirty bitmap across a flags change, as kvmem does)."""
+        self._lock.assert_held()
+        pieces = self._pieces.get((old.as_id, old.id), [])
+        plan = self._plan(new)
+        if len(pieces) == 1 and len(plan) == 1:
+            gfn, npages, hva, flags = plan[0]
+            kvm_slot = pieces[0].kvm_slot
+            self._set(kvm_slot, flags, gfn, npages, hva)
+            del self._pieces[(old.as_id, old.id)]
+            self._pieces[(new.as_id, new.id)] = [_Piece(kvm_slot, gfn, npages, hva, flags)]
+            return
+        self._remove(old)
+        self._install(new)
+
+    def _apply(self, changes: Sequence[Change]) -> None:
+        from ..slots import ChangeKind
+
+        with self._lock:
+            for c in changes:
+                if c.kind is ChangeKind.CREATE:
+                    assert c.new is not None
+                    self._install(c.new)
+                elif c.kind is ChangeKind.DELETE:
+                    assert c.old is not None
+                    self._remove(c.old)
+                elif c.old is not None and c.new is not None:
+                    self._replace(c.old, c.new)
+
+    # -- dirty log ----------------------------------------------------------------------------
+    def _fold(self, s: MemorySlot) -> None:
+        """Move KVM's dirty bits of kvmem slot `s` into its bitmap (see the rules above)."""
+        bitmap = s.dirty_bitmap
+        if bitmap is None:
+            return
+        for p in self._pieces.get((s.as_id, s.id), []):
+            if not p.flags & KVM_MEM_LOG_DIRTY_PAGES:
+                continue
+            bits = self._fd.get_dirty_log(p.kvm_slot, p.npages)
+            self.stats["ioctls"] += 1
+            if not any(bits):
+                continue
+            part = DirtyBitmap(p.npages)
+            part._words[:] = np.frombuffer(bits, dtype="<u8")
+            bitmap.merge_from(part, 0, p.gfn - s.base_gfn, p.npages)
+            self.stats["dirty_folds"] += 1
+            if self._manual:
+                self._fd.clear_dirty_log(p.kvm_slot, 0, p.npages, bits)
+                self.stats["ioctls"] += 1
+
+    def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
+        with self._lock:
+            self._fold(slot)
+
+    # -- Vm listener --------------------------------------------------------------------------
+    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
+        with self._lock:
+            self._fold(slot)
+
+    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
+        # the guest must see the batch at once: no vCPU runs from here until committed
+        self._pause()
+        self._batch_paused = True
+        with self._lock:
+            for c in changes:
+                if c.old is not None:
+                    self._fold(c.old)
+
+    def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
+        paused, self._batch_paused = self._batch_paused, False
+        try:
+            self._apply(changes)
+        finally:
+            if paused:
+                self._resume()
+
+    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
+                            words: Sequence[int]) -> None:
+        """Nothing to do: KVM re-protected its pages when their bits were folded."""
+
+    def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
+        """Split the gfn out of its KVM slot into a read-only one (0→1), or merge it back
+        (1→0) — atomically for the guest."""
+        with vm.slots_lock:
+            s = vm.slot_set(as_id).search(gfn)
+            if s is None or s.invalid or s.readonly:
+                return
+            with self._lock:
+                have = [(p.gfn, p.npages, p.hva, p.flags)
+                        for p in self._pieces.get((s.as_id, s.id), [])]
+                if have == self._plan(s):
+                    return
+            self._pause()
+            try:
+                with self._lock:
+                    self._fold(s)
+                    self._remove(s)
+                    self._install(s)
+                    self.stats["splits"] += 1
+            finally:
+                self._resume()
+
+    def split_covers(self, as_id: int, gfn: int) -> bool:
+        """`gfn` is mirrored read-only because kvmem tracks writes to it."""
+        return gfn in self._split[as_id]
+
+
+class KvmEngineVcpu:
+    """A KVM vCPU. `run` and friends from one thread; `kick` from any."""
+
+    def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu) -> None:
+        self._engine = engine
+        self._vcpu = vcpu
+        self._fd = fd
+        self._in_run = False
+        self._thread = 0
+        self._kicked = False
+        self._pending_io: KvmIo | None = None
+        self._pending_mmio = 0  # length of an MMIO read awaiting its data
+
+    @property
+    def id(self) -> int:
+        return self._vcpu.id
+
+    @property
+    def vcpu(self) -> Vcpu:
+        return self._vcpu
+
+    # -- registers ----------------------------------------------------------------------------
+    def start(self, entry: int, regs: Regs | None = None) -> None:
+        sregs = self._fd.get_sregs()
+        sregs.cs = _flat(0x08, 11)  # execute/read, accessed
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            setattr(sregs, name, _flat(0x10, 3))  # read/write, accessed
+        sregs.cr0 = 0x11  # PE | ET: protected mode, no paging
+        sregs.cr4 = 0
+        sregs.efer = 0
+        self._fd.set_sregs(sregs)
+        r = regs if regs is not None else Regs()
+        self.set_regs(Regs(r.eax, r.ebx, r.ecx, r.edx, r.esi, r.edi, r.esp, r.ebp, entry, 0x2))
+
+    def get_regs(self) -> Regs:
+        k = self._fd.get_regs()
+        m = 0xFFFF_FFFF
+        return Regs(k.rax & m, k.rbx & m, k.rcx & m, k.rdx & m, k.rsi & m, k.rdi & m,
+                    k.rsp & m, k.rbp & m, k.rip & m, k.rflags & m)
+
+    def set_regs(self, regs: Regs) -> None:
+        self._fd.set_regs(KvmRegs(rax=regs.eax, rbx=regs.ebx, rcx=regs.ecx, rdx=regs.edx,
+                                  rsi=regs.esi, rdi=regs.edi, rsp=regs.esp, rbp=regs.ebp,
+                                  rip=regs.eip, rflags=regs.eflags))
+
+    # -- running ------------------------------------------------------------------------------
+    def complete(self, data: bytes) -> None:
+        if self._pending_io is not None:
+            io = self._pending_io
+            n = io.size * io.count
+            self._fd.set_io_data(io, bytes(data[:n]).ljust(n, b"\0"))
+            self._pending_io = None
+        elif self._pending_mmio:
+            n = self._pending_mmio
+            self._fd.set_mmio_data(bytes(data[:n]).ljust(n, b"\0"))
+            self._pending_mmio = 0
+        else:
+            raise EngineError(errno.EINVAL, "no read exit is waiting for data")
+
+    def _interrupt(self) -> None:
+        """Under the engine's gate: make KVM_RUN return now, or at once when entered."""
+        self._fd.immediate_exit = True
+        if self._in_run:
+            signal.pthread_kill(self._thread, KICK_SIGNAL)
+
+    def kick(self) -> None:
+        eng = self._engine
+        with eng._gate:
+            self._kicked = True
+            eng.stats["kicks"] += 1
+            if not self._fd.closed:
+                self._interrupt()
+            eng._gate.notify_all()
+
+    def run(self) -> Exit:
+        if self._pending_io is not None or self._pending_mmio:
+            self.complete(b"")  # an unanswered read reads zeros
+        eng = self._engine
+        while True:
+            with eng._gate:
+                eng._gate.wait_for(lambda: not eng._paused or self._kicked
+                                   or eng._broken is not None)
+                if self._kicked:
+                    self._kicked = False
+                    self._fd.immediate_exit = False
+                    return Exit(ExitKind.KICKED)
+                if eng._broken is not None:
+                    raise EngineError(errno.EIO, f"KVM engine stopped: {eng._broken}")
+                self._fd.immediate_exit = False
+                self._in_run = True
+                self._thread = threading.get_ident()
+            try:
+                reason = self._fd.run()
+            except OSError as e:
+                if e.errno not in (errno.EINTR, errno.EAGAIN):
+                    raise
+                reason = KVM_EXIT_INTR
+            finally:
+                with eng._gate:
+                    self._in_run = False
+                    eng._gate.notify_all()
+            if reason == KVM_EXIT_INTR:
+                continue  # a kick or a pause: the gate decides
+            exit_ = self._decode(reason)
+            if exit_ is not None:
+                return exit_
+
+    def _decode(self, reason: int) -> Exit | None:
+        fd = self._fd
+        if reason == KVM_EXIT_IO:
+            io = fd.io()
+            if io.is_write:
+                return Exit(ExitKind.IO, io.port, io.size, True, fd.io_data(io))
+            self._pending_io = io
+            return Exit(ExitKind.IO, io.port, io.size, False)
+        if reason == KVM_EXIT_MMIO:
+            m = fd.mmio()
+            gfn = m.phys_addr >> PAGE_SHIFT
+            as_id = self._vcpu.as_id
+            if m.is_write and self._engine.split_covers(as_id, gfn):
+                self._tracked_write(as_id, m.phys_addr, m.data)
+                return None
+            if m.is_write:
+                return Exit(ExitKind.MMIO, m.phys_addr, m.len, True, m.data)
+            self._pending_mmio = m.len
+            return Exit(ExitKind.MMIO, m.phys_addr, m.len, False)
+        if reason == KVM_EXIT_HLT:
+            return Exit(ExitKind.HLT)
+        if reason == KVM_EXIT_SHUTDOWN:
+            return Exit(ExitKind.SHUTDOWN)
+        if reason == KVM_EXIT_INTERNAL_ERROR:
+            sub, data = fd.internal_error()
+            return Exit(ExitKind.INTERNAL_ERROR, detail=f"suberror {sub} data {data}")
+        if reason == KVM_EXIT_FAIL_ENTRY:
+            return Exit(ExitKind.INTERNAL_ERROR, detail="entry failed")
+        return Exit(ExitKind.INTERNAL_ERROR, detail=f"unexpected exit reason {reason}")
+
+    def _tracked_write(self, as_id: int, gpa: int, data: bytes) -> None:
+        """A write that hit a read-only split: kvmem performs it (notifying trackers if the
+        gfn is still tracked) and the guest goes on."""
+        vm = self._engine.vm
+        self._engine.stats["tracked_writes"] += 1
+        if vm.page_track.is_tracked(gpa >> PAGE_SHIFT, as_id):
+            vm.page_track.write(as_id, gpa, data)
+        else:
+            self._vcpu.write(gpa, data)
