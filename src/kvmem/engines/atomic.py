@@ -36,7 +36,6 @@ class Outcome:
     engine: str
     naive: bool
     rounds: int = 0  # split + merge pairs done
-    updates: int = 0  # slot-changing operations the guest could observe in between
     unexpected_mmio: int = 0
     torn: int = 0
     internal_errors: int = 0
@@ -50,12 +49,14 @@ class Outcome:
 
 
 def run(engine: str, rounds: int, naive: bool = False,
-        progress: threading.Event | None = None) -> Outcome:
+        into: Outcome | None = None) -> Outcome:
     """Run `loop` on a fresh VM of `engine` while splitting and merging its data slot
-    `rounds` times — with transactions, or with the naive delete-then-create sequence."""
+    `rounds` times — with transactions, or with the naive delete-then-create sequence.
+    Counts go to `into` (a new `Outcome` by default) as they happen, so another thread can
+    watch them."""
     from ..guests import PORT_TORN, program
 
-    out = Outcome(engine, naive)
+    out = into if into is not None else Outcome(engine, naive)
     code = HostMemory.anonymous(16 * PAGE_SIZE)
     data = HostMemory.anonymous(DATA_PAGES * PAGE_SIZE)
     vm = Vm(engine=engine)
@@ -106,9 +107,6 @@ def run(engine: str, rounds: int, naive: bool = False,
             _merge(vm, data, naive)
             out.latencies_ns.append(time.perf_counter_ns() - t)
             out.rounds += 1
-            out.updates += 2 if not naive else 6
-            if progress is not None:
-                progress.set()
         out.seconds = time.perf_counter() - t0
         cpu.kick()
         thread.join(timeout=30)

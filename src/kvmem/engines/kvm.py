@@ -318,7 +318,7 @@ class KvmEngine:
                 continue
             bits = self._fd.get_dirty_log(p.kvm_slot, p.npages)
             self.stats["ioctls"] += 1
-            if not any(bits):
+            if bits.count(0) == len(bits):
                 continue
             part = DirtyBitmap(p.npages)
             part._words[:] = np.frombuffer(bits, dtype="<u8")
