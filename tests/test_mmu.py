@@ -235,3 +235,42 @@ def test_no_huge_mapping_over_a_page_being_invalidated(mem: kvmem.HostMemory) ->
     vm.mmu.zap_gfn_range(0, 0, 512)
     vcpu.guest_read(3 * PAGE, 1)
     assert vm.mmu.spte(0, 7).npages == 512
+
+
+def _writable(vm: kvmem.Vm, gfns: range) -> list[int]:
+    return [g for g in gfns if (s := vm.mmu.spte(0, g)) is not None and s.writable]
+
+
+def test_get_and_clear_reprotect_exactly_the_harvested_pages(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, LOG, 0, 1 * MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_read(9 * PAGE, 1)
+    assert _writable(vm, range(16)) == []  # a read maps a logging page read-only
+    for g in (1, 2, 3):
+        vcpu.guest_write(g * PAGE, b"d")
+    assert _writable(vm, range(16)) == [1, 2, 3]
+    assert vm.get_dirty_log(0)[0] == 0b1110  # without manual protect: GET re-protects
+    assert _writable(vm, range(16)) == []
+    for g in (4, 5):
+        vcpu.guest_write(g * PAGE, b"d")
+    vm.enable_manual_dirty_log_protect()
+    bitmap = vm.get_dirty_log(0)
+    assert bitmap[0] == 0b110000 and _writable(vm, range(16)) == [4, 5]  # GET leaves them
+    vm.clear_dirty_log(0, 0, 64, (0b100000).to_bytes(8, "little"))  # CLEAR page 5 only
+    assert _writable(vm, range(16)) == [4]
+    vcpu.guest_write(5 * PAGE, b"again")  # faults, marks dirty again
+    assert vm.get_dirty_log(0)[0] == 0b110000
+
+
+def test_initially_set_protects_lazily(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.enable_manual_dirty_log_protect(initially_set=True)
+    vm.set_memory_region(0, 0, 0, 1 * MiB, mem.hva + PAGE)  # 4 KiB mappings only
+    vcpu = vm.create_vcpu(0)
+    for g in range(8):
+        vcpu.guest_write(g * PAGE, b"w")
+    vm.set_memory_region(0, LOG, 0, 1 * MiB, mem.hva + PAGE)  # logging on: all bits set
+    assert _writable(vm, range(8)) == list(range(8))  # nothing protected yet
+    vm.clear_dirty_log(0, 0, 64, (0b1010).to_bytes(8, "little"))
+    assert _writable(vm, range(8)) == [0, 2, 4, 5, 6, 7]  # only what CLEAR harvested
