@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 from ..mmu import Mmu
+from ..pfncache import PfnCache
 from ..slots import Change, Request
 from ..vm import Vm
 from . import sched
 from .explore import Scenario
-from .scenarios import SCENARIOS
+from .scenarios import SCENARIOS, ShadowTracker
 
 __all__ = ["BUGS"]
 
@@ -73,6 +74,40 @@ def _no_grace_period() -> AbstractContextManager[None]:
     return _patched(sched.Srcu, "synchronize", synchronize)
 
 
+def _gpc_active_before_reachable() -> AbstractContextManager[None]:
+    """kvm_gpc_activate with the order the KVM comment warns against: the cache is made
+    active, and refreshed, before it is on the VM's gpc_list, so an invalidation in that
+    window cannot reach the page it maps."""
+
+    def activate(self: PfnCache, gpa: int | None, uhva: int | None, length: int) -> None:
+        self._vm._check_process()
+        with self.refresh_lock:
+            if self.active:
+                self._refresh(gpa, uhva, length)
+                return
+            with self.rwlock.write():
+                self.active = True
+            self._refresh(gpa, uhva, length)
+            with self._mmu.gpc_lock:
+                self._mmu.gpc_list.store((*self._mmu.gpc_list.load(), self))
+
+    return _patched(PfnCache, "_activate", activate)
+
+
+def _tracker_reads_table_unlocked() -> AbstractContextManager[None]:
+    """A page-track user (KVMGT before 2023's "Protect gfn hash table with vgpu_lock")
+    that looks its tracked-page table up without the lock protecting it, and takes the
+    lock only to handle the write: the page may be dropped in between."""
+
+    def track_write(self: ShadowTracker, gpa: int, data: bytes) -> None:
+        assert not self.unregistered, "track_write ran after unregister returned"
+        if gpa >> 12 in self.shadow:
+            with self.lock:
+                self.handle_write(gpa, data)
+
+    return _patched(ShadowTracker, "track_write", track_write)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -85,4 +120,8 @@ BUGS: dict[str, Scenario] = dict([
     _variant("bug:range-add-keeps-last", "overlapping-invalidations", _range_add_last_only),
     _variant("bug:delete-then-create", "transaction-vs-reader", _batch_as_single_updates),
     _variant("bug:no-grace-period", "delete-vs-accessor", _no_grace_period),
+    _variant("bug:gpc-active-before-listed", "gpc-refresh-vs-invalidation",
+             _gpc_active_before_reachable),
+    _variant("bug:tracker-unlocked-lookup", "pagetrack-write-vs-removal",
+             _tracker_reads_table_unlocked),
 ])

@@ -83,17 +83,29 @@ class Failure:
         return {
             "format": FORMAT,
             "scenario": self.scenario,
+            "failure": self.message,
             "preemption_bound": self.bound,
             "preemptions": self.preemptions,
-            "schedule": self.schedule,
             "threads": self.thread_names,
-            "failure": self.message,
+            "schedule": self.schedule,
+            "trace": format_trace(self.trace, self.thread_names, limit=None),
         }
 
     def save(self, path: str | Path) -> Path:
+        """Write the failure as JSON (`schedule` on one line: the choices to replay)."""
+        data = self.to_json()
+        text = json.dumps({**data, "schedule": "@"}, indent=1, ensure_ascii=False)
+        text = text.replace('"@"', json.dumps(data["schedule"], separators=(",", ":")))
         p = Path(path)
-        p.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        p.write_text(text + "\n")
         return p
+
+    def describe(self) -> str:
+        """The failure, the schedule as runs of one thread, and how to replay it."""
+        lines = [self.message, f"schedule ({self.preemptions} preemptions, "
+                 f"{len(self.schedule)} choice points):"]
+        lines += ["  " + line for line in format_trace(self.trace, self.thread_names)]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -244,7 +256,7 @@ def load_failure(src: str | Path | dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def format_trace(trace: Sequence[sched.Step], names: Sequence[str], limit: int = 60
+def format_trace(trace: Sequence[sched.Step], names: Sequence[str], limit: int | None = 60
                  ) -> list[str]:
     """The schedule as runs of one thread: `name: first op … last op (n steps)`, with
     preemptions marked; at most `limit` lines (the end is kept, where failures are)."""
@@ -257,9 +269,9 @@ def format_trace(trace: Sequence[sched.Step], names: Sequence[str], limit: int =
     lines = []
     for thread, steps in runs:
         mark = "⇢ preempt → " if steps[0].preempted else "→ "
-        ops = steps[0].op if len(steps) == 1 else \
-            f"{steps[0].op} … {steps[-1].op} ({len(steps)} steps)"
+        ops = ", ".join(s.op for s in steps) if len(steps) <= 3 else \
+            f"{steps[0].op}, {steps[1].op} … {steps[-1].op} ({len(steps)} steps)"
         lines.append(f"{mark}{names[thread]}: {ops}")
-    if len(lines) > limit:
+    if limit is not None and len(lines) > limit:
         lines = [f"… {len(lines) - limit} earlier runs", *lines[-limit:]]
     return lines

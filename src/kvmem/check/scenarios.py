@@ -107,8 +107,9 @@ def fault_vs_invalidation() -> Instance:
 
 def overlapping_invalidations() -> Instance:
     """Two invalidations overlap — the host discards gfn 0's page (an MMU notifier) while
-    the VMM zaps gfn 1 (kvm_zap_gfn_range) — and a vCPU faults gfn 0: the in-progress range
-    must cover both until both end, so the fault cannot install the page being replaced."""
+    the vCPU zaps gfn 1 (kvm_zap_gfn_range, as an MTRR update does) — and then the vCPU
+    faults gfn 0: the in-progress range must cover both invalidations until both end, so
+    the fault cannot install the page being replaced."""
     mem = _memory(b"page 0..", pages=2)
     vm = new_vm()
     vm.set_memory_region(0, 0, 0, 2 * PAGE, mem.hva)
@@ -117,13 +118,11 @@ def overlapping_invalidations() -> Instance:
     def discard() -> None:
         mem.discard(0, PAGE)
 
-    def zap() -> None:
+    def zap_then_fault() -> None:
         vm.mmu.zap_gfn_range(0, 1, 2)
-
-    def guest() -> None:
         vcpu.guest_read(0, 8)
 
-    return Instance([("host", discard), ("zap", zap), ("vcpu0", guest)],
+    return Instance([("host", discard), ("vcpu0", zap_then_fault)],
                     lambda: _check_stage2(vm), lambda: close_memory(mem))
 
 
@@ -180,6 +179,122 @@ def delete_vs_accessor() -> Instance:
     return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
 
 
+# ---------------------------------------------------------------------------------------
+# pfn caches
+
+
+def gpc_refresh_vs_invalidation() -> Instance:
+    """A pfn cache is activated (and so refreshed) and used while the host discards its
+    page: once both are done, a valid cache maps the current page, and no use of the cache
+    touched a replaced page."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    gpc = vm.pfn_cache()
+    got: list[bytes] = []
+
+    def use() -> None:
+        gpc.activate(0, 8)
+        with gpc.lock(8) as view:
+            got.append(bytes(view))
+
+    def discard() -> None:
+        mem.discard(0, PAGE)
+
+    def check() -> None:
+        assert gpc.stats["stale_uses"] == 0, "a pfn cache was used with a replaced page"
+        if gpc.valid:
+            assert gpc.frame is not None and gpc.frame.current(), \
+                "the pfn cache is valid but maps a page the host replaced"
+        assert got and got[0] in (b"original", bytes(8)), f"cache read {got}"
+
+    return Instance([("vcpu0", use), ("host", discard)], check, lambda: close_memory(mem))
+
+
+# ---------------------------------------------------------------------------------------
+# page tracking
+
+
+class ShadowTracker:
+    """A KVMGT-like page-track user: it shadows the guest pages it tracks (`shadow`, under
+    `lock`), updates the shadow on every tracked write, and drops a page by removing it
+    from the shadow, then from kvmem's tracking."""
+
+    def __init__(self, vm: Vm) -> None:
+        self.vm = vm
+        self.lock = sync_mutex("tracker.lock")
+        self.shadow: dict[int, bytearray] = {}
+        self.unregistered = False
+
+    def track(self, gfn: int) -> None:
+        with self.lock:
+            self.shadow[gfn] = bytearray(PAGE)
+        self.vm.page_track.add_gfn(gfn)
+
+    def untrack(self, gfn: int) -> None:
+        with self.lock:
+            del self.shadow[gfn]
+        self.vm.page_track.remove_gfn(gfn)
+
+    def track_write(self, gpa: int, data: bytes) -> None:
+        assert not self.unregistered, "track_write ran after unregister returned"
+        with self.lock:
+            if gpa >> 12 in self.shadow:
+                self.handle_write(gpa, data)
+
+    def handle_write(self, gpa: int, data: bytes) -> None:
+        """Update the shadow of a tracked page (`lock` held, the page in `shadow`)."""
+        self.lock.assert_held()
+        entry = self.shadow.get(gpa >> 12)
+        assert entry is not None, "the tracker's write handler found its page gone"
+        off = gpa & (PAGE - 1)
+        entry[off:off + len(data)] = data
+
+    def track_remove_region(self, gfn: int, npages: int) -> None:
+        with self.lock:
+            for g in range(gfn, gfn + npages):
+                self.shadow.pop(g, None)
+
+
+def sync_mutex(name: str) -> sched.Mutex:
+    """A mutex of the current `kvmem.sync` (the twin while a scenario runs)."""
+    from .. import sync
+
+    mutex: sched.Mutex = sync.Mutex(name)  # type: ignore[assignment]
+    return mutex
+
+
+def pagetrack_write_vs_removal() -> Instance:
+    """A guest writes a tracked page while its tracker stops tracking it and unregisters:
+    the write is performed, the tracker hears it only while registered, and a tracked gfn
+    is never writable in the stage-2."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    label(vm.page_track, "page_track")
+    vcpu = vm.create_vcpu(0)
+    tracker = ShadowTracker(vm)
+    vm.page_track.register(tracker)
+    tracker.track(0)
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"guest!!!")
+
+    def remove() -> None:
+        tracker.untrack(0)
+        vm.page_track.unregister(tracker)
+        tracker.unregistered = True
+
+    def check() -> None:
+        assert mem.view()[:8] == b"guest!!!", "the guest write was lost"
+        for gfn in vm.page_track.tracked_gfns():
+            spte = vm.mmu.spte(0, gfn)
+            assert spte is None or not spte.writable, f"tracked gfn {gfn} is writable"
+
+    return Instance([("vcpu0", guest), ("tracker", remove)], check,
+                    lambda: close_memory(mem))
+
+
 def _scenarios(*items: tuple[str, Callable[[], Instance]]) -> dict[str, Scenario]:
     out = {}
     for name, build in items:
@@ -193,4 +308,6 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("overlapping-invalidations", overlapping_invalidations),
     ("transaction-vs-reader", transaction_vs_reader),
     ("delete-vs-accessor", delete_vs_accessor),
+    ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
+    ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
 )

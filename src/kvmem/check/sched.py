@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import ClassVar, Generic, TypeVar
 
 from .. import sync
@@ -195,8 +196,11 @@ class Execution:
         except _Abort:
             pass
         except BaseException as e:  # the scenario's own verdict, or a crash in kvmem
-            tb = traceback.format_exception(type(e), e, e.__traceback__)
-            self._fail(f"{t.name}: {type(e).__name__}: {e}\n{''.join(tb[-6:]).rstrip()}")
+            frames = traceback.extract_tb(e.__traceback__)[1:][-4:]
+            where = "".join(f"\n  at {Path(f.filename).name}:{f.lineno} in {f.name}"
+                            for f in frames)
+            self._fail(f"{t.name}: {type(e).__name__}: {e}{where}")
+            t.done = True
             self._abort()
         finally:
             t.done = True
