@@ -15,7 +15,14 @@ from pathlib import Path
 
 from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from .bugs import BUGS
@@ -64,7 +71,7 @@ def run(names: Sequence[str], console: Console, *, bound: int = 2, bugs: bool = 
         for scenario in scenarios:
             task = progress.add_task(scenario.name, total=None, schedules=0)
 
-            def tick(n: int, task: int = task) -> None:
+            def tick(n: int, task: TaskID = task) -> None:
                 if n % 25 == 0:
                     progress.update(task, schedules=n)
 

@@ -286,7 +286,7 @@ def pagetrack_write_vs_removal() -> Instance:
         tracker.unregistered = True
 
     def check() -> None:
-        assert mem.view()[:8] == b"guest!!!", "the guest write was lost"
+        assert bytes(mem.view()[:8]) == b"guest!!!", "the guest write was lost"
         for gfn in vm.page_track.tracked_gfns():
             spte = vm.mmu.spte(0, gfn)
             assert spte is None or not spte.writable, f"tracked gfn {gfn} is writable"
