@@ -1,4 +1,4 @@
-"""The `kvmem` command line: `kvmem info` (the default) and `kvmem check`.
+"""The `kvmem` command line: `kvmem info` (the default), `kvmem demo` and `kvmem check`.
 
 Defines:
 - `main(argv)` — the console script `kvmem` and `python -m kvmem`; returns the exit code.
@@ -338,6 +338,27 @@ def _add_check(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) 
     parser.set_defaults(handler=_check)
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main  # loaded on demand: it starts engines and threads
+
+    return demo_main(args.engine, args.rounds)
+
+
+def _add_demo(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="run the bundled guests: live slot reconfiguration, write tracking, dirty logs",
+        description="Boot the bundled guest programs on an engine and show, live, atomic "
+        "slot updates under a running guest (vs the naive sequence), write tracking and "
+        "dirty-log rounds.",
+    )
+    parser.add_argument("--engine", choices=("auto", "kvm", "unicorn"), default="auto",
+                        help="where guests run (auto: KVM when /dev/kvm works, else Unicorn)")
+    parser.add_argument("--rounds", type=int, default=1000,
+                        help="split+merge pairs under the running guest (default 1000)")
+    parser.set_defaults(handler=_demo)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvmem",
@@ -346,6 +367,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvmem {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_info(subparsers)
+    _add_demo(subparsers)
     _add_check(subparsers)
     # no subcommand: `info` with its defaults
     parser.set_defaults(handler=_info, json=False)

@@ -60,7 +60,7 @@ if TYPE_CHECKING:
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
 
-__all__ = ["KICK_SIGNAL", "KvmEngine", "KvmEngineVcpu"]
+__all__ = ["KICK_SIGNAL", "KvmEngine", "KvmEngineVcpu", "install_kick_handler"]
 
 KICK_SIGNAL = signal.SIGUSR1  # QEMU's SIG_IPI
 _USER_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
@@ -70,7 +70,9 @@ def _ignore_kick(signum: int, frame: object) -> None:
     """The kick's handler: its only job is to exist, so the signal interrupts KVM_RUN."""
 
 
-def _install_kick_handler() -> None:
+def install_kick_handler() -> None:
+    """Install the kick signal's handler (done by the first engine; a program that creates
+    engines outside the main thread calls this from the main thread first)."""
     current = signal.getsignal(KICK_SIGNAL)
     if callable(current):
         return  # any handler interrupts KVM_RUN; keep the one installed
@@ -103,7 +105,7 @@ class KvmEngine:
     name = "kvm"
 
     def __init__(self) -> None:
-        _install_kick_handler()
+        install_kick_handler()
         self._kvm = Kvm()
         try:
             self._fd = self._kvm.create_vm()

@@ -174,7 +174,7 @@ class UnicornVcpu:
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = threading.Lock()
         self._zcv = threading.Condition(self._lock)
-        self._regions: dict[int, tuple[int, str]] = {}  # base gfn → (npages, kind)
+        self._regions: dict[int, tuple[int, str, int]] = {}  # base gfn → npages, kind, hva
         self._page: dict[int, int] = {}  # gfn → base gfn of its region
         self._fenced: set[int] = set()
         self._pending: list[tuple[int, int]] = []
@@ -208,6 +208,11 @@ class UnicornVcpu:
 
     # -- registers ------------------------------------------------------------------------------
     def start(self, entry: int, regs: Regs | None = None) -> None:
+        """Also forgets every translated block: code the host wrote into guest memory since
+        (a new program at the same gpa) is what runs. Host writes to code while the guest
+        runs are not seen until then — a CPU with a software TB cache is not coherent with
+        a DMA-like writer, and kvmem's accessors do not tell engines about writes."""
+        self._uc.ctl_flush_tb()  # type: ignore[attr-defined]  # defined, not annotated
         r = regs if regs is not None else Regs()
         self.set_regs(Regs(r.eax, r.ebx, r.ecx, r.edx, r.esi, r.edi, r.esp, r.ebp, entry, 0x2))
 
@@ -302,12 +307,16 @@ class UnicornVcpu:
                 if self._kicked:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
-            self._apply_pending()
+            while True:
+                with self._lock:
+                    # a zap between the unmaps and this store would not wait for us
+                    if not self._pending and self._vcpu.as_id == self._mapped_as:
+                        self._inside = True
+                        self._epoch += 1
+                        self._stop_requested = False
+                        break
+                self._apply_pending()
             error: UcError | None = None
-            with self._lock:
-                self._inside = True
-                self._epoch += 1
-                self._stop_requested = False
             try:
                 uc.emu_start(uc.reg_read(X.UC_X86_REG_EIP), _UNTIL)
             except UcError as e:
@@ -362,22 +371,36 @@ class UnicornVcpu:
     def _overlaps(self, start: int, end: int) -> bool:
         if end - start <= 64:
             return any(g in self._page for g in range(start, end))
-        return any(b < end and b + n > start for b, (n, _) in self._regions.items())
+        return any(b < end and b + n > start for b, (n, _, _) in self._regions.items())
 
     def _bases(self, start: int, end: int) -> list[int]:
         if end - start <= 64:
             return sorted({self._page[g] for g in range(start, end) if g in self._page})
-        return [b for b, (n, _) in self._regions.items() if b < end and b + n > start]
+        return [b for b, (n, _, _) in self._regions.items() if b < end and b + n > start]
 
     def _apply_pending(self) -> None:
-        """Between two emu_starts: unmap pending ranges; follow an SMM switch."""
+        """Between two emu_starts: unmap pending ranges; follow an SMM switch. A page whose
+        spte is still there, over the same host page, only changes permissions (a dirty-log
+        write protection): cheaper than an unmap for Unicorn, which keeps regions in a
+        list."""
         with self._lock:
             pending, self._pending = self._pending, []
             bases = sorted({b for s, e in pending for b in self._bases(s, e)})
             if self._vcpu.as_id != self._mapped_as:
                 bases = list(self._regions)
                 self._mapped_as = self._vcpu.as_id
+                pending = []
+        mmu = self._engine.vm.mmu
         for base in bases:
+            npages, kind, hva = self._regions[base]
+            spte = mmu.spte(self._mapped_as, base) if pending else None
+            if (kind == _RAM and npages == 1 and spte is not None and spte.npages == 1
+                    and spte.frame.hva == hva and spte.frame.current()):
+                perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
+                self._uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, perms)
+                with self._lock:
+                    self._fenced.discard(base)
+                continue
             self._unmap_region(base)
 
     def _unmap_region(self, base: int) -> None:
@@ -390,11 +413,13 @@ class UnicornVcpu:
                 self._page.pop(g, None)
             self._fenced.discard(base)
         self._uc.mem_unmap(base << PAGE_SHIFT, npages << PAGE_SHIFT)
+        # a gpa mapped again may be other host memory: drop code translated from this one
+        self._uc.ctl_remove_cache(base << PAGE_SHIFT, (base + npages) << PAGE_SHIFT)
         self._engine.stats["unmaps"] += 1
 
-    def _record(self, base: int, npages: int, kind: str) -> None:
+    def _record(self, base: int, npages: int, kind: str, hva: int = 0) -> None:
         with self._lock:
-            self._regions[base] = (npages, kind)
+            self._regions[base] = (npages, kind, hva)
             for g in range(base, base + npages):
                 self._page[g] = base
         self._engine.stats["maps"] += 1
@@ -406,7 +431,7 @@ class UnicornVcpu:
         hva = spte.frame.hva + ((base - spte.gfn) << PAGE_SHIFT)
         perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
         self._uc.mem_map_ptr(base << PAGE_SHIFT, npages << PAGE_SHIFT, perms, hva)
-        self._record(base, npages, _RAM)
+        self._record(base, npages, _RAM, hva)
 
     def _map_slow(self, gfn: int) -> None:
         """Map the page as Unicorn MMIO: every access takes kvmem's vCPU memory path."""
@@ -432,21 +457,23 @@ class UnicornVcpu:
 
     def _enter(self) -> bool:
         """Back into the guest from a hook. Regions zapped meanwhile are fenced (PROT_NONE)
-        and the guest stops at the end of its block. True if anything was pending."""
+        and the guest stops at the end of its block, as it does when a kick came meanwhile
+        (the kicker saw the guest out and did not wait). True if the guest must stop."""
         with self._lock:
             self._inside = True
             self._epoch += 1
             bases = [b for s, e in self._pending for b in self._bases(s, e)]
             fence = [b for b in bases if self._regions[b][1] == _RAM and b not in self._fenced]
             self._fenced.update(fence)
-            if bases:
+            stop = bool(bases) or self._kicked
+            if stop:
                 self._stop_requested = True
         for b in fence:
             self._uc.mem_protect(b << PAGE_SHIFT, self._regions[b][0] << PAGE_SHIFT,
                                  UC_PROT_NONE)
-        if bases:
+        if stop:
             self._uc.emu_stop()
-        return bool(bases)
+        return stop
 
     def _pending_covers(self, gfn: int) -> bool:
         with self._lock:
@@ -541,11 +568,7 @@ class UnicornVcpu:
             self._resume = False
             self._in_exit = False
             reply, self._reply = self._reply, b""
-        with self._lock:
-            if self._kicked:
-                self._stop_requested = True
-                self._uc.emu_stop()
-        return reply
+        return reply  # the caller's _enter stops the guest if a kick came meanwhile
 
     def _slow_read(self, gpa: int, size: int) -> int:
         self._engine.stats["slow_accesses"] += 1
