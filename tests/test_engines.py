@@ -9,6 +9,7 @@ The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsew
 from __future__ import annotations
 
 import hashlib
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +20,7 @@ import pytest
 import kvmem
 from kvmem.engines import Exit, ExitKind, Regs, kvm_usable
 from kvmem.engines import atomic as atomic_demo
-from kvmem.guests import PORT_RESULT, program
+from kvmem.guests import PORT_RESULT, build, program
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
 
 KVM_REASON = kvm_usable()
@@ -319,3 +320,23 @@ def test_atomic_updates_are_invisible_to_the_guest(engine: str) -> None:
     assert tx.rounds == 1000
     assert tx.iterations > 0
     assert tx.clean, tx
+
+
+@pytest.mark.skipif(shutil.which("as") is None, reason="GNU as is not installed")
+def test_bundled_binaries_match_their_sources() -> None:
+    assert build.main(["--check"]) == 0
+
+
+def test_auto_picks_kvm_where_it_works_and_honours_its_address_spaces() -> None:
+    vm = kvmem.Vm(engine="auto")
+    assert vm.engine is not None
+    try:
+        assert vm.engine.name == ("kvm" if KVM_REASON is None else "unicorn")
+        assert vm.address_spaces == vm.engine.capabilities.address_spaces
+    finally:
+        vm.engine.close()
+    if KVM_REASON is None and vm.engine.capabilities.address_spaces == 1:
+        with pytest.raises(kvmem.KvmError, match="offers 1 address space"):
+            kvmem.Vm(engine="kvm", address_spaces=2)
+    with pytest.raises(ValueError, match="unknown engine"):
+        kvmem.Vm(engine="qemu")
