@@ -266,10 +266,10 @@ def test_refresh_retries_for_memory_no_slot_maps(mem: kvmem.HostMemory,
     assert calls[0] == 2 and gpc.frame is not None and gpc.frame.current()
 
 
-def test_refresh_waits_for_an_invalidation_in_flight(vm: kvmem.Vm,
-                                                     mem: kvmem.HostMemory) -> None:
+def test_refresh_waits_for_an_invalidation_of_its_page_in_flight(
+        vm: kvmem.Vm, mem: kvmem.HostMemory) -> None:
     gpc = vm.pfn_cache()
-    start, end = mem.hva + 3 * MiB, mem.hva + 4 * MiB  # unrelated to the cache's page
+    start, end = mem.hva + 0x2000, mem.hva + 0x3000  # the cache's page
     vm.mmu.invalidate_range_start(start, end)
     done = threading.Event()
 
@@ -280,10 +280,54 @@ def test_refresh_waits_for_an_invalidation_in_flight(vm: kvmem.Vm,
     t = threading.Thread(target=refresher)
     t.start()
     time.sleep(0.05)
-    assert not done.is_set()  # mn_active != 0: KVM's refresh spins until it drops
+    assert not done.is_set()  # its page is changing: the refresh waits for the end
     vm.mmu.invalidate_range_end(start, end)
     t.join(5)
     assert done.is_set() and gpc.valid and gpc.stats["retries"] >= 1
+
+
+def test_unrelated_invalidations_do_not_hold_a_refresh(vm: kvmem.Vm,
+                                                       mem: kvmem.HostMemory) -> None:
+    """KVM's refresh spins while any invalidation is in flight; under back-to-back host
+    changes elsewhere it never finishes. kvmem's waits only for its own page."""
+    start, end = mem.hva + 3 * MiB, mem.hva + 4 * MiB
+    gpc = vm.pfn_cache()
+    vm.mmu.invalidate_range_start(start, end)
+    t = threading.Thread(target=gpc.activate, args=(0x2000, 8), daemon=True)
+    try:
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "the refresh waited for an unrelated invalidation"
+        assert gpc.valid and gpc.stats["retries"] == 0
+    finally:
+        vm.mmu.invalidate_range_end(start, end)
+        t.join(5)
+    assert vm.mmu.mn_ranges.load() == () and vm.mmu.mn_active.load() == 0
+
+
+def test_refresh_finishes_under_back_to_back_host_changes(vm: kvmem.Vm,
+                                                          mem: kvmem.HostMemory) -> None:
+    done = threading.Event()
+    gpc = vm.pfn_cache()
+
+    def refresher() -> None:
+        for _ in range(200):
+            gpc.activate_hva(mem.hva + 0x2000, 8)
+            gpc.deactivate()
+        gpc.activate(0x2000, 8)
+        with gpc.lock(8) as view:
+            view[:] = b"finished"
+        done.set()
+
+    t = threading.Thread(target=refresher, daemon=True)
+    t.start()
+    deadline = time.monotonic() + 10
+    changes = 0
+    while not done.is_set() and time.monotonic() < deadline:
+        mem.discard(3 * MiB, PAGE)  # memory of no interest to the cache, back to back
+        changes += 1
+    assert done.is_set(), f"refresh starved by {changes} unrelated host changes"
+    assert vm.read(0x2000, 8) == b"finished"
 
 
 def test_lock_never_yields_a_stale_page_under_host_churn(mem: kvmem.HostMemory) -> None:

@@ -147,6 +147,8 @@ class Mmu:
         # invalidations between start and end; changed under mn_lock, read locklessly by
         # pfn-cache refreshes (which must not finish while one is in flight)
         self.mn_active: sync.Atomic[int] = sync.Atomic(0)
+        # their hva ranges (for pfn-cache refreshes, which wait only for ones covering them)
+        self.mn_ranges: sync.Atomic[tuple[tuple[int, int], ...]] = sync.Atomic(())
         # pfn caches that invalidations must reach (kvm->gpc_list), changed under gpc_lock
         self.gpc_lock = sync.Mutex("gpc_lock")
         self.gpc_list: sync.Atomic[tuple[PfnCacheLike, ...]] = sync.Atomic(())
@@ -213,6 +215,7 @@ class Mmu:
     def invalidate_range_start(self, start: int, end: int) -> None:
         with self.mn_lock:
             self.mn_active.add(1)
+            self.mn_ranges.store((*self.mn_ranges.load(), (start, end)))
         # pfn caches first, before in_progress rises and without filtering by slots: an
         # HVA-based cache may point at memory no slot maps
         for gpc in self.gpc_list.load():
@@ -238,8 +241,15 @@ class Mmu:
             with self.lock:
                 self.end()
         with self.mn_lock:
+            ranges = list(self.mn_ranges.load())
+            ranges.remove((start, end))
+            self.mn_ranges.store(tuple(ranges))
             if self.mn_active.add(-1) == 0:
                 self.mn_done.notify_all()
+
+    def invalidating(self, hva: int) -> bool:
+        """A host invalidation covering `hva` is between its start and its end."""
+        return any(start <= hva < end for start, end in self.mn_ranges.load())
 
     def wait_for_invalidations(self) -> None:
         """Called by a memslot swap with `mn_lock` held: no invalidation may be between

@@ -14,19 +14,21 @@ Rules of this room:
   does). Slot changes are not pushed to caches: `check` notices a generation change.
 
 Theory of refresh (`hva_to_pfn_retry`): mark the cache invalid; under the lock set
-`_untouched` and note whether an invalidation is in flight (`mn_active`) and the MMU
-sequence; drop the lock, resolve the page, retake the lock; start again if an invalidation
-was or is in flight, one completed since (`seq`), or one covered this cache's address
-while the lock was dropped (`_untouched` cleared). Only then is the cache valid — or,
-if the page could not be had, EFAULT.
+`_untouched` and note whether an invalidation covering the cached hva is in flight; drop
+the lock, resolve the page, retake the lock; start again if such an invalidation was in
+flight, or one began while the lock was dropped (it cleared `_untouched`). Only then is
+the cache valid — or, if the page could not be had, EFAULT. An invalidation that begins
+after that finds the cache valid and invalidates it, as in KVM.
 
 Deliberate differences from KVM:
-- `_untouched` and the in-flight check at the snapshot are kvmem's. KVM bumps `seq` only
-  when an invalidation hits a slot, so an HVA cache over memory no slot maps could be
-  refreshed with a page an invalidation replaced while the lock was dropped; the flag
-  closes that window (the idea of D. Woodhouse's 2024 RFC, not merged upstream). A failed
-  resolve during an invalidation is retried, not EFAULT: it may be the transient hole of
-  a remap.
+- The retry rule. KVM retries while *any* invalidation is in flight
+  (`mn_active_invalidate_count`) or the MMU sequence moved. That livelocks a refresh under
+  back-to-back unrelated invalidations (D. Woodhouse's 2024 RFC, not merged), and it is
+  not even enough: `seq` moves only when an invalidation hits a slot, so an HVA cache over
+  memory no slot maps could keep a page replaced while the lock was dropped. kvmem waits
+  only for invalidations whose hva range covers the cache (`Mmu.mn_ranges`), and the flag
+  catches those that begin while the lock is dropped. A failed resolve during such an
+  invalidation is retried, not EFAULT: it may be the transient hole of a remap.
 - `activate` refuses a page-crossing length before it activates anything (KVM leaves the
   cache active with EINVAL); kvmem's rule is that a refused call changes nothing.
 - `lock()` is the lock/unlock API proposed for KVM in 2022 and never merged.
@@ -225,18 +227,18 @@ class PfnCache:
         self.valid = False
         self.frame = None
         while True:
-            # snapshot under the lock: an invalidation that starts after this clears
-            # `_untouched` (the cache is on the list); one that started before is in flight
+            # snapshot under the lock: an invalidation of uhva that starts after this
+            # clears `_untouched` (the cache is on the list); one that started before is
+            # still in flight, or its host change is done and the resolve below sees it
             self._untouched = True
-            quiet = mmu.mn_active.load() == 0
-            seq = mmu.seq.load()
+            quiet = not mmu.invalidating(uhva)
             self.rwlock.release_write()
             try:
                 frame = host.resolve(uhva, write=True)  # always a writable page, as in KVM
             finally:
                 self.rwlock.acquire_write()
-            if quiet and self._untouched and mmu.mn_active.load() == 0 and \
-                    mmu.seq.load() == seq:
+            # one that begins after this point finds the cache valid and invalidates it
+            if quiet and self._untouched:
                 if frame is None:
                     raise KvmError(errno.EFAULT, f"host page at hva {uhva:#x} is unmapped "
                                                  f"or not writable")
