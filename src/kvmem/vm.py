@@ -506,7 +506,7 @@ class Vm:
             if self._manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
                 return bitmap.snapshot()
             out = bitmap.harvest()
-            if self._listeners and any(out):
+            if self._listeners and out.count(0) != len(out):  # C speed, not any()
                 words = [int.from_bytes(out[i:i + 8], "little") for i in range(0, len(out), 8)]
                 for listener in self._listeners:
                     listener.dirty_log_reprotect(self, s, 0, words)
