@@ -107,3 +107,14 @@ def test_refused_transaction_changes_nothing(reqs: list[tuple[int, int, int, int
     except kvmem.TransactionError as e:
         assert 0 <= e.index < len(reqs)
         assert fingerprint(vm) == before
+
+
+def test_bad_vm_arguments_open_no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvmem import vm as vm_mod
+    opened: list[str] = []
+    monkeypatch.setattr(vm_mod, "_engine_opener", lambda name: opened.append(name))
+    for kwargs in ({"max_slots": 0}, {"phys_bits": 99}, {"address_spaces": 3},
+                   {"address_spaces": "2"}):
+        with pytest.raises((kvmem.KvmError, TypeError)):
+            kvmem.Vm(engine="unicorn", **kwargs)
+    assert opened == []

@@ -97,11 +97,11 @@ def test_kvm_facts_agree_with_kvmapi(capsys: pytest.CaptureFixture[str]) -> None
 
 def test_auto_engine_follows_kvm(capsys: pytest.CaptureFixture[str]) -> None:
     data = info_json(capsys)
-    expected = "kvm" if kvm_available() is None else "software"
+    expected = "kvm" if kvm_available() is None else "unicorn"
     assert data["auto_engine"] == expected
 
 
-def test_missing_kvm_gives_reason_and_software_engine(
+def test_missing_kvm_gives_reason_and_unicorn_engine(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     missing = str(tmp_path / "kvm")
@@ -113,13 +113,13 @@ def test_missing_kvm_gives_reason_and_software_engine(
     assert kvm["reason"] == kvm_available(missing)
     assert missing in kvm["reason"]
     assert all(kvm[k] is None for k in KVM_FACTS)
-    assert data["auto_engine"] == "software"
+    assert data["auto_engine"] == "unicorn"
     assert set(data["software"]) == SOFTWARE_KEYS
 
     assert cli.main(["info"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # long paths wrap at the console width
     assert f"{missing} is not usable" in out
-    assert "would pick: software" in out
+    assert "would pick: unicorn" in out
 
 
 def test_software_model_is_a_default_vm(capsys: pytest.CaptureFixture[str]) -> None:

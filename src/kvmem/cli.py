@@ -37,7 +37,7 @@ from .vm import Vm
 
 __all__ = ["HostKvm", "Info", "SoftwareModel", "collect_info", "main"]
 
-Engine = Literal["kvm", "software"]
+Engine = Literal["kvm", "unicorn"]
 Handler = Callable[[argparse.Namespace], int]
 
 _HOSTCAPS: Final = "kvmem.hostcaps"
@@ -87,7 +87,7 @@ class Info:
     kvmem_version: str
     kvm: HostKvm
     software: SoftwareModel
-    auto_engine: Engine  # what `engine="auto"` picks: kvm where usable, else software
+    auto_engine: Engine  # what `engine="auto"` picks: kvm where usable, else unicorn
 
     def to_json(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -178,7 +178,7 @@ def collect_info() -> Info:
         kvmem_version=__version__,
         kvm=kvm,
         software=_software_model(),
-        auto_engine="kvm" if kvm.usable else "software",
+        auto_engine="kvm" if kvm.usable else "unicorn",
     )
 
 

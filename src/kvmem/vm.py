@@ -130,6 +130,19 @@ class Vm:
     ) -> None:
         """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
         `address_spaces` defaults to 2, or to what the engine offers."""
+        for name, v in (("address_spaces", address_spaces), ("max_slots", max_slots),
+                        ("phys_bits", phys_bits), ("user_va_end", user_va_end)):
+            if (not isinstance(v, int) or isinstance(v, bool)) and \
+                    not (name == "address_spaces" and v is None):
+                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+        if address_spaces is not None and not 1 <= address_spaces <= 2:
+            raise KvmError(errno.EINVAL, f"address_spaces must be 1 or 2, not {address_spaces}")
+        if not 1 <= max_slots <= KVM_USER_MEM_SLOTS:
+            raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}]")
+        if not 13 <= phys_bits <= 64:
+            raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
+        # the engine is opened only once every argument of kvmem's own is known to be good,
+        # so a refusal leaves no file descriptor behind
         opened: Engine | None = None
         if engine is not None:
             if _engine_opener is None:
@@ -138,22 +151,12 @@ class Vm:
             offered = opened.capabilities.address_spaces
             if address_spaces is None:
                 address_spaces = offered
-            elif isinstance(address_spaces, int) and address_spaces > offered:
+            elif address_spaces > offered:
                 opened.close()
                 raise KvmError(errno.EINVAL, f"engine {opened.name} offers {offered} "
                                              f"address space(s), not {address_spaces}")
         if address_spaces is None:
             address_spaces = 2
-        for name, v in (("address_spaces", address_spaces), ("max_slots", max_slots),
-                        ("phys_bits", phys_bits), ("user_va_end", user_va_end)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-        if not 1 <= address_spaces <= 2:
-            raise KvmError(errno.EINVAL, f"address_spaces must be 1 or 2, not {address_spaces}")
-        if not 1 <= max_slots <= KVM_USER_MEM_SLOTS:
-            raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}]")
-        if not 13 <= phys_bits <= 64:
-            raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
         self.limits = Limits(address_spaces, max_slots, bool(readonly_mem), phys_bits,
                              user_va_end)
         self.slots_lock = sync.Mutex("slots_lock")
