@@ -306,6 +306,28 @@ def test_kvm_tracking_splits_and_merges_back(make_vm: Callable[..., kvmem.Vm]) -
     assert len(engine._pieces[(0, 0)]) == 1  # type: ignore[attr-defined]
 
 
+@pytest.mark.kvm
+@pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
+def test_kvm_write_exit_of_a_split_merged_back_meanwhile_is_not_lost(
+        make_vm: Callable[..., kvmem.Vm], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guest's write exited on the read-only split; before the exit is decoded the
+    last tracker goes and the split merges back. The write is still the guest's: kvmem
+    performs it instead of handing it out as an MMIO exit."""
+    from kvmem.kvmapi import KVM_EXIT_MMIO, KvmMmio
+    vm = make_vm("kvm")
+    assert vm.engine is not None
+    cpu = vm.engine.create_vcpu(0)
+    vm.page_track.add_gfn(0x200)
+    vm.page_track.remove_gfn(0x200)  # merged back before the exit is looked at
+    assert not vm.engine.split_covers(0, 0x200)  # type: ignore[attr-defined]
+    monkeypatch.setattr(cpu._fd, "mmio", lambda: KvmMmio(0x200008, b"late", 4, True))
+    assert cpu._decode(KVM_EXIT_MMIO) is None  # resumed, not an exit
+    assert vm.read(0x200008, 4) == b"late"
+    monkeypatch.setattr(cpu._fd, "mmio", lambda: KvmMmio(RAM + 0x10, b"mmio", 4, True))
+    e = cpu._decode(KVM_EXIT_MMIO)  # a real hole stays an MMIO exit
+    assert e is not None and e.kind is ExitKind.MMIO and e.data == b"mmio"
+
+
 @pytest.mark.parametrize("engine", ENGINES)
 def test_atomic_updates_are_invisible_to_the_guest(engine: str) -> None:
     """Issue 4 point 6: thousands of splits and merges under a running guest — with

@@ -506,7 +506,11 @@ class KvmEngineVcpu:
             m = fd.mmio()
             gfn = m.phys_addr >> PAGE_SHIFT
             as_id = self._vcpu.as_id
-            if m.is_write and self._engine.split_covers(as_id, gfn):
+            if m.is_write and (self._engine.split_covers(as_id, gfn)
+                               or self._kvmem_writable(as_id, gfn)):
+                # kvmem's slot is writable here, so KVM exited only because of a read-only
+                # split — also when the last tracker went and the split merged back after
+                # KVM_RUN returned: the write is the guest's, never an MMIO exit to lose
                 self._tracked_write(as_id, m.phys_addr, m.data)
                 return None
             if m.is_write:
@@ -523,6 +527,10 @@ class KvmEngineVcpu:
         if reason == KVM_EXIT_FAIL_ENTRY:
             return Exit(ExitKind.INTERNAL_ERROR, detail="entry failed")
         return Exit(ExitKind.INTERNAL_ERROR, detail=f"unexpected exit reason {reason}")
+
+    def _kvmem_writable(self, as_id: int, gfn: int) -> bool:
+        slot = self._engine.vm.lookup(gfn, as_id)
+        return slot is not None and not slot.invalid and not slot.readonly
 
     def _tracked_write(self, as_id: int, gpa: int, data: bytes) -> None:
         """A write that hit a read-only split: kvmem performs it (notifying trackers if the
