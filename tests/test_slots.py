@@ -194,3 +194,20 @@ def test_lookup_memo_is_per_set_and_bounded(mem: kvmem.HostMemory,
     for g in range(20):
         assert s.search(g) is not None and s.search(g).base_gfn == 0
     assert 0 < len(s._memo) <= 8
+
+
+def test_translate_memo_never_answers_for_an_invalid_slot(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm()
+    vm.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
+    assert vm.translate(0x1234) == mem.hva + 0x1234
+    s = vm.slot_set()
+    slot = s.by_id(0)
+    inv = s.replacing(slot, slot.with_flags(slot.flags | kvmem.KVM_MEMSLOT_INVALID))
+    assert inv.hva_delta(1) is None and 1 not in inv._deltas  # what readers see mid-DELETE
+    vcpu = vm.create_vcpu(0)
+    vm.set_memory_region(0, 0, 4 * MiB, 2 * MiB, mem.hva)  # MOVE: old gpa gone at once
+    with pytest.raises(kvmem.GuestAccessError):
+        vm.translate(0x1234)
+    with pytest.raises(kvmem.GuestAccessError):
+        vcpu.translate(0x1234)
+    assert vcpu.translate(4 * MiB + 0x1234) == mem.hva + 0x1234

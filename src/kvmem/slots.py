@@ -128,12 +128,13 @@ class SlotSet:
     `generation` is set at publication (with the in-progress bit while the swap is in
     flight) and finalised by the writer; everything else is fixed at construction.
     `last_used` is the VM-wide last-used-slot hint: a benign racy cache, as in KVM.
-    `_memo` remembers gfn → slot answers of `search`: a set never changes, so the memo is
-    never stale; it is bounded (cleared when full) and filled by racing readers harmlessly.
+    `_memo` remembers gfn → slot answers of `search`, `_deltas` gfn → (hva − gpa) answers of
+    `hva_delta`: a set never changes, so they are never stale; they are bounded (cleared
+    when full) and filled by racing readers harmlessly.
     """
 
-    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "_memo", "as_id", "generation", "last_used",
-                 "npages")
+    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "_deltas", "_memo", "as_id", "generation",
+                 "last_used", "npages")
 
     def __init__(
         self,
@@ -152,6 +153,7 @@ class SlotSet:
         self.npages = npages
         self.last_used: MemorySlot | None = None
         self._memo: dict[int, MemorySlot] = {}
+        self._deltas: dict[int, int] = {}  # gfn → hva - gpa of a usable slot (translate)
 
     # -- lookups ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -186,6 +188,22 @@ class SlotSet:
             memo.clear()
         memo[gfn] = s
         return s
+
+    def hva_delta(self, gfn: int) -> int | None:
+        """hva − gpa for the page `gfn`, if a usable (not INVALID) slot maps it: the whole
+        of a translation. Hot callers probe `_deltas` first and call this on a miss."""
+        d = self._deltas.get(gfn)
+        if d is not None:
+            return d
+        s = self.search(gfn)
+        if s is None or s.flags & KVM_MEMSLOT_INVALID:
+            return None
+        d = s.hva - (s.base_gfn << PAGE_SHIFT)
+        deltas = self._deltas
+        if len(deltas) >= MEMO_MAX:
+            deltas.clear()
+        deltas[gfn] = d
+        return d
 
     def lookup(self, gfn: int) -> MemorySlot | None:
         """`__gfn_to_memslot`: the last-used hint first, then `search` (remembering a hit)."""

@@ -373,11 +373,14 @@ class Vm:
 
     def translate(self, gpa: int) -> int:
         """gpa → hva in address space 0 (read intent); EFAULT where no usable slot is."""
-        s = self._memslots.value[0].lookup(gpa >> PAGE_SHIFT)
-        if s is None or s.flags & KVM_MEMSLOT_INVALID:
-            raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot",
-                                          gpa, 0)
-        return s.hva + gpa - (s.base_gfn << PAGE_SHIFT)
+        slots = self._memslots.value[0]
+        d = slots._deltas.get(gpa >> PAGE_SHIFT)
+        if d is None:
+            d = slots.hva_delta(gpa >> PAGE_SHIFT)
+            if d is None:
+                raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot",
+                                       gpa, 0)
+        return gpa + d
 
     def hva_to_gfn_ranges(self, start: int, end: int
                           ) -> Iterator[tuple[MemorySlot, int, int]]:
@@ -617,11 +620,14 @@ class Vcpu:
         return s
 
     def translate(self, gpa: int) -> int:
-        s = self.lookup(gpa >> PAGE_SHIFT)
-        if s is None or s.flags & KVM_MEMSLOT_INVALID:
-            raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot "
-                                          f"in address space {self.as_id}", gpa, 0)
-        return s.hva + gpa - (s.base_gfn << PAGE_SHIFT)
+        slots = self.vm._memslots.value[1 if self._smm else 0]
+        d = slots._deltas.get(gpa >> PAGE_SHIFT)
+        if d is None:
+            d = slots.hva_delta(gpa >> PAGE_SHIFT)
+            if d is None:
+                raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot "
+                                              f"in address space {self.as_id}", gpa, 0)
+        return gpa + d
 
     def read(self, gpa: int, n: int) -> bytes:
         access.check_range(gpa, n)
