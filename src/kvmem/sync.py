@@ -6,6 +6,12 @@ Rules of this room:
   every operation below is a place where another thread may run.
 - The normal implementations are thin wrappers over `threading` and must stay cheap:
   the SRCU read side is two attribute stores, `Atomic.load` is one attribute read.
+  `benchmarks/bench_sync.py` measures each against the raw `threading` object or plain
+  attribute access it stands for.
+- A hot path may read `Atomic.value` directly (a plain attribute: no call). It means
+  exactly `load()`, and the checker's twin makes it a scheduling point too, so nothing is
+  lost by it; writes always go through `store`/`add`.
+- `read()`/`write()`/`with` need no generator: they return small guard objects.
 
 Theory of operation of `Srcu` (sleepable RCU, user-space flavour):
 each reader thread owns a record `(nesting, phase)`. `read_lock` stamps the record with the
@@ -20,9 +26,11 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
+
+_get_ident = threading.get_ident
 
 __all__ = [
     "Atomic",
@@ -52,92 +60,119 @@ class Mutex:
 
     def acquire(self) -> None:
         self._lock.acquire()
-        self._owner = threading.get_ident()
+        self._owner = _get_ident()
 
     def release(self) -> None:
         self._owner = None
         self._lock.release()
 
     def __enter__(self) -> Mutex:
-        self.acquire()
+        self._lock.acquire()  # acquire(), inlined: `with` is the common use
+        self._owner = _get_ident()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.release()
+        self._owner = None
+        self._lock.release()
 
     def held(self) -> bool:
-        return self._owner == threading.get_ident()
+        return self._owner == _get_ident()
 
     def assert_held(self) -> None:
-        if self._owner != threading.get_ident():
+        if self._owner != _get_ident():
             raise LockNotHeld(f"{self.name} must be held here")
+
+
+class _Guard:
+    """A reusable, stateless context manager: `enter()` on entry, `exit()` on exit (what
+    `RwLock.read()` and friends return; cheaper than a generator-based one)."""
+
+    __slots__ = ("_enter", "_exit")
+
+    def __init__(self, enter: Callable[[], None], exit: Callable[[], None]) -> None:
+        self._enter = enter
+        self._exit = exit
+
+    def __enter__(self) -> None:
+        self._enter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._exit()
 
 
 class RwLock:
     """Many readers or one writer; writers are not starved (new readers wait for a
     waiting writer)."""
 
-    __slots__ = ("_cond", "_readers", "_writer", "_writers_waiting", "name")
+    __slots__ = ("_cond", "_lock", "_read", "_readers", "_sleepers", "_write", "_writer",
+                 "_writers_waiting", "name")
 
     def __init__(self, name: str = "rwlock") -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()  # guards the counts; uncontended paths take only it
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer: int | None = None
         self._writers_waiting = 0
+        self._sleepers = 0  # threads in _cond.wait(): notify only if there are any
         self.name = name
+        self._read = _Guard(self.acquire_read, self.release_read)
+        self._write = _Guard(self.acquire_write, self.release_write)
+
+    def _sleep(self) -> None:
+        self._sleepers += 1
+        try:
+            self._cond.wait()
+        finally:
+            self._sleepers -= 1
 
     def acquire_read(self) -> None:
-        with self._cond:
+        with self._lock:
             while self._writer is not None or self._writers_waiting:
-                self._cond.wait()
+                self._sleep()
             self._readers += 1
 
     def release_read(self) -> None:
-        with self._cond:
+        with self._lock:
             self._readers -= 1
-            if self._readers == 0:
+            if self._readers == 0 and self._sleepers:
                 self._cond.notify_all()
 
     def acquire_write(self) -> None:
-        with self._cond:
+        with self._lock:
             self._writers_waiting += 1
-            while self._writer is not None or self._readers:
-                self._cond.wait()
-            self._writers_waiting -= 1
-            self._writer = threading.get_ident()
+            try:
+                while self._writer is not None or self._readers:
+                    self._sleep()
+            finally:
+                self._writers_waiting -= 1
+            self._writer = _get_ident()
 
     def release_write(self) -> None:
-        with self._cond:
+        with self._lock:
             self._writer = None
-            self._cond.notify_all()
+            if self._sleepers:
+                self._cond.notify_all()
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        self.acquire_read()
-        try:
-            yield
-        finally:
-            self.release_read()
+    def read(self) -> AbstractContextManager[None]:
+        """`with rwlock.read():` — held for read inside."""
+        return self._read
 
-    @contextmanager
-    def write(self) -> Iterator[None]:
-        self.acquire_write()
-        try:
-            yield
-        finally:
-            self.release_write()
+    def write(self) -> AbstractContextManager[None]:
+        """`with rwlock.write():` — held for write inside."""
+        return self._write
 
     def write_held(self) -> bool:
-        return self._writer == threading.get_ident()
+        return self._writer == _get_ident()
 
     def assert_write_held(self) -> None:
-        if self._writer != threading.get_ident():
+        if self._writer != _get_ident():
             raise LockNotHeld(f"{self.name} must be held for write here")
 
 
 class Atomic(Generic[T]):
     """A shared cell read without a lock (a published pointer, a counter, a flag).
-    `load`/`store` are single reference operations; `add` is a locked read-modify-write."""
+    `load`/`store` are single reference operations; `add` is a locked read-modify-write.
+    Hot paths may read `.value` instead of calling `load()` (same meaning, no call)."""
 
     __slots__ = ("_lock", "value")
 
@@ -179,7 +214,7 @@ class Condition:
             try:
                 self._cond.wait(remaining)
             finally:
-                self.mutex._owner = threading.get_ident()
+                self.mutex._owner = _get_ident()
         return True
 
     def notify_all(self) -> None:
@@ -209,6 +244,7 @@ class Srcu:
         self._cond = threading.Condition(threading.Lock())
         self._waiting = False
         self.grace_periods = 0
+        self._read = _Guard(self.read_lock, self.read_unlock)
 
     def _record(self) -> _Reader:
         rec = _Reader()
@@ -234,13 +270,9 @@ class Srcu:
             with self._cond:
                 self._cond.notify_all()
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        self.read_lock()
-        try:
-            yield
-        finally:
-            self.read_unlock()
+    def read(self) -> AbstractContextManager[None]:
+        """`with srcu.read():` — a read section."""
+        return self._read
 
     def in_read_section(self) -> bool:
         rec: _Reader | None = getattr(self._local, "rec", None)
