@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager, contextmanager
 
 from ..mmu import Mmu
 from ..pfncache import PfnCache
-from ..slots import Change, Request
+from ..slots import Change, MemorySlot, Request
 from ..vm import Vm
 from . import sched
 from .explore import Scenario
@@ -108,6 +108,28 @@ def _tracker_reads_table_unlocked() -> AbstractContextManager[None]:
     return _patched(ShadowTracker, "track_write", track_write)
 
 
+def _harvest_without_reprotect() -> AbstractContextManager[None]:
+    """KVM_GET_DIRTY_LOG that clears the bits it returns but leaves the pages' sptes
+    writable (the write-protect step of kvm_get_dirty_log_protect left out): the next
+    writes go straight through and are never logged."""
+
+    def dirty_log_reprotect(self: Mmu, vm: Vm, slot: MemorySlot, first_page: int,
+                            words: Sequence[int]) -> None:
+        pass
+
+    return _patched(Mmu, "dirty_log_reprotect", dirty_log_reprotect)
+
+
+def _delete_without_zap() -> AbstractContextManager[None]:
+    """A DELETE that publishes the INVALID slot and the new set but never drops the
+    stage-2 mappings of the deleted range (arch_flush_shadow_memslot left out)."""
+
+    def slots_invalidated(self: Mmu, vm: Vm, slot: MemorySlot) -> None:
+        pass
+
+    return _patched(Mmu, "slots_invalidated", slots_invalidated)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -124,4 +146,7 @@ BUGS: dict[str, Scenario] = dict([
              _gpc_active_before_reachable),
     _variant("bug:tracker-unlocked-lookup", "pagetrack-write-vs-removal",
              _tracker_reads_table_unlocked),
+    _variant("bug:harvest-without-reprotect", "dirty-log-vs-guest-write",
+             _harvest_without_reprotect),
+    _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),
 ])

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from .. import host
 from ..errors import GuestAccessError
 from ..host import HostMemory
-from ..mmu import Mmu
+from ..mmu import MmioExit, Mmu
+from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
 from ..vm import Vm
 from . import sched
 from .explore import Instance, Scenario
@@ -179,6 +180,85 @@ def delete_vs_accessor() -> Instance:
     return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
 
 
+def transaction_vs_vcpu() -> Instance:
+    """A transaction splits a two-page slot while a vCPU reads both pages through the
+    stage-2 (faulting them in): the vCPU never exits for MMIO (no hole), and no spte
+    outlives the mapping it was built on."""
+    mem = _memory(b"contents", pages=2)
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, 2 * PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+
+    def split() -> None:
+        with vm.transaction() as tx:
+            tx.split(0, [PAGE])
+
+    def guest() -> None:
+        try:
+            data = vcpu.guest_read(PAGE - 8, 16)
+        except MmioExit as e:
+            raise AssertionError(f"vCPU saw a hole during a transaction: {e}") from None
+        assert data == bytes(8) + b"contents", f"vCPU read {data!r}"
+
+    return Instance([("vmm", split), ("vcpu0", guest)], lambda: _check_stage2(vm),
+                    lambda: close_memory(mem))
+
+
+def delete_vs_vcpu() -> Instance:
+    """A slot is deleted while a vCPU reads through the stage-2 (a page already mapped);
+    once the delete returns the VMM reuses the memory. The vCPU gets the old bytes or an
+    MMIO exit — never bytes written after the delete returned."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_read(0, 8)  # mapped before the race starts
+
+    def delete() -> None:
+        vm.set_memory_region(0, 0, 0, 0, 0)
+        mem.view()[:8] = POISON
+
+    def guest() -> None:
+        with contextlib.suppress(MmioExit):
+            data = vcpu.guest_read(0, 8)
+            assert data != POISON, "vCPU used the deleted slot's mapping after the " \
+                                   "delete returned"
+            assert data == b"original", f"vCPU read {data!r}"
+
+    def check() -> None:
+        assert vm.mmu.mapped(0) == 0, "the deleted slot's pages are still mapped"
+
+    return Instance([("vmm", delete), ("vcpu0", guest)], check, lambda: close_memory(mem))
+
+
+def dirty_log_vs_guest_write() -> Instance:
+    """A vCPU writes a page of a dirty-logging slot twice while the VMM harvests the log
+    and copies what it reports (live migration): after one last harvest once all is
+    quiet, the copy equals guest memory — no write escaped the log."""
+    mem = _memory(b"initial.")
+    vm = new_vm()
+    vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_write(0, b"first...")  # mapped writable and dirty before the race
+    copy = [bytes(mem.view()[:8])]
+    vm.get_dirty_log(0)  # round 0 harvested: the page is write-protected again
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"second..")
+        vcpu.guest_write(0, b"third...")
+
+    def migrate() -> None:
+        if vm.get_dirty_log(0)[0] & 1:
+            copy.append(bytes(mem.view()[:8]))
+
+    def check() -> None:
+        if vm.get_dirty_log(0)[0] & 1:
+            copy.append(bytes(mem.view()[:8]))
+        assert copy[-1] == b"third...", f"migrated {copy[-1]!r}: a write escaped the log"
+
+    return Instance([("vcpu0", guest), ("vmm", migrate)], check, lambda: close_memory(mem))
+
+
 # ---------------------------------------------------------------------------------------
 # pfn caches
 
@@ -308,6 +388,9 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("overlapping-invalidations", overlapping_invalidations),
     ("transaction-vs-reader", transaction_vs_reader),
     ("delete-vs-accessor", delete_vs_accessor),
+    ("transaction-vs-vcpu", transaction_vs_vcpu),
+    ("delete-vs-vcpu", delete_vs_vcpu),
+    ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
 )
