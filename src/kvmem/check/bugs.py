@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
-from ..mmu import Mmu
+from ..mmu import Mmu, Spte
+from ..pagetrack import PageTrack
 from ..pfncache import PfnCache
 from ..slots import Change, MemorySlot, Request
-from ..vm import Vm
+from ..vm import Vcpu, Vm
 from . import sched
 from .explore import Scenario
 from .scenarios import SCENARIOS, ShadowTracker
@@ -130,6 +131,29 @@ def _delete_without_zap() -> AbstractContextManager[None]:
     return _patched(Mmu, "slots_invalidated", slots_invalidated)
 
 
+def _fault_reads_tracking_unlocked() -> AbstractContextManager[None]:
+    """The fault path deciding whether a gfn is write-tracked from the tracking counters
+    read before it takes the MMU lock, never re-checked under it: tracking that starts in
+    between finds the page mapped writable, and the tracker misses later writes."""
+    real = Mmu.__dict__["_fault_once"]
+
+    def fault_once(self: Mmu, vcpu: Vcpu, gpa: int, gfn: int, write: bool) -> Spte:
+        track = self._vm.page_track
+        early = gfn in track._counts[vcpu.as_id]  # read without the MMU lock
+
+        def tracked(as_id: int, g: int) -> bool:
+            return early if g == gfn else PageTrack.tracked(track, as_id, g)
+
+        track.tracked = tracked
+        try:
+            spte: Spte = real(self, vcpu, gpa, gfn, write)
+            return spte
+        finally:
+            del track.tracked
+
+    return _patched(Mmu, "_fault_once", fault_once)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -149,4 +173,6 @@ BUGS: dict[str, Scenario] = dict([
     _variant("bug:harvest-without-reprotect", "dirty-log-vs-guest-write",
              _harvest_without_reprotect),
     _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),
+    _variant("bug:fault-reads-tracking-unlocked", "track-vs-write-fault",
+             _fault_reads_tracking_unlocked),
 ])

@@ -375,6 +375,35 @@ def pagetrack_write_vs_removal() -> Instance:
                     lambda: close_memory(mem))
 
 
+def track_vs_write_fault() -> Instance:
+    """A tracker starts write-tracking a page while a vCPU writes it through the stage-2:
+    once tracking is on, the page is never writable in the stage-2, so every later guest
+    write reaches the tracker."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    label(vm.page_track, "page_track")
+    vcpu = vm.create_vcpu(0)
+    tracker = ShadowTracker(vm)
+    vm.page_track.register(tracker)
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"guest!!!")
+
+    def track() -> None:
+        tracker.track(0)
+
+    def check() -> None:
+        spte = vm.mmu.spte(0, 0)
+        assert spte is None or not spte.writable, "a tracked gfn is writable in the stage-2"
+        vcpu.guest_write(8, b"later...")  # after tracking began: the tracker must hear it
+        assert bytes(tracker.shadow[0][8:16]) == b"later...", "a tracked write was not " \
+                                                              "reported"
+
+    return Instance([("vcpu0", guest), ("tracker", track)], check,
+                    lambda: close_memory(mem))
+
+
 def _scenarios(*items: tuple[str, Callable[[], Instance]]) -> dict[str, Scenario]:
     out = {}
     for name, build in items:
@@ -393,4 +422,5 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
+    ("track-vs-write-fault", track_vs_write_fault),
 )
