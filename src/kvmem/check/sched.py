@@ -263,7 +263,8 @@ class Execution:
             self._fail(f"livelock: no end after {self.max_steps} steps")
             self._abort()
             raise _Abort
-        running = cur is not None and cur.idx in enabled
+        # a thread that pauses yields: switching away from it is not a preemption
+        running = cur is not None and cur.paused_at is None and cur.idx in enabled
         if len(enabled) == 1:
             choice = enabled[0]
         else:
