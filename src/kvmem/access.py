@@ -18,7 +18,7 @@ import ctypes
 import errno
 from collections.abc import Callable
 
-from . import host
+from . import host, sync
 from .errors import GuestAccessError, KvmError
 from .slots import MemorySlot, SlotSet
 from .uapi import (
@@ -208,12 +208,17 @@ class HvaCache:
     """KVM's `gfn_to_hva_cache` over address space 0: remembers gpa → hva for a range and
     re-resolves lazily when the slot generation moves. A range within one page is served
     by a direct copy; a range crossing pages takes the accessor (slow) path every time.
-    Host mapping changes do not invalidate it (only slot changes do), exactly as in KVM."""
+    Host mapping changes do not invalidate it (only slot changes do), exactly as in KVM.
+    `read`/`write` run inside a read section of `srcu` (the VM's), as KVM's callers hold
+    kvm->srcu: the check of the generation and the copy must both happen before a slot
+    update's grace period ends, or the copy may use a deleted slot's memory."""
 
-    __slots__ = ("_current", "generation", "gpa", "hva", "len", "memslot")
+    __slots__ = ("_current", "_srcu", "generation", "gpa", "hva", "len", "memslot")
 
-    def __init__(self, current: Callable[[], SlotSet], gpa: int, length: int) -> None:
+    def __init__(self, current: Callable[[], SlotSet], gpa: int, length: int,
+                 srcu: sync.Srcu | None = None) -> None:
         self._current = current
+        self._srcu = srcu
         self.generation = 0
         self.gpa = gpa
         self.len = length
@@ -263,6 +268,27 @@ class HvaCache:
         return self.memslot
 
     def read(self, offset: int, n: int) -> bytes:
+        srcu = self._srcu
+        if srcu is None:
+            return self._read(offset, n)
+        srcu.read_lock()
+        try:
+            return self._read(offset, n)
+        finally:
+            srcu.read_unlock()
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        srcu = self._srcu
+        if srcu is None:
+            self._write(offset, data)
+            return
+        srcu.read_lock()
+        try:
+            self._write(offset, data)
+        finally:
+            srcu.read_unlock()
+
+    def _read(self, offset: int, n: int) -> bytes:
         slot = self._revalidate(offset, n)
         if slot is None:
             return read(self._current().lookup, self.gpa + offset, n)
@@ -275,7 +301,7 @@ class HvaCache:
         finally:
             host.guard.read_unlock()
 
-    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         src = byte_view(data)
         n = src.nbytes
         slot = self._revalidate(offset, n)

@@ -423,7 +423,7 @@ class Vm:
     def hva_cache(self, gpa: int, length: int) -> access.HvaCache:
         """A gfn_to_hva_cache over [gpa, gpa+length) of address space 0."""
         access.check_range(gpa, length)
-        return access.HvaCache(lambda: self._memslots.value[0], gpa, length)
+        return access.HvaCache(lambda: self._memslots.value[0], gpa, length, self.srcu)
 
     # -- vCPUs ------------------------------------------------------------------------------------
     def pfn_cache(self) -> PfnCache:
