@@ -180,6 +180,29 @@ def delete_vs_accessor() -> Instance:
     return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
 
 
+def delete_vs_hva_cache() -> Instance:
+    """`delete-vs-accessor` for a reader that goes through an hva cache
+    (kvm_read_guest_cached): once the delete returns, nothing read through the cache may
+    come from the deleted slot's memory."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    cache = vm.hva_cache(0, 8)
+
+    def delete() -> None:
+        vm.set_memory_region(0, 0, 0, 0, 0)
+        mem.view()[:8] = POISON
+
+    def reader() -> None:
+        with contextlib.suppress(GuestAccessError):
+            data = cache.read(0, 8)
+            assert data != POISON, "hva cache read the deleted slot's memory after the " \
+                                   "delete returned"
+            assert data == b"original", f"reader got {data!r}"
+
+    return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
+
+
 def transaction_vs_vcpu() -> Instance:
     """A transaction splits a two-page slot while a vCPU reads both pages through the
     stage-2 (faulting them in): the vCPU never exits for MMIO (no hole), and no spte
@@ -417,6 +440,7 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("overlapping-invalidations", overlapping_invalidations),
     ("transaction-vs-reader", transaction_vs_reader),
     ("delete-vs-accessor", delete_vs_accessor),
+    ("delete-vs-hva-cache", delete_vs_hva_cache),
     ("transaction-vs-vcpu", transaction_vs_vcpu),
     ("delete-vs-vcpu", delete_vs_vcpu),
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
