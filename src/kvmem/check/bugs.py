@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
+from .. import access
 from ..mmu import Mmu, Spte
 from ..pagetrack import PageTrack
 from ..pfncache import PfnCache
@@ -122,8 +123,8 @@ def _harvest_without_reprotect() -> AbstractContextManager[None]:
 
 
 def _delete_without_zap() -> AbstractContextManager[None]:
-    """A DELETE that publishes the INVALID slot and the new set but never drops the
-    stage-2 mappings of the deleted range (arch_flush_shadow_memslot left out)."""
+    """A DELETE or MOVE that publishes the INVALID slot and the new set but never drops
+    the stage-2 mappings of the old range (arch_flush_shadow_memslot left out)."""
 
     def slots_invalidated(self: Mmu, vm: Vm, slot: MemorySlot) -> None:
         pass
@@ -154,6 +155,18 @@ def _fault_reads_tracking_unlocked() -> AbstractContextManager[None]:
     return _patched(Mmu, "_fault_once", fault_once)
 
 
+def _hva_cache_outside_srcu() -> AbstractContextManager[None]:
+    """`vm.hva_cache` as it was before the checker found it: the cache's reads and writes
+    ran outside the VM's SRCU read section, so a delete's grace period did not wait for
+    a copy that had checked the old generation."""
+
+    def hva_cache(self: Vm, gpa: int, length: int) -> access.HvaCache:
+        access.check_range(gpa, length)
+        return access.HvaCache(lambda: self._memslots.value[0], gpa, length)
+
+    return _patched(Vm, "hva_cache", hva_cache)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -173,6 +186,8 @@ BUGS: dict[str, Scenario] = dict([
     _variant("bug:harvest-without-reprotect", "dirty-log-vs-guest-write",
              _harvest_without_reprotect),
     _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),
+    _variant("bug:move-without-zap", "move-vs-vcpu", _delete_without_zap),
+    _variant("bug:hva-cache-outside-srcu", "delete-vs-hva-cache", _hva_cache_outside_srcu),
     _variant("bug:fault-reads-tracking-unlocked", "track-vs-write-fault",
              _fault_reads_tracking_unlocked),
 ])

@@ -203,6 +203,38 @@ def delete_vs_hva_cache() -> Instance:
     return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
 
 
+def move_vs_vcpu() -> Instance:
+    """A slot is moved to another gpa while a vCPU reads the old gpa through the stage-2
+    (mapped before): a read that starts after the move returned must exit for MMIO, and
+    the moved slot is read at its new gpa."""
+    mem = _memory(b"original")
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_read(0, 8)  # mapped before the race starts
+    moved = sync_atomic(False)
+    moved.name = "moved"
+
+    def move() -> None:
+        vm.set_memory_region(0, 0, 16 * PAGE, PAGE, mem.hva)
+        moved.store(True)
+
+    def guest() -> None:
+        after = moved.load()
+        try:
+            data = vcpu.guest_read(0, 8)
+        except MmioExit:
+            return
+        assert not after, "vCPU read the old gpa of a slot after its move returned"
+        assert data == b"original", f"vCPU read {data!r}"
+
+    def check() -> None:
+        assert vcpu.guest_read(16 * PAGE, 8) == b"original"
+        _check_stage2(vm)
+
+    return Instance([("vmm", move), ("vcpu0", guest)], check, lambda: close_memory(mem))
+
+
 def transaction_vs_vcpu() -> Instance:
     """A transaction splits a two-page slot while a vCPU reads both pages through the
     stage-2 (faulting them in): the vCPU never exits for MMIO (no hole), and no spte
@@ -359,6 +391,14 @@ class ShadowTracker:
                 self.shadow.pop(g, None)
 
 
+def sync_atomic(value: bool) -> sched.Atomic[bool]:
+    """An atomic of the current `kvmem.sync` (the twin while a scenario runs)."""
+    from .. import sync
+
+    cell: sched.Atomic[bool] = sync.Atomic(value)  # type: ignore[assignment]
+    return cell
+
+
 def sync_mutex(name: str) -> sched.Mutex:
     """A mutex of the current `kvmem.sync` (the twin while a scenario runs)."""
     from .. import sync
@@ -441,6 +481,7 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("transaction-vs-reader", transaction_vs_reader),
     ("delete-vs-accessor", delete_vs_accessor),
     ("delete-vs-hva-cache", delete_vs_hva_cache),
+    ("move-vs-vcpu", move_vs_vcpu),
     ("transaction-vs-vcpu", transaction_vs_vcpu),
     ("delete-vs-vcpu", delete_vs_vcpu),
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
