@@ -314,6 +314,30 @@ def dirty_log_vs_guest_write() -> Instance:
     return Instance([("vcpu0", guest), ("vmm", migrate)], check, lambda: close_memory(mem))
 
 
+def split_vs_logged_write() -> Instance:
+    """A vCPU writes a page of a dirty-logging slot while a transaction splits the slot:
+    whichever slot the write lands in, the next dirty log of the piece that now maps the
+    page reports it (dirty bits are carried across the split; nothing is lost)."""
+    mem = _memory(b"initial.", pages=2)
+    vm = new_vm()
+    vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 2 * PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vm.get_dirty_log(0)  # a clean start
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"written!")
+
+    def split() -> None:
+        with vm.transaction() as tx:
+            tx.split(0, [PAGE], ids=[1])
+
+    def check() -> None:
+        assert bytes(mem.view()[:8]) == b"written!", "the guest write was lost"
+        assert vm.get_dirty_log(0)[0] & 1, "the write is missing from the dirty log"
+
+    return Instance([("vcpu0", guest), ("vmm", split)], check, lambda: close_memory(mem))
+
+
 # ---------------------------------------------------------------------------------------
 # pfn caches
 
@@ -485,6 +509,7 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("transaction-vs-vcpu", transaction_vs_vcpu),
     ("delete-vs-vcpu", delete_vs_vcpu),
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
+    ("split-vs-logged-write", split_vs_logged_write),
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
     ("track-vs-write-fault", track_vs_write_fault),
