@@ -161,7 +161,11 @@ def twins_installed() -> Iterator[None]:
 
 def _run_one(scenario: Scenario, choices: Sequence[int]
              ) -> tuple[sched.Execution, str | None, list[str]]:
-    host.notifiers = host._Notifiers()  # this schedule's VMs only
+    # fresh module-level objects per schedule: this schedule's VMs only hear host events,
+    # and nothing a cut-short schedule left held or inside a read section carries over
+    host.notifiers = host._Notifiers()
+    host.guard = sched.Srcu("host.guard")  # type: ignore[assignment]
+    host._table_lock = sched.Mutex("host.table_lock")  # type: ignore[assignment]
     inst = scenario.build()
     names = [n for n, _ in inst.threads]
     ex = sched.Execution(inst.threads, choices)
