@@ -78,8 +78,10 @@ def _no_grace_period() -> AbstractContextManager[None]:
 
 def _gpc_active_before_reachable() -> AbstractContextManager[None]:
     """kvm_gpc_activate with the order the KVM comment warns against: the cache is made
-    active, and refreshed, before it is on the VM's gpc_list, so an invalidation in that
-    window cannot reach the page it maps."""
+    active, and a refresh maps its page, before it is on the VM's gpc_list, so an
+    invalidation in that window cannot reach it. (kvmem's activate holds refresh_lock, so
+    the refresh in the window is the activate's own; in KVM before refresh_lock it could
+    be any concurrent one.)"""
 
     def activate(self: PfnCache, gpa: int | None, uhva: int | None, length: int) -> None:
         self._vm._check_process()
