@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
 from .. import access
+from .. import vm as vm_module
 from ..mmu import Mmu, Spte
 from ..pagetrack import PageTrack
 from ..pfncache import PfnCache
@@ -169,6 +170,28 @@ def _hva_cache_outside_srcu() -> AbstractContextManager[None]:
     return _patched(Vm, "hva_cache", hva_cache)
 
 
+def _fault_skips_locked_recheck() -> AbstractContextManager[None]:
+    """A fault that trusts its lockless pre-check: mmu_invalidate_retry_gfn under the MMU
+    lock always says "no retry", so a page resolved before an invalidation is installed
+    after it zapped."""
+
+    def retry_gfn(self: Mmu, seq: int, gfn: int) -> bool:
+        self.lock.assert_held()
+        return False
+
+    return _patched(Mmu, "retry_gfn", retry_gfn)
+
+
+def _split_drops_dirty_bits() -> AbstractContextManager[None]:
+    """A transaction that replaces a logging slot by new ones without carrying the old
+    bitmap's unharvested bits over (what KVM's API would do to a DELETE + CREATE)."""
+
+    def carry_dirty_bits(changes: Sequence[Change]) -> None:
+        pass
+
+    return _patched(vm_module, "_carry_dirty_bits", carry_dirty_bits)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -178,8 +201,12 @@ def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[No
 
 
 BUGS: dict[str, Scenario] = dict([
+    _variant("bug:fault-skips-locked-recheck", "fault-vs-invalidation",
+             _fault_skips_locked_recheck),
     _variant("bug:range-add-keeps-last", "overlapping-invalidations", _range_add_last_only),
     _variant("bug:delete-then-create", "transaction-vs-reader", _batch_as_single_updates),
+    _variant("bug:delete-then-create-vcpu", "transaction-vs-vcpu", _batch_as_single_updates),
+    _variant("bug:split-drops-dirty-bits", "split-vs-logged-write", _split_drops_dirty_bits),
     _variant("bug:no-grace-period", "delete-vs-accessor", _no_grace_period),
     _variant("bug:gpc-active-before-listed", "gpc-refresh-vs-invalidation",
              _gpc_active_before_reachable),
