@@ -81,15 +81,16 @@ def run(names: Sequence[str], console: Console, *, bound: int = 2, bugs: bool = 
     table = Table(title=f"kvmem check — preemption bound {bound}", box=box.SIMPLE_HEAD,
                   pad_edge=False)
     for col, justify in (("scenario", "left"), ("schedules", "right"),
-                         ("preemptions", "right"), ("time", "right"), ("verdict", "left")):
+                         ("max preemptions", "right"), ("time", "right"), ("verdict", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     ok = True
     saved: dict[str, str] = {}
     for scenario, r in results:
         verdict, good = _verdict(scenario, r)
         ok &= good
-        table.add_row(scenario.name, str(r.schedules), str(r.max_preemptions),
-                      f"{r.seconds:.1f} s", verdict)
+        used = str(r.max_preemptions) if r.failure is None else \
+            f"{r.max_preemptions} (failing: {r.failure.preemptions})"
+        table.add_row(scenario.name, str(r.schedules), used, f"{r.seconds:.1f} s", verdict)
         if r.failure is not None:
             path = Path(save_dir) / f"kvmem-check-{scenario.name.replace(':', '-')}.json"
             r.failure.save(path)
