@@ -1,18 +1,19 @@
 """The deterministic scheduler and the scheduler-aware twins of `kvmem.sync`.
 
 Rules of this room:
-- A scenario's threads are real OS threads, but only one runs at a time: each waits on its
-  own gate (a lock used as a binary semaphore), and the running thread hands the baton on
-  at a *scheduling point* — the
-  start of every operation of a twin (`Mutex.acquire`, `Atomic.load`, `Srcu.read_lock`,
-  reading `Atomic.value`, `pause` ...). Code between two points runs atomically, so an
-  execution is a function of the choices made at the points and nothing else.
+- A scenario's threads are real OS threads (pooled), but only one runs at a time: each
+  waits on its own gate (a lock used as a binary semaphore), and the running thread hands
+  the baton on at a *scheduling point* — the start of every operation of a twin
+  (`Mutex.acquire`, `Atomic.load`, `Srcu.read_lock`, reading `Atomic.value`, `pause` ...)
+  and a `world_event` (the host replacing pages). Code between two points runs
+  atomically, so an execution is a function of the choices made at the points.
 - A thread never blocks for real on a twin: it declares what it waits for (a predicate
   over twin state) and the scheduler does not pick it until the predicate holds. If no
   thread can be picked and some have not finished, that is a deadlock.
-- A thread that calls `pause` (a retry loop's back-off) is not picked again until another
-  thread has done something that may change shared state (anything but a load), so busy
-  waits end; two threads that only spin on each other are reported as a livelock.
+- A thread that calls `pause` (a retry loop's back-off) yields and is not picked again
+  until another thread has done something that may change shared state (anything but a
+  load) — or, once per pause, when nobody else can run. So busy waits end, and a thread
+  that pauses twice with nothing changed in between is reported (a livelock).
 - Outside an execution (a scenario's set-up and final check) one thread runs alone and the
   twins act directly, never blocking.
 
