@@ -131,7 +131,8 @@ class KvmEngine:
             raise
         self._vm: Vm | None = None
         self._lock = sync.Mutex("kvm_engine.mirror")
-        self._gate = threading.Condition()
+        self._gate_lock = sync.Mutex("kvm_engine.gate")
+        self._gate = sync.Condition(self._gate_lock)
         self._paused = 0
         self._batch_paused = False
         self._broken: str | None = None
@@ -170,7 +171,7 @@ class KvmEngine:
     def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
         vcpu = self.vm.create_vcpu(vcpu_id)
         cpu = KvmEngineVcpu(self, vcpu, self._fd.create_vcpu(vcpu_id))
-        with self._gate:
+        with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
 
@@ -183,7 +184,7 @@ class KvmEngine:
         if vm is not None:
             with contextlib.suppress(ValueError):
                 vm.remove_listener(self)
-        with self._gate:
+        with self._gate_lock:
             self._broken = self._broken or "engine closed"
             self._gate.notify_all()
         for cpu in self._vcpus:
@@ -195,7 +196,7 @@ class KvmEngine:
     # -- holding vCPUs out of KVM_RUN ----------------------------------------------------------
     def _pause(self) -> None:
         """Kick every vCPU out of KVM_RUN and keep it out until `_resume`."""
-        with self._gate:
+        with self._gate_lock:
             self._paused += 1
             self.stats["pauses"] += 1
             for cpu in self._vcpus:
@@ -203,10 +204,10 @@ class KvmEngine:
                     cpu._interrupt()
             # a vCPU inside KVM_RUN leaves it at once: immediate_exit covers a signal that
             # arrived before it entered
-            self._gate.wait_for(lambda: not any(c._in_run for c in self._vcpus))
+            self._gate.wait_until(lambda: not any(c._in_run for c in self._vcpus))
 
     def _resume(self) -> None:
-        with self._gate:
+        with self._gate_lock:
             self._paused -= 1
             self._gate.notify_all()
 
@@ -228,7 +229,7 @@ class KvmEngine:
                                             npages << PAGE_SHIFT, hva)
         except OSError as e:
             self._broken = f"KVM refused slot {kvm_slot:#x} gfn {gfn:#x}+{npages}: {e}"
-            with self._gate:
+            with self._gate_lock:
                 self._gate.notify_all()
             raise EngineError(e.errno or errno.EIO, self._broken) from None
         self.stats["ioctls"] += 1
@@ -454,7 +455,7 @@ class KvmEngineVcpu:
 
     def kick(self) -> None:
         eng = self._engine
-        with eng._gate:
+        with eng._gate_lock:
             self._kicked = True
             eng.stats["kicks"] += 1
             if not self._fd.closed:
@@ -466,8 +467,8 @@ class KvmEngineVcpu:
             self.complete(b"")  # an unanswered read reads zeros
         eng = self._engine
         while True:
-            with eng._gate:
-                eng._gate.wait_for(lambda: not eng._paused or self._kicked
+            with eng._gate_lock:
+                eng._gate.wait_until(lambda: not eng._paused or self._kicked
                                    or eng._broken is not None)
                 if self._kicked:
                     self._kicked = False
@@ -485,7 +486,7 @@ class KvmEngineVcpu:
                     raise
                 reason = KVM_EXIT_INTR
             finally:
-                with eng._gate:
+                with eng._gate_lock:
                     self._in_run = False
                     eng._gate.notify_all()
             if reason == KVM_EXIT_INTR:

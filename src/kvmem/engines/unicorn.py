@@ -172,8 +172,8 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         # mappings (worker-owned; read by zappers under _lock)
-        self._lock = threading.Lock()
-        self._zcv = threading.Condition(self._lock)
+        self._lock = sync.Mutex("unicorn_vcpu.mappings")
+        self._zcv = sync.Condition(self._lock)
         self._regions: dict[int, tuple[int, str, int]] = {}  # base gfn → npages, kind, hva
         self._page: dict[int, int] = {}  # gfn → base gfn of its region
         self._fenced: set[int] = set()
@@ -186,7 +186,8 @@ class UnicornVcpu:
         self._restart: Callable[[], None] | None = None
         self._fatal: Exit | None = None
         # handshake with the thread calling run()
-        self._cv = threading.Condition()
+        self._cv_lock = sync.Mutex("unicorn_vcpu.handshake")
+        self._cv = sync.Condition(self._cv_lock)
         self._worker: threading.Thread | None = None
         self._go = False
         self._closing = False
@@ -233,7 +234,7 @@ class UnicornVcpu:
         self._answer = bytes(data)
 
     def run(self) -> Exit:
-        with self._cv:
+        with self._cv_lock:
             if self._closing:
                 raise EngineError(errno.EIO, "vCPU closed")
             if self._worker is None:
@@ -247,7 +248,7 @@ class UnicornVcpu:
                 self._go = True
             self._answer = None
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self._posted is not None or self._error is not None)
+            self._cv.wait_until(lambda: self._posted is not None or self._error is not None)
             error, self._error = self._error, None
             exit_, self._posted = self._posted, None
         if error is not None:
@@ -271,11 +272,11 @@ class UnicornVcpu:
         epoch = self._epoch
         while self._inside and self._epoch == epoch:
             self._uc.emu_stop()
-            self._zcv.wait(0.001)
+            self._zcv.wait_until(lambda: not self._inside or self._epoch != epoch, 0.001)
 
     def _close(self) -> None:
         self.kick()
-        with self._cv:
+        with self._cv_lock:
             self._closing = True
             self._cv.notify_all()
         if self._worker is not None:
@@ -284,19 +285,19 @@ class UnicornVcpu:
     # -- the worker -----------------------------------------------------------------------------
     def _worker_main(self) -> None:
         while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._go or self._closing)
+            with self._cv_lock:
+                self._cv.wait_until(lambda: self._go or self._closing)
                 if self._closing:
                     return
                 self._go = False
             try:
                 exit_ = self._run_guest()
             except BaseException as e:  # handed to run(), which raises it
-                with self._cv:
+                with self._cv_lock:
                     self._error = e
                     self._cv.notify_all()
                 continue
-            with self._cv:
+            with self._cv_lock:
                 self._posted = exit_
                 self._cv.notify_all()
 
@@ -560,11 +561,11 @@ class UnicornVcpu:
     # -- hooks: exits ---------------------------------------------------------------------------
     def _exit(self, exit_: Exit) -> bytes:
         """Post `exit_` to `run` and wait for the next `run` (with the answer of a read)."""
-        with self._cv:
+        with self._cv_lock:
             self._posted = exit_
             self._in_exit = True
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self._resume or self._closing)
+            self._cv.wait_until(lambda: self._resume or self._closing)
             self._resume = False
             self._in_exit = False
             reply, self._reply = self._reply, b""
