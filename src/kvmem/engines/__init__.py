@@ -25,6 +25,7 @@ before the next `run()`; without it the guest reads zeros.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
@@ -114,6 +115,34 @@ class EngineCapabilities:
 class EngineError(KvmError):
     """The engine cannot mirror kvmem's state any more (a refused ioctl): its vCPUs no
     longer run. The message says which request failed."""
+
+
+class AttachedOnce:
+    """What every engine has: its capabilities and the one `Vm` it is attached to."""
+
+    _caps: EngineCapabilities
+    _vm: Vm | None = None
+
+    @property
+    def capabilities(self) -> EngineCapabilities:
+        return self._caps
+
+    @property
+    def vm(self) -> Vm:
+        if self._vm is None:
+            raise EngineError(errno.EINVAL, "engine is not attached to a Vm")
+        return self._vm
+
+    def _claim(self, vm: Vm) -> None:
+        """The first step of `attach`: refuse a second Vm, or more address spaces than
+        the engine offers; then remember `vm`."""
+        if self._vm is not None:
+            raise EngineError(errno.EBUSY, "engine already attached to a Vm")
+        if vm.address_spaces > self._caps.address_spaces:
+            raise EngineError(errno.EINVAL, f"{self._caps.name} here has "
+                                            f"{self._caps.address_spaces} address space(s); "
+                                            f"the Vm has {vm.address_spaces}")
+        self._vm = vm
 
 
 class EngineVcpu(Protocol):

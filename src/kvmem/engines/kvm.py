@@ -52,7 +52,7 @@ from ..kvmapi import (
     KvmVcpu,
 )
 from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
-from . import EngineCapabilities, EngineError, Exit, ExitKind, Regs
+from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -99,7 +99,7 @@ def _flat(selector: int, type_: int) -> KvmSegment:
                       dpl=0, db=1, s=1, l=0, g=1)
 
 
-class KvmEngine:
+class KvmEngine(AttachedOnce):
     """kvmem on /dev/kvm. Create with `Vm(engine="kvm")`; reach it as `vm.engine`."""
 
     name = "kvm"
@@ -144,23 +144,8 @@ class KvmEngine:
         self.stats = {"ioctls": 0, "pauses": 0, "kicks": 0, "tracked_writes": 0,
                       "dirty_folds": 0, "splits": 0}
 
-    @property
-    def capabilities(self) -> EngineCapabilities:
-        return self._caps
-
-    @property
-    def vm(self) -> Vm:
-        if self._vm is None:
-            raise EngineError(errno.EINVAL, "engine is not attached to a Vm")
-        return self._vm
-
     def attach(self, vm: Vm) -> None:
-        if self._vm is not None:
-            raise EngineError(errno.EBUSY, "engine already attached to a Vm")
-        if vm.address_spaces > self._caps.address_spaces:
-            raise EngineError(errno.EINVAL, f"KVM here has {self._caps.address_spaces} "
-                                            f"address space(s); the Vm has {vm.address_spaces}")
-        self._vm = vm
+        self._claim(vm)
         with vm.slots_lock, self._lock:
             for as_id in range(vm.address_spaces):
                 for s in vm.slot_set(as_id):

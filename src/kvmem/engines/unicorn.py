@@ -59,7 +59,7 @@ from unicorn.unicorn_const import (
 from .. import sync
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
-from . import EngineCapabilities, EngineError, Exit, ExitKind, Regs
+from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
     from ..slots import Change, MemorySlot
@@ -75,7 +75,7 @@ _REGS = (("eax", X.UC_X86_REG_EAX), ("ebx", X.UC_X86_REG_EBX), ("ecx", X.UC_X86_
 _RAM, _SLOW = "ram", "slow"
 
 
-class UnicornEngine:
+class UnicornEngine(AttachedOnce):
     """kvmem on Unicorn. Create with `Vm(engine="unicorn")`; reach it as `vm.engine`."""
 
     name = "unicorn"
@@ -89,20 +89,8 @@ class UnicornEngine:
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
                       "stops": 0, "restarts": 0}
 
-    @property
-    def capabilities(self) -> EngineCapabilities:
-        return self._caps
-
-    @property
-    def vm(self) -> Vm:
-        if self._vm is None:
-            raise EngineError(errno.EINVAL, "engine is not attached to a Vm")
-        return self._vm
-
     def attach(self, vm: Vm) -> None:
-        if self._vm is not None:
-            raise EngineError(errno.EBUSY, "engine already attached to a Vm")
-        self._vm = vm
+        self._claim(vm)
         with vm.mmu.lock:
             vm.mmu.mirrors.append(self)
         vm.add_listener(self)
@@ -499,21 +487,26 @@ class UnicornVcpu:
                 return spte
             sync.pause()
 
+    def _hook_fault(self, address: int, size: int, write: bool) -> Spte | None:
+        """The fault path for a memory hook, outside the guest: the spte to map, None for
+        the slow path (MMIO, read-only, tracked), or None with `_fatal` set."""
+        self._leave()
+        try:
+            return self._fault(address, write)
+        except (MmioExit, TrackedWrite):
+            return None
+        except MemoryFault as e:
+            self._fatal = Exit(ExitKind.INTERNAL_ERROR, address, size, write, detail=str(e))
+            return None
+        finally:
+            self._enter()
+
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      data: Any) -> bool:
         gfn = address >> PAGE_SHIFT
         fetch = access == UC_MEM_FETCH_UNMAPPED
         write = access == UC_MEM_WRITE_UNMAPPED
-        self._leave()
-        spte: Spte | None = None
-        try:
-            spte = self._fault(address, write)
-        except (MmioExit, TrackedWrite):
-            spte = None
-        except MemoryFault as e:
-            self._fatal = Exit(ExitKind.INTERNAL_ERROR, address, size, write, detail=str(e))
-        finally:
-            self._enter()
+        spte = self._hook_fault(address, size, write)
         if self._fatal is not None or (spte is None and fetch):
             return False
         if self._pending_covers(gfn):
@@ -533,16 +526,7 @@ class UnicornVcpu:
             # a fenced region, or a read of PROT_NONE: unmap what is pending and retry
             self._restart = _nothing
             return False
-        self._leave()
-        spte: Spte | None = None
-        try:
-            spte = self._fault(address, True)
-        except (MmioExit, TrackedWrite):
-            spte = None
-        except MemoryFault as e:
-            self._fatal = Exit(ExitKind.INTERNAL_ERROR, address, size, True, detail=str(e))
-        finally:
-            self._enter()
+        spte = self._hook_fault(address, size, True)
         if self._fatal is not None:
             return False
         if self._pending_covers(gfn):
