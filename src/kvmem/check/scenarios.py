@@ -158,13 +158,11 @@ def transaction_vs_reader() -> Instance:
 POISON = b"REUSED!!"
 
 
-def delete_vs_accessor() -> Instance:
-    """A slot is deleted while a reader reads through it; once the delete returns, the VMM
-    reuses the host memory. The reader must get the old bytes or EFAULT — never bytes
-    written after the delete returned (that would be a use of the old mapping)."""
+def _delete_vs_reader(read: Callable[[Vm], Callable[[], bytes]], who: str) -> Instance:
     mem = _memory(b"original")
     vm = new_vm()
     vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
+    read_8 = read(vm)
 
     def delete() -> None:
         vm.set_memory_region(0, 0, 0, 0, 0)
@@ -172,35 +170,30 @@ def delete_vs_accessor() -> Instance:
 
     def reader() -> None:
         with contextlib.suppress(GuestAccessError):
-            data = vm.read(0, 8)
-            assert data != POISON, "reader used the deleted slot's mapping after the " \
+            data = read_8()
+            assert data != POISON, f"{who} used the deleted slot's mapping after the " \
                                    "delete returned"
             assert data == b"original", f"reader got {data!r}"
 
     return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
+
+
+def delete_vs_accessor() -> Instance:
+    """A slot is deleted while a reader reads through it; once the delete returns, the VMM
+    reuses the host memory. The reader must get the old bytes or EFAULT — never bytes
+    written after the delete returned (that would be a use of the old mapping)."""
+    return _delete_vs_reader(lambda vm: lambda: vm.read(0, 8), "reader")
 
 
 def delete_vs_hva_cache() -> Instance:
     """`delete-vs-accessor` for a reader that goes through an hva cache
     (kvm_read_guest_cached): once the delete returns, nothing read through the cache may
     come from the deleted slot's memory."""
-    mem = _memory(b"original")
-    vm = new_vm()
-    vm.set_memory_region(0, 0, 0, PAGE, mem.hva)
-    cache = vm.hva_cache(0, 8)
+    def through_cache(vm: Vm) -> Callable[[], bytes]:
+        cache = vm.hva_cache(0, 8)
+        return lambda: cache.read(0, 8)
 
-    def delete() -> None:
-        vm.set_memory_region(0, 0, 0, 0, 0)
-        mem.view()[:8] = POISON
-
-    def reader() -> None:
-        with contextlib.suppress(GuestAccessError):
-            data = cache.read(0, 8)
-            assert data != POISON, "hva cache read the deleted slot's memory after the " \
-                                   "delete returned"
-            assert data == b"original", f"reader got {data!r}"
-
-    return Instance([("vmm", delete), ("reader", reader)], close=lambda: close_memory(mem))
+    return _delete_vs_reader(through_cache, "hva cache")
 
 
 def move_vs_vcpu() -> Instance:
