@@ -311,3 +311,14 @@ def test_smram_tracking_is_per_address_space(mem: kvmem.HostMemory) -> None:
     vcpu.guest_write(4 * PAGE, b"s")
     assert rec.writes == [(4 * PAGE, b"s")]
     assert vm.read(4 * PAGE, 1) == b"n" and vcpu.read(4 * PAGE, 1) == b"s"
+
+
+def test_queries_refuse_a_missing_address_space(mem: kvmem.HostMemory) -> None:
+    vm = kvmem.Vm(address_spaces=1)
+    pt = vm.page_track
+    for query in (pt.is_tracked, pt.count):
+        with pytest.raises(kvmem.KvmError) as e:
+            query(0, as_id=1)
+        assert e.value.errno == errno.EINVAL
+    with pytest.raises(kvmem.KvmError):
+        pt.tracked_gfns(as_id=1)

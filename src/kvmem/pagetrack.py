@@ -182,15 +182,18 @@ class PageTrack:
 
     def is_tracked(self, gfn: int, as_id: int = 0) -> bool:
         """Whether `gfn` is write-tracked now (takes the MMU lock: safe for notifiers)."""
+        as_id = self._vm._as(as_id)
         with self._mmu.lock:
             return gfn in self._counts[as_id]
 
     def count(self, gfn: int, as_id: int = 0) -> int:
+        as_id = self._vm._as(as_id)
         with self._mmu.lock:
             return self._counts[as_id].get(gfn, 0)
 
     def tracked_gfns(self, as_id: int = 0) -> list[int]:
         """Every tracked gfn of `as_id`, sorted (engines mirror these)."""
+        as_id = self._vm._as(as_id)
         with self._mmu.lock:
             return sorted(self._counts[as_id])
 
