@@ -126,8 +126,16 @@ def batches() -> dict[str, tuple[Callable[[int], None], int]]:
     def srcu_section(r: int) -> None:
         lk, ul = srcu.read_lock, srcu.read_unlock
         for _ in passes:
-            lk(); ul(); lk(); ul(); lk(); ul(); lk(); ul()  # noqa: E702
-            lk(); ul(); lk(); ul(); lk(); ul(); lk(); ul()  # noqa: E702
+            ul(lk()); ul(lk()); ul(lk()); ul(lk())  # noqa: E702
+            ul(lk()); ul(lk()); ul(lk()); ul(lk())  # noqa: E702
+
+    def srcu_inline(r: int) -> None:
+        s, nx = srcu, next
+        for _ in passes:
+            for _ in range(UNROLL):
+                i = s.index
+                nx(s.locks[i])
+                nx(s.unlocks[i])
 
     def rw_read(r: int) -> None:
         read = rw.read
@@ -142,7 +150,7 @@ def batches() -> dict[str, tuple[Callable[[int], None], int]]:
         ("mutex_calls", mutex_calls), ("attr_read", attr_read), ("atomic_value", atomic_value),
         ("atomic_load", atomic_load), ("attr_store", attr_store),
         ("atomic_store", atomic_store), ("locked_add", locked_add), ("atomic_add", atomic_add),
-        ("srcu_section", srcu_section), ("rw_read", rw_read))}
+        ("srcu_section", srcu_section), ("srcu_inline", srcu_inline), ("rw_read", rw_read))}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                      target=2.0, baseline_label="with lock: x += 1", id="atomic_add"))
     rep.add(C.Figure("Srcu read section / with Lock", s["srcu_section"], s["with_lock"],
                      target=4.0, baseline_label=lock, id="srcu_section"))
+    rep.add(C.Figure("Srcu read section, inlined / with Lock", s["srcu_inline"],
+                     s["with_lock"], target=2.0, baseline_label=lock, id="srcu_inline",
+                     note="the hot paths' form: index, next(locks[i]), next(unlocks[i])"))
     rep.add(C.Figure("with RwLock.read() / with Lock", s["rw_read"], s["with_lock"],
                      target=6.0, baseline_label=lock, id="rwlock_read",
                      note="read_lock and read_unlock each take the rwlock's internal lock: "

@@ -797,6 +797,7 @@ def _apply_change(vm: Vm, model: _Model, step: tuple[object, ...]) -> None:
 def _check_access(vm: Vm, vcpu: kvmem.Vcpu, model: _Model, step: tuple[object, ...]) -> None:
     op, who, page, off, n, seed = step
     assert isinstance(page, int) and isinstance(off, int) and isinstance(n, int)
+    assert isinstance(seed, int)
     gpa = page * PAGE + off
     data = random.Random(seed).randbytes(n) if op == "write" else bytes(n)
     if who == "vm":

@@ -80,7 +80,7 @@ def test_patches_and_twins_are_gone_after_exploring() -> None:
         vm.set_memory_region(0, 0, 0, 1 << 16, mem.hva)
         vm.write(0x100, b"after")
         assert vm.read(0x100, 5) == b"after"
-    assert all(not r.owner.closed for r in host._table.load()[1])
+    assert all(not m.closed for m in host.mappings())
 
 
 # -- the search ---------------------------------------------------------------------------
@@ -265,11 +265,11 @@ def _srcu_reader_writer(grace: bool) -> Callable[[], Instance]:
         freed: set[str] = set()
 
         def reader() -> None:
-            srcu.read_lock()
+            token = srcu.read_lock()
             value = published.load()
             sync.pause()  # a scheduling point while the value is in use
             assert value not in freed, f"use after free of {value!r}"
-            srcu.read_unlock()
+            srcu.read_unlock(token)
 
         def updater() -> None:
             published.store("new")

@@ -125,7 +125,7 @@ def test_missing_kvm_gives_reason_and_unicorn_engine(
 def test_software_model_is_a_default_vm(capsys: pytest.CaptureFixture[str]) -> None:
     sw = info_json(capsys)["software"]
     vm = kvmem.Vm()
-    caps = vm.capabilities
+    caps = vm.limits
     assert sw["address_spaces"] == caps.address_spaces
     assert sw["max_slots"] == caps.max_slots
     assert sw["readonly_mem"] is caps.readonly_mem

@@ -115,7 +115,7 @@ def test_manual_protect_can_be_turned_off(logged: tuple[Vm, HostMemory]) -> None
     vm, _ = logged
     vm.enable_manual_dirty_log_protect()
     touch(vm, 0x100000, {9})
-    vm.enable_manual_dirty_log_protect(enable=False)
+    vm.disable_manual_dirty_log_protect()
     assert bits(vm.get_dirty_log(0)) == {9}
     assert bits(vm.get_dirty_log(0)) == set()
 
@@ -495,7 +495,7 @@ def test_4gib_slot_mark_get_clear_are_fast(big_mem: HostMemory) -> None:
     empty = vm.get_dirty_log(0)
     vm.clear(4 * GiB + 8 * PAGE, 4096 * PAGE)  # 16 MiB: 4096 pages marked
     marked = vm.get_dirty_log(0)
-    vm.enable_manual_dirty_log_protect(enable=False)
+    vm.disable_manual_dirty_log_protect()
     harvested = vm.get_dirty_log(0)
     again = vm.get_dirty_log(0)
     elapsed = time.perf_counter() - t0
@@ -521,7 +521,7 @@ def test_4gib_split_carries_bits_quickly() -> None:
     vm = Vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 4 * GiB, 4 * GiB, UNMAPPED_HVA)
-    vm.enable_manual_dirty_log_protect(enable=False)  # new pieces start empty...
+    vm.disable_manual_dirty_log_protect()  # new pieces start empty...
     t0 = time.perf_counter()
     with vm.transaction() as tx:
         first, second = tx.split(0, [6 * GiB + 64 * PAGE])

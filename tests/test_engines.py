@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, cast
 
 import pytest
 
@@ -22,6 +23,9 @@ from kvmem.engines import Exit, ExitKind, Regs, kvm_usable
 from kvmem.engines import atomic as atomic_demo
 from kvmem.guests import PORT_RESULT, build, program
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
+
+if TYPE_CHECKING:
+    from kvmem.engines.kvm import KvmEngineVcpu
 
 KVM_REASON = kvm_usable()
 ENGINES = [
@@ -257,7 +261,7 @@ def test_smm_vcpu_sees_address_space_1() -> None:
         cpu.start(CODE, Regs(esi=0x200000, ecx=1, ebx=0x99))
         cpu.vcpu.smm = True
         assert str(cpu.run()) == "io 0x10/4 out 9a000000"
-        assert smram.view()[:4] == b"\x9a\x00\x00\x00"
+        assert bytes(smram.view()[:4]) == b"\x9a\x00\x00\x00"
         assert vm.read(0x200000, 4) == bytes(4)  # address space 0 untouched
     finally:
         vm.engine.close()
@@ -315,8 +319,8 @@ def test_kvm_write_exit_of_a_split_merged_back_meanwhile_is_not_lost(
     performs it instead of handing it out as an MMIO exit."""
     from kvmem.kvmapi import KVM_EXIT_MMIO, KvmMmio
     vm = make_vm("kvm")
-    assert vm.engine is not None
-    cpu = vm.engine.create_vcpu(0)
+    assert vm.engine is not None and vm.engine.name == "kvm"
+    cpu = cast("KvmEngineVcpu", vm.engine.create_vcpu(0))  # reaches into its exit decoding
     vm.page_track.add_gfn(0x200)
     vm.page_track.remove_gfn(0x200)  # merged back before the exit is looked at
     assert not vm.engine.split_covers(0, 0x200)  # type: ignore[attr-defined]

@@ -12,9 +12,17 @@ import pytest
 
 import kvmem
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
+from kvmem.mmu import Spte
 
 MiB = 1 << 20
 PAGE = 4096
+
+
+def mapped(vm: kvmem.Vm, gfn: int) -> Spte:
+    """The spte mapping `gfn` in address space 0; the gfn must be mapped."""
+    spte = vm.mmu.spte(0, gfn)
+    assert spte is not None, f"gfn {gfn:#x} is not mapped"
+    return spte
 
 
 class Recorder:
@@ -84,9 +92,9 @@ def test_a_read_fault_maps_a_tracked_gfn_read_only(vm: kvmem.Vm) -> None:
     vm.page_track.add_gfn(6)
     vcpu = vm.create_vcpu(0)
     vcpu.guest_read(6 * PAGE, 1)  # a read of a writable page would map it writable
-    assert not vm.mmu.spte(0, 6).writable
+    assert not mapped(vm, 6).writable
     vcpu.guest_read(7 * PAGE, 1)
-    assert vm.mmu.spte(0, 7).writable
+    assert mapped(vm, 7).writable
 
 
 def test_add_gfn_write_protects_a_writable_mapping(vm: kvmem.Vm) -> None:
@@ -94,11 +102,11 @@ def test_add_gfn_write_protects_a_writable_mapping(vm: kvmem.Vm) -> None:
     vm.set_memory_region(1, 0, 8 * MiB, PAGE, vm.slots()[0].hva + 4 * MiB)  # 4 KiB only
     vcpu.guest_write(8 * MiB, b"w")
     gfn = 8 * MiB // PAGE
-    assert vm.mmu.spte(0, gfn).writable
+    assert mapped(vm, gfn).writable
     rec = Recorder()
     vm.page_track.register(rec)
     vm.page_track.add_gfn(gfn)
-    assert not vm.mmu.spte(0, gfn).writable
+    assert not mapped(vm, gfn).writable
     vcpu.guest_write(8 * MiB, b"x")
     assert rec.writes == [(8 * MiB, b"x")] and vm.read(8 * MiB, 1) == b"x"
 
@@ -108,23 +116,23 @@ def test_tracking_breaks_a_huge_mapping_up(vm: kvmem.Vm, mem: kvmem.HostMemory) 
         pytest.skip("host memory is not 2 MiB aligned here")
     vcpu = vm.create_vcpu(0)
     vcpu.guest_write(0x1000, b"a")
-    assert vm.mmu.spte(0, 1).npages == 512
+    assert mapped(vm, 1).npages == 512
     vm.page_track.add_gfn(7)
     assert vm.mmu.stats["broken_huge"] == 1
     assert vm.mmu.mapped(0) == 512  # still mapped, now as 4 KiB pieces
-    assert vm.mmu.spte(0, 1).npages == 1 and vm.mmu.spte(0, 1).writable
-    assert not vm.mmu.spte(0, 7).writable
+    assert mapped(vm, 1).npages == 1 and mapped(vm, 1).writable
+    assert not mapped(vm, 7).writable
     faults = vm.mmu.stats["faults"]
     vcpu.guest_write(0x3000, b"b")  # an untracked page of the block: no fault
     assert vm.mmu.stats["faults"] == faults
     # a new fault in the block (second 2 MiB is fresh) maps 4 KiB while 7 is tracked
     vm.mmu.zap_gfn_range(0, 0, 512)
     vcpu.guest_read(0x8000, 1)
-    assert vm.mmu.spte(0, 8).npages == 1
+    assert mapped(vm, 8).npages == 1
     vm.page_track.remove_gfn(7)
     vm.mmu.zap_gfn_range(0, 0, 512)
     vcpu.guest_read(0x8000, 1)
-    assert vm.mmu.spte(0, 8).npages == 512
+    assert mapped(vm, 8).npages == 512
 
 
 def test_counters_nest(vm: kvmem.Vm) -> None:
@@ -137,13 +145,13 @@ def test_counters_nest(vm: kvmem.Vm) -> None:
     assert not pt.is_tracked(9)
     vcpu = vm.create_vcpu(0)
     vcpu.guest_write(9 * PAGE, b"z")  # untracked again: mapped writable by the fault
-    assert vm.mmu.spte(0, 9).writable
+    assert mapped(vm, 9).writable
 
 
 def test_counter_saturates_at_u16(vm: kvmem.Vm) -> None:
     pt = vm.page_track
-    with vm.mmu.lock:
-        pt._set(0, 3, 0xFFFF)
+    for _ in range(0xFFFF):
+        pt.add_gfn(3)
     with pytest.raises(kvmem.KvmError) as e:
         pt.add_gfn(3)
     assert e.value.errno == errno.EINVAL and pt.count(3) == 0xFFFF
@@ -269,7 +277,12 @@ def test_unregister_waits_for_a_callback_in_flight(vm: kvmem.Vm) -> None:
     writer.start()
     assert entered.wait(5)
     done = threading.Event()
-    un = threading.Thread(target=lambda: (vm.page_track.unregister(slow), done.set()))
+
+    def unregister() -> None:
+        vm.page_track.unregister(slow)
+        done.set()
+
+    un = threading.Thread(target=unregister)
     un.start()
     time.sleep(0.05)
     assert not done.is_set()
@@ -282,14 +295,11 @@ def test_unregister_waits_for_a_callback_in_flight(vm: kvmem.Vm) -> None:
 def test_engines_hear_tracking_transitions(vm: kvmem.Vm) -> None:
     heard: list[tuple[int, int, bool]] = []
 
-    class Engine:
-        def slots_invalidated(self, vm: kvmem.Vm, slot: kvmem.MemorySlot) -> None: ...
-        def slots_committed(self, vm: kvmem.Vm, changes: object) -> None: ...
-        def dirty_log_reprotect(self, *a: object) -> None: ...
+    class Engine(kvmem.SlotsListener):
         def track_changed(self, vm: kvmem.Vm, as_id: int, gfn: int, tracked: bool) -> None:
             heard.append((as_id, gfn, tracked))
 
-    vm.add_listener(Engine())  # type: ignore[arg-type]
+    vm.add_listener(Engine())
     pt = vm.page_track
     pt.add_gfn(3)
     pt.add_gfn(3)

@@ -3,8 +3,9 @@ threads discard and remap host memory, split / merge and move slots in transacti
 a pfn-cache user writes through `lock()`.
 
 Oracles:
-- stale: every access through an spte or a pfn cache checks that the host page it uses is
-  still the one it was built on (`stats["stale_uses"]` must stay 0);
+- stale: after every host change no spte maps a page the change replaced
+  (`vm.mmu.stale_sptes()` is empty), and every use of the pfn cache finds its page still
+  the one it was built on (`stale_uses` must stay 0);
 - lost write: each vCPU owns pages; it writes a fresh value and reads it back. A host
   change to a page is bracketed by a per-page seqlock (odd while in progress), so when no
   change overlapped the write and the read, the read must return the value;
@@ -20,6 +21,7 @@ from __future__ import annotations
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import kvmem
@@ -66,10 +68,10 @@ def run_stress(seconds: float, vcpus: int = 3, seed: int = 1) -> StressResult:
     stop = threading.Event()
     lock = threading.Lock()
 
-    def guard(fn: object) -> object:
+    def guard(fn: Callable[..., object]) -> Callable[..., None]:
         def run(*args: object) -> None:
             try:
-                fn(*args)  # type: ignore[operator]
+                fn(*args)
             except BaseException as e:
                 with lock:
                     result.errors.append(f"{type(e).__name__}: {e}")
@@ -163,6 +165,10 @@ def run_stress(seconds: float, vcpus: int = 3, seed: int = 1) -> StressResult:
             for q in range(p, p + n):
                 epoch_a[q] += 1
             result.host_changes += 1
+            stale = vm.mmu.stale_sptes()
+            if stale:
+                with lock:
+                    result.stats["stale_uses"] = result.stats.get("stale_uses", 0) + len(stale)
             # host changes come in bursts with gaps; back-to-back without gaps they starve
             # slot updates and pfn-cache refreshes (both wait for none in flight, as in KVM)
             time.sleep(0.002 if result.host_changes % 8 == 0 else 0)
@@ -170,15 +176,17 @@ def run_stress(seconds: float, vcpus: int = 3, seed: int = 1) -> StressResult:
     def gpc_user() -> None:
         gpc = vm.pfn_cache()
         gpc.activate(GPC_PAGE * PAGE, 8)  # a page in the split/merged, discarded slot
-        uses = 0
+        uses = stale = 0
         while not stop.is_set():
             with gpc.lock(8, dirty=True) as view:
+                if gpc.frame is None or not gpc.frame.current():
+                    stale += 1
                 view[:] = uses.to_bytes(8, "little")
             uses += 1
         gpc.deactivate()
         with lock:
             result.gpc_uses += uses
-            result.stats["gpc_stale_uses"] = gpc.stats["stale_uses"]
+            result.stats["gpc_stale_uses"] = stale
             result.stats["gpc_invalidations"] = gpc.stats["invalidations"]
             result.stats["gpc_retries"] = gpc.stats["retries"]
 
@@ -195,6 +203,7 @@ def run_stress(seconds: float, vcpus: int = 3, seed: int = 1) -> StressResult:
         assert not t.is_alive(), "a stress thread hung"
     result.seconds = time.monotonic() - start
     result.stats.update(vm.mmu.stats)
+    result.stats.setdefault("stale_uses", 0)
     mem_a.close()
     mem_b.close()
     return result

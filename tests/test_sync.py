@@ -103,7 +103,12 @@ def test_srcu_synchronize_waits_for_older_readers_only() -> None:
     t.start()
     entered.wait(10)
     done = threading.Event()
-    s = threading.Thread(target=lambda: (srcu.synchronize(), done.set()))
+
+    def synchronize() -> None:
+        srcu.synchronize()
+        done.set()
+
+    s = threading.Thread(target=synchronize)
     s.start()
     time.sleep(0.05)
     assert not done.is_set(), "synchronize returned while a reader from before it was inside"
@@ -113,8 +118,30 @@ def test_srcu_synchronize_waits_for_older_readers_only() -> None:
     s.join(10)
     t.join(10)
     assert done.is_set() and srcu.grace_periods == 1
-    with srcu.read(), pytest.raises(RuntimeError, match="inside a read section"):
+
+
+def test_srcu_sections_nest_and_a_section_begun_after_synchronize_does_not_hold_it() -> None:
+    srcu = sync.Srcu("s")
+    outer = srcu.read_lock()
+    inner = srcu.read_lock()
+    done = threading.Event()
+
+    def synchronize() -> None:
         srcu.synchronize()
+        done.set()
+
+    s = threading.Thread(target=synchronize)
+    s.start()
+    time.sleep(0.05)
+    srcu.read_unlock(inner)
+    time.sleep(0.05)
+    assert not done.is_set(), "synchronize returned with the outer section still open"
+    late = srcu.read_lock()  # begun after the flip: synchronize does not wait for it
+    srcu.read_unlock(outer)
+    s.join(10)
+    assert done.is_set()
+    srcu.read_unlock(late)
+    srcu.synchronize()  # and nothing is left inside
 
 
 def test_condition_wait_until_and_timeout() -> None:

@@ -6,6 +6,7 @@ import errno
 import random
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 
@@ -18,7 +19,7 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def mem() -> kvmem.HostMemory:
+def mem() -> Iterator[kvmem.HostMemory]:
     m = kvmem.HostMemory.anonymous(64 * MiB)
     yield m
     m.close()
@@ -62,13 +63,13 @@ def test_one_publication_across_address_spaces(mem: kvmem.HostMemory,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     vm = kvmem.Vm()
     syncs: list[tuple[int, int]] = []
-    real = vm.srcu.synchronize
+    real = vm.memslots.srcu.synchronize
 
     def spy() -> None:
         syncs.append((vm.generation(0), vm.generation(1)))
         real()
 
-    monkeypatch.setattr(vm.srcu, "synchronize", spy)
+    monkeypatch.setattr(vm.memslots.srcu, "synchronize", spy)
     with vm.transaction() as tx:
         for i in range(10):
             tx.set_memory_region(i, 0, i * MiB, MiB, mem.hva + i * MiB)

@@ -1,14 +1,25 @@
 """Guest memory accessors (kvm-semantics §3): read / write / clear by gpa, and the hva cache.
 
+Defines `GuestMemory` — the one accessor path, for one address space of one VM: the `Vm`
+(address space 0), every `Vcpu` (the address space it is in) and the hva cache's slow path
+all copy through it — and `HvaCache` (KVM's gfn_to_hva_cache).
+
 Rules of this room:
-- Every function takes the `SlotSet` it resolves against and a `lookup` (the VM-wide or a
-  vCPU's last-used-slot lookup); the caller chooses the address space and holds the
-  SRCU read section. Nothing here knows about vCPUs, transactions or engines.
-- KVM walks page by page; we walk *slot runs*: the longest stretch of the request that one
-  slot backs, copied with one memmove. The observable result is KVM's: the first page that
-  fails stops the access with EFAULT, earlier pages stay written, and written pages of
-  dirty-logging slots are marked.
-- Only `host` dereferences an hva; a run whose host memory is unmapped or protected fails
+- Every copy runs inside one read section of `host.guard`, and so does the slot lookup
+  it copies for. `Memslots.grace_period` waits for that section: once a slot update
+  returns, no copy is still using the old mapping. Host changes that make memory
+  inaccessible (protect, remap, close) wait for it too.
+- KVM walks page by page; the general path walks *slot runs*: the longest stretch of the
+  request that one slot backs, merged into one copy where runs continue each other in
+  host memory. The result is KVM's: the first page that fails stops the access with
+  EFAULT, earlier pages stay written, and written pages of dirty-logging slots are marked
+  (through the `mark` the owner gives: a VM marks bitmaps, a vCPU may push to its ring).
+- An access within one page takes the memo: the slot set's `read_views` / `write_views`
+  (gfn → a view of the host page, tagged with `host.epoch`). An entry is made only while no
+  host change is in flight and is used only while the epoch has not moved; a slot change
+  publishes a new set with empty memos. So the memo never answers differently from the
+  general path — it only skips the lookups.
+- Only `host` dereferences an hva: a run whose host memory is unmapped or protected fails
   like a faulting `copy_{from,to}_user` at the first inaccessible page.
 """
 
@@ -18,8 +29,10 @@ import ctypes
 import errno
 from collections.abc import Callable
 
-from . import host, sync
+from . import host
+from .args import as_bytes, as_int, check_range
 from .errors import GuestAccessError, KvmError
+from .memslots import Memslots
 from .slots import MemorySlot, SlotSet
 from .uapi import (
     KVM_MEM_READONLY,
@@ -29,38 +42,25 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["HvaCache", "byte_view", "check_range", "clear", "read", "write"]
+__all__ = ["GuestMemory", "HvaCache", "MarkDirty", "mark_bitmap"]
 
-Lookup = Callable[[int], MemorySlot | None]
+# mark(slot, first page, count): pages of a logging slot a write touched (slot-relative)
+MarkDirty = Callable[[MemorySlot, int, int], None]
 
 _memset = ctypes.memset
+_VIEWS_MAX = 4096  # page views remembered per slot set and kind (cleared when full)
+_NOT_READABLE = KVM_MEMSLOT_INVALID
+_NOT_WRITABLE = KVM_MEMSLOT_INVALID | KVM_MEM_READONLY
 
 
-def check_range(gpa: object, n: object) -> tuple[int, int]:
-    """API-boundary checks for a (gpa, length) pair."""
-    if not isinstance(gpa, int) or isinstance(gpa, bool):
-        raise TypeError(f"gpa must be an int, not {type(gpa).__name__}")
-    if not isinstance(n, int) or isinstance(n, bool):
-        raise TypeError(f"length must be an int, not {type(n).__name__}")
-    if gpa < 0 or gpa > U64_MAX:
-        raise KvmError(errno.EINVAL, f"gpa {gpa:#x} is not a 64-bit guest physical address")
-    if n < 0:
-        raise KvmError(errno.EINVAL, f"length {n} is negative")
-    return gpa, n
-
-
-def byte_view(data: object) -> memoryview:
-    """Any bytes-like object as a flat, C-contiguous memoryview of bytes."""
-    if isinstance(data, bytes | bytearray):
-        return memoryview(data)
-    if not isinstance(data, memoryview):
-        try:
-            data = memoryview(data)  # type: ignore[arg-type]
-        except TypeError:
-            raise TypeError(f"data must be bytes-like, not {type(data).__name__}") from None
-    if not data.c_contiguous:
-        return memoryview(data.tobytes())
-    return data if data.format == "B" and data.ndim == 1 else data.cast("B")
+def mark_bitmap(slot: MemorySlot, first: int, count: int) -> None:
+    """The default `MarkDirty`: the slot's dirty bitmap (mark_page_dirty_in_slot)."""
+    bitmap = slot.dirty_bitmap
+    if bitmap is not None:
+        if count == 1:
+            bitmap.mark(first)
+        else:
+            bitmap.mark_range(first, count)
 
 
 def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAccessError:
@@ -75,17 +75,23 @@ def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAcc
                             gpa, done)
 
 
-def _runs(lookup: Lookup, gpa: int, n: int, write: bool
+def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
+    op = "write to" if write else "read from"
+    return GuestAccessError(errno.EFAULT, f"{op} gpa {gpa:#x}: host memory behind it is "
+                            f"unmapped or protected ({done} bytes done)", gpa, done)
+
+
+def _runs(slots: SlotSet, gpa: int, n: int, write: bool
           ) -> tuple[list[tuple[MemorySlot, int, int]], GuestAccessError | None]:
     """Split [gpa, gpa+n) into (slot, hva, length) runs, stopping at the first hole."""
     runs: list[tuple[MemorySlot, int, int]] = []
     done = 0
-    bad = KVM_MEMSLOT_INVALID | (KVM_MEM_READONLY if write else 0)
+    bad = _NOT_WRITABLE if write else _NOT_READABLE
     while done < n:
         cur = gpa + done
         if cur > U64_MAX:
             return runs, _hole(None, cur, done, write)
-        slot = lookup(cur >> PAGE_SHIFT)
+        slot = slots.search(cur >> PAGE_SHIFT)
         if slot is None or slot.flags & bad:
             return runs, _hole(slot, cur, done, write)
         avail = (slot.end_gfn << PAGE_SHIFT) - cur
@@ -93,23 +99,6 @@ def _runs(lookup: Lookup, gpa: int, n: int, write: bool
         runs.append((slot, slot.hva + (cur - (slot.base_gfn << PAGE_SHIFT)), length))
         done += length
     return runs, None
-
-
-def _mark_dirty(slot: MemorySlot, hva: int, length: int) -> None:
-    bitmap = slot.dirty_bitmap
-    if bitmap is not None:
-        first = (hva - slot.hva) >> PAGE_SHIFT
-        last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
-        if first == last:
-            bitmap.mark(first)
-        else:
-            bitmap.mark_range(first, last - first + 1)
-
-
-def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
-    op = "write to" if write else "read from"
-    return GuestAccessError(errno.EFAULT, f"{op} gpa {gpa:#x}: host memory behind it is "
-                            f"unmapped or protected ({done} bytes done)", gpa, done)
 
 
 def _spans(runs: list[tuple[MemorySlot, int, int]]) -> list[tuple[int, int]]:
@@ -124,78 +113,190 @@ def _spans(runs: list[tuple[MemorySlot, int, int]]) -> list[tuple[int, int]]:
     return spans
 
 
-def read(lookup: Lookup, gpa: int, n: int) -> bytes:
-    """`kvm_read_guest`: bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError`
-    with `partial` holding the bytes read before it."""
-    runs, hole = _runs(lookup, gpa, n, False)
-    parts: list[memoryview] = []
-    done = 0
-    host.guard.read_lock()
-    try:
-        for hva, length in _spans(runs):
-            segs, ok = host.views(hva, length, host.PROT_READ)
-            parts += segs
-            if ok != length:
-                hole = _host_fault(gpa + done + ok, done + ok, False)
-                break
-            done += length
-        out = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
-    finally:
-        host.guard.read_unlock()
-    if hole is not None:
-        hole.partial = out
-        raise hole
-    return out
+class GuestMemory:
+    """Reads, writes and clears of one address space's guest memory (KVM's
+    `kvm_read_guest` / `kvm_write_guest` / `kvm_clear_guest`, and the `kvm_vcpu_*` twins)."""
 
+    __slots__ = ("_changing", "_epoch", "_guard", "_root", "as_id", "mark")
 
-def write(lookup: Lookup, gpa: int, src: memoryview) -> None:
-    """`kvm_write_guest`: write `src` (a `byte_view`) at gpa, marking written pages of
-    logging slots."""
-    n = src.nbytes
-    runs, hole = _runs(lookup, gpa, n, True)
-    done = 0
-    host.guard.read_lock()
-    try:
-        for hva, length in _spans(runs):
-            segs, ok = host.views(hva, length, host.PROT_WRITE)
-            for seg in segs:
-                k = len(seg)
-                seg[:] = src[done:done + k]
-                done += k
-            if ok != length:
-                hole = _host_fault(gpa + done, done, True)
-                break
-    finally:
-        host.guard.read_unlock()
-    pos = 0
-    for slot, hva, length in runs:
-        if pos >= done:
-            break
-        if slot.dirty_bitmap is not None:
-            _mark_dirty(slot, hva, min(length, done - pos))
-        pos += length
-    if hole is not None:
-        raise hole
+    def __init__(self, memslots: Memslots, as_id: int, mark: MarkDirty = mark_bitmap) -> None:
+        self.as_id = as_id
+        self.mark = mark
+        self._root = memslots.active
+        # bound once: the checker builds its VMs after installing its twins in `host`
+        self._guard = host.guard
+        self._epoch = host.epoch
+        self._changing = host.changing
 
+    # -- the section --------------------------------------------------------------------------
+    def enter(self) -> int:
+        """Begin an accessor section (a read section of the host guard); returns the token
+        `leave` takes."""
+        return self._guard.read_lock()
 
-def clear(lookup: Lookup, gpa: int, n: int) -> None:
-    """`kvm_clear_guest`: zero guest [gpa, gpa+n), marking pages dirty."""
-    runs, hole = _runs(lookup, gpa, n, True)
-    done = 0
-    host.guard.read_lock()
-    try:
-        for slot, hva, length in runs:
-            ok = host.accessible(hva, length, host.PROT_WRITE)
-            if ok:
-                _memset(hva, 0, ok)
-                _mark_dirty(slot, hva, ok)
-            if ok != length:
-                raise _host_fault(gpa + done + ok, done + ok, True)
-            done += length
-    finally:
-        host.guard.read_unlock()
-    if hole is not None:
-        raise hole
+    def leave(self, token: int) -> None:
+        self._guard.read_unlock(token)
+
+    # -- public accessors --------------------------------------------------------------------
+    # The small-access paths inline the guard's read section (`kvmem.sync.Srcu`'s protocol)
+    # and use literals for the page geometry (4096): every attribute load shows here.
+
+    def read(self, gpa: int, n: int) -> bytes:
+        """Bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError` with `partial`
+        holding the bytes read before it."""
+        if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
+            guard = self._guard
+            i = guard.index
+            next(guard.locks[i])
+            try:
+                slots = self._root.value[self.as_id]
+                e = slots.read_views.get(gpa >> 12)
+                if e is None or e[0] != self._epoch.value:
+                    e = self._fill_read(slots, gpa >> 12)
+                if e is not None:
+                    off = gpa & 4095
+                    return bytes(e[1][off:off + n])
+            finally:
+                next(guard.unlocks[i])
+        gpa, n = check_range(gpa, n)
+        return self._read_runs(gpa, n)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        """Write `data` at gpa, marking written pages of logging slots."""
+        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
+            guard = self._guard
+            i = guard.index
+            next(guard.locks[i])
+            try:
+                slots = self._root.value[self.as_id]
+                gfn = gpa >> 12
+                e = slots.write_views.get(gfn)
+                if e is None or e[0] != self._epoch.value:
+                    e = self._fill_write(slots, gfn)
+                if e is not None:
+                    off = gpa & 4095
+                    # past the page end the slice is shorter than `data`: ValueError, and
+                    # nothing was written (the general path below takes it)
+                    e[1][off:off + len(data)] = data
+                    if e[2] is not None and data:
+                        self.mark(e[2], gfn - e[2].base_gfn, 1)
+                    return
+            except ValueError:
+                pass
+            finally:
+                next(guard.unlocks[i])
+        gpa, _ = check_range(gpa, 0)
+        self._write_runs(gpa, as_bytes("data", data))
+
+    def clear(self, gpa: int, n: int) -> None:
+        """Zero guest [gpa, gpa+n), marking pages dirty."""
+        gpa, n = check_range(gpa, n)
+        token = self._guard.read_lock()
+        try:
+            runs, hole = _runs(self._root.value[self.as_id], gpa, n, True)
+            done = 0
+            for slot, hva, length in runs:
+                ok = host.accessible(hva, length, host.PROT_WRITE)
+                if ok:
+                    _memset(hva, 0, ok)
+                    self._mark_span(slot, hva, ok)
+                if ok != length:
+                    raise _host_fault(gpa + done + ok, done + ok, True)
+                done += length
+        finally:
+            self._guard.read_unlock(token)
+        if hole is not None:
+            raise hole
+
+    # -- the memo (caller inside the section) ------------------------------------------------
+    def _fill_read(self, slots: SlotSet, gfn: int) -> tuple[int, memoryview] | None:
+        epoch = self._epoch.value
+        if self._changing.value:
+            return None
+        slot = slots.search(gfn)
+        if slot is None or slot.flags & _NOT_READABLE:
+            return None
+        view = host.page(slot.hva_of(gfn), host.PROT_READ)
+        if view is None:
+            return None
+        e = (epoch, view)
+        memo = slots.read_views
+        if len(memo) >= _VIEWS_MAX:
+            memo.clear()
+        memo[gfn] = e
+        return e
+
+    def _fill_write(self, slots: SlotSet, gfn: int
+                    ) -> tuple[int, memoryview, MemorySlot | None] | None:
+        epoch = self._epoch.value
+        if self._changing.value:
+            return None
+        slot = slots.search(gfn)
+        if slot is None or slot.flags & _NOT_WRITABLE:
+            return None
+        view = host.page(slot.hva_of(gfn), host.PROT_WRITE)
+        if view is None:
+            return None
+        e = (epoch, view, slot if slot.dirty_bitmap is not None else None)
+        memo = slots.write_views
+        if len(memo) >= _VIEWS_MAX:
+            memo.clear()
+        memo[gfn] = e
+        return e
+
+    # -- the general path: slot runs ----------------------------------------------------------
+    def _mark_span(self, slot: MemorySlot, hva: int, length: int) -> None:
+        if slot.dirty_bitmap is not None and length > 0:
+            first = (hva - slot.hva) >> PAGE_SHIFT
+            last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
+            self.mark(slot, first, last - first + 1)
+
+    def _read_runs(self, gpa: int, n: int) -> bytes:
+        parts: list[memoryview] = []
+        done = 0
+        token = self._guard.read_lock()
+        try:
+            runs, hole = _runs(self._root.value[self.as_id], gpa, n, False)
+            for hva, length in _spans(runs):
+                segs, ok = host.views(hva, length, host.PROT_READ)
+                parts += segs
+                if ok != length:
+                    hole = _host_fault(gpa + done + ok, done + ok, False)
+                    break
+                done += length
+            out = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
+        finally:
+            self._guard.read_unlock(token)
+        if hole is not None:
+            hole.partial = out
+            raise hole
+        return out
+
+    def _write_runs(self, gpa: int, src: memoryview) -> None:
+        n = src.nbytes
+        done = 0
+        token = self._guard.read_lock()
+        try:
+            runs, hole = _runs(self._root.value[self.as_id], gpa, n, True)
+            for hva, length in _spans(runs):
+                segs, ok = host.views(hva, length, host.PROT_WRITE)
+                for seg in segs:
+                    k = len(seg)
+                    seg[:] = src[done:done + k]
+                    done += k
+                if ok != length:
+                    hole = _host_fault(gpa + done, done, True)
+                    break
+            pos = 0
+            for slot, hva, length in runs:
+                if pos >= done:
+                    break
+                self._mark_span(slot, hva, min(length, done - pos))
+                pos += length
+        finally:
+            self._guard.read_unlock(token)
+        if hole is not None:
+            raise hole
 
 
 # ------------------------------------------------------------------------------------------
@@ -207,24 +308,31 @@ _HVA_ERR_BAD = -1
 class HvaCache:
     """KVM's `gfn_to_hva_cache` over address space 0: remembers gpa → hva for a range and
     re-resolves lazily when the slot generation moves. A range within one page is served
-    by a direct copy; a range crossing pages takes the accessor (slow) path every time.
-    Host mapping changes do not invalidate it (only slot changes do), exactly as in KVM.
-    `read`/`write` run inside a read section of `srcu` (the VM's), as KVM's callers hold
-    kvm->srcu: the check of the generation and the copy must both happen before a slot
-    update's grace period ends, or the copy may use a deleted slot's memory."""
+    by a direct copy; a range crossing pages takes the accessor path every time. Host
+    mapping changes do not invalidate it (only slot changes do), exactly as in KVM: the
+    direct copy goes to whatever the hva maps now. `read`/`write` run inside the accessor
+    section: the check of the generation and the copy both happen before a slot update's
+    grace period ends, or the copy could use a deleted slot's memory."""
 
-    __slots__ = ("_current", "_srcu", "generation", "gpa", "hva", "len", "memslot")
+    __slots__ = ("_memory", "_view", "generation", "gpa", "hva", "len", "memslot")
 
-    def __init__(self, current: Callable[[], SlotSet], gpa: int, length: int,
-                 srcu: sync.Srcu | None = None) -> None:
-        self._current = current
-        self._srcu = srcu
+    def __init__(self, memory: GuestMemory, gpa: int, length: int) -> None:
+        self._memory = memory
         self.generation = 0
         self.gpa = gpa
         self.len = length
         self.hva = _HVA_ERR_BAD
         self.memslot: MemorySlot | None = None
-        self._init(gpa, length)
+        # (host epoch, view of the page, writable): a direct copy's page
+        self._view: tuple[int, memoryview, bool] | None = None
+        token = memory.enter()
+        try:
+            self._init(gpa, length)
+        finally:
+            memory.leave(token)
+
+    def _current(self) -> SlotSet:
+        return self._memory._root.value[0]
 
     def _init(self, gpa: int, length: int) -> None:
         slots = self._current()
@@ -234,6 +342,7 @@ class HvaCache:
         self.len = length
         self.hva = _HVA_ERR_BAD
         self.memslot = None
+        self._view = None
         start_gfn = gpa >> PAGE_SHIFT
         end_gfn = (gpa + length - 1) >> PAGE_SHIFT
         if start_gfn > end_gfn:
@@ -241,8 +350,8 @@ class HvaCache:
         gfn = start_gfn
         first: MemorySlot | None = None
         while gfn <= end_gfn:
-            slot = slots.lookup(gfn)
-            if slot is None or slot.flags & (KVM_MEMSLOT_INVALID | KVM_MEM_READONLY):
+            slot = slots.search(gfn)
+            if slot is None or slot.flags & _NOT_WRITABLE:
                 raise _hole(slot, gfn << PAGE_SHIFT, (gfn - start_gfn) << PAGE_SHIFT, True)
             if first is None:
                 first = slot
@@ -252,8 +361,10 @@ class HvaCache:
         if start_gfn == end_gfn:
             self.memslot = first
 
-    def _revalidate(self, offset: int, n: int) -> MemorySlot | None:
-        if offset < 0 or n < 0 or offset + n > self.len:
+    def _revalidate(self, offset: object, n: int) -> tuple[int, MemorySlot | None]:
+        """Inside the section: check the range, re-init after a slot change."""
+        offset = as_int("offset", offset)
+        if offset < 0 or offset + n > self.len:
             raise KvmError(errno.EINVAL, f"offset {offset} + {n} bytes exceeds the cached "
                                          f"{self.len} bytes")
         if self._current().generation != self.generation:
@@ -265,63 +376,65 @@ class HvaCache:
         if self.hva == _HVA_ERR_BAD:
             raise GuestAccessError(errno.EFAULT, "hva cache holds an error translation",
                                    self.gpa + offset, 0)
-        return self.memslot
+        return offset, self.memslot
+
+    def _page(self, offset: int, write: bool) -> memoryview:
+        """The view of the cached page (inside the section), fetched again after any host
+        change; EFAULT where the hva is not accessible now."""
+        v = self._view
+        if v is not None and v[0] == host.epoch.value and (v[2] or not write):
+            return v[1]
+        epoch = host.epoch.value
+        writable = host.page(self.hva, host.PROT_RW) is not None
+        view = host.page(self.hva, host.PROT_WRITE if write else host.PROT_READ)
+        if view is None:
+            raise _host_fault(self.gpa + offset, 0, write)
+        if not host.changing.value:
+            self._view = (epoch, view, writable)
+        return view
 
     def read(self, offset: int, n: int) -> bytes:
-        srcu = self._srcu
-        if srcu is None:
-            return self._read(offset, n)
-        srcu.read_lock()
+        memory = self._memory
+        if offset.__class__ is int and n.__class__ is int and offset >= 0 and \
+                0 <= n <= self.len - offset:
+            # a cached page still good: same slot generation, no host change since
+            guard = memory._guard
+            i = guard.index
+            next(guard.locks[i])
+            try:
+                v = self._view
+                if v is not None and v[0] == memory._epoch.value and self.memslot is not None \
+                        and memory._root.value[0].generation == self.generation:
+                    start = (self.hva & 4095) + offset
+                    return bytes(v[1][start:start + n])
+            finally:
+                next(guard.unlocks[i])
+        n = as_int("length", n)
+        if n < 0:
+            raise KvmError(errno.EINVAL, f"length {n} is negative")
+        token = memory.enter()
         try:
-            return self._read(offset, n)
+            offset, slot = self._revalidate(offset, n)
+            if slot is None:
+                return memory._read_runs(self.gpa + offset, n)
+            start = (self.hva & PAGE_MASK) + offset
+            return bytes(self._page(offset, False)[start:start + n])
         finally:
-            srcu.read_unlock()
+            memory.leave(token)
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        srcu = self._srcu
-        if srcu is None:
-            self._write(offset, data)
-            return
-        srcu.read_lock()
-        try:
-            self._write(offset, data)
-        finally:
-            srcu.read_unlock()
-
-    def _read(self, offset: int, n: int) -> bytes:
-        slot = self._revalidate(offset, n)
-        if slot is None:
-            return read(self._current().lookup, self.gpa + offset, n)
-        host.guard.read_lock()
-        try:
-            segs, ok = host.views(self.hva + offset, n, host.PROT_READ)
-            if ok != n:
-                raise _host_fault(self.gpa + offset, 0, False)
-            return bytes(segs[0]) if len(segs) == 1 else b"".join(segs)
-        finally:
-            host.guard.read_unlock()
-
-    def _write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        src = byte_view(data)
+        src = as_bytes("data", data)
         n = src.nbytes
-        slot = self._revalidate(offset, n)
-        if slot is None:
-            write(self._current().lookup, self.gpa + offset, src)
-            return
-        host.guard.read_lock()
+        memory = self._memory
+        token = memory.enter()
         try:
-            segs, ok = host.views(self.hva + offset, n, host.PROT_WRITE)
-            if ok != n:
-                raise _host_fault(self.gpa + offset, 0, True)
-            pos = 0
-            for seg in segs:
-                seg[:] = src[pos:pos + len(seg)]
-                pos += len(seg)
+            offset, slot = self._revalidate(offset, n)
+            if slot is None:
+                memory._write_runs(self.gpa + offset, src)
+                return
+            start = (self.hva & PAGE_MASK) + offset
+            self._page(offset, True)[start:start + n] = src
+            if slot.dirty_bitmap is not None:
+                memory.mark(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
         finally:
-            host.guard.read_unlock()
-        bitmap = slot.dirty_bitmap
-        if bitmap is not None:
-            bitmap.mark(((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn)
-
-
-
+            memory.leave(token)

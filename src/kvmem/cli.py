@@ -159,7 +159,7 @@ def _host_kvm() -> HostKvm:
 
 def _software_model() -> SoftwareModel:
     vm = Vm()
-    caps = vm.capabilities
+    caps = vm.limits
     return SoftwareModel(
         address_spaces=caps.address_spaces,
         smm=caps.address_spaces > 1,

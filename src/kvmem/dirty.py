@@ -101,9 +101,16 @@ class DirtyBitmap:
         if count <= 0:
             return
         with src._lock:
-            raw = np.frombuffer(src._bits, dtype=np.uint8)[
-                src_first >> 3:(src_first + count + 7) >> 3]
-            bits = np.unpackbits(raw, bitorder="little")[(src_first & 7):(src_first & 7) + count]
+            raw = bytes(src._bits[src_first >> 3:(src_first + count + 7) >> 3])
+        self.merge_bytes(raw, src_first & 7, dst_first, count)
+
+    def merge_bytes(self, raw: bytes, first_bit: int, dst_first: int, count: int) -> None:
+        """OR `count` bits of `raw` (KVM's layout: bit i of byte j is bit 8j + i), from bit
+        `first_bit`, into bits [dst_first, dst_first + count) of this bitmap."""
+        if count <= 0:
+            return
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")[
+            first_bit:first_bit + count]
         if not bits.any():
             return
         pad = dst_first & 7

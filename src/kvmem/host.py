@@ -12,6 +12,10 @@ Defines:
   with that protection. Accessors copy only what it allows, inside a `guard` read
   section, so an unmapped or protected range fails like a faulting `copy_{from,to}_user`
   (EFAULT) instead of crashing the process.
+- `epoch` / `changing` — every change bumps `epoch` when it begins and when it ends, and
+  counts itself in `changing` meanwhile. A cache of page views (the accessors' per-slot-set
+  memo) remembers the epoch it was filled at, fills only while nothing is changing, and
+  trusts an entry only while the epoch is the same: no cached view outlives a change.
 
 Theory: the mapping table is an immutable sorted tuple republished on every change, and
 copies run inside a read section of `guard` (an `Srcu`). Unmapping and protecting first
@@ -27,13 +31,15 @@ import errno
 import mmap
 import os
 from bisect import bisect_right as _bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 
 from . import sync
+from .args import as_int
 from .errors import KvmError
 from .uapi import PAGE_MASK, PAGE_SHIFT
 
@@ -41,8 +47,14 @@ __all__ = [
     "HostMemory",
     "InvalidationListener",
     "accessible",
+    "changing",
+    "epoch",
     "guard",
+    "mappings",
     "notifiers",
+    "page",
+    "rebuild_shared_state",
+    "restore_shared_state",
 ]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -110,8 +122,36 @@ class _Notifiers:
             listener.invalidate_range_end(start, end)
 
 
+# The module's shared synchronization (`rebuild_shared_state` makes them anew)
 notifiers = _Notifiers()
 guard = sync.Srcu("host.guard")
+# bumped when a change begins and when it ends; `changing` counts changes in flight
+epoch: sync.Atomic[int] = sync.Atomic(0)
+changing: sync.Atomic[int] = sync.Atomic(0)
+# called whenever host pages are replaced (the concurrency checker makes it a point where
+# another thread may run: the world changing under kvmem)
+page_replaced: Callable[[], None] | None = None
+
+
+def _begin_change() -> None:
+    changing.add(1)
+    epoch.add(1)
+
+
+def _end_change() -> None:
+    epoch.add(1)
+    changing.add(-1)
+
+
+@contextmanager
+def changes_in_flight() -> Iterator[None]:
+    """Bracket a change made to host mappings behind `HostMemory`'s back (a VMM's own
+    mmap over guest memory): cached page views are not trusted across it."""
+    _begin_change()
+    try:
+        yield
+    finally:
+        _end_change()
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,12 +168,50 @@ class _Region:
 _table: sync.Atomic[tuple[tuple[int, ...], tuple[_Region, ...]]] = sync.Atomic(((), ()))
 _table_lock = sync.Mutex("host.table")
 
+SharedState = tuple[object, ...]
+
+
+def rebuild_shared_state() -> SharedState:
+    """Build the module's shared objects (notifier list, guard, mapping table and its
+    lock, epoch counters) anew from the current `kvmem.sync` classes, keeping the mapping
+    table's contents; returns the previous ones for `restore_shared_state`. For a
+    concurrency checker that swaps `kvmem.sync` for scheduler-aware twins: objects built
+    at import are not twins, and a cut-short schedule must not leave its locks held."""
+    global notifiers, guard, epoch, changing, _table, _table_lock
+    saved: SharedState = (notifiers, guard, epoch, changing, _table, _table_lock)
+    notifiers = _Notifiers()
+    guard = sync.Srcu("host.guard")
+    epoch = sync.Atomic(epoch.load())
+    changing = sync.Atomic(0)
+    _table = sync.Atomic(_table.load())
+    _table_lock = sync.Mutex("host.table")
+    return saved
+
+
+def restore_shared_state(saved: SharedState) -> None:
+    """Put back what `rebuild_shared_state` replaced; the mapping table keeps what was
+    mapped and unmapped meanwhile."""
+    global notifiers, guard, epoch, changing, _table, _table_lock
+    table, moved = _table.load(), epoch.load()
+    notifiers, guard, epoch, changing, _table, _table_lock = saved  # type: ignore[assignment]
+    _table.store(table)
+    epoch.store(max(epoch.load(), moved) + 2)  # no page view cached meanwhile is trusted
+
 
 def _republish(drop: HostMemory | None, add: Iterable[_Region]) -> None:
     _table_lock.assert_held()
     regions = [r for r in _table.load()[1] if r.owner is not drop] + list(add)
     regions.sort(key=lambda r: r.start)
     _table.store((tuple(r.start for r in regions), tuple(regions)))
+
+
+def mappings() -> list[HostMemory]:
+    """Every live mapping with at least one accessible page, in hva order."""
+    out: list[HostMemory] = []
+    for r in _table.load()[1]:
+        if not out or out[-1] is not r.owner:
+            out.append(r.owner)
+    return out
 
 
 def accessible(hva: int, n: int, prot: int) -> int:
@@ -167,7 +245,12 @@ class Frame:
 
     def current(self) -> bool:
         """Still the page the hva maps (no discard/remap/unmap since it was resolved)."""
-        return not self.owner._closed and int(self.owner._frames[self.index]) == self.incarnation
+        owner = self.owner
+        return not owner._closed and owner._inc[self.index] == self.incarnation
+
+    def view(self, npages: int = 1) -> memoryview:
+        """A memoryview over this page (and the `npages - 1` after it) of the mapping."""
+        return self.owner.page_view(self.index, npages)
 
 
 def resolve(hva: int, write: bool) -> Frame | None:
@@ -183,7 +266,22 @@ def resolve(hva: int, write: bool) -> Frame | None:
         return None
     owner = r.owner
     index = (hva - owner.hva) >> PAGE_SHIFT
-    return Frame(owner, index, int(owner._frames[index]), bool(r.prot & PROT_WRITE))
+    return Frame(owner, index, owner._inc[index], bool(r.prot & PROT_WRITE))
+
+
+def page(hva: int, prot: int) -> memoryview | None:
+    """A memoryview over the whole host page of `hva` if it is mapped with at least
+    `prot`, else None. Use it inside a `guard` read section, or while something else
+    guarantees the page stays accessible (see `epoch`)."""
+    starts, regions = _table.value
+    i = _bisect_right(starts, hva) - 1
+    if i < 0:
+        return None
+    r = regions[i]
+    if hva >= r.end or r.prot & prot != prot:
+        return None
+    off = (hva - r.owner.hva) & ~PAGE_MASK
+    return r.owner._mv[off:off + (1 << PAGE_SHIFT)]
 
 
 def views(hva: int, n: int, prot: int) -> tuple[list[memoryview], int]:
@@ -233,6 +331,7 @@ class HostMemory:
         # which host page backs each page now: bumped when discard/remap/close replace it
         # (np.zeros is calloc: untouched entries of a huge mapping cost nothing)
         self._frames = np.zeros(size >> PAGE_SHIFT, dtype=np.uint32)
+        self._inc = memoryview(self._frames.data)  # scalar reads without a NumPy scalar
         # per-page protection, as runs: [(start_offset, end_offset, prot)]
         self._prot: list[tuple[int, int, int]] = [(0, size, PROT_RW)]
         with _table_lock:
@@ -240,8 +339,7 @@ class HostMemory:
 
     @staticmethod
     def _check_size(size: object) -> None:
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise TypeError(f"size must be an int, not {type(size).__name__}")
+        size = as_int("size", size)
         if size <= 0 or size & PAGE_MASK:
             raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096")
 
@@ -304,11 +402,26 @@ class HostMemory:
     def closed(self) -> bool:
         return self._closed
 
+    # -- pages (kvmem's pfns) -------------------------------------------------------------
+    def incarnation(self, index: int) -> int:
+        """Which host page backs page `index` now: it changes whenever discard, remap or
+        close replace the page."""
+        return self._inc[index]
+
+    def incarnations(self, index: int, npages: int) -> bytes:
+        """The incarnations of pages [index, index + npages), 4 bytes each."""
+        return self._frames[index:index + npages].tobytes()
+
+    def page_view(self, index: int, npages: int = 1) -> memoryview:
+        """A memoryview over pages [index, index + npages). Use it only while something
+        guarantees the pages stay mapped (a read section of `guard`, or the stage-2
+        protocol that zaps and flushes before every change)."""
+        off = index << PAGE_SHIFT
+        return self._mv[off:off + (npages << PAGE_SHIFT)]
+
     # -- changes, each an invalidation ----------------------------------------------------
-    def _check_range(self, offset: int, length: int) -> None:
-        for name, v in (("offset", offset), ("length", length)):
-            if not isinstance(v, int) or isinstance(v, bool):
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
+    def _check_range(self, offset: object, length: object) -> None:
+        offset, length = as_int("offset", offset), as_int("length", length)
         self._check_open()
         if offset < 0 or length <= 0 or offset & PAGE_MASK or length & PAGE_MASK:
             raise KvmError(errno.EINVAL, f"range {offset:#x}+{length:#x} must be page-aligned")
@@ -324,11 +437,15 @@ class HostMemory:
         self._check_range(offset, length)
         start, end = self.hva + offset, self.hva + offset + length
         with self._lock:
-            notifiers.start(start, end)
+            _begin_change()
             try:
-                action()
+                notifiers.start(start, end)
+                try:
+                    action()
+                finally:
+                    notifiers.end(start, end)
             finally:
-                notifiers.end(start, end)
+                _end_change()
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the pages (MADV_DONTNEED; hole punch for memfd/file): they read as zero."""
@@ -362,6 +479,7 @@ class HostMemory:
 
     def protect(self, offset: int, length: int, prot: int) -> None:
         """mprotect the range: PROT_NONE, PROT_READ or PROT_READ|PROT_WRITE."""
+        prot = as_int("prot", prot)
         if prot not in (PROT_NONE, PROT_READ, PROT_RW):
             raise KvmError(errno.EINVAL, f"prot {prot} must be PROT_NONE, PROT_READ or PROT_RW")
 
@@ -377,6 +495,7 @@ class HostMemory:
 
     def protection(self, offset: int) -> int:
         """The protection of the page at `offset`."""
+        offset = as_int("offset", offset)
         for s, e, p in self._prot:
             if s <= offset < e:
                 return p
@@ -404,6 +523,8 @@ class HostMemory:
         guard.synchronize()
 
     def _new_frames(self, offset: int, length: int) -> None:
+        if page_replaced is not None:
+            page_replaced()
         self._frames[offset >> PAGE_SHIFT:(offset + length) >> PAGE_SHIFT] += 1
 
     def close(self) -> None:
@@ -412,19 +533,38 @@ class HostMemory:
             return
         with self._lock:
             start, end = self.hva, self.hva + self.size
-            notifiers.start(start, end)
+            _begin_change()
             try:
-                with _table_lock:
-                    _republish(self, ())
-                guard.synchronize()
-                self._closed = True
-                self._new_frames(0, self.size)
-                if _munmap(self.hva, self.size) != 0:
-                    raise _oserror("munmap")
-                if self.fd is not None:
-                    os.close(self.fd)
+                notifiers.start(start, end)
+                try:
+                    self._unmap()
+                finally:
+                    notifiers.end(start, end)
             finally:
-                notifiers.end(start, end)
+                _end_change()
+
+    def _unmap(self) -> None:
+        with _table_lock:
+            _republish(self, ())
+        guard.synchronize()
+        self._closed = True
+        self._new_frames(0, self.size)
+        if _munmap(self.hva, self.size) != 0:
+            raise _oserror("munmap")
+        if self.fd is not None:
+            os.close(self.fd)
+
+    def force_close(self) -> None:
+        """Unmap without telling anyone and without a grace period: for a concurrency
+        checker whose schedule was cut short with locks held and readers stranded. Never
+        use it on memory anything may still touch."""
+        if not self._closed:
+            with _table_lock:
+                _republish(self, ())
+            self._closed = True
+            _munmap(self.hva, self.size)
+            if self.fd is not None:
+                os.close(self.fd)
 
     def __enter__(self) -> HostMemory:
         return self

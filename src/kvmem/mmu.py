@@ -1,4 +1,10 @@
-"""The MMU: host invalidations (KVM's MMU notifier), the software stage-2, the fault path.
+"""The MMU: host invalidations (KVM's MMU notifier), the software stage-2 with its
+write-tracking counters, the fault path, and what slot updates and dirty logging do to it.
+
+Defines `Mmu` (one per VM, given the VM's `Memslots`), `Spte`, `Stage2Access` (guest
+memory as a vCPU's code sees it, in one address space), the exits a guest access can
+end in (`MmioExit`, `MemoryFault`, `TrackedWrite`) and `Stage2Mirror`, what an engine
+that maps sptes itself (Unicorn) implements.
 
 Rules of this room:
 - Every stage-2 change happens under `lock` (KVM's mmu_lock). The invalidation state
@@ -7,39 +13,49 @@ Rules of this room:
   resolved before or during an invalidation is never installed.
 - A guest access through the stage-2 runs inside a `tlb` read section: a zap removes
   sptes, then `flush` waits for the section to drain — KVM's remote TLB flush. After a zap
-  returns, no access still uses what it removed.
-- `mn_active` counts invalidations between start and end; memslot swaps wait for it to be
-  zero (see `Vm._swap`), so the start and end of one invalidation see the same slots.
+  returns, no access still uses what it removed, so an access may copy through the view
+  an spte holds without asking the host whether the page is still mapped: every host
+  change that could unmap it is an invalidation, which zaps and flushes first.
+- Write-tracking counters (per gfn, u16, KVM's gfn_write_track) are stage-2 state: they
+  change, and are read, only under `lock`, so "tracked ⇒ never writable" holds at every
+  instant; 0→1 write-protects the gfn (breaking a 2 MiB mapping over it).
+- Host invalidations are counted in the memslots' gate (`Memslots.invalidation_started`)
+  between their start and their end, so a memslot swap never falls between them.
+- Nothing here knows the `Vm`: slot updates reach the MMU as calls from the update path
+  above (`slot_invalidated`, `slots_updating`, `slots_committed`, `dirty_log_reprotect`);
+  the tracked-write performer (page tracking) registers itself in `tracked_write`.
 
-Theory of the fault (DESIGN path 3): look the gfn up in the vCPU's address space; no slot
-→ `MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
+Theory of the fault (DESIGN path 3): look the gfn up in the address space; no slot →
+`MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
 lock; lock; `retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
 for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
-writable in a logging slot.
+writable in a logging slot. `fault_in` is the one retry loop around it: a retry leaves
+the SRCU read section first, as a vCPU re-entering the guest does, so an update can end.
 """
 
 from __future__ import annotations
 
 import errno
 import weakref
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from . import host, sync
+from .args import as_bytes, check_range
 from .errors import KvmError
 from .host import Frame
+from .memslots import Memslots
 from .slots import Change, ChangeKind, MemorySlot
-from .uapi import PAGE_SHIFT, PAGE_SIZE
+from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
-if TYPE_CHECKING:
-    from .vm import Vcpu, Vm
-
-__all__ = ["MemoryFault", "MmioExit", "Mmu", "Spte", "TrackedWrite"]
+__all__ = ["HUGE_PAGES", "MemoryFault", "MmioExit", "Mmu", "Spte", "Stage2Access",
+           "Stage2Mirror", "TrackedWrite"]
 
 HUGE_PAGES = 512  # 4 KiB pages in a 2 MiB mapping
+MAX_TRACK_COUNT = 0xFFFF  # KVM's write-track counters are u16
 
 
 class MmioExit(Exception):
@@ -57,7 +73,7 @@ class MmioExit(Exception):
 
 class TrackedWrite(Exception):
     """A guest write hit a write-tracked gfn: instead of mapping the page writable the
-    caller performs the write with `vm.page_track.write` (as KVM emulates it)."""
+    write is performed by page tracking (as KVM emulates it)."""
 
     def __init__(self, gpa: int) -> None:
         super().__init__(f"write to write-tracked gpa {gpa:#x}")
@@ -76,24 +92,29 @@ class MemoryFault(KvmError):
 @dataclass(frozen=True, slots=True)
 class Spte:
     """A stage-2 mapping of `npages` gfns from `gfn` (1, or 512 for a 2 MiB mapping) to the
-    host pages starting at `frame`."""
+    host pages starting at `frame`; `view` is a memoryview over those host pages."""
 
     gfn: int
     frame: Frame
     writable: bool
     npages: int = 1
     incarnations: bytes = b""  # 2 MiB mappings: each host page's incarnation at install
+    view: memoryview = field(default=memoryview(b""), compare=False, repr=False)
 
     def current(self, gfn: int) -> bool:
-        """The host page this spte maps for `gfn` is still the one it was built on (the
-        oracle of the stress tests: a stale use is a protocol bug)."""
+        """The host page this spte maps for `gfn` is still the one it was built on (a
+        stale spte is a protocol bug; `Mmu.stale_sptes` is the tests' oracle)."""
         f = self.frame
         if self.npages == 1:
             return f.current()
         i = gfn - self.gfn
-        return (not f.owner.closed and
-                int(f.owner._frames[f.index + i]) ==
+        return (not f.owner.closed and f.owner.incarnation(f.index + i) ==
                 int.from_bytes(self.incarnations[4 * i:4 * i + 4], "little"))
+
+
+def _spte(gfn: int, frame: Frame, writable: bool, npages: int = 1,
+          incarnations: bytes = b"") -> Spte:
+    return Spte(gfn, frame, writable, npages, incarnations, frame.view(npages))
 
 
 class _Retry(Exception):
@@ -112,6 +133,10 @@ class PfnCacheLike(Protocol):
     """What the invalidation path needs of a pfn cache (`kvmem.pfncache.PfnCache`)."""
 
     def invalidate_start(self, start: int, end: int) -> None: ...
+
+
+# the tracked-write performer: (as_id, gpa, bytes) — page tracking registers it
+TrackedWriteHandler = Callable[[int, int, memoryview], None]
 
 
 class _Notifier:
@@ -134,30 +159,29 @@ class _Notifier:
 
 
 class Mmu:
-    def __init__(self, vm: Vm) -> None:
-        self._vm = weakref.proxy(vm)
+    """A VM's MMU: see the module notes."""
+
+    def __init__(self, memslots: Memslots) -> None:
+        self._memslots = memslots
         self.lock = sync.Mutex("mmu_lock")
         self.tlb = sync.Srcu("mmu.tlb")
         self.seq: sync.Atomic[int] = sync.Atomic(0)
         self.in_progress: sync.Atomic[int] = sync.Atomic(0)
         self.range_start: sync.Atomic[int | None] = sync.Atomic(None)
         self.range_end: sync.Atomic[int | None] = sync.Atomic(None)
-        self.mn_lock = sync.Mutex("mn_invalidate_lock")
-        self.mn_done = sync.Condition(self.mn_lock)
-        # invalidations between start and end; changed under mn_lock, read locklessly by
-        # pfn-cache refreshes (which must not finish while one is in flight)
-        self.mn_active: sync.Atomic[int] = sync.Atomic(0)
-        # their hva ranges (for pfn-cache refreshes, which wait only for ones covering them)
-        self.mn_ranges: sync.Atomic[tuple[tuple[int, int], ...]] = sync.Atomic(())
-        # pfn caches that invalidations must reach (kvm->gpc_list), changed under gpc_lock
-        self.gpc_lock = sync.Mutex("gpc_lock")
+        # pfn caches of this VM (gfn_to_pfn_cache list), told of host invalidations first
+        self.gpc_lock = sync.Mutex("gpc_list")
         self.gpc_list: sync.Atomic[tuple[PfnCacheLike, ...]] = sync.Atomic(())
-        n = vm.limits.address_spaces
-        self._small: list[dict[int, Spte]] = [{} for _ in range(n)]
-        self._huge: list[dict[int, Spte]] = [{} for _ in range(n)]
+        n = memslots.limits.address_spaces
+        self._small: list[dict[int, Spte]] = [{} for _ in range(n)]  # gfn → 4 KiB spte
+        self._huge: list[dict[int, Spte]] = [{} for _ in range(n)]  # 2 MiB block → spte
+        self._track: list[dict[int, int]] = [{} for _ in range(n)]  # gfn → counter
+        self._track_blocks: list[dict[int, int]] = [{} for _ in range(n)]  # block → count
+        self._mirrors: list[Stage2Mirror] = []
         self._batch_open = False
-        self.mirrors: list[Stage2Mirror] = []
-        self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0, "stale_uses": 0,
+        self.tracked_write: TrackedWriteHandler | None = None
+        self.access = [Stage2Access(self, as_id) for as_id in range(n)]
+        self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
@@ -188,13 +212,17 @@ class Mmu:
         if self.in_progress.add(-1) < 0:
             raise AssertionError("invalidation end without begin")
 
-    def retry(self, seq: int) -> bool:
-        return self.in_progress.load() != 0 or self.seq.load() != seq
-
     def retry_gfn(self, seq: int, gfn: int) -> bool:
         """mmu_invalidate_retry_gfn: called with the lock held."""
         self.lock.assert_held()
         return self.retry_gfn_unsafe(seq, gfn)
+
+    def retry_gfn_unsafe(self, seq: int, gfn: int) -> bool:
+        if self.in_progress.load():
+            lo, hi = self.range_start.load(), self.range_end.load()
+            if lo is None or hi is None or lo <= gfn < hi:
+                return True
+        return self.seq.load() != seq
 
     def _range_busy(self, start: int, end: int) -> bool:
         """An invalidation in progress covers part of [start, end) (lock held)."""
@@ -204,25 +232,16 @@ class Mmu:
         lo, hi = self.range_start.load(), self.range_end.load()
         return lo is None or hi is None or (lo < end and start < hi)
 
-    def retry_gfn_unsafe(self, seq: int, gfn: int) -> bool:
-        if self.in_progress.load():
-            lo, hi = self.range_start.load(), self.range_end.load()
-            if lo is None or hi is None or lo <= gfn < hi:
-                return True
-        return self.seq.load() != seq
-
     # -- host side --------------------------------------------------------------------------
     def invalidate_range_start(self, start: int, end: int) -> None:
-        with self.mn_lock:
-            self.mn_active.add(1)
-            self.mn_ranges.store((*self.mn_ranges.load(), (start, end)))
+        self._memslots.invalidation_started(start, end)
         # pfn caches first, before in_progress rises and without filtering by slots: an
         # HVA-based cache may point at memory no slot maps
         for gpc in self.gpc_list.load():
             gpc.invalidate_start(start, end)
         hit = False
         try:
-            for slot, lo, hi in self._vm.hva_to_gfn_ranges(start, end):
+            for slot, lo, hi in self._memslots.hva_to_gfn_ranges(start, end):
                 if not hit:
                     self.lock.acquire()
                     self.begin()
@@ -237,29 +256,24 @@ class Mmu:
                 self.lock.release()
 
     def invalidate_range_end(self, start: int, end: int) -> None:
-        if any(True for _ in self._vm.hva_to_gfn_ranges(start, end)):
+        if any(True for _ in self._memslots.hva_to_gfn_ranges(start, end)):
             with self.lock:
                 self.end()
-        with self.mn_lock:
-            ranges = list(self.mn_ranges.load())
-            ranges.remove((start, end))
-            self.mn_ranges.store(tuple(ranges))
-            if self.mn_active.add(-1) == 0:
-                self.mn_done.notify_all()
-
-    def invalidating(self, hva: int) -> bool:
-        """A host invalidation covering `hva` is between its start and its end."""
-        return any(start <= hva < end for start, end in self.mn_ranges.load())
-
-    def wait_for_invalidations(self) -> None:
-        """Called by a memslot swap with `mn_lock` held: no invalidation may be between
-        its start and its end while the slots change under it."""
-        self.mn_done.wait_until(lambda: self.mn_active.load() == 0)
+        self._memslots.invalidation_ended(start, end)
 
     # -- stage-2 -----------------------------------------------------------------------------
     def flush(self) -> None:
         """Remote TLB flush: wait until no guest access uses a removed spte."""
         self.tlb.synchronize()
+
+    def add_mirror(self, mirror: Stage2Mirror) -> None:
+        with self.lock:
+            self._mirrors.append(mirror)
+
+    def remove_mirror(self, mirror: Stage2Mirror) -> None:
+        with self.lock:
+            if mirror in self._mirrors:
+                self._mirrors.remove(mirror)
 
     def _zap(self, as_id: int, start: int, end: int) -> int:
         self.lock.assert_held()
@@ -271,7 +285,7 @@ class Mmu:
         hgone = [h for h in list(huge) if h * HUGE_PAGES < end and (h + 1) * HUGE_PAGES > start]
         for h in hgone:
             del huge[h]
-        if self.mirrors and (gone or hgone):
+        if gone or hgone:
             self._unmap_mirrors(as_id, start, end)
         self.stats["zapped"] += len(gone) + len(hgone)
         return len(gone) + len(hgone)
@@ -279,7 +293,7 @@ class Mmu:
     def zap_gfn_range(self, as_id: int, start_gfn: int, end_gfn: int) -> int:
         """kvm_zap_gfn_range: drop the sptes of [start_gfn, end_gfn) in `as_id`, making
         concurrent faults in that range retry. Returns how many were dropped."""
-        self._vm._as(as_id)
+        as_id = self._memslots.address_space(as_id)
         if start_gfn >= end_gfn:
             return 0
         with self.lock:
@@ -295,12 +309,12 @@ class Mmu:
     def write_protect(self, as_id: int, gfns: Sequence[int]) -> int:
         """Make the sptes of `gfns` read-only (huge mappings are dropped)."""
         with self.lock:
-            n = self.write_protect_locked(as_id, gfns)
+            n = self._write_protect(as_id, gfns)
             if n:
                 self.flush()
             return n
 
-    def write_protect_locked(self, as_id: int, gfns: Sequence[int]) -> int:
+    def _write_protect(self, as_id: int, gfns: Sequence[int]) -> int:
         """`write_protect` for a caller that holds the lock and flushes (if this returns
         non-zero) before releasing it."""
         self.lock.assert_held()
@@ -309,7 +323,7 @@ class Mmu:
         for g in gfns:
             s = small.get(g)
             if s is not None and s.writable:
-                small[g] = Spte(g, s.frame, False)
+                small[g] = Spte(g, s.frame, False, 1, b"", s.view)
                 n += 1
                 self._unmap_mirrors(as_id, g, g + 1)
             if g // HUGE_PAGES in huge:
@@ -320,10 +334,10 @@ class Mmu:
 
     def _unmap_mirrors(self, as_id: int, start: int, end: int) -> None:
         self.lock.assert_held()
-        for mirror in self.mirrors:
+        for mirror in self._mirrors:
             mirror.stage2_unmapped(as_id, start, end)
 
-    def break_huge(self, as_id: int, block: int) -> bool:
+    def _break_huge(self, as_id: int, block: int) -> bool:
         """Replace the 2 MiB mapping of `block` (if any) by the 512 4 KiB mappings it
         stands for, each still checked against its own host page. Lock held; the caller
         flushes if this returns True."""
@@ -336,7 +350,7 @@ class Mmu:
         for i in range(HUGE_PAGES):
             inc = int.from_bytes(spte.incarnations[4 * i:4 * i + 4], "little")
             g = spte.gfn + i
-            small[g] = Spte(g, Frame(f.owner, f.index + i, inc, f.writable), spte.writable)
+            small[g] = _spte(g, Frame(f.owner, f.index + i, inc, f.writable), spte.writable)
         self.stats["broken_huge"] += 1
         return True
 
@@ -350,22 +364,107 @@ class Mmu:
         """Number of 4 KiB gfns mapped in `as_id`."""
         return len(self._small[as_id]) + HUGE_PAGES * len(self._huge[as_id])
 
+    def stale_sptes(self) -> list[tuple[int, int]]:
+        """(as_id, gfn) of every spte whose host page was replaced since it was installed.
+        Always empty when the protocol holds (an invalidation zaps before the host
+        changes a page, and no fault installs what it resolved before the change): the
+        oracle of the stress tests and the concurrency checker."""
+        with self.lock:
+            out = []
+            for as_id, (small, huge) in enumerate(zip(self._small, self._huge, strict=True)):
+                out += [(as_id, g) for g, s in small.items() if not s.current(g)]
+                out += [(as_id, s.gfn + i) for s in huge.values()
+                        for i in range(HUGE_PAGES) if not s.current(s.gfn + i)]
+            return out
+
+    # -- write tracking (the counters of page tracking) ---------------------------------------
+    def track(self, as_id: int, gfn: int, delta: int) -> int:
+        """Move the write-track counter of `gfn` by `delta` (lock held); returns the new
+        count. EINVAL past 0 or 65535, changing nothing. 0→1 write-protects the gfn."""
+        self.lock.assert_held()
+        counts = self._track[as_id]
+        was = counts.get(gfn, 0)
+        count = was + delta
+        if count < 0:
+            raise KvmError(errno.EINVAL, f"gfn {gfn:#x} is not write-tracked")
+        if count > MAX_TRACK_COUNT:
+            raise KvmError(errno.EINVAL, f"gfn {gfn:#x} is tracked {MAX_TRACK_COUNT} "
+                                         f"times already")
+        self._set_track(as_id, gfn, was, count)
+        return count
+
+    def _set_track(self, as_id: int, gfn: int, was: int, count: int) -> None:
+        counts, blocks = self._track[as_id], self._track_blocks[as_id]
+        block = gfn // HUGE_PAGES
+        if count:
+            counts[gfn] = count
+        else:
+            counts.pop(gfn, None)
+        if was == 0 and count > 0:
+            blocks[block] = blocks.get(block, 0) + 1
+            if self._break_huge(as_id, block) | self._write_protect(as_id, [gfn]):
+                self.flush()
+        elif was > 0 and count == 0:
+            if blocks[block] == 1:
+                del blocks[block]
+            else:
+                blocks[block] -= 1
+
+    def untrack_range(self, as_id: int, lo: int, hi: int) -> None:
+        """Drop every counter in [lo, hi) (the slot that mapped it went away; lock held)."""
+        self.lock.assert_held()
+        counts = self._track[as_id]
+        gone = [g for g in counts if lo <= g < hi] if len(counts) < hi - lo else \
+            [g for g in range(lo, hi) if g in counts]
+        for g in gone:
+            self._set_track(as_id, g, counts[g], 0)
+
+    def tracked(self, as_id: int, gfn: int) -> bool:
+        """kvm_gfn_is_write_tracked (lock held)."""
+        self.lock.assert_held()
+        return gfn in self._track[as_id]
+
+    def track_count(self, as_id: int, gfn: int) -> int:
+        with self.lock:
+            return self._track[as_id].get(gfn, 0)
+
+    def tracked_gfns(self, as_id: int) -> list[int]:
+        """Every tracked gfn of `as_id`, sorted."""
+        with self.lock:
+            return sorted(self._track[as_id])
+
     # -- the fault path ----------------------------------------------------------------------
-    def fault(self, vcpu: Vcpu, gpa: int, write: bool) -> Spte | None:
+    def fault(self, as_id: int, gpa: int, write: bool) -> Spte | None:
         """Resolve a guest access that found no (or no writable) spte, inside the VM's SRCU
-        read section. None means RET_PF_RETRY: the caller leaves the read section (as a
-        vCPU re-entering the guest does, so a slot update can finish) and tries again.
-        Raises `MmioExit` or `MemoryFault` where KVM would exit to userspace, and
-        `TrackedWrite` for a write the caller must perform through page tracking."""
+        read section. None means RET_PF_RETRY: the caller leaves the read section and tries
+        again (`fault_in` does). Raises `MmioExit` or `MemoryFault` where KVM would exit to
+        userspace, and `TrackedWrite` for a write page tracking must perform."""
         self.stats["faults"] += 1
         try:
-            return self._fault_once(vcpu, gpa, gpa >> PAGE_SHIFT, write)
+            return self._fault_once(as_id, gpa, gpa >> PAGE_SHIFT, write)
         except _Retry:
             self.stats["retries"] += 1
             return None
 
-    def _fault_once(self, vcpu: Vcpu, gpa: int, gfn: int, write: bool) -> Spte:
-        slot = vcpu.lookup(gfn)
+    def fault_in(self, as_id: int, gpa: int, write: bool) -> Spte:
+        """The spte for a guest access at `gpa`: the one there, or one faulted in, retrying
+        as a vCPU re-entering the guest does. Raises what `fault` raises."""
+        srcu = self._memslots.srcu
+        gfn = gpa >> PAGE_SHIFT
+        while True:
+            token = srcu.read_lock()
+            try:
+                spte = self.spte(as_id, gfn)
+                if spte is None or (write and not spte.writable):
+                    spte = self.fault(as_id, gpa, write)
+            finally:
+                srcu.read_unlock(token)
+            if spte is not None:
+                return spte
+            sync.pause()  # out of the read section: an update may be waiting for it
+
+    def _fault_once(self, as_id: int, gpa: int, gfn: int, write: bool) -> Spte:
+        slot = self._memslots.active.value[as_id].search(gfn)
         if slot is None:
             raise MmioExit(gpa, 0, write)
         seq = self.seq.load()
@@ -375,7 +474,7 @@ class Mmu:
             raise MmioExit(gpa, 0, True)
         if self.retry_gfn_unsafe(seq, gfn):
             raise _Retry
-        huge = self._huge_base(slot, gfn, write)
+        huge = self._huge_base(slot, gfn)
         first = huge if huge is not None else gfn
         frame = host.resolve(slot.hva_of(first), write)
         if frame is None:
@@ -391,37 +490,37 @@ class Mmu:
         with self.lock:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
-            track = self._vm.page_track
-            if huge is not None and (track.block_tracked(slot.as_id, huge // HUGE_PAGES)
+            if huge is not None and (huge // HUGE_PAGES in self._track_blocks[as_id]
                                      or self._range_busy(huge, huge + HUGE_PAGES)):
                 # tracking began in this 2 MiB block, or an invalidation is changing
                 # another page of it (kvmem's host changes a 4 KiB page without first
                 # invalidating the whole 2 MiB, as a THP split would): map only this
                 # gfn's page, which no invalidation has touched since `seq`
                 idx = frame.index + gfn - huge
-                frame = Frame(frame.owner, idx, int(frame.owner._frames[idx]), frame.writable)
+                frame = Frame(frame.owner, idx, frame.owner.incarnation(idx), frame.writable)
                 huge = None
-            if track.tracked(slot.as_id, gfn):
+            if self.tracked(as_id, gfn):
                 if write:
                     self.stats["tracked_faults"] += 1
                     raise TrackedWrite(gpa)
                 writable = False  # a tracked gfn is never writable in the stage-2
             if huge is not None:
-                inc = frame.owner._frames[frame.index:frame.index + HUGE_PAGES].tobytes()
-                spte = Spte(first, frame, writable, HUGE_PAGES, inc)
-                self._huge[slot.as_id][first // HUGE_PAGES] = spte
+                inc = frame.owner.incarnations(frame.index, HUGE_PAGES)
+                spte = _spte(first, frame, writable, HUGE_PAGES, inc)
+                self._huge[as_id][first // HUGE_PAGES] = spte
             else:
-                spte = Spte(gfn, frame, writable)
-                self._small[slot.as_id][gfn] = spte
+                spte = _spte(gfn, frame, writable)
+                self._small[as_id][gfn] = spte
             if writable and slot.dirty_bitmap is not None:
                 slot.dirty_bitmap.mark(gfn - slot.base_gfn)
             self.stats["installs"] += 1
             return spte
 
-    def _huge_base(self, slot: MemorySlot, gfn: int, write: bool) -> int | None:
+    @staticmethod
+    def _huge_base(slot: MemorySlot, gfn: int) -> int | None:
         """The first gfn of a 2 MiB mapping for `gfn`, if the slot allows one: the 2 MiB
-        range lies inside the slot, gpa and hva agree modulo 2 MiB, and the slot neither
-        does not log dirty pages."""
+        range lies inside the slot, gpa and hva agree modulo 2 MiB, and the slot does not
+        log dirty pages."""
         base = gfn - gfn % HUGE_PAGES
         if base < slot.base_gfn or base + HUGE_PAGES > slot.end_gfn:
             return None
@@ -433,43 +532,49 @@ class Mmu:
     def _huge_backed(frame: Frame) -> bool:
         """All 512 host pages from `frame` are one mapping's, unchanged and accessible."""
         owner = frame.owner
-        end = frame.index + HUGE_PAGES
-        if end > len(owner._frames):
+        if frame.index + HUGE_PAGES > owner.size >> PAGE_SHIFT:
             return False
         return host.accessible(frame.hva, HUGE_PAGES * PAGE_SIZE,
                                host.PROT_WRITE if frame.writable else host.PROT_READ
                                ) == HUGE_PAGES * PAGE_SIZE
 
-    # -- slot updates ----------------------------------------------------------------------
-    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
+    # -- slot updates (called by the update path, slots_lock held) ------------------------------
+    def slot_invalidated(self, slot: MemorySlot) -> None:
+        """A single DELETE/MOVE published the INVALID copy of `slot`: drop its sptes
+        (KVM's arch_flush_shadow_memslot)."""
         self.zap_gfn_range(slot.as_id, slot.base_gfn, slot.end_gfn)
 
-    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
+    def slots_updating(self, changes: Sequence[Change]) -> None:
         """A transaction is about to publish: open an invalidation over every range whose
-        mapping goes away or changes, and zap it; faults there retry until `committed`."""
+        mapping goes away, and zap it; faults there retry until `slots_committed`."""
         with self.lock:
             self.begin()
             for c in changes:
-                if c.old is not None and c.kind is not ChangeKind.CREATE:
+                if c.unmaps_old:
+                    assert c.old is not None
                     self.range_add(c.old.base_gfn, c.old.end_gfn)
                     self._zap(c.old.as_id, c.old.base_gfn, c.old.end_gfn)
             self.flush()
         self._batch_open = True
 
-    def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
+    def slots_committed(self, changes: Sequence[Change], initially_set: bool) -> None:
+        """`changes` are published: close a transaction's invalidation; a FLAGS_ONLY change
+        that turns dirty logging on write-protects the slot (lazily with INITIALLY_SET,
+        where only 2 MiB mappings go)."""
         if self._batch_open:
             self._batch_open = False
             with self.lock:
                 self.end()
         for c in changes:
             new, old = c.new, c.old
-            if new is None or c.kind is ChangeKind.CREATE:
+            if c.kind is not ChangeKind.FLAGS_ONLY or new is None or old is None:
                 continue
-            started = new.dirty_bitmap is not None and (old is None or old.dirty_bitmap is None)
-            if c.kind is ChangeKind.FLAGS_ONLY and started and not vm._initially_set():
-                self.write_protect(new.as_id, range(new.base_gfn, new.end_gfn))
-            elif c.kind is ChangeKind.FLAGS_ONLY and started:
+            if new.dirty_bitmap is None or old.dirty_bitmap is not None:
+                continue
+            if initially_set:
                 self._drop_huge(new)
+            else:
+                self.write_protect(new.as_id, range(new.base_gfn, new.end_gfn))
 
     def _drop_huge(self, slot: MemorySlot) -> None:
         with self.lock:
@@ -480,8 +585,111 @@ class Mmu:
                 self._unmap_mirrors(slot.as_id, h * HUGE_PAGES, (h + 1) * HUGE_PAGES)
             self.flush()
 
-    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
+    def dirty_log_reprotect(self, slot: MemorySlot, first_page: int,
                             words: Sequence[int]) -> None:
+        """Pages whose dirty bits were harvested or cleared are write-protected again: bit
+        b of words[i] is page first_page + 64*i + b of `slot`."""
         gfns = [slot.base_gfn + first_page + 64 * i + b
                 for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
         self.write_protect(slot.as_id, gfns)
+
+
+class Stage2Access:
+    """Guest memory as guest code sees it in one address space: reads and writes through
+    the stage-2, faulting pages in (path 3). Where KVM would exit, it raises `MmioExit`
+    (no slot, or a write to a read-only slot; earlier pages stay written) or
+    `MemoryFault`; a write to a tracked gfn is performed by page tracking (path 5).
+
+    Hits inline the `tlb` read section (`kvmem.sync.Srcu`'s protocol) and use literals
+    for the page geometry (4096, and 512 pages in a 2 MiB mapping)."""
+
+    __slots__ = ("_huge", "_mmu", "_small", "_tlb", "as_id")
+
+    def __init__(self, mmu: Mmu, as_id: int) -> None:
+        self._mmu = mmu
+        self.as_id = as_id
+        self._small = mmu._small[as_id]
+        self._huge = mmu._huge[as_id]
+        self._tlb = mmu.tlb
+
+    def read(self, gpa: int, n: int) -> bytes:
+        if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
+            gfn = gpa >> 12
+            tlb = self._tlb
+            i = tlb.index
+            next(tlb.locks[i])
+            try:
+                s = self._small.get(gfn)
+                if s is None:
+                    s = self._huge.get(gfn >> 9)
+                if s is not None:
+                    off = ((gfn - s.gfn) << 12) + (gpa & 4095)
+                    return bytes(s.view[off:off + n])
+            finally:
+                next(tlb.unlocks[i])
+        gpa, n = check_range(gpa, n)
+        parts: list[bytes] = []
+        pos = 0
+        while pos < n:
+            cur = gpa + pos
+            k = min(n - pos, PAGE_SIZE - (cur & PAGE_MASK))
+            parts.append(self._page(cur, k, None))
+            pos += k
+        return b"".join(parts)
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray) \
+                and 0 < len(data) <= 4096 - (gpa & 4095):
+            gfn = gpa >> 12
+            tlb = self._tlb
+            i = tlb.index
+            next(tlb.locks[i])
+            try:
+                s = self._small.get(gfn)
+                if s is None:
+                    s = self._huge.get(gfn >> 9)
+                if s is not None and s.writable:
+                    off = ((gfn - s.gfn) << 12) + (gpa & 4095)
+                    s.view[off:off + len(data)] = data
+                    return
+            finally:
+                next(tlb.unlocks[i])
+        gpa, _ = check_range(gpa, 0)
+        src = as_bytes("data", data)
+        n = src.nbytes
+        pos = 0
+        while pos < n:
+            cur = gpa + pos
+            k = min(n - pos, PAGE_SIZE - (cur & PAGE_MASK))
+            self._page(cur, k, src[pos:pos + k])
+            pos += k
+
+    def _page(self, gpa: int, k: int, src: memoryview | None) -> bytes:
+        """Read (src None) or write `k` bytes within one page, faulting it in."""
+        gfn = gpa >> PAGE_SHIFT
+        write = src is not None
+        while True:
+            token = self._tlb.read_lock()
+            try:
+                s = self._small.get(gfn)
+                if s is None:
+                    s = self._huge.get(gfn // HUGE_PAGES)
+                if s is not None and (s.writable or not write):
+                    off = ((gfn - s.gfn) << PAGE_SHIFT) + (gpa & PAGE_MASK)
+                    if src is None:
+                        return bytes(s.view[off:off + k])
+                    s.view[off:off + k] = src
+                    return b""
+            finally:
+                self._tlb.read_unlock(token)
+            try:
+                self._mmu.fault_in(self.as_id, gpa, write)
+            except MmioExit:
+                raise MmioExit(gpa, k, write, b"" if src is None else src.tobytes()) from None
+            except TrackedWrite:
+                assert src is not None
+                handler = self._mmu.tracked_write
+                if handler is None:
+                    raise
+                handler(self.as_id, gpa, src)
+                return b""

@@ -6,11 +6,13 @@ registered notifier with `track_write(gpa, new_bytes)`. Users are KVMGT-like: a 
 model shadowing guest page tables, a fuzzer watching a page, a snapshotter.
 
 Rules of this room:
-- The per-gfn counters are stage-2 state: they change, and are read, only under the MMU
-  lock (`mmu.lock`), so "tracked ⇒ not writable" holds at every instant. Notifiers that
-  want to know whether a gfn is tracked call `is_tracked`, which takes that lock.
-- `_update` (a mutex) orders whole add/remove operations, including what engines hear
-  (`track_changed`), so an engine sees 0→1 and 1→0 transitions in the order they happened.
+- The per-gfn counters are the MMU's (stage-2 state under `mmu.lock`: `Mmu.track`); this
+  module adds and removes references, reports the 0→1 and 1→0 transitions, owns the
+  notifiers and performs tracked writes. `is_tracked` takes the MMU lock, so notifiers may
+  call it.
+- `_update` (a mutex) orders whole add/remove operations, including the transition report
+  (`on_change`, given by the layer above: engines mirror tracking), so 0→1 and 1→0 are
+  reported in the order they happened.
 - Notifier callbacks run inside `srcu` read sections; `unregister` waits for them to end.
   They run with no kvmem lock held, except `track_remove_region`, which runs during a slot
   commit under `slots_lock` (as in KVM): it must not change slots.
@@ -27,22 +29,22 @@ more with `track_remove_region`.
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
-from . import access, sync
+from . import sync
+from .access import GuestMemory
+from .args import as_bytes, as_int, check_range
 from .errors import KvmError
-from .mmu import HUGE_PAGES
-from .slots import Change, ChangeKind, MemorySlot, SlotSet
+from .memslots import Memslots
+from .mmu import Mmu
+from .slots import Change, ChangeKind, SlotSet
 from .uapi import PAGE_SHIFT, U64_MAX
-
-if TYPE_CHECKING:
-    from .vm import Vm
 
 __all__ = ["PageTrack", "TrackNotifier"]
 
-MAX_COUNT = 0xFFFF  # KVM's counters are u16
+# (as_id, gfn, tracked): a gfn's counter went 0→1 (True) or 1→0 (False)
+TrackChanged = Callable[[int, int, bool], None]
 
 
 class TrackNotifier(Protocol):
@@ -56,29 +58,33 @@ class TrackNotifier(Protocol):
 
 
 class PageTrack:
-    """`vm.page_track`: per-gfn write-tracking counters, notifiers and the tracked-write
-    path. Also a listener of the VM's slot updates (after the MMU)."""
+    """`vm.page_track`: write-tracking references, notifiers and the tracked-write path."""
 
-    def __init__(self, vm: Vm) -> None:
-        self._vm = vm
-        self._mmu = vm.mmu
-        n = vm.limits.address_spaces
-        self._counts: list[dict[int, int]] = [{} for _ in range(n)]  # gfn → counter
-        self._blocks: list[dict[int, int]] = [{} for _ in range(n)]  # 2 MiB block → tracked
+    def __init__(self, memslots: Memslots, mmu: Mmu, memories: Sequence[GuestMemory],
+                 on_change: TrackChanged) -> None:
+        self._memslots = memslots
+        self._mmu = mmu
+        self._memories = memories  # the accessor path of each address space
+        self._on_change = on_change
         self._notifiers: sync.Atomic[tuple[TrackNotifier, ...]] = sync.Atomic(())
         self._update = sync.Mutex("page_track.update")
         self.srcu = sync.Srcu("page_track.srcu")
         self.stats = {"tracked_writes": 0, "notified": 0}
+        mmu.tracked_write = self.write
 
     # -- notifiers --------------------------------------------------------------------------
     def register(self, notifier: TrackNotifier) -> None:
         """kvm_page_track_register_notifier (ESRCH from another process, as KVM answers a
         caller whose mm is not the VM's)."""
-        if os.getpid() != self._vm._pid:
-            raise KvmError(errno.ESRCH, "page tracking registered from another process")
+        try:
+            self._memslots.check_process()
+        except KvmError:
+            raise KvmError(errno.ESRCH, "page tracking registered from another "
+                                        "process") from None
         for name in ("track_write", "track_remove_region"):
             if not callable(getattr(notifier, name, None)):
-                raise TypeError(f"a page-track notifier needs a {name} method")
+                raise TypeError(f"a page-track notifier needs a {name} method, "
+                                f"{type(notifier).__name__} has none")
         with self._mmu.lock:
             if notifier in self._notifiers.load():
                 raise KvmError(errno.EEXIST, "notifier is already registered")
@@ -93,18 +99,14 @@ class PageTrack:
             self._notifiers.store(tuple(n for n in current if n is not notifier))
         self.srcu.synchronize()
 
-    @property
-    def has_external_user(self) -> bool:
-        """kvm_page_track_has_external_user: a notifier is registered."""
-        return bool(self._notifiers.load())
-
     def move_refused(self) -> str | None:
-        """Asked by the slot-update path before a MOVE (x86 prepare)."""
+        """x86 prepare's check before a MOVE: refused while a notifier is registered
+        (kvm_page_track_has_external_user)."""
         if self._notifiers.load():
             return "a page-track notifier is registered (tracking would not follow the slot)"
         return None
 
-    # -- counters ---------------------------------------------------------------------------
+    # -- references -------------------------------------------------------------------------
     def add_gfn(self, gfn: int, as_id: int = 0) -> None:
         """kvm_write_track_add_gfn: one more reason to write-protect `gfn`. EINVAL if no
         slot maps it (or its counter is at 65535)."""
@@ -115,156 +117,93 @@ class PageTrack:
         it is not tracked. The page is made writable again by its next write fault."""
         self._change(gfn, as_id, -1)
 
-    def _change(self, gfn: int, as_id: int, delta: int) -> None:
-        vm = self._vm
-        vm._check_process()
-        if not isinstance(gfn, int) or isinstance(gfn, bool):
-            raise TypeError(f"gfn must be an int, not {type(gfn).__name__}")
-        as_id = vm._as(as_id)
+    def _gfn(self, gfn: object) -> int:
+        gfn = as_int("gfn", gfn)
         if not 0 <= gfn <= U64_MAX >> PAGE_SHIFT:
             raise KvmError(errno.EINVAL, f"gfn {gfn:#x} is not a guest frame number")
+        return gfn
+
+    def _change(self, gfn: object, as_id: object, delta: int) -> None:
+        ms = self._memslots
+        ms.check_process()
+        gfn = self._gfn(gfn)
+        as_id = ms.address_space(as_id)
         with self._update:
             # the slot lookup and the counter change share one read section: a DELETE of
             # this slot cannot commit (and drop the counters) between them
-            vm.srcu.read_lock()
+            token = ms.srcu.read_lock()
             try:
-                slot = vm._memslots.load()[as_id].search(gfn)
+                slot = ms.active.load()[as_id].search(gfn)
                 if slot is None or slot.invalid:
                     raise KvmError(errno.EINVAL, f"gfn {gfn:#x} has no memory slot in "
                                                  f"address space {as_id}")
                 with self._mmu.lock:
-                    count = self._counts[as_id].get(gfn, 0) + delta
-                    if count < 0:
-                        raise KvmError(errno.EINVAL, f"gfn {gfn:#x} is not write-tracked")
-                    if count > MAX_COUNT:
-                        raise KvmError(errno.EINVAL, f"gfn {gfn:#x} is tracked {MAX_COUNT} "
-                                                     f"times already")
-                    self._set(as_id, gfn, count)
+                    count = self._mmu.track(as_id, gfn, delta)
             finally:
-                vm.srcu.read_unlock()
+                ms.srcu.read_unlock(token)
             if count == (1 if delta > 0 else 0):
-                for listener in list(vm._listeners):
-                    changed = getattr(listener, "track_changed", None)
-                    if changed is not None:
-                        changed(vm, as_id, gfn, count > 0)
-
-    def _set(self, as_id: int, gfn: int, count: int) -> None:
-        """Store a counter; on 0→1 write-protect the gfn in the stage-2 (a 2 MiB mapping
-        covering it is broken into 4 KiB ones)."""
-        mmu = self._mmu
-        mmu.lock.assert_held()
-        counts, blocks = self._counts[as_id], self._blocks[as_id]
-        block = gfn // HUGE_PAGES
-        was = counts.get(gfn, 0)
-        if count:
-            counts[gfn] = count
-        else:
-            counts.pop(gfn, None)
-        if was == 0 and count > 0:
-            blocks[block] = blocks.get(block, 0) + 1
-            if mmu.break_huge(as_id, block) | mmu.write_protect_locked(as_id, [gfn]):
-                mmu.flush()
-        elif was > 0 and count == 0:
-            if blocks[block] == 1:
-                del blocks[block]
-            else:
-                blocks[block] -= 1
-
-    def tracked(self, as_id: int, gfn: int) -> bool:
-        """kvm_gfn_is_write_tracked, for the stage-2 (MMU lock held)."""
-        self._mmu.lock.assert_held()
-        return gfn in self._counts[as_id]
-
-    def block_tracked(self, as_id: int, block: int) -> bool:
-        """Some gfn of 2 MiB block `block` is tracked: no huge mapping there."""
-        self._mmu.lock.assert_held()
-        return block in self._blocks[as_id]
+                self._on_change(as_id, gfn, count > 0)
 
     def is_tracked(self, gfn: int, as_id: int = 0) -> bool:
         """Whether `gfn` is write-tracked now (takes the MMU lock: safe for notifiers)."""
-        as_id = self._vm._as(as_id)
-        with self._mmu.lock:
-            return gfn in self._counts[as_id]
+        return self.count(gfn, as_id) > 0
 
     def count(self, gfn: int, as_id: int = 0) -> int:
-        as_id = self._vm._as(as_id)
-        with self._mmu.lock:
-            return self._counts[as_id].get(gfn, 0)
+        """How many references `gfn` is tracked with."""
+        gfn = self._gfn(gfn)
+        return self._mmu.track_count(self._memslots.address_space(as_id), gfn)
 
     def tracked_gfns(self, as_id: int = 0) -> list[int]:
         """Every tracked gfn of `as_id`, sorted (engines mirror these)."""
-        as_id = self._vm._as(as_id)
-        with self._mmu.lock:
-            return sorted(self._counts[as_id])
+        return self._mmu.tracked_gfns(self._memslots.address_space(as_id))
 
     # -- the tracked-write path (DESIGN path 5) -----------------------------------------------
     def write(self, as_id: int, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Perform a guest write that hit a write-protected (tracked) page, as KVM's
         emulator does: through the accessor path (so it is dirty-logged), then
         `track_write(gpa, bytes)` to every notifier. Engines call this for the MMIO write
-        exits of their read-only splits; `vcpu.guest_write` calls it from the fault path."""
-        vm = self._vm
-        src = access.byte_view(data)
-        access.check_range(gpa, src.nbytes)
-        vm.srcu.read_lock()
-        try:
-            access.write(vm._memslots.load()[vm._as(as_id)].lookup, gpa, src)
-        finally:
-            vm.srcu.read_unlock()
+        exits of their read-only splits; the stage-2 calls it from the fault path."""
+        as_id = self._memslots.address_space(as_id)
+        src = as_bytes("data", data)
+        check_range(gpa, src.nbytes)
+        self._memories[as_id].write(gpa, src)
         self.stats["tracked_writes"] += 1
         self._notify_write(gpa, src.tobytes())
 
     def _notify_write(self, gpa: int, data: bytes) -> None:
-        self.srcu.read_lock()
+        token = self.srcu.read_lock()
         try:
             for n in self._notifiers.load():
                 n.track_write(gpa, data)
                 self.stats["notified"] += 1
         finally:
-            self.srcu.read_unlock()
+            self.srcu.read_unlock(token)
 
-    # -- slot updates (a Vm listener) ---------------------------------------------------------
-    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
-        pass
-
-    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
-        pass
-
-    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
-                            words: Sequence[int]) -> None:
-        pass
-
-    def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
-        vm.slots_lock.assert_held()
-        root = vm._memslots.load()
+    # -- slot updates (called by the update path, slots_lock held) ----------------------------
+    def slots_committed(self, changes: Sequence[Change]) -> None:
+        self._memslots.slots_lock.assert_held()
+        root = self._memslots.active.load()
         removed: list[tuple[int, int, int]] = []  # (as_id, gfn, npages) no slot maps now
         with self._mmu.lock:
             for c in changes:
                 old = c.old
-                if old is None or c.kind not in (ChangeKind.DELETE, ChangeKind.MOVE):
+                if old is None or not c.unmaps_old:
                     continue
                 if c.kind is ChangeKind.MOVE:
-                    self._drop(old.as_id, old.base_gfn, old.end_gfn)  # fresh tracking
+                    self._mmu.untrack_range(old.as_id, old.base_gfn, old.end_gfn)  # afresh
                     continue
                 for lo, hi in _uncovered(root[old.as_id], old.base_gfn, old.end_gfn):
-                    self._drop(old.as_id, lo, hi)
+                    self._mmu.untrack_range(old.as_id, lo, hi)
                     removed.append((old.as_id, lo, hi - lo))
         if not removed:
             return
-        self.srcu.read_lock()
+        token = self.srcu.read_lock()
         try:
             for n in self._notifiers.load():
                 for _, gfn, npages in removed:
                     n.track_remove_region(gfn, npages)
         finally:
-            self.srcu.read_unlock()
-
-    def _drop(self, as_id: int, lo: int, hi: int) -> None:
-        counts = self._counts[as_id]
-        gone = [g for g in counts if lo <= g < hi] if len(counts) < hi - lo else \
-            [g for g in range(lo, hi) if g in counts]
-        for g in gone:
-            self._set(as_id, g, 0)
+            self.srcu.read_unlock(token)
 
 
 def _uncovered(slots: SlotSet, lo: int, hi: int) -> list[tuple[int, int]]:
@@ -278,4 +217,3 @@ def _uncovered(slots: SlotSet, lo: int, hi: int) -> list[tuple[int, int]]:
     if pos < hi:
         out.append((pos, hi))
     return out
-

@@ -26,7 +26,8 @@ Deliberate differences from KVM:
   back-to-back unrelated invalidations (D. Woodhouse's 2024 RFC, not merged), and it is
   not even enough: `seq` moves only when an invalidation hits a slot, so an HVA cache over
   memory no slot maps could keep a page replaced while the lock was dropped. kvmem waits
-  only for invalidations whose hva range covers the cache (`Mmu.mn_ranges`), and the flag
+  only for invalidations whose hva range covers the cache (`Memslots.mn_ranges`), and the
+  flag
   catches those that begin while the lock is dropped. A failed resolve during such an
   invalidation is retried, not EFAULT: it may be the transient hole of a remap.
 - `activate` refuses a page-crossing length before it activates anything (KVM leaves the
@@ -37,33 +38,23 @@ Deliberate differences from KVM:
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import TYPE_CHECKING
+from types import TracebackType
 
 from . import host, sync
+from .access import MarkDirty
+from .args import as_bool, as_int, as_u64
 from .errors import KvmError
 from .host import Frame
+from .memslots import Memslots
+from .mmu import Mmu
 from .slots import MemorySlot
-from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, U64_MAX
-
-if TYPE_CHECKING:
-    from .vm import Vm
+from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 
 __all__ = ["PfnCache"]
 
 
-def _check_address(name: str, v: object) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < 0 or v > U64_MAX:
-        raise KvmError(errno.EINVAL, f"{name} {v:#x} is not a 64-bit address")
-    return v
-
-
 def _check_length(offset: int, length: object) -> int:
-    if not isinstance(length, int) or isinstance(length, bool):
-        raise TypeError(f"length must be an int, not {type(length).__name__}")
+    length = as_int("length", length)
     if length < 0:
         raise KvmError(errno.EINVAL, f"length {length} is negative")
     if (offset & PAGE_MASK) + length > PAGE_SIZE:
@@ -84,9 +75,10 @@ class PfnCache:
         gpc.deactivate()
     """
 
-    def __init__(self, vm: Vm) -> None:
-        self._vm = vm
-        self._mmu = vm.mmu
+    def __init__(self, memslots: Memslots, mmu: Mmu, mark: MarkDirty) -> None:
+        self._memslots = memslots
+        self._mmu = mmu
+        self._mark = mark
         self.rwlock = sync.RwLock("gpc.lock")
         self.refresh_lock = sync.Mutex("gpc.refresh_lock")
         self.gpa: int | None = None  # None: HVA-based (KVM's INVALID_GPA)
@@ -94,11 +86,12 @@ class PfnCache:
         self.generation = -1
         self.memslot: MemorySlot | None = None
         self.frame: Frame | None = None  # the pfn; None: an error pfn
+        self._page: memoryview | None = None  # a view of the frame's page, while valid
         self.active = False
         self.valid = False
         # set before refresh drops the lock; an invalidation covering uhva clears it
         self._untouched = False
-        self.stats = {"refreshes": 0, "retries": 0, "invalidations": 0, "stale_uses": 0}
+        self.stats = {"refreshes": 0, "retries": 0, "invalidations": 0}
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -114,16 +107,16 @@ class PfnCache:
         """kvm_gpc_activate: cache the page of `gpa` (address space 0) for accesses of
         `length` bytes. EINVAL if they cross a page; EFAULT if no writable slot maps the
         gpa now (the cache stays active and a later `refresh` may succeed)."""
-        _check_length(_check_address("gpa", gpa), length)
-        self._activate(gpa, None, length)
+        gpa = as_u64("gpa", gpa)
+        self._activate(gpa, None, _check_length(gpa, length))
 
     def activate_hva(self, hva: int, length: int) -> None:
         """kvm_gpc_activate_hva: cache the host page of `hva` (no slot, no generation)."""
-        _check_length(_check_address("hva", hva), length)
-        self._activate(None, hva, length)
+        hva = as_u64("hva", hva)
+        self._activate(None, hva, _check_length(hva, length))
 
     def _activate(self, gpa: int | None, uhva: int | None, length: int) -> None:
-        self._vm._check_process()
+        self._memslots.check_process()
         with self.refresh_lock:
             if not self.active:
                 if self.valid:
@@ -145,6 +138,7 @@ class PfnCache:
                 self.active = False
                 self.valid = False
                 self.frame = None
+                self._page = None
             with self._mmu.gpc_lock:
                 self._mmu.gpc_list.store(
                     tuple(c for c in self._mmu.gpc_list.load() if c is not self))
@@ -153,16 +147,19 @@ class PfnCache:
     def check(self, length: int) -> bool:
         """kvm_gpc_check: the cached page may be used for `length` bytes. Call with
         `rwlock` held for read and keep it while using the page."""
+        if length.__class__ is not int or length < 0:
+            _check_length(0, length)  # raises: TypeError or EINVAL
         if not self.active or self.uhva is None or not self.valid:
             return False
         if self.gpa is not None and \
-                self.generation != self._vm._memslots.load()[0].generation:
+                self.generation != self._memslots.active.value[0].generation:
             return False
         return (self.uhva & PAGE_MASK) + length <= PAGE_SIZE
 
     def refresh(self, length: int) -> None:
         """kvm_gpc_refresh: re-resolve the cached gpa (or hva). Raises `KvmError`: EINVAL
         (inactive, or `length` crosses a page), EFAULT (no writable slot or host page)."""
+        length = as_int("length", length)
         with self.refresh_lock:
             self._refresh(self.gpa, None if self.gpa is not None else self.uhva, length)
 
@@ -192,22 +189,23 @@ class PfnCache:
                 # the named safe state: not valid, no page; gpa/uhva/generation as set
                 self.valid = False
                 self.frame = None
+                self._page = None
                 raise
 
     def _translate(self, gpa: int) -> None:
         """The GPA-based half of refresh: new gpa, new generation or an error hva means a
         fresh slot lookup; otherwise the page is the one already cached."""
-        vm = self._vm
-        vm.srcu.read_lock()
+        ms = self._memslots
+        token = ms.srcu.read_lock()
         try:
-            slots = vm._memslots.load()[0]
+            slots = ms.active.load()[0]
             if gpa == self.gpa and slots.generation == self.generation and \
                     self.uhva is not None:
                 return
             gfn = gpa >> PAGE_SHIFT
             self.gpa = gpa
             self.generation = slots.generation
-            slot = slots.lookup(gfn)
+            slot = slots.search(gfn)
             self.memslot = slot
             if slot is None or slot.invalid or slot.readonly:
                 self.uhva = None
@@ -217,21 +215,22 @@ class PfnCache:
                 raise KvmError(errno.EFAULT, f"gpa {gpa:#x} cannot be cached for writing: {why}")
             self.uhva = slot.hva_of(gfn)
         finally:
-            vm.srcu.read_unlock()
+            ms.srcu.read_unlock(token)
 
     def _hva_to_pfn_retry(self) -> None:
         self.rwlock.assert_write_held()
-        mmu = self._mmu
+        ms = self._memslots
         uhva = self.uhva
         assert uhva is not None
         self.valid = False
         self.frame = None
+        self._page = None
         while True:
             # snapshot under the lock: an invalidation of uhva that starts after this
             # clears `_untouched` (the cache is on the list); one that started before is
             # still in flight, or its host change is done and the resolve below sees it
             self._untouched = True
-            quiet = not mmu.invalidating(uhva)
+            quiet = not ms.invalidating(uhva)
             self.rwlock.release_write()
             try:
                 frame = host.resolve(uhva, write=True)  # always a writable page, as in KVM
@@ -249,6 +248,7 @@ class PfnCache:
             sync.pause()
             self.rwlock.acquire_write()
         self.frame = frame
+        self._page = frame.view()
         self.valid = True
 
     # -- invalidation (called by Mmu.invalidate_range_start, before in_progress rises) -------
@@ -265,6 +265,7 @@ class PfnCache:
                     self.stats["invalidations"] += 1
                 self.valid = False
                 self.frame = None
+                self._page = None
                 self._untouched = False
 
     # -- use ------------------------------------------------------------------------------
@@ -273,42 +274,71 @@ class PfnCache:
         caches of logging slots; nothing otherwise). Call inside `lock()`."""
         slot, gpa = self.memslot, self.gpa
         if slot is not None and gpa is not None and slot.dirty_bitmap is not None:
-            slot.dirty_bitmap.mark((gpa >> PAGE_SHIFT) - slot.base_gfn)
+            self._mark(slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, 1)
 
-    @contextmanager
-    def lock(self, length: int, *, dirty: bool = False) -> Iterator[memoryview]:
-        """Hold the cache valid for `length` bytes and yield a live, writable view of them:
-        check, and refresh until the check passes (errors of `refresh` propagate). With
-        `dirty=True` the page is marked dirty when the block ends. The view is released on
-        exit. Keep the block short, as in KVM where it cannot sleep: a host change to this
-        page waits for it to end, and a slot update waits for that host change — so do
-        not change host memory or slots from inside the block."""
-        self.rwlock.acquire_read()
-        held = True
-        try:
-            while not self.check(length):
-                self.rwlock.release_read()
-                held = False
-                self.refresh(length)
-                self.rwlock.acquire_read()
-                held = True
-            frame, uhva = self.frame, self.uhva
-            assert frame is not None and uhva is not None
-            if not frame.current():
-                self.stats["stale_uses"] += 1  # the oracle of the stress tests
-            off = (frame.index << PAGE_SHIFT) + (uhva & PAGE_MASK)
-            view = frame.owner._mv[off:off + length]
-            try:
-                yield view
-            finally:
-                view.release()
-                if dirty:
-                    self.mark_dirty()
-        finally:
-            if held:
-                self.rwlock.release_read()
+    def lock(self, length: int, *, dirty: bool = False) -> _Locked:
+        """`with gpc.lock(length, dirty=False) as view:` — hold the cache valid for `length`
+        bytes and get a live, writable view of them: check, and refresh until the check
+        passes (errors of `refresh` propagate). With `dirty=True` the page is marked dirty
+        when the block ends. The view is released on exit. Keep the block short, as in KVM
+        where it cannot sleep: a host change to this page waits for it to end, and a slot
+        update waits for that host change — so do not change host memory or slots from
+        inside the block."""
+        if type(length) is not int:
+            length = as_int("length", length)
+        if type(dirty) is not bool:
+            dirty = as_bool("dirty", dirty)
+        return _Locked(self, length, dirty)
 
     def __repr__(self) -> str:
         where = f"gpa={self.gpa:#x}" if self.gpa is not None else \
             f"hva={self.uhva:#x}" if self.uhva is not None else "unset"
         return f"PfnCache({where}, active={self.active}, valid={self.valid})"
+
+
+class _Locked:
+    """What `PfnCache.lock` returns: the check/refresh loop on entry, the unlock on exit."""
+
+    __slots__ = ("_dirty", "_gpc", "_length", "_view")
+
+    def __init__(self, gpc: PfnCache, length: int, dirty: bool) -> None:
+        self._gpc = gpc
+        self._length = length
+        self._dirty = dirty
+        self._view: memoryview | None = None
+
+    def __enter__(self) -> memoryview:
+        gpc, length = self._gpc, self._length
+        rwlock = gpc.rwlock
+        rwlock.acquire_read()
+        try:
+            # kvm_gpc_check, inline: valid, same slot generation (GPA-based), in the page
+            page, uhva = gpc._page, gpc.uhva
+            while not (gpc.valid and page is not None and uhva is not None and (
+                    gpc.gpa is None
+                    or gpc.generation == gpc._memslots.active.value[0].generation)
+                    and (uhva & 4095) + length <= 4096):
+                rwlock.release_read()
+                try:
+                    gpc.refresh(length)
+                finally:
+                    rwlock.acquire_read()
+                page, uhva = gpc._page, gpc.uhva
+            off = uhva & 4095
+            view = self._view = page[off:off + length]
+        except BaseException:
+            rwlock.release_read()
+            raise
+        return view
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        gpc = self._gpc
+        try:
+            if self._view is not None:
+                self._view.release()
+                self._view = None
+            if self._dirty:
+                gpc.mark_dirty()
+        finally:
+            gpc.rwlock.release_read()

@@ -3,13 +3,18 @@
 Rules of this room:
 - A `MemorySlot` and a `SlotSet` never change once built (the one exception is the
   generation of a published set, which the writer finalises after the grace period, as
-  KVM does). Changing slots means building a new set; publishing it is the `Vm`'s job.
+  KVM does). Changing slots means building a new set; publishing it is `memslots`' job.
 - Validation is KVM's `kvm_set_memory_region` + x86 `prepare`, as an ordered table of
   (check, errno, message): the first failing row wins, in KVM's order (kvm-semantics §1.3).
+- What each kind of change does (§1.4) is one table, `KIND_RULES`: which set operation
+  builds the new set, whether the old mapping goes away (an INVALID window for a single
+  update, a stage-2 zap, dropped tracking), how the page count moves. The update path,
+  the MMU, page tracking and the engines all read it; none dispatches on kinds itself.
   Nothing here publishes, waits or notifies.
 
 Defines `MemorySlot`, `SlotSet`, `Request` (one KVM_SET_USER_MEMORY_REGION), `Change`
-(a validated request with its kind), `Limits` (what the VM supports) and `validate`.
+(a validated request with its kind), `ChangeKind` / `KindRule` / `KIND_RULES`, `Limits`
+(what the VM supports) and `validate`.
 """
 
 from __future__ import annotations
@@ -21,10 +26,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ._pindex import IdTable, SortedIndex
+from .args import as_u32, as_u64
 from .dirty import DirtyBitmap
 from .errors import KvmError
 from .uapi import (
     DEFAULT_PHYS_BITS,
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
@@ -37,13 +45,14 @@ from .uapi import (
     PAGE_SHIFT,
     TASK_SIZE_MAX,
     U16_MAX,
-    U32_MAX,
     U64_MAX,
 )
 
 __all__ = [
+    "KIND_RULES",
     "Change",
     "ChangeKind",
+    "KindRule",
     "Limits",
     "MemorySlot",
     "Request",
@@ -127,14 +136,19 @@ class SlotSet:
 
     `generation` is set at publication (with the in-progress bit while the swap is in
     flight) and finalised by the writer; everything else is fixed at construction.
-    `last_used` is the VM-wide last-used-slot hint: a benign racy cache, as in KVM.
-    `_memo` remembers gfn → slot answers of `search`, `_deltas` gfn → (hva − gpa) answers of
-    `hva_delta`: a set never changes, so they are never stale; they are bounded (cleared
-    when full) and filled by racing readers harmlessly.
+
+    One lookup, `search`: a gfn → slot memo, then two bisects. A set never changes, so
+    memos filled by racing readers are never stale (they are bounded: cleared when full).
+    This memo takes the place of KVM's VM-wide and per-vCPU last-used-slot hints, which
+    only exist to make lookups cheap and are not observable.
+
+    `read_views` / `write_views` are the accessor layer's memos (`kvmem.access` fills and
+    reads them): gfn → the host page's view, tagged with the host epoch it was filled at;
+    the set only owns their lifetime.
     """
 
     __slots__ = ("_by_gfn", "_by_hva", "_by_id", "_deltas", "_memo", "as_id", "generation",
-                 "last_used", "npages")
+                 "npages", "read_views", "write_views")
 
     def __init__(
         self,
@@ -151,9 +165,12 @@ class SlotSet:
         self._by_hva: SortedIndex[MemorySlot] = by_hva or SortedIndex(_hva_end_key)
         self._by_id: IdTable[MemorySlot] = by_id or IdTable()
         self.npages = npages
-        self.last_used: MemorySlot | None = None
         self._memo: dict[int, MemorySlot] = {}
         self._deltas: dict[int, int] = {}  # gfn → hva - gpa of a usable slot (translate)
+        # (epoch, view of the page)
+        self.read_views: dict[int, tuple[int, memoryview]] = {}
+        # (epoch, view of the page, the slot if it logs dirty pages else None)
+        self.write_views: dict[int, tuple[int, memoryview, MemorySlot | None]] = {}
 
     # -- lookups ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -172,7 +189,7 @@ class SlotSet:
 
     def search(self, gfn: int) -> MemorySlot | None:
         """The slot containing `gfn` (INVALID slots included), or None. The hot path of
-        every translation: the memo, then the index's two bisects, inlined here."""
+        every lookup: the memo, then the index's two bisects, inlined here."""
         s = self._memo.get(gfn)
         if s is not None:
             return s
@@ -191,7 +208,7 @@ class SlotSet:
 
     def hva_delta(self, gfn: int) -> int | None:
         """hva − gpa for the page `gfn`, if a usable (not INVALID) slot maps it: the whole
-        of a translation. Hot callers probe `_deltas` first and call this on a miss."""
+        of a translation."""
         d = self._deltas.get(gfn)
         if d is not None:
             return d
@@ -204,16 +221,6 @@ class SlotSet:
             deltas.clear()
         deltas[gfn] = d
         return d
-
-    def lookup(self, gfn: int) -> MemorySlot | None:
-        """`__gfn_to_memslot`: the last-used hint first, then `search` (remembering a hit)."""
-        s = self.last_used
-        if s is not None and s.base_gfn <= gfn < s.end_gfn:
-            return s
-        s = self.search(gfn)
-        if s is not None:
-            self.last_used = s
-        return s
 
     def overlapping(self, start_gfn: int, end_gfn: int) -> Iterator[MemorySlot]:
         """Slots meeting [start_gfn, end_gfn), in gfn order (KVM's range iteration)."""
@@ -279,6 +286,9 @@ class Limits:
     readonly_mem: bool = True
     phys_bits: int = DEFAULT_PHYS_BITS
     user_va_end: int = TASK_SIZE_MAX
+    # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: the supported args[0] bits (x86: ENABLE | INITIALLY_SET)
+    manual_dirty_log_protect: int = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+                                     | KVM_DIRTY_LOG_INITIALLY_SET)
 
     @property
     def max_gfn(self) -> int:
@@ -316,20 +326,10 @@ class Request:
                 f"size {self.size:#x} hva {self.hva:#x}")
 
 
-_FIELDS = (("slot", U32_MAX), ("flags", U32_MAX), ("gpa", U64_MAX), ("size", U64_MAX),
-           ("hva", U64_MAX))
-
-
 def make_request(slot: object, flags: object, gpa: object, size: object, hva: object) -> Request:
     """Check the Python-level shape of the arguments (ints within their C field widths)."""
-    values = (slot, flags, gpa, size, hva)
-    for (name, limit), v in zip(_FIELDS, values, strict=True):
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-        if v < 0 or v > limit:
-            raise KvmError(errno.EINVAL, f"{name} {v} does not fit the ioctl's "
-                                         f"{limit.bit_length()}-bit field")
-    return Request(*values)  # type: ignore[arg-type]
+    return Request(as_u32("slot", slot), as_u32("flags", flags), as_u64("gpa", gpa),
+                   as_u64("size", size), as_u64("hva", hva))
 
 
 class ChangeKind(Enum):
@@ -339,6 +339,10 @@ class ChangeKind(Enum):
     FLAGS_ONLY = "flags_only"
     NONE = "none"  # identical request: KVM returns 0 and changes nothing
 
+    @property
+    def rule(self) -> KindRule:
+        return KIND_RULES[self]
+
 
 @dataclass(frozen=True, slots=True)
 class Change:
@@ -346,6 +350,77 @@ class Change:
     as_id: int
     old: MemorySlot | None
     new: MemorySlot | None
+
+    def apply(self, slots: SlotSet) -> SlotSet:
+        """The set `slots` becomes with this change."""
+        return KIND_RULES[self.kind].apply(slots, self)
+
+    @property
+    def page_delta(self) -> int:
+        """How the VM's `nr_memslot_pages` moves."""
+        return KIND_RULES[self.kind].page_delta(self)
+
+    @property
+    def unmaps_old(self) -> bool:
+        """The old slot's gfn range stops being mapped by it (DELETE, MOVE)."""
+        return KIND_RULES[self.kind].unmaps_old
+
+
+@dataclass(frozen=True, slots=True)
+class KindRule:
+    """What a kind of change does (kvm-semantics §1.4).
+
+    `unmaps_old`: the old gfn range stops being mapped by the slot — a single update first
+    publishes the slot INVALID and zaps it, a transaction zaps it before its one swap,
+    engines drop it, page tracking drops its counters (and, for DELETE, tells notifiers).
+    `apply` builds the new set; `page_delta` moves `nr_memslot_pages`.
+    """
+
+    unmaps_old: bool
+    apply: Callable[[SlotSet, Change], SlotSet]
+    page_delta: Callable[[Change], int]
+
+
+def _create(slots: SlotSet, c: Change) -> SlotSet:
+    assert c.new is not None
+    return slots.with_slot(c.new)
+
+
+def _delete(slots: SlotSet, c: Change) -> SlotSet:
+    assert c.old is not None
+    return slots.without(c.old)
+
+
+def _replace(slots: SlotSet, c: Change) -> SlotSet:
+    assert c.old is not None and c.new is not None
+    return slots.replacing(c.old, c.new)
+
+
+def _unchanged(slots: SlotSet, c: Change) -> SlotSet:
+    return slots
+
+
+def _gained(c: Change) -> int:
+    assert c.new is not None
+    return c.new.npages
+
+
+def _lost(c: Change) -> int:
+    assert c.old is not None
+    return -c.old.npages
+
+
+def _same(c: Change) -> int:
+    return 0
+
+
+KIND_RULES: dict[ChangeKind, KindRule] = {
+    ChangeKind.CREATE: KindRule(False, _create, _gained),
+    ChangeKind.DELETE: KindRule(True, _delete, _lost),
+    ChangeKind.MOVE: KindRule(True, _replace, _same),
+    ChangeKind.FLAGS_ONLY: KindRule(False, _replace, _same),
+    ChangeKind.NONE: KindRule(False, _unchanged, _same),
+}
 
 
 # Each row: (check, errno, message). `check(req, limits)` is True when the rule is broken.

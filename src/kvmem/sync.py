@@ -5,7 +5,7 @@ Rules of this room:
   The concurrency checker replaces this module's classes with scheduler-aware twins, so
   every operation below is a place where another thread may run.
 - The normal implementations are thin wrappers over `threading` and must stay cheap:
-  the SRCU read side is two attribute stores, `Atomic.load` is one attribute read.
+  an SRCU read section is two counter increments, `Atomic.load` is one attribute read.
   `benchmarks/bench_sync.py` measures each against the raw `threading` object or plain
   attribute access it stands for.
 - A hot path may read `Atomic.value` directly (a plain attribute: no call). It means
@@ -13,19 +13,24 @@ Rules of this room:
   lost by it; writes always go through `store`/`add`.
 - `read()`/`write()`/`with` need no generator: they return small guard objects.
 
-Theory of operation of `Srcu` (sleepable RCU, user-space flavour):
-each reader thread owns a record `(nesting, phase)`. `read_lock` stamps the record with the
-current phase *before* the reader loads any published pointer; `synchronize` advances the
-phase and waits until no record is inside a read section stamped with an older phase. A
-reader that entered after the advance can only have loaded what was published before the
-advance, i.e. the new value — so once `synchronize` returns, nobody uses the old one.
+Theory of operation of `Srcu` (sleepable RCU, Linux's srcu_struct in miniature): two
+pairs of counters, `locks[i]` and `unlocks[i]`, and an index. `read_lock` reads the index,
+counts itself in `locks[index]` and returns the index, *before* the reader loads any
+published pointer; `read_unlock(index)` counts in `unlocks[index]`. `synchronize` flips
+the index, then waits until `unlocks[old]` (read first) equals `locks[old]` (read second):
+every exit it read follows an entry it read, so equality means no reader was inside under
+the old index. A reader that counts itself in the old index only after that check loaded
+its pointer after the flip, hence after the new value was published — so once
+`synchronize` returns, nobody uses the old value. Sections nest (each has its own token).
+The counters are `itertools.count`s: `next()` on one is a single atomic step under
+CPython's GIL, which this module relies on.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Generic, TypeVar
@@ -85,7 +90,7 @@ class Mutex:
 
 class _Guard:
     """A reusable, stateless context manager: `enter()` on entry, `exit()` on exit (what
-    `RwLock.read()` and friends return; cheaper than a generator-based one)."""
+    `RwLock.read()` returns; cheaper than a generator-based one)."""
 
     __slots__ = ("_enter", "_exit")
 
@@ -126,16 +131,22 @@ class RwLock:
             self._sleepers -= 1
 
     def acquire_read(self) -> None:
-        with self._lock:
+        lock = self._lock
+        lock.acquire()
+        try:
             while self._writer is not None or self._writers_waiting:
                 self._sleep()
             self._readers += 1
+        finally:
+            lock.release()
 
     def release_read(self) -> None:
-        with self._lock:
-            self._readers -= 1
-            if self._readers == 0 and self._sleepers:
-                self._cond.notify_all()
+        lock = self._lock
+        lock.acquire()
+        self._readers -= 1
+        if self._readers == 0 and self._sleepers:
+            self._cond.notify_all()
+        lock.release()
 
     def acquire_write(self) -> None:
         with self._lock:
@@ -222,85 +233,70 @@ class Condition:
         self._cond.notify_all()
 
 
-class _Reader:
-    __slots__ = ("__weakref__", "nesting", "phase", "thread")
+def _count_of(counter: itertools.count[int]) -> int:
+    """The next value `counter` would return, without taking it."""
+    return int(repr(counter)[6:-1])  # "count(N)"
 
-    def __init__(self) -> None:
-        self.nesting = 0
-        self.phase = 0
-        self.thread = weakref.ref(threading.current_thread())
+
+class _Section:
+    """`with srcu.read():` — one read section, holding its token."""
+
+    __slots__ = ("_srcu", "_token")
+
+    def __init__(self, srcu: Srcu) -> None:
+        self._srcu = srcu
+        self._token = 0
+
+    def __enter__(self) -> None:
+        self._token = self._srcu.read_lock()
+
+    def __exit__(self, *exc: object) -> None:
+        self._srcu.read_unlock(self._token)
 
 
 class Srcu:
-    """Sleepable RCU: cheap read sections, `synchronize` waits for readers of old data."""
+    """Sleepable RCU: cheap read sections, `synchronize` waits for readers of old data.
+
+    `token = srcu.read_lock()` … `srcu.read_unlock(token)`, or `with srcu.read():`. A hot
+    path may inline the two steps — `i = srcu.index; next(srcu.locks[i])` … then
+    `next(srcu.unlocks[i])` — which is exactly what the methods do; the concurrency
+    checker's twin honours the same protocol (and makes both steps scheduling points)."""
 
     def __init__(self, name: str = "srcu") -> None:
         self.name = name
-        self._phase = 1
-        self._local = threading.local()
-        self._readers: list[_Reader] = []
-        self._registry = threading.Lock()
+        self.index = 0
+        self.locks = (itertools.count(), itertools.count())
+        self.unlocks = (itertools.count(), itertools.count())
         self._gp_lock = threading.Lock()  # one grace period at a time
-        self._cond = threading.Condition(threading.Lock())
-        self._waiting = False
         self.grace_periods = 0
-        self._read = _Guard(self.read_lock, self.read_unlock)
 
-    def _record(self) -> _Reader:
-        rec = _Reader()
-        self._local.rec = rec
-        with self._registry:
-            self._readers = [r for r in self._readers if _alive(r)] + [rec]
-        return rec
+    def read_lock(self) -> int:
+        i = self.index
+        next(self.locks[i])  # before the caller loads any published pointer
+        return i
 
-    def read_lock(self) -> None:
-        try:
-            rec: _Reader = self._local.rec
-        except AttributeError:
-            rec = self._record()
-        if rec.nesting == 0:
-            # stamp the phase before the caller loads any published pointer
-            rec.phase = self._phase
-        rec.nesting += 1
-
-    def read_unlock(self) -> None:
-        rec: _Reader = self._local.rec
-        rec.nesting -= 1
-        if rec.nesting == 0 and self._waiting:
-            with self._cond:
-                self._cond.notify_all()
+    def read_unlock(self, token: int) -> None:
+        next(self.unlocks[token])
 
     def read(self) -> AbstractContextManager[None]:
         """`with srcu.read():` — a read section."""
-        return self._read
-
-    def in_read_section(self) -> bool:
-        rec: _Reader | None = getattr(self._local, "rec", None)
-        return rec is not None and rec.nesting > 0
+        return _Section(self)
 
     def synchronize(self) -> None:
-        """Return once every read section that began before this call has ended."""
-        if self.in_read_section():
-            raise RuntimeError(f"{self.name}: synchronize inside a read section would deadlock")
+        """Return once every read section that began before this call has ended. Never
+        call it inside a read section of the same Srcu: it would wait for itself."""
         with self._gp_lock:
-            self._phase += 1
-            new_phase = self._phase
-            with self._registry:
-                readers = list(self._readers)
-            self._waiting = True
-            try:
-                with self._cond:
-                    for rec in readers:
-                        while rec.nesting > 0 and rec.phase != new_phase and _alive(rec):
-                            self._cond.wait(0.001)
-            finally:
-                self._waiting = False
+            old = self.index
+            self.index = old ^ 1
+            locks, unlocks = self.locks[old], self.unlocks[old]
+            delay = 0.0
+            while True:
+                done = _count_of(unlocks)
+                if done == _count_of(locks):
+                    break
+                time.sleep(delay)
+                delay = min(0.001, delay + 0.00005)
             self.grace_periods += 1
-
-
-def _alive(rec: _Reader) -> bool:
-    thread = rec.thread()
-    return thread is not None and thread.is_alive()
 
 
 def pause() -> None:

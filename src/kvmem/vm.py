@@ -1,16 +1,20 @@
-"""The VM: address spaces of slot sets, the slot-update path, vCPUs, dirty-log ioctls.
+"""The VM: kvmem's public face — slot updates and transactions, accessors, vCPUs, caches,
+page tracking and the dirty-log ioctls, over the layers below it.
 
 Rules of this room:
-- `slots_lock` serialises every slot change and dirty-log ioctl (as in KVM). Readers never
-  take it: they enter `srcu`, load the published root once, and use that snapshot.
-- The published root is one tuple holding every address space's `SlotSet`, so a
-  transaction that touches several address spaces becomes visible in one store.
-- Path of one update (DESIGN path 1): validate → (DELETE/MOVE only, KVM-exact single
-  updates) publish an INVALID copy and wait → publish the new sets with the in-progress
-  generation bit → grace period → finalise generations → commit (page counts, listeners).
-  A refused update publishes nothing and changes nothing.
-- Listeners (the MMU, page tracking, engines of later layers) hear about changes only
-  through the `SlotsListener` methods, called with `slots_lock` held, in a fixed order.
+- The `Vm` builds its layers bottom up and gives each what it needs: `Memslots` (slot
+  sets, SRCU, slots_lock, limits), `Mmu(memslots)`, one `GuestMemory` per address space,
+  `PageTrack(memslots, mmu, ...)`, pfn caches. None of them knows the `Vm`.
+- Path of one update (DESIGN path 1): validate → (DELETE/MOVE, KVM-exact single updates)
+  publish an INVALID copy, zap → publish the new sets → grace period → commit (page
+  counts, then, in this order: the MMU, page tracking, listeners). A transaction
+  validates the whole batch first, zaps the ranges it unmaps, and publishes once. A
+  refused update publishes nothing and changes nothing. Which kinds of change do what is
+  the table `slots.KIND_RULES`; nothing here dispatches on kinds.
+- Listeners (engines, a VMM's own mirror) are `SlotsListener`s: they hear slot changes,
+  dirty-log syncs and tracking transitions through its methods — all declared there,
+  with no-op defaults — called with `slots_lock` held, after the layers below.
+- Every public method checks its arguments (`kvmem.args`) before it takes a lock.
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
@@ -21,48 +25,124 @@ from __future__ import annotations
 
 import errno
 import itertools
-import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from types import TracebackType
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from . import access, host, sync
-from .dirty import DirtyBitmap
-from .errors import GuestAccessError, KvmError, TransactionError
-from .mmu import MemoryFault, MmioExit, Mmu, TrackedWrite
+from . import host, sync
+from . import memslots as _memslots
+from .access import GuestMemory, HvaCache, mark_bitmap
+from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range
+from .contract import EngineCapabilities, Exit, Regs
+from .errors import KvmError
+from .memslots import Memslots
+from .mmu import MemoryFault, MmioExit, Mmu, Spte, TrackedWrite
 from .pagetrack import PageTrack
 from .pfncache import PfnCache
-from .slots import (
-    Change,
-    ChangeKind,
-    Limits,
-    MemorySlot,
-    Request,
-    SlotSet,
-    make_request,
-    validate,
-)
+from .slots import Change, ChangeKind, Limits, MemorySlot, Request, SlotSet, make_request
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS,
-    KVM_MEMSLOT_INVALID,
+    KVM_MEM_READONLY,
     KVM_USER_MEM_SLOTS,
     PAGE_MASK,
-    PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
 )
 
-__all__ = ["MemoryFault", "MmioExit", "SlotsListener", "Transaction", "Vcpu", "Vm"]
+__all__ = [
+    "Engine",
+    "EngineVcpu",
+    "MemoryFault",
+    "MmioExit",
+    "SlotsListener",
+    "TrackedWrite",
+    "Transaction",
+    "Vcpu",
+    "Vm",
+]
 
-if TYPE_CHECKING:
-    from .engines import Engine
 
-Root = tuple[SlotSet, ...]
+class SlotsListener:
+    """What a layer above the Vm (an engine, a VMM's own mirror of the slots) hears. Every
+    method may be called; each does nothing unless overridden. All are called with
+    `slots_lock` held, after the MMU and page tracking have done their part."""
+
+    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
+        """A single DELETE/MOVE published the INVALID copy of `slot` and the MMU zapped
+        it: drop everything derived from it (KVM's arch_flush_shadow_memslot)."""
+
+    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
+        """A transaction is about to publish `changes`."""
+
+    def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
+        """`changes` are published and no reader uses the old sets any more."""
+
+    def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
+        """A dirty log of `slot` is about to be read: fold the listener's own dirty bits
+        into the slot's bitmap (kvm_arch_sync_dirty_log)."""
+
+    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
+                            words: Sequence[int]) -> None:
+        """Pages whose dirty bits were harvested or cleared were write-protected again: bit
+        b of words[i] is page first_page + 64*i + b of `slot`."""
+
+    def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
+        """`gfn` became write-tracked (True) or stopped being tracked (False)."""
+
+
+class EngineVcpu(Protocol):
+    """A vCPU of an engine. `run`, `complete`, `regs` and `start` belong to the thread that
+    runs it; `kick` may come from any thread."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def vcpu(self) -> Vcpu:
+        """kvmem's view of this vCPU (its address space, its memory path)."""
+
+    def start(self, entry: int, regs: Regs | None = None) -> None:
+        """Reset to 32-bit protected mode (flat segments, CPL 0, no paging) at `entry`."""
+
+    def get_regs(self) -> Regs: ...
+
+    def set_regs(self, regs: Regs) -> None: ...
+
+    def run(self) -> Exit:
+        """Run guest code until the next exit."""
+
+    def complete(self, data: bytes) -> None:
+        """The answer to the last reading exit, delivered when `run` resumes the guest."""
+
+    def kick(self) -> None:
+        """Make a running (or the next) `run` return `ExitKind.KICKED` promptly."""
+
+
+class Engine(Protocol):
+    """What runs guest code on a Vm (`kvmem.engines`: kvm, unicorn): a `SlotsListener`
+    attached to one Vm that applies slot deltas in commit order, creates vCPUs, runs them,
+    folds its dirty log into kvmem's, and reports its capabilities."""
+
+    name: str
+    stats: dict[str, int]
+
+    @property
+    def capabilities(self) -> EngineCapabilities: ...
+
+    def attach(self, vm: Vm) -> None:
+        """Mirror `vm`'s current slots and listen to it from now on (called by `Vm`)."""
+
+    def create_vcpu(self, vcpu_id: int) -> EngineVcpu:
+        """`vm.create_vcpu(vcpu_id)` and this engine's vCPU over it."""
+
+    @property
+    def vcpus(self) -> Sequence[EngineVcpu]: ...
+
+    def close(self) -> None:
+        """Stop listening, stop every vCPU, release the engine's resources."""
+
 
 # Engines sit above the Vm: `kvmem.engines` registers its opener here on import, so
 # `Vm(engine=...)` works without this module importing any engine.
@@ -74,49 +154,18 @@ def register_engine_opener(opener: Callable[[str], Engine]) -> None:
     _engine_opener = opener
 
 
-class SlotsListener(Protocol):
-    """What later layers (MMU, page tracking, engines) hear of slot updates."""
-
-    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
-        """A DELETE/MOVE published the INVALID copy of `slot` and the grace period passed:
-        drop everything derived from it (KVM's arch_flush_shadow_memslot)."""
-
-    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
-        """A transaction is about to publish `changes` (optional method)."""
-
-    def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
-        """`changes` are published and no reader uses the old sets any more."""
-
-    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
-                            words: Sequence[int]) -> None:
-        """Pages whose dirty bits were harvested or cleared must be write-protected again:
-        bit b of words[i] is page first_page + 64*i + b of `slot`."""
-
-
-def _check_u(name: str, v: object, bits: int) -> int:
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-    if v < 0 or v >> bits:
-        raise KvmError(errno.EINVAL, f"{name} {v} does not fit the ioctl's {bits}-bit field")
-    return v
-
-
-@dataclass(frozen=True, slots=True)
-class VmCapabilities:
-    address_spaces: int
-    max_slots: int
-    readonly_mem: bool
-    phys_bits: int
-    manual_dirty_log_protect: int = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-                                     | KVM_DIRTY_LOG_INITIALLY_SET)
-
-
 class Vm:
     """A VM's guest memory: slots in address spaces, accessors, vCPUs and dirty logs.
 
     Defaults are x86 KVM with SMM: 2 address spaces, 32,764 user slots, read-only slots,
     52-bit guest physical addresses.
     """
+
+    # the accessors of address space 0 (kvm_read_guest, kvm_write_guest, kvm_clear_guest),
+    # bound in __init__ to the one accessor path, `GuestMemory`
+    read: Callable[[int, int], bytes]
+    write: Callable[[int, bytes | bytearray | memoryview], None]
+    clear: Callable[[int, int], None]
 
     def __init__(
         self,
@@ -130,17 +179,25 @@ class Vm:
     ) -> None:
         """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
         `address_spaces` defaults to 2, or to what the engine offers."""
-        for name, v in (("address_spaces", address_spaces), ("max_slots", max_slots),
-                        ("phys_bits", phys_bits), ("user_va_end", user_va_end)):
-            if (not isinstance(v, int) or isinstance(v, bool)) and \
-                    not (name == "address_spaces" and v is None):
-                raise TypeError(f"{name} must be an int, not {type(v).__name__}")
-        if address_spaces is not None and not 1 <= address_spaces <= 2:
-            raise KvmError(errno.EINVAL, f"address_spaces must be 1 or 2, not {address_spaces}")
+        if address_spaces is not None:
+            address_spaces = as_int("address_spaces", address_spaces)
+            if not 1 <= address_spaces <= 2:
+                raise KvmError(errno.EINVAL, f"address_spaces must be 1 or 2, not "
+                                             f"{address_spaces}")
+        max_slots = as_int("max_slots", max_slots)
         if not 1 <= max_slots <= KVM_USER_MEM_SLOTS:
-            raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}]")
+            raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}], "
+                                         f"not {max_slots}")
+        readonly_mem = as_bool("readonly_mem", readonly_mem)
+        phys_bits = as_int("phys_bits", phys_bits)
         if not 13 <= phys_bits <= 64:
             raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
+        user_va_end = as_int("user_va_end", user_va_end)
+        if not PAGE_SIZE <= user_va_end <= 1 << 64 or user_va_end & PAGE_MASK:
+            raise KvmError(errno.EINVAL, f"user_va_end {user_va_end:#x} must be a page-aligned "
+                                         "address in (0, 2^64]")
+        if engine is not None and not isinstance(engine, str):
+            raise TypeError(f"engine must be a str or None, not {type(engine).__name__}")
         # the engine is opened only once every argument of kvmem's own is known to be good,
         # so a refusal leaves no file descriptor behind
         opened: Engine | None = None
@@ -157,40 +214,35 @@ class Vm:
                                              f"address space(s), not {address_spaces}")
         if address_spaces is None:
             address_spaces = 2
-        self.limits = Limits(address_spaces, max_slots, bool(readonly_mem), phys_bits,
-                             user_va_end)
-        self.slots_lock = sync.Mutex("slots_lock")
-        self.srcu = sync.Srcu("vm.srcu")
-        self._memslots: sync.Atomic[Root] = sync.Atomic(
-            tuple(SlotSet(as_id, as_id) for as_id in range(address_spaces))
-        )
-        self._nr_memslot_pages = 0
+        self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end)
+        self.memslots = Memslots(self.limits)
+        self.mmu = Mmu(self.memslots)
+        self._memory = [GuestMemory(self.memslots, as_id) for as_id in range(address_spaces)]
+        self.page_track = PageTrack(self.memslots, self.mmu, self._memory,
+                                    self._track_changed)
         self._manual_dirty_log_protect = 0
         self._vcpus: dict[int, Vcpu] = {}
-        self._pid = os.getpid()
-        self.mmu = Mmu(self)
-        self.page_track = PageTrack(self)
-        # the MMU hears first: stage-2 zaps precede everything derived from slots; then
-        # page tracking (track_remove_region), then whatever is added (engines)
-        self._listeners: list[SlotsListener] = [self.mmu, self.page_track]
+        self._listeners: tuple[SlotsListener, ...] = ()
+        self.read = self._memory[0].read
+        self.write = self._memory[0].write
+        self.clear = self._memory[0].clear
         self.engine: Engine | None = opened
         if opened is not None:
             opened.attach(self)
 
-    # -- capabilities and state -------------------------------------------------------------
-    @property
-    def capabilities(self) -> VmCapabilities:
-        lim = self.limits
-        return VmCapabilities(lim.address_spaces, lim.max_slots, lim.readonly_mem,
-                              lim.phys_bits)
-
+    # -- state --------------------------------------------------------------------------------
     @property
     def address_spaces(self) -> int:
         return self.limits.address_spaces
 
+    @property
+    def slots_lock(self) -> sync.Mutex:
+        """The mutex every slot change and dirty-log ioctl holds (`Memslots.slots_lock`)."""
+        return self.memslots.slots_lock
+
     def slot_set(self, as_id: int = 0) -> SlotSet:
         """The published slot set of `as_id` (a snapshot: it never changes)."""
-        return self._memslots.load()[self._as(as_id)]
+        return self.memslots.slot_set(as_id)
 
     def slots(self, as_id: int = 0) -> list[MemorySlot]:
         """The current slots of `as_id`, in gfn order."""
@@ -200,121 +252,72 @@ class Vm:
         """The memslot generation of `as_id`; bit 63 is set while an update is in flight."""
         return self.slot_set(as_id).generation
 
-    def _as(self, as_id: object) -> int:
-        if not isinstance(as_id, int) or isinstance(as_id, bool):
-            raise TypeError(f"as_id must be an int, not {type(as_id).__name__}")
-        if not 0 <= as_id < self.limits.address_spaces:
-            raise KvmError(errno.EINVAL, f"address space {as_id} does not exist "
-                                         f"(this VM has {self.limits.address_spaces})")
-        return as_id
+    def lookup(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
+        """The slot containing `gfn` in `as_id` (`gfn_to_memslot`), or None."""
+        return self.memslots.lookup(gfn, as_id)
 
+    def translate(self, gpa: int) -> int:
+        """gpa → hva in address space 0 (read intent); EFAULT where no usable slot is."""
+        return self.memslots.translate(gpa, 0)
+
+    def hva_to_gfn_ranges(self, start: int, end: int
+                          ) -> Iterator[tuple[MemorySlot, int, int]]:
+        """For an hva range [start, end): every (slot, first gfn, end gfn) it backs, in every
+        address space — the walk of an MMU-notifier invalidation."""
+        return self.memslots.hva_to_gfn_ranges(as_u64("start", start), as_u64("end", end))
+
+    # -- listeners ----------------------------------------------------------------------------
     def add_listener(self, listener: SlotsListener) -> None:
-        with self.slots_lock:
-            self._listeners.append(listener)
+        if not isinstance(listener, SlotsListener):
+            raise TypeError(f"a listener must be a kvmem.SlotsListener, not "
+                            f"{type(listener).__name__}")
+        with self.memslots.slots_lock:
+            if listener in self._listeners:
+                raise KvmError(errno.EEXIST, "listener is already added")
+            self._listeners = (*self._listeners, listener)
 
     def remove_listener(self, listener: SlotsListener) -> None:
-        with self.slots_lock:
-            self._listeners.remove(listener)
+        with self.memslots.slots_lock:
+            if listener not in self._listeners:
+                raise KvmError(errno.ENOENT, "listener was not added")
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    @property
+    def listeners(self) -> tuple[SlotsListener, ...]:
+        return self._listeners
+
+    def _track_changed(self, as_id: int, gfn: int, tracked: bool) -> None:
+        for listener in self._listeners:
+            listener.track_changed(self, as_id, gfn, tracked)
 
     # -- the update path ----------------------------------------------------------------------
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, delete (size 0), move or change flags of a
         slot; `slot` = (as_id << 16) | id. Refusals raise `KvmError` with KVM's errno."""
-        self._check_process()
+        ms = self.memslots
+        ms.check_process()
         req = make_request(slot, flags, gpa, size, hva)
-        with self.slots_lock:
-            root = self._memslots.load()
-            as_id = req.as_id if req.as_id < len(root) else 0
-            change = validate(req, root[as_id], self.limits, self._nr_memslot_pages,
-                              self._move_refused)
+        with ms.slots_lock:
+            change = ms.prepare(req, ms.active.load(), ms.nr_pages,
+                                self.page_track.move_refused, self._initially_set)
             if change.kind is ChangeKind.NONE:
                 return
-            self._apply_single(change)
-
-    def _check_process(self) -> None:
-        if os.getpid() != self._pid:
-            raise KvmError(errno.EIO, "the VM was created by another process (fork)")
-
-    def _move_refused(self) -> str | None:
-        for listener in self._listeners:
-            refuse = getattr(listener, "move_refused", None)
-            if refuse is not None:
-                reason: str | None = refuse()
-                if reason is not None:
-                    return reason
-        return None
-
-    def _attach_bitmap(self, change: Change) -> Change:
-        """kvm_prepare_memory_region's dirty-bitmap decision (table §1.4)."""
-        new = change.new
-        if new is None or change.kind is ChangeKind.NONE:
-            return change
-        if not new.flags & KVM_MEM_LOG_DIRTY_PAGES:
-            bitmap = None
-        elif change.old is not None and change.old.dirty_bitmap is not None:
-            bitmap = change.old.dirty_bitmap
-        else:
-            initially = (self._manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET) != 0
-            bitmap = DirtyBitmap(new.npages, initially_set=initially)
-        slot = MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.hva, new.flags,
-                          bitmap)
-        return Change(change.kind, change.as_id, change.old, slot)
-
-    def _swap(self, sets: dict[int, SlotSet]) -> None:
-        """Publish `sets` (by address space) in one store, wait for a grace period, then
-        finalise their generations (kvm_swap_active_memslots)."""
-        self.slots_lock.assert_held()
-        old_root = self._memslots.load()
-        nr_as = len(old_root)
-        root = list(old_root)
-        for as_id, s in sets.items():
-            root[as_id] = s.published(old_root[as_id].generation
-                                      | KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS)
-        new_root = tuple(root)
-        with self.mmu.mn_lock:
-            # an invalidation between start and end must see one slot layout throughout
-            self.mmu.wait_for_invalidations()
-            self._memslots.store(new_root)
-        # after this no reader holds the old sets: host memory behind them may go
-        self.srcu.synchronize()
-        for as_id in sets:
-            new_root[as_id].generation = old_root[as_id].generation + nr_as
-
-    def _apply_single(self, change: Change) -> None:
-        """One KVM-exact update: DELETE/MOVE first publish the slot as INVALID."""
-        self.slots_lock.assert_held()
-        change = self._attach_bitmap(change)
-        as_id = change.as_id
-        current = self._memslots.load()[as_id]
-        old, new = change.old, change.new
-        if change.kind in (ChangeKind.DELETE, ChangeKind.MOVE):
-            assert old is not None
-            inv = old.with_flags(old.flags | KVM_MEMSLOT_INVALID)
-            current = current.replacing(old, inv)
-            self._swap({as_id: current})
-            for listener in self._listeners:
-                listener.slots_invalidated(self, old)
-            old = inv
-        if change.kind is ChangeKind.CREATE:
-            assert new is not None
-            final = current.with_slot(new)
-        elif change.kind is ChangeKind.DELETE:
-            assert old is not None
-            final = current.without(old)
-        else:
-            assert old is not None and new is not None
-            final = current.replacing(old, new)
-        self._swap({as_id: final})
-        self._commit([change])
+            old = change.old
+            if change.unmaps_old:
+                # KVM-exact: the slot is INVALID (faults retry, accessors miss) while its
+                # mappings go
+                assert old is not None
+                ms.publish({old.as_id: ms.invalid_copy(old)})
+                self.mmu.slot_invalidated(old)
+                for listener in self._listeners:
+                    listener.slots_invalidated(self, old)
+            ms.publish({change.as_id: change.apply(ms.active.load()[change.as_id])})
+            self._commit([change])
 
     def _commit(self, changes: Sequence[Change]) -> None:
-        for c in changes:
-            if c.kind is ChangeKind.CREATE:
-                assert c.new is not None
-                self._nr_memslot_pages += c.new.npages
-            elif c.kind is ChangeKind.DELETE:
-                assert c.old is not None
-                self._nr_memslot_pages -= c.old.npages
+        self.memslots.account(changes)
+        self.mmu.slots_committed(changes, self._initially_set)
+        self.page_track.slots_committed(changes)
         for listener in self._listeners:
             listener.slots_committed(self, changes)
 
@@ -325,115 +328,46 @@ class Vm:
     def _apply_batch(self, requests: Sequence[Request]) -> list[Change]:
         """Validate every request in order against the sets the batch builds; publish them
         all in one swap, or nothing."""
-        self._check_process()  # KVM answers EIO before it looks at any argument
-        with self.slots_lock:
-            root = self._memslots.load()
-            working = dict(enumerate(root))
-            pages = self._nr_memslot_pages
-            changes: list[Change] = []
-            for index, req in enumerate(requests):
-                as_id = req.as_id if req.as_id < len(root) else 0
-                try:
-                    change = validate(req, working[as_id], self.limits, pages,
-                                      self._move_refused)
-                except KvmError as e:
-                    raise TransactionError(index, e) from None
-                if change.kind is ChangeKind.NONE:
-                    continue
-                change = self._attach_bitmap(change)
-                s = working[as_id]
-                if change.kind is ChangeKind.CREATE:
-                    assert change.new is not None
-                    working[as_id] = s.with_slot(change.new)
-                    pages += change.new.npages
-                elif change.kind is ChangeKind.DELETE:
-                    assert change.old is not None
-                    working[as_id] = s.without(change.old)
-                    pages -= change.old.npages
-                else:
-                    assert change.old is not None and change.new is not None
-                    working[as_id] = s.replacing(change.old, change.new)
-                changes.append(change)
+        ms = self.memslots
+        ms.check_process()  # KVM answers EIO before it looks at any argument
+        with ms.slots_lock:
+            changes, sets = ms.plan(requests, self.page_track.move_refused,
+                                    self._initially_set)
             if not changes:
                 return []
-            touched = {c.as_id for c in changes}
+            self.mmu.slots_updating(changes)
             for listener in self._listeners:
-                updating = getattr(listener, "slots_updating", None)
-                if updating is not None:
-                    updating(self, changes)
-            self._swap({as_id: working[as_id] for as_id in touched})
-            _carry_dirty_bits(changes)
+                listener.slots_updating(self, changes)
+            ms.publish(sets)
+            _memslots.carry_dirty_bits(changes)
             self._commit(changes)
             return changes
 
-    # -- lookups --------------------------------------------------------------------------------
-    def lookup(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
-        """The slot containing `gfn` in `as_id` (`gfn_to_memslot`), or None."""
-        return self._memslots.value[as_id].lookup(gfn)
-
-    def translate(self, gpa: int) -> int:
-        """gpa → hva in address space 0 (read intent); EFAULT where no usable slot is."""
-        slots = self._memslots.value[0]
-        d = slots._deltas.get(gpa >> PAGE_SHIFT)
-        if d is None:
-            d = slots.hva_delta(gpa >> PAGE_SHIFT)
-            if d is None:
-                raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot",
-                                       gpa, 0)
-        return gpa + d
-
-    def hva_to_gfn_ranges(self, start: int, end: int
-                          ) -> Iterator[tuple[MemorySlot, int, int]]:
-        """For an hva range [start, end): every (slot, first gfn, end gfn) it backs, in every
-        address space — the walk of an MMU-notifier invalidation."""
-        for slots in self._memslots.load():
-            for s in slots.by_hva(start, end):
-                lo = max(start, s.hva)
-                hi = min(end, s.hva_end)
-                yield s, s.gfn_of(lo), s.gfn_of(hi + PAGE_MASK)
-
-    # -- accessors (address space 0) ------------------------------------------------------------
-    def read(self, gpa: int, n: int) -> bytes:
-        """Read guest memory (kvm_read_guest)."""
-        access.check_range(gpa, n)
-        self.srcu.read_lock()
-        try:
-            return access.read(self._memslots.value[0].lookup, gpa, n)
-        finally:
-            self.srcu.read_unlock()
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write guest memory (kvm_write_guest); marks dirty pages of logging slots."""
-        access.check_range(gpa, 0)
-        self.srcu.read_lock()
-        try:
-            access.write(self._memslots.value[0].lookup, gpa, access.byte_view(data))
-        finally:
-            self.srcu.read_unlock()
-
-    def clear(self, gpa: int, n: int) -> None:
-        """Zero guest memory (kvm_clear_guest)."""
-        access.check_range(gpa, n)
-        self.srcu.read_lock()
-        try:
-            access.clear(self._memslots.value[0].lookup, gpa, n)
-        finally:
-            self.srcu.read_unlock()
-
-    def hva_cache(self, gpa: int, length: int) -> access.HvaCache:
+    # -- accessors ----------------------------------------------------------------------------
+    def hva_cache(self, gpa: int, length: int) -> HvaCache:
         """A gfn_to_hva_cache over [gpa, gpa+length) of address space 0."""
-        access.check_range(gpa, length)
-        return access.HvaCache(lambda: self._memslots.value[0], gpa, length, self.srcu)
+        gpa, length = check_range(gpa, length)
+        return HvaCache(self._memory[0], gpa, length)
 
-    # -- vCPUs ------------------------------------------------------------------------------------
     def pfn_cache(self) -> PfnCache:
         """A new, inactive gfn-to-pfn cache of this VM (`activate` or `activate_hva` it)."""
-        return PfnCache(self)
+        return PfnCache(self.memslots, self.mmu, self._memory[0].mark)
 
+    def invalidate_hva_range(self, start: int, end: int) -> None:
+        """The VMM changed its own mapping of [start, end) behind kvmem's back (mmap over
+        it, madvise...): run the MMU-notifier invalidation for it, begin and end."""
+        start, end = as_u64("start", start), as_u64("end", end)
+        if start >= end:
+            raise KvmError(errno.EINVAL, f"empty hva range {start:#x}..{end:#x}")
+        with host.changes_in_flight():
+            self.mmu.invalidate_range_start(start, end)
+            self.mmu.invalidate_range_end(start, end)
+
+    # -- vCPUs ------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
-        self._check_process()
-        _check_u("vcpu_id", vcpu_id, 32)
-        with self.slots_lock:
+        self.memslots.check_process()
+        vcpu_id = as_u32("vcpu_id", vcpu_id)
+        with self.memslots.slots_lock:
             if vcpu_id in self._vcpus:
                 raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
             vcpu = Vcpu(self, vcpu_id)
@@ -445,51 +379,45 @@ class Vm:
         return list(self._vcpus.values())
 
     # -- dirty log ioctls ----------------------------------------------------------------------
-    def enable_manual_dirty_log_protect(self, initially_set: bool = False,
-                                        enable: bool = True) -> None:
-        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)."""
-        mask = 0
-        if enable:
-            mask = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
-            if initially_set:
-                mask |= KVM_DIRTY_LOG_INITIALLY_SET
+    def enable_manual_dirty_log_protect(self, initially_set: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): GET leaves bits set and CLEAR
+        takes them; with `initially_set`, new bitmaps start all set."""
+        initially_set = as_bool("initially_set", initially_set)
+        mask = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        if initially_set:
+            mask |= KVM_DIRTY_LOG_INITIALLY_SET
         self.enable_cap_manual_dirty_log_protect(mask)
+
+    def disable_manual_dirty_log_protect(self) -> None:
+        """The capability with args[0] = 0: GET harvests again."""
+        self.enable_cap_manual_dirty_log_protect(0)
 
     def enable_cap_manual_dirty_log_protect(self, args0: int, flags: int = 0) -> None:
         """The raw capability: `args0` ∈ {0, 1, 3}, `flags` 0; anything else is EINVAL."""
-        self._check_process()
-        _check_u("args[0]", args0, 64)
-        _check_u("flags", flags, 32)
-        allowed = KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET
+        self.memslots.check_process()
+        args0 = as_u64("args[0]", args0)
+        flags = as_u32("flags", flags)
+        allowed = self.limits.manual_dirty_log_protect
         if flags or args0 & ~allowed or args0 == KVM_DIRTY_LOG_INITIALLY_SET:
             raise KvmError(errno.EINVAL, f"manual dirty log protect: args[0] {args0:#x} "
                                          f"flags {flags:#x} (valid: 0, 1, 3 and flags 0)")
-        with self.slots_lock:
+        with self.memslots.slots_lock:
             self._manual_dirty_log_protect = args0
-
-    def _initially_set(self) -> bool:
-        return bool(self._manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
-
-    def invalidate_hva_range(self, start: int, end: int) -> None:
-        """The VMM changed its own mapping of [start, end) behind kvmem's back (mmap over
-        it, madvise...): run the MMU-notifier invalidation for it, begin and end."""
-        _check_u("start", start, 64)
-        _check_u("end", end, 64)
-        if start >= end:
-            raise KvmError(errno.EINVAL, f"empty hva range {start:#x}..{end:#x}")
-        self.mmu.invalidate_range_start(start, end)
-        self.mmu.invalidate_range_end(start, end)
 
     @property
     def manual_dirty_log_protect(self) -> int:
         return self._manual_dirty_log_protect
 
+    @property
+    def _initially_set(self) -> bool:
+        return bool(self._manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
+
     def _dirty_slot(self, slot: int) -> MemorySlot:
-        self.slots_lock.assert_held()
+        self.memslots.slots_lock.assert_held()
         as_id, sid = slot >> 16, slot & U16_MAX
         if as_id >= self.limits.address_spaces or sid >= self.limits.max_slots:
             raise KvmError(errno.EINVAL, f"slot {as_id}:{sid} is not a user slot")
-        s = self._memslots.load()[as_id].by_id(sid)
+        s = self.memslots.active.load()[as_id].by_id(sid)
         if s is None or s.dirty_bitmap is None:
             raise KvmError(errno.ENOENT, f"slot {as_id}:{sid} does not exist or does not "
                                          "log dirty pages")
@@ -498,35 +426,32 @@ class Vm:
     def get_dirty_log(self, slot: int) -> bytes:
         """KVM_GET_DIRTY_LOG: the slot's bitmap (ALIGN(npages, 64)/8 bytes). Without manual
         protect the returned bits are cleared and their pages write-protected again."""
-        self._check_process()
-        _check_u("slot", slot, 32)
-        with self.slots_lock:
+        self.memslots.check_process()
+        slot = as_u32("slot", slot)
+        with self.memslots.slots_lock:
             s = self._dirty_slot(slot)
             bitmap = s.dirty_bitmap
             assert bitmap is not None
             for listener in self._listeners:
                 # an engine's own log joins kvmem's first (kvm_arch_sync_dirty_log)
-                sync_log = getattr(listener, "dirty_log_sync", None)
-                if sync_log is not None:
-                    sync_log(self, s)
+                listener.dirty_log_sync(self, s)
             if self._manual_dirty_log_protect & KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
                 return bitmap.snapshot()
             out = bitmap.harvest()
-            if self._listeners and out.count(0) != len(out):  # C speed, not any()
+            if out.count(0) != len(out):  # C speed, not any()
                 words = [int.from_bytes(out[i:i + 8], "little") for i in range(0, len(out), 8)]
-                for listener in self._listeners:
-                    listener.dirty_log_reprotect(self, s, 0, words)
+                self._reprotect(s, 0, words)
             return out
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int,
                         bitmap: bytes | bytearray | memoryview) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear the bits of `bitmap` (bit i = page first_page + i)."""
-        self._check_process()
-        _check_u("slot", slot, 32)
-        _check_u("first_page", first_page, 64)
-        _check_u("num_pages", num_pages, 32)
-        data = access.byte_view(bitmap).tobytes()
-        with self.slots_lock:
+        self.memslots.check_process()
+        slot = as_u32("slot", slot)
+        first_page = as_u64("first_page", first_page)
+        num_pages = as_u32("num_pages", num_pages)
+        data = as_bytes("bitmap", bitmap).tobytes()
+        with self.memslots.slots_lock:
             as_id, sid = slot >> 16, slot & U16_MAX
             if as_id >= self.limits.address_spaces or sid >= self.limits.max_slots:
                 raise KvmError(errno.EINVAL, f"slot {as_id}:{sid} is not a user slot")
@@ -544,46 +469,46 @@ class Vm:
                                              f"the {need} bytes num_pages needs")
             assert s.dirty_bitmap is not None
             cleared = s.dirty_bitmap.clear(first_page, num_pages, data)
-            if self._listeners and cleared.any():
-                words = [int(w) for w in cleared]
-                for listener in self._listeners:
-                    listener.dirty_log_reprotect(self, s, first_page, words)
+            if cleared.any():
+                self._reprotect(s, first_page, [int(w) for w in cleared])
 
-
-def _carry_dirty_bits(changes: Sequence[Change]) -> None:
-    """Within one transaction, a page that a deleted logging slot mapped and a new logging
-    slot maps again (same gfn, same hva) keeps its unharvested dirty bit: split, merge,
-    resize and read-only toggles lose nothing. Runs after the grace period, under
-    slots_lock, so no writer still marks the old bitmap and no GET sees the gap."""
-    gone = [c.old for c in changes if c.kind is ChangeKind.DELETE and c.old is not None
-            and c.old.dirty_bitmap is not None]
-    if not gone:
-        return
-    born = [c.new for c in changes if c.kind is ChangeKind.CREATE and c.new is not None
-            and c.new.dirty_bitmap is not None]
-    for old in gone:
-        assert old.dirty_bitmap is not None
-        for new in born:
-            same_mapping = (new.hva - (new.base_gfn << PAGE_SHIFT)
-                            == old.hva - (old.base_gfn << PAGE_SHIFT))
-            lo, hi = max(old.base_gfn, new.base_gfn), min(old.end_gfn, new.end_gfn)
-            if new.as_id != old.as_id or not same_mapping or lo >= hi:
-                continue
-            assert new.dirty_bitmap is not None
-            new.dirty_bitmap.merge_from(old.dirty_bitmap, lo - old.base_gfn,
-                                        lo - new.base_gfn, hi - lo)
+    def _reprotect(self, slot: MemorySlot, first_page: int, words: Sequence[int]) -> None:
+        self.mmu.dirty_log_reprotect(slot, first_page, words)
+        for listener in self._listeners:
+            listener.dirty_log_reprotect(self, slot, first_page, words)
 
 
 class Vcpu:
-    """A vCPU's view of guest memory: its address space (1 while in SMM) and its own
-    last-used-slot cache (kvm_vcpu_gfn_to_memslot)."""
+    """A vCPU's view of guest memory: its address space (1 while in SMM), the accessors of
+    that address space (kvm_vcpu_read_guest...) and guest code's memory path through the
+    stage-2 (`guest_read` / `guest_write`)."""
+
+    # bound to the vCPU's address space (again whenever `smm` changes)
+    read: Callable[[int, int], bytes]
+    write: Callable[[int, bytes | bytearray | memoryview], None]
+    clear: Callable[[int, int], None]
+    guest_read: Callable[[int, int], bytes]
+    """Read as guest code does: through the stage-2, faulting pages in. Raises `MmioExit`
+    where KVM would exit with KVM_EXIT_MMIO (no slot at the page)."""
+    guest_write: Callable[[int, bytes | bytearray | memoryview], None]
+    """Write as guest code does: a missing or read-only spte faults (marking the page dirty
+    in a logging slot); no slot or a read-only slot raises `MmioExit`; a tracked gfn is
+    written by page tracking, which notifies."""
 
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
         self._smm = False
-        self._last_used: MemorySlot | None = None
-        self._last_gen = -1
+        self._memory = [GuestMemory(vm.memslots, as_id, mark_bitmap)
+                        for as_id in range(vm.address_spaces)]
+        self._bind()
+
+    def _bind(self) -> None:
+        as_id = self.as_id
+        memory = self._memory[as_id]
+        self.read, self.write, self.clear = memory.read, memory.write, memory.clear
+        stage2 = self.vm.mmu.access[as_id]
+        self.guest_read, self.guest_write = stage2.read, stage2.write
 
     @property
     def smm(self) -> bool:
@@ -591,133 +516,33 @@ class Vcpu:
 
     @smm.setter
     def smm(self, value: bool) -> None:
-        if not isinstance(value, bool):
-            raise TypeError(f"smm must be a bool, not {type(value).__name__}")
+        value = as_bool("smm", value)
         if value and self.vm.limits.address_spaces < 2:
             raise KvmError(errno.EINVAL, "this VM has no SMM address space")
         self._smm = value
+        self._bind()
 
     @property
     def as_id(self) -> int:
         return 1 if self._smm else 0
 
     def slot_set(self) -> SlotSet:
-        return self.vm._memslots.value[1 if self._smm else 0]
+        return self.vm.memslots.active.value[self.as_id]
 
     def lookup(self, gfn: int) -> MemorySlot | None:
-        """The vCPU's slot for `gfn`: its own last-used slot first (reset when the
-        generation moves); does not touch the VM-wide hint."""
-        slots = self.vm._memslots.value[1 if self._smm else 0]
-        if slots.generation != self._last_gen:
-            self._last_gen = slots.generation
-            self._last_used = None
-        s = self._last_used
-        if s is not None and s.base_gfn <= gfn < s.end_gfn and s.as_id == slots.as_id:
-            return s
-        s = slots.search(gfn)
-        if s is not None:
-            self._last_used = s
-        return s
+        """The slot for `gfn` in the vCPU's address space (kvm_vcpu_gfn_to_memslot)."""
+        return self.vm.memslots.lookup(gfn, self.as_id)
 
     def translate(self, gpa: int) -> int:
-        slots = self.vm._memslots.value[1 if self._smm else 0]
-        d = slots._deltas.get(gpa >> PAGE_SHIFT)
-        if d is None:
-            d = slots.hva_delta(gpa >> PAGE_SHIFT)
-            if d is None:
-                raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot "
-                                              f"in address space {self.as_id}", gpa, 0)
-        return gpa + d
+        """gpa → hva in the vCPU's address space; EFAULT where no usable slot is."""
+        return self.vm.memslots.translate(gpa, self.as_id)
 
-    def read(self, gpa: int, n: int) -> bytes:
-        access.check_range(gpa, n)
-        self.vm.srcu.read_lock()
-        try:
-            return access.read(self.lookup, gpa, n)
-        finally:
-            self.vm.srcu.read_unlock()
-
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        access.check_range(gpa, 0)
-        self.vm.srcu.read_lock()
-        try:
-            access.write(self.lookup, gpa, access.byte_view(data))
-        finally:
-            self.vm.srcu.read_unlock()
-
-    def clear(self, gpa: int, n: int) -> None:
-        access.check_range(gpa, n)
-        self.vm.srcu.read_lock()
-        try:
-            access.clear(self.lookup, gpa, n)
-        finally:
-            self.vm.srcu.read_unlock()
-
-    # -- the memory path of a running vCPU: stage-2, faulting on a miss -------------------
-    def guest_read(self, gpa: int, n: int) -> bytes:
-        """Read as guest code does: through the stage-2, faulting pages in. Raises
-        `MmioExit` where KVM would exit with KVM_EXIT_MMIO (no slot at the page)."""
-        access.check_range(gpa, n)
-        parts: list[bytes] = []
-        self._guest_access(gpa, n, None, parts)
-        return b"".join(parts)
-
-    def guest_write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write as guest code does: a missing or read-only spte faults (marking the page
-        dirty in a logging slot); no slot or a read-only slot raises `MmioExit`."""
-        access.check_range(gpa, 0)
-        src = access.byte_view(data)
-        self._guest_access(gpa, src.nbytes, src, [])
-
-    def _guest_access(self, gpa: int, n: int, src: memoryview | None,
-                      parts: list[bytes]) -> None:
-        vm = self.vm
-        mmu = vm.mmu
-        write = src is not None
-        prot = host.PROT_WRITE if write else host.PROT_READ
-        pos = 0
-        vm.srcu.read_lock()
-        try:
-            while pos < n:
-                cur = gpa + pos
-                gfn = cur >> PAGE_SHIFT
-                k = min(n - pos, PAGE_SIZE - (cur & PAGE_MASK))
-                done = False
-                mmu.tlb.read_lock()
-                try:
-                    spte = mmu.spte(self.as_id, gfn)
-                    if spte is not None and (spte.writable or not write):
-                        if not spte.current(gfn):
-                            mmu.stats["stale_uses"] += 1
-                        hva = spte.frame.hva + ((gfn - spte.gfn) << PAGE_SHIFT) + (cur & PAGE_MASK)
-                        segs, ok = host.views(hva, k, prot)
-                        if ok == k:
-                            if src is None:
-                                parts.append(bytes(segs[0]))
-                            else:
-                                segs[0][:] = src[pos:pos + k]
-                            done = True
-                finally:
-                    mmu.tlb.read_unlock()
-                if done:
-                    pos += k
-                    continue
-                try:
-                    spte = mmu.fault(self, cur, write)
-                except MmioExit:
-                    data = b"" if src is None else src[pos:pos + k].tobytes()
-                    raise MmioExit(cur, k, write, data) from None
-                except TrackedWrite:
-                    assert src is not None
-                    vm.page_track.write(self.as_id, cur, src[pos:pos + k])
-                    pos += k
-                    continue
-                if spte is None:  # retry outside the read section: an update may be waiting
-                    vm.srcu.read_unlock()
-                    sync.pause()
-                    vm.srcu.read_lock()
-        finally:
-            vm.srcu.read_unlock()
+    def fault_in(self, gpa: int, write: bool) -> Spte:
+        """The stage-2 mapping for an access of guest code at `gpa`, faulted in if missing
+        (the one fault-retry loop; engines that map sptes themselves use it). Raises
+        `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page."""
+        gpa, _ = check_range(gpa, 0)
+        return self.vm.mmu.fault_in(self.as_id, gpa, as_bool("write", write))
 
     def __repr__(self) -> str:
         return f"Vcpu({self.id}, smm={self._smm})"
@@ -728,7 +553,8 @@ class Transaction:
     (or `commit()` is called). Every change is validated against the sets the batch has
     built so far; one refusal raises `TransactionError` naming its index, and nothing is
     applied. A transaction publishes no INVALID window: readers see the old layout or the
-    new one, never a hole between them."""
+    new one, never a hole between them. A convenience that refuses its arguments records
+    nothing."""
 
     def __init__(self, vm: Vm) -> None:
         self.vm = vm
@@ -749,6 +575,11 @@ class Transaction:
     def __len__(self) -> int:
         return len(self._requests)
 
+    @property
+    def requests(self) -> tuple[Request, ...]:
+        """What is recorded so far, in order."""
+        return tuple(self._requests)
+
     def _check_open(self) -> None:
         if self._done:
             raise KvmError(errno.EINVAL, "transaction already committed or abandoned")
@@ -759,20 +590,25 @@ class Transaction:
         self.changes = self.vm._apply_batch(self._requests)
         return self.changes
 
+    def _record(self, requests: Sequence[Request]) -> None:
+        """Record `requests`, all built and checked already: all of them or none."""
+        self._check_open()
+        self._requests.extend(requests)
+
     # -- primitive ------------------------------------------------------------------------------
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int
                           ) -> Transaction:
-        self._check_open()
-        self._requests.append(make_request(slot, flags, gpa, size, hva))
+        self._record([make_request(slot, flags, gpa, size, hva)])
         return self
 
     def delete(self, slot: int) -> Transaction:
         return self.set_memory_region(slot, 0, 0, 0, 0)
 
     # -- conveniences KVM cannot do in one step -----------------------------------------------
-    def _planned(self, slot: int) -> MemorySlot:
+    def _planned(self, slot: object) -> MemorySlot:
         """The slot as it stands after the requests recorded so far."""
-        _check_u("slot", slot, 32)
+        self._check_open()
+        slot = as_u32("slot", slot)
         as_id, sid = slot >> 16, slot & U16_MAX
         current = self.vm.slot_set(as_id).by_id(sid)
         for r in self._requests:
@@ -796,82 +632,114 @@ class Transaction:
                     return out
         raise KvmError(errno.ENOSPC, f"address space {as_id} has no {count} free slot ids")
 
+    @staticmethod
+    def _ids(name: str, ids: object) -> list[int]:
+        if isinstance(ids, str | bytes) or not isinstance(ids, Sequence):
+            raise TypeError(f"{name} must be a sequence of ints, not {type(ids).__name__}")
+        out = [as_u16(f"{name}[{i}]", v) for i, v in enumerate(ids)]
+        if len(set(out)) != len(out):
+            raise KvmError(errno.EINVAL, f"{name} {out} names a slot id twice")
+        return out
+
     def split(self, slot: int, at: Sequence[int], ids: Sequence[int] | None = None
               ) -> list[int]:
         """Split `slot` at the gpas `at` (page-aligned, strictly inside, increasing) into
         len(at)+1 adjacent slots. The first piece keeps the slot's id; `ids` names the
         others (default: the lowest free ids). Returns the `slot` values of the pieces."""
         s = self._planned(slot)
-        cuts = [_check_u("split gpa", g, 64) for g in at]
+        if isinstance(at, str | bytes) or not isinstance(at, Sequence):
+            raise TypeError(f"at must be a sequence of gpas, not {type(at).__name__}")
+        cuts = [as_u64(f"at[{i}]", g) for i, g in enumerate(at)]
         bounds = [s.gpa, *cuts, s.gpa + s.size]
         if not cuts or any(b & PAGE_MASK for b in cuts) or any(
                 a >= b for a, b in itertools.pairwise(bounds)):
             raise KvmError(errno.EINVAL, f"split points {[hex(c) for c in cuts]} must be "
                                          f"page-aligned, increasing and inside slot "
                                          f"{s.as_id}:{s.id}")
-        rest = list(ids) if ids is not None else self._free_ids(s.as_id, len(cuts), {s.id})
-        if len(rest) != len(cuts):
-            raise KvmError(errno.EINVAL, f"split into {len(cuts) + 1} pieces needs "
-                                         f"{len(cuts)} new ids, got {len(rest)}")
-        piece_ids = [s.id, *rest]
-        self.delete(s.slot)
+        if ids is None:
+            rest = self._free_ids(s.as_id, len(cuts), {s.id})
+        else:
+            rest = self._ids("ids", ids)
+            if len(rest) != len(cuts):
+                raise KvmError(errno.EINVAL, f"split into {len(cuts) + 1} pieces needs "
+                                             f"{len(cuts)} new ids, got {len(rest)}")
+            if s.id in rest:
+                raise KvmError(errno.EINVAL, f"ids {rest} include the split slot's own id "
+                                             f"{s.id}")
+        requests = [make_request(s.slot, 0, 0, 0, 0)]
         out = []
-        for pid, lo, hi in zip(piece_ids, bounds, bounds[1:], strict=False):
-            slot_value = (s.as_id << 16) | _check_u("slot id", pid, 16)
-            self.set_memory_region(slot_value, s.flags, lo, hi - lo, s.hva + (lo - s.gpa))
+        for pid, lo, hi in zip([s.id, *rest], bounds, bounds[1:], strict=False):
+            slot_value = (s.as_id << 16) | pid
+            requests.append(make_request(slot_value, s.flags, lo, hi - lo,
+                                         s.hva + (lo - s.gpa)))
             out.append(slot_value)
+        self._record(requests)
         return out
 
     def merge(self, slots: Sequence[int], slot_id: int | None = None) -> int:
         """Merge slots that are adjacent in gpa *and* hva, with equal flags, into one
         (default id: the first's). Returns the merged slot's `slot` value."""
+        if isinstance(slots, str | bytes) or not isinstance(slots, Sequence):
+            raise TypeError(f"slots must be a sequence of slot values, not "
+                            f"{type(slots).__name__}")
         parts = sorted((self._planned(x) for x in slots), key=lambda p: p.base_gfn)
         if len(parts) < 2:
             raise KvmError(errno.EINVAL, "merge needs at least two slots")
+        if len({(p.as_id, p.id) for p in parts}) != len(parts):
+            raise KvmError(errno.EINVAL, "merge names a slot twice")
         for a, b in itertools.pairwise(parts):
             if (a.as_id != b.as_id or a.end_gfn != b.base_gfn or a.hva_end != b.hva
                     or a.flags != b.flags):
                 raise KvmError(errno.EINVAL, f"slots {a.as_id}:{a.id} and {b.as_id}:{b.id} "
                                              "are not adjacent in gpa and hva with equal flags")
         first = parts[0]
-        sid = first.id if slot_id is None else _check_u("slot id", slot_id, 16)
-        for p in parts:
-            self.delete(p.slot)
+        sid = first.id if slot_id is None else as_u16("slot_id", slot_id)
         total = sum(p.size for p in parts)
         merged = (first.as_id << 16) | sid
-        self.set_memory_region(merged, first.flags, first.gpa, total, first.hva)
+        requests = [make_request(p.slot, 0, 0, 0, 0) for p in parts]
+        requests.append(make_request(merged, first.flags, first.gpa, total, first.hva))
+        self._record(requests)
         return merged
 
     def resize(self, slot: int, size: int) -> Transaction:
         """Change a slot's size in place (same id, gpa and hva)."""
         s = self._planned(slot)
-        _check_u("size", size, 64)
+        size = as_u64("size", size)
         if size == 0:
             raise KvmError(errno.EINVAL, "resize to 0 bytes: use delete")
-        self.delete(s.slot)
-        return self.set_memory_region(s.slot, s.flags, s.gpa, size, s.hva)
+        self._record([make_request(s.slot, 0, 0, 0, 0),
+                      make_request(s.slot, s.flags, s.gpa, size, s.hva)])
+        return self
 
     def set_readonly(self, slot: int, readonly: bool) -> Transaction:
         """Toggle KVM_MEM_READONLY (which KVM can only do as delete + create)."""
-        from .uapi import KVM_MEM_READONLY
-
         s = self._planned(slot)
+        readonly = as_bool("readonly", readonly)
         flags = (s.flags | KVM_MEM_READONLY) if readonly else (s.flags & ~KVM_MEM_READONLY)
-        self.delete(s.slot)
-        return self.set_memory_region(s.slot, flags, s.gpa, s.size, s.hva)
+        self._record([make_request(s.slot, 0, 0, 0, 0),
+                      make_request(s.slot, flags, s.gpa, s.size, s.hva)])
+        return self
 
-    def replace_layout(self, as_id: int, regions: Sequence[tuple[int, int, int, int]]
+    def replace_layout(self, as_id: int, regions: Sequence[tuple[int, int, int, int, int]]
                        ) -> Transaction:
         """Replace every slot of `as_id` by `regions`: (id, flags, gpa, size, hva) tuples
         without the address space; KVM's proposed KVM_SET_ALL_USER_MEMORY_REGIONS."""
-        self.vm._as(as_id)
-        for s in list(self.vm.slot_set(as_id)):
-            self.delete(s.slot)
-        for region in regions:
-            sid, flags, gpa, size, hva = region  # type: ignore[misc]
-            self.set_memory_region((as_id << 16) | _check_u("slot id", sid, 16), flags, gpa,
-                                   size, hva)
+        self._check_open()
+        as_id = self.vm.memslots.address_space(as_id)
+        if isinstance(regions, str | bytes) or not isinstance(regions, Sequence):
+            raise TypeError(f"regions must be a sequence of (id, flags, gpa, size, hva), not "
+                            f"{type(regions).__name__}")
+        requests = [make_request(s.slot, 0, 0, 0, 0) for s in self.vm.slot_set(as_id)]
+        seen: set[int] = set()
+        for i, region in enumerate(regions):
+            if not isinstance(region, tuple) or len(region) != 5:
+                raise TypeError(f"regions[{i}] must be an (id, flags, gpa, size, hva) tuple, "
+                                f"not {region!r:.60}")
+            sid, flags, gpa, size, hva = region
+            sid = as_u16(f"regions[{i}] id", sid)
+            if sid in seen:
+                raise KvmError(errno.EINVAL, f"regions name slot id {sid} twice")
+            seen.add(sid)
+            requests.append(make_request((as_id << 16) | sid, flags, gpa, size, hva))
+        self._record(requests)
         return self
-
-
-

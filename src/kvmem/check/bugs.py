@@ -14,14 +14,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 
-from .. import access
-from .. import vm as vm_module
+from .. import memslots as memslots_module
+from ..access import HvaCache
+from ..memslots import Memslots
 from ..mmu import Mmu, Spte
-from ..pagetrack import PageTrack
 from ..pfncache import PfnCache
 from ..slots import Change, MemorySlot, Request
-from ..vm import Vcpu, Vm
-from . import sched
+from ..vm import Vm
 from .explore import Scenario
 from .scenarios import SCENARIOS, ShadowTracker
 
@@ -68,13 +67,11 @@ def _batch_as_single_updates() -> AbstractContextManager[None]:
 def _no_grace_period() -> AbstractContextManager[None]:
     """A slot update that publishes the new slot set and returns without waiting for
     readers of the old one (synchronize_srcu left out of kvm_swap_active_memslots)."""
-    real = sched.Srcu.synchronize
 
-    def synchronize(self: sched.Srcu) -> None:
-        if self.name != "vm.srcu":
-            real(self)
+    def grace_period(self: Memslots) -> None:
+        pass
 
-    return _patched(sched.Srcu, "synchronize", synchronize)
+    return _patched(Memslots, "grace_period", grace_period)
 
 
 def _gpc_active_before_reachable() -> AbstractContextManager[None]:
@@ -85,7 +82,7 @@ def _gpc_active_before_reachable() -> AbstractContextManager[None]:
     be any concurrent one.)"""
 
     def activate(self: PfnCache, gpa: int | None, uhva: int | None, length: int) -> None:
-        self._vm._check_process()
+        self._memslots.check_process()
         with self.refresh_lock:
             if self.active:
                 self._refresh(gpa, uhva, length)
@@ -118,7 +115,7 @@ def _harvest_without_reprotect() -> AbstractContextManager[None]:
     writable (the write-protect step of kvm_get_dirty_log_protect left out): the next
     writes go straight through and are never logged."""
 
-    def dirty_log_reprotect(self: Mmu, vm: Vm, slot: MemorySlot, first_page: int,
+    def dirty_log_reprotect(self: Mmu, slot: MemorySlot, first_page: int,
                             words: Sequence[int]) -> None:
         pass
 
@@ -129,10 +126,10 @@ def _delete_without_zap() -> AbstractContextManager[None]:
     """A DELETE or MOVE that publishes the INVALID slot and the new set but never drops
     the stage-2 mappings of the old range (arch_flush_shadow_memslot left out)."""
 
-    def slots_invalidated(self: Mmu, vm: Vm, slot: MemorySlot) -> None:
+    def slot_invalidated(self: Mmu, slot: MemorySlot) -> None:
         pass
 
-    return _patched(Mmu, "slots_invalidated", slots_invalidated)
+    return _patched(Mmu, "slot_invalidated", slot_invalidated)
 
 
 def _fault_reads_tracking_unlocked() -> AbstractContextManager[None]:
@@ -141,33 +138,35 @@ def _fault_reads_tracking_unlocked() -> AbstractContextManager[None]:
     between finds the page mapped writable, and the tracker misses later writes."""
     real = Mmu.__dict__["_fault_once"]
 
-    def fault_once(self: Mmu, vcpu: Vcpu, gpa: int, gfn: int, write: bool) -> Spte:
-        track = self._vm.page_track
-        early = gfn in track._counts[vcpu.as_id]  # read without the MMU lock
+    def fault_once(self: Mmu, as_id: int, gpa: int, gfn: int, write: bool) -> Spte:
+        early = gfn in self._track[as_id]  # read without the MMU lock
 
-        def tracked(as_id: int, g: int) -> bool:
-            return early if g == gfn else PageTrack.tracked(track, as_id, g)
+        def tracked(a: int, g: int) -> bool:
+            return early if g == gfn else Mmu.tracked(self, a, g)
 
-        track.tracked = tracked
+        self.tracked = tracked  # type: ignore[method-assign,assignment]
         try:
-            spte: Spte = real(self, vcpu, gpa, gfn, write)
+            spte: Spte = real(self, as_id, gpa, gfn, write)
             return spte
         finally:
-            del track.tracked
+            del self.tracked
 
     return _patched(Mmu, "_fault_once", fault_once)
 
 
-def _hva_cache_outside_srcu() -> AbstractContextManager[None]:
-    """`vm.hva_cache` as it was before the checker found it: the cache's reads and writes
-    ran outside the VM's SRCU read section, so a delete's grace period did not wait for
-    a copy that had checked the old generation."""
+def _hva_cache_outside_section() -> AbstractContextManager[None]:
+    """The hva cache as it was before the checker found it: its reads ran outside the
+    read section a slot update's grace period waits for, so a delete could return while
+    a copy that had checked the old generation was still to come."""
 
-    def hva_cache(self: Vm, gpa: int, length: int) -> access.HvaCache:
-        access.check_range(gpa, length)
-        return access.HvaCache(lambda: self._memslots.value[0], gpa, length)
+    def read(self: HvaCache, offset: int, n: int) -> bytes:
+        offset, slot = self._revalidate(offset, n)
+        if slot is None:
+            return self._memory._read_runs(self.gpa + offset, n)
+        start = (self.hva & 0xFFF) + offset
+        return bytes(self._page(offset, False)[start:start + n])
 
-    return _patched(Vm, "hva_cache", hva_cache)
+    return _patched(HvaCache, "read", read)
 
 
 def _fault_skips_locked_recheck() -> AbstractContextManager[None]:
@@ -189,7 +188,7 @@ def _split_drops_dirty_bits() -> AbstractContextManager[None]:
     def carry_dirty_bits(changes: Sequence[Change]) -> None:
         pass
 
-    return _patched(vm_module, "_carry_dirty_bits", carry_dirty_bits)
+    return _patched(memslots_module, "carry_dirty_bits", carry_dirty_bits)
 
 
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
@@ -216,7 +215,8 @@ BUGS: dict[str, Scenario] = dict([
              _harvest_without_reprotect),
     _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),
     _variant("bug:move-without-zap", "move-vs-vcpu", _delete_without_zap),
-    _variant("bug:hva-cache-outside-srcu", "delete-vs-hva-cache", _hva_cache_outside_srcu),
+    _variant("bug:hva-cache-outside-section", "delete-vs-hva-cache",
+             _hva_cache_outside_section),
     _variant("bug:fault-reads-tracking-unlocked", "track-vs-write-fault",
              _fault_reads_tracking_unlocked),
 ])

@@ -127,45 +127,31 @@ class Result:
 @contextmanager
 def twins_installed() -> Iterator[None]:
     """Replace `kvmem.sync`'s classes by the scheduler-aware twins, and the module-level
-    objects built from them at import (host memory's table, lock, grace period and
-    notifier list) by twin-built ones, for the duration. Objects built inside see the
+    objects built from them at import (host memory's table, lock, grace period, epochs
+    and notifier list) by twin-built ones, for the duration. Objects built inside see the
     twins; the host table's contents are carried over and back. A host page replacement
-    (`HostMemory._new_frames`) becomes a scheduling point too."""
+    becomes a scheduling point too."""
     saved = {name: getattr(sync, name) for name in sched.TWINS}
-    saved_host = (host.guard, host._table, host._table_lock, host.notifiers)
-    new_frames = host.HostMemory.__dict__["_new_frames"]
-
-    def _new_frames(self: host.HostMemory, offset: int, length: int) -> None:
-        # the host replaces pages (madvise, mmap): not kvmem synchronization but the
-        # world changing under it, and what `resolve` races with — a scheduling point
-        sched.world_event("replace pages")
-        new_frames(self, offset, length)
-
     for name, twin in sched.TWINS.items():
         setattr(sync, name, twin)
-    host.HostMemory._new_frames = _new_frames  # type: ignore[method-assign]
+    saved_host = host.rebuild_shared_state()
+    # the host replaces pages (madvise, mmap): not kvmem synchronization but the world
+    # changing under it, and what `resolve` races with — a scheduling point
+    host.page_replaced = lambda: sched.world_event("replace pages")
     try:
-        host.guard = sched.Srcu("host.guard")  # type: ignore[assignment]
-        host._table = sched.Atomic(saved_host[1].load(), "host.table")  # type: ignore[assignment]
-        host._table_lock = sched.Mutex("host.table_lock")  # type: ignore[assignment]
-        host.notifiers = host._Notifiers()  # empty: only this scenario's VMs hear
         yield
     finally:
-        table = host._table.load()
+        host.page_replaced = None
+        host.restore_shared_state(saved_host)
         for name, real in saved.items():
             setattr(sync, name, real)
-        host.guard, host._table, host._table_lock, host.notifiers = saved_host
-        host._table.store(table)
-        host.HostMemory._new_frames = new_frames  # type: ignore[method-assign]
 
 
 def _run_one(scenario: Scenario, choices: Sequence[int]
              ) -> tuple[sched.Execution, str | None, list[str]]:
     # fresh module-level objects per schedule: this schedule's VMs only hear host events,
     # and nothing a cut-short schedule left held or inside a read section carries over
-    host.notifiers = host._Notifiers()
-    host.guard = sched.Srcu("host.guard")  # type: ignore[assignment]
-    host._table_lock = sched.Mutex("host.table_lock")  # type: ignore[assignment]
+    host.rebuild_shared_state()
     inst = scenario.build()
     names = [n for n, _ in inst.threads]
     ex = sched.Execution(inst.threads, choices)

@@ -531,6 +531,19 @@ class _Record:
     phase: int = 0
 
 
+class _Step:
+    """What `next()` on a twin Srcu's counter does: one step of the read-side protocol."""
+
+    __slots__ = ("_do",)
+
+    def __init__(self, do: Callable[[], None]) -> None:
+        self._do = do
+
+    def __next__(self) -> int:
+        self._do()
+        return 0
+
+
 @dataclass
 class Srcu:
     """Read sections and grace periods as in `kvmem.sync.Srcu`; `synchronize` waits (as a
@@ -548,27 +561,52 @@ class Srcu:
             rec = self._records[me] = _Record()
         return rec
 
-    def read_lock(self) -> None:
+    def read_lock(self) -> int:
         _point("read_lock", self.name)
+        self._enter()
+        return 0  # a token, as the real one returns (unused here)
+
+    def read_unlock(self, token: int) -> None:
+        _point("read_unlock", self.name)
+        self._exit()
+
+    def _enter(self) -> None:
         rec = self._rec()
         if rec.nesting == 0:
             rec.phase = self._phase
         rec.nesting += 1
 
-    def read_unlock(self) -> None:
-        _point("read_unlock", self.name)
+    def _exit(self) -> None:
         rec = self._rec()
         if rec.nesting <= 0:
             raise RuntimeError(f"{self.name}: read_unlock without read_lock")
         rec.nesting -= 1
 
+    # the inlined read side of `kvmem.sync.Srcu`: `i = srcu.index; next(srcu.locks[i])` …
+    # `next(srcu.unlocks[i])`, with the same scheduling points as the two methods
+    @property
+    def index(self) -> int:
+        _point("read_lock", self.name)
+        return 0
+
+    @property
+    def locks(self) -> tuple[_Step, _Step]:
+        step = _Step(self._enter)
+        return step, step
+
+    @property
+    def unlocks(self) -> tuple[_Step, _Step]:
+        _point("read_unlock", self.name)
+        step = _Step(self._exit)
+        return step, step
+
     @contextmanager
     def read(self) -> Iterator[None]:
-        self.read_lock()
+        token = self.read_lock()
         try:
             yield
         finally:
-            self.read_unlock()
+            self.read_unlock(token)
 
     def in_read_section(self) -> bool:
         rec = self._records.get(_me())

@@ -28,10 +28,7 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from .. import sync
-from ..dirty import DirtyBitmap
 from ..kvmapi import (
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -282,18 +279,14 @@ class KvmEngine(AttachedOnce):
         self._install(new)
 
     def _apply(self, changes: Sequence[Change]) -> None:
-        from ..slots import ChangeKind
-
         with self._lock:
             for c in changes:
-                if c.kind is ChangeKind.CREATE:
-                    assert c.new is not None
-                    self._install(c.new)
-                elif c.kind is ChangeKind.DELETE:
-                    assert c.old is not None
+                if c.old is not None and c.new is not None:
+                    self._replace(c.old, c.new)  # MOVE, FLAGS_ONLY: KVM's own change kinds
+                elif c.old is not None:
                     self._remove(c.old)
-                elif c.old is not None and c.new is not None:
-                    self._replace(c.old, c.new)
+                elif c.new is not None:
+                    self._install(c.new)
 
     # -- dirty log ----------------------------------------------------------------------------
     def _fold(self, s: MemorySlot) -> None:
@@ -308,9 +301,7 @@ class KvmEngine(AttachedOnce):
             self.stats["ioctls"] += 1
             if bits.count(0) == len(bits):
                 continue
-            part = DirtyBitmap(p.npages)
-            part._words[:] = np.frombuffer(bits, dtype="<u8")
-            bitmap.merge_from(part, 0, p.gfn - s.base_gfn, p.npages)
+            bitmap.merge_bytes(bits, 0, p.gfn - s.base_gfn, p.npages)
             self.stats["dirty_folds"] += 1
             if self._manual:
                 self._fd.clear_dirty_log(p.kvm_slot, 0, p.npages, bits)
@@ -341,10 +332,6 @@ class KvmEngine(AttachedOnce):
         finally:
             if paused:
                 self._resume()
-
-    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
-                            words: Sequence[int]) -> None:
-        """Nothing to do: KVM re-protected its pages when their bits were folded."""
 
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         """Split the gfn out of its KVM slot into a read-only one (0→1), or merge it back

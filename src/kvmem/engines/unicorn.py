@@ -57,12 +57,13 @@ from unicorn.unicorn_const import (
 )
 
 from .. import sync
+from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from ..slots import Change, MemorySlot
+    from ..slots import Change
     from ..vm import Vcpu, Vm
 
 __all__ = ["UnicornEngine", "UnicornVcpu"]
@@ -91,8 +92,7 @@ class UnicornEngine(AttachedOnce):
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
-        with vm.mmu.lock:
-            vm.mmu.mirrors.append(self)
+        vm.mmu.add_mirror(self)
         vm.add_listener(self)
 
     def create_vcpu(self, vcpu_id: int) -> UnicornVcpu:
@@ -109,10 +109,8 @@ class UnicornEngine(AttachedOnce):
         for cpu in self._vcpus:
             cpu._close()
         if vm is not None:
-            with vm.mmu.lock:
-                if self in vm.mmu.mirrors:
-                    vm.mmu.mirrors.remove(self)
-            with contextlib.suppress(ValueError):
+            vm.mmu.remove_mirror(self)
+            with contextlib.suppress(KvmError):
                 vm.remove_listener(self)
 
     # -- the stage-2 mirror ---------------------------------------------------------------------
@@ -120,26 +118,13 @@ class UnicornEngine(AttachedOnce):
         for cpu in self._vcpus:
             cpu._zap(as_id, start_gfn, end_gfn)
 
-    # -- Vm listener ------------------------------------------------------------------------------
-    def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
-        """The MMU's zap reaches the mirror."""
-
-    def slots_updating(self, vm: Vm, changes: Sequence[Change]) -> None:
-        """The MMU's zap reaches the mirror."""
-
+    # -- Vm listener (zaps and write protections reach the mirror from the MMU) -------------------
     def slots_committed(self, vm: Vm, changes: Sequence[Change]) -> None:
         # RAM appeared where MMIO pages may be mapped: let them fault in as RAM
         for c in changes:
             if c.new is not None:
                 for cpu in self._vcpus:
                     cpu._zap(c.new.as_id, c.new.base_gfn, c.new.end_gfn)
-
-    def dirty_log_reprotect(self, vm: Vm, slot: MemorySlot, first_page: int,
-                            words: Sequence[int]) -> None:
-        """The MMU's write protection reaches the mirror."""
-
-    def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
-        """Nothing to fold: kvmem's MMU marks pages dirty as it maps them writable."""
 
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         if not tracked:  # the slow page may become RAM again
@@ -468,31 +453,13 @@ class UnicornVcpu:
         with self._lock:
             return any(s <= gfn < e for s, e in self._pending)
 
-    def _fault(self, gpa: int, write: bool) -> Spte:
-        """Path 3 for the guest: the spte of `gpa` (faulting it in), retrying as a vCPU
-        re-entering the guest does. Raises MmioExit / TrackedWrite / MemoryFault."""
-        vm = self._engine.vm
-        vcpu = self._vcpu
-        gfn = gpa >> PAGE_SHIFT
-        while True:
-            vm.srcu.read_lock()
-            try:
-                spte = vm.mmu.spte(vcpu.as_id, gfn)
-                if spte is None or (write and not spte.writable):
-                    self._engine.stats["faults"] += 1
-                    spte = vm.mmu.fault(vcpu, gpa, write)
-            finally:
-                vm.srcu.read_unlock()
-            if spte is not None:
-                return spte
-            sync.pause()
-
     def _hook_fault(self, address: int, size: int, write: bool) -> Spte | None:
         """The fault path for a memory hook, outside the guest: the spte to map, None for
         the slow path (MMIO, read-only, tracked), or None with `_fatal` set."""
         self._leave()
         try:
-            return self._fault(address, write)
+            self._engine.stats["faults"] += 1
+            return self._vcpu.fault_in(address, write)
         except (MmioExit, TrackedWrite):
             return None
         except MemoryFault as e:

@@ -1,0 +1,86 @@
+"""The data an engine and the `Vm` exchange: why a vCPU stopped, its registers, what an
+engine offers, and how an engine fails.
+
+Defines `ExitKind`, `Exit`, `Regs`, `EngineCapabilities`, `EngineError`. The protocols an
+engine implements (`Engine`, `EngineVcpu`) are in `kvmem.vm`, the layer that calls them;
+the engines themselves live above it, in `kvmem.engines` (which re-exports all of this).
+
+Rules of this room: plain values only — nothing here runs, locks or imports the layers
+that use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .errors import KvmError
+
+__all__ = ["EngineCapabilities", "EngineError", "Exit", "ExitKind", "Regs"]
+
+
+class ExitKind(Enum):
+    IO = "io"
+    MMIO = "mmio"
+    HLT = "hlt"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+    KICKED = "kicked"
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """One exit of `EngineVcpu.run`. `addr` is the port (IO) or the gpa (MMIO); `data` the
+    bytes written (empty for reads). `detail` is engine-specific and not compared."""
+
+    kind: ExitKind
+    addr: int = 0
+    size: int = 0
+    is_write: bool = False
+    data: bytes = b""
+    detail: str = field(default="", compare=False)
+
+    @property
+    def reads(self) -> bool:
+        """The guest waits for `complete(data)`: an IN or an MMIO read."""
+        return self.kind in (ExitKind.IO, ExitKind.MMIO) and not self.is_write
+
+    def __str__(self) -> str:
+        if self.kind is ExitKind.IO:
+            op = f"out {self.data.hex()}" if self.is_write else "in"
+            return f"io {self.addr:#x}/{self.size} {op}"
+        if self.kind is ExitKind.MMIO:
+            op = f"write {self.data.hex()}" if self.is_write else "read"
+            return f"mmio {self.addr:#x}/{self.size} {op}"
+        return str(self.kind.value) + (f" ({self.detail})" if self.detail else "")
+
+
+@dataclass
+class Regs:
+    """The general registers of a 32-bit guest (the low halves where the engine has 64)."""
+
+    eax: int = 0
+    ebx: int = 0
+    ecx: int = 0
+    edx: int = 0
+    esi: int = 0
+    edi: int = 0
+    esp: int = 0
+    ebp: int = 0
+    eip: int = 0
+    eflags: int = 0x2
+
+
+@dataclass(frozen=True, slots=True)
+class EngineCapabilities:
+    name: str
+    address_spaces: int
+    max_slots: int
+    readonly_mem: bool
+    dirty_log: bool
+    write_tracking: bool
+
+
+class EngineError(KvmError):
+    """The engine cannot mirror kvmem's state any more (a refused ioctl): its vCPUs no
+    longer run. The message says which request failed."""
