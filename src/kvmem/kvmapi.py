@@ -6,6 +6,10 @@ Defines:
 - `kvm_available()` — None where KVM works, else why not (tests skip with that reason);
 - `Kvm` (the `/dev/kvm` fd), `KvmVm` (a VM fd), `KvmVcpu` (a vCPU fd and its `kvm_run` page):
   each owns exactly one fd, closed by `close()` or by leaving its `with` block;
+- the vCPU state ioctls, one method each, with the uapi structs as dataclasses: KVM_GET/SET_REGS
+  (`KvmRegs`), _SREGS (`KvmSregs`, `KvmSegment`), _FPU (`KvmFpu`), _XSAVE (raw image), _MSRS
+  (and KVM_GET_MSR_INDEX_LIST), _VCPU_EVENTS (`KvmVcpuEvents`), _MP_STATE, KVM_TRANSLATE
+  (`KvmTranslation`), KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 (`KvmCpuidEntry`);
 - `KvmCaps` — the capabilities kvmem's model has to agree with, read once.
 
 Why: this is the oracle of kvmem's differential tests — the same sequence of calls goes to the
@@ -22,7 +26,10 @@ Rules:
   answers every request that reaches it. The one exception protects this process: the kernel
   writes `KVM_GET_DIRTY_LOG`'s bitmap through a raw pointer, as long as the *slot's* bitmap, so
   `KvmVm` remembers the page count of each slot it installed and refuses a disagreeing `npages`
-  instead of letting the kernel write past the buffer.
+  instead of letting the kernel write past the buffer; likewise each `KvmVcpu` knows its VM's
+  XSAVE size (KVM_CAP_XSAVE2), which KVM_GET/SET_XSAVE read and write whatever the ioctl
+  number says. Calls that report partial success return it rather than raise (KVM_GET_MSRS /
+  KVM_SET_MSRS: how many MSRs were done).
 - `fcntl.ioctl` releases the GIL, so `KvmVcpu.run()` blocks only its own thread; a signal that
   interrupts `KVM_RUN` surfaces as `OSError(EINTR)`.
 """
@@ -30,10 +37,12 @@ Rules:
 from __future__ import annotations
 
 import ctypes
+import errno
 import fcntl
 import mmap
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -53,6 +62,7 @@ __all__ = [
     "KVM_CAP_SYNC_MMU",
     "KVM_CAP_USER_MEMORY2",
     "KVM_CAP_X86_SMM",
+    "KVM_CAP_XSAVE2",
     "KVM_CHECK_EXTENSION",
     "KVM_CLEAR_DIRTY_LOG",
     "KVM_CREATE_GUEST_MEMFD",
@@ -70,26 +80,50 @@ __all__ = [
     "KVM_EXIT_SHUTDOWN",
     "KVM_GET_API_VERSION",
     "KVM_GET_DIRTY_LOG",
+    "KVM_GET_FPU",
+    "KVM_GET_MP_STATE",
+    "KVM_GET_MSRS",
+    "KVM_GET_MSR_INDEX_LIST",
     "KVM_GET_REGS",
     "KVM_GET_SREGS",
+    "KVM_GET_SUPPORTED_CPUID",
+    "KVM_GET_VCPU_EVENTS",
     "KVM_GET_VCPU_MMAP_SIZE",
+    "KVM_GET_XSAVE",
+    "KVM_GET_XSAVE2",
     "KVM_MEM_GUEST_MEMFD",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
+    "KVM_MP_STATE_RUNNABLE",
     "KVM_RESET_DIRTY_RINGS",
     "KVM_RUN",
+    "KVM_SET_CPUID2",
+    "KVM_SET_FPU",
+    "KVM_SET_MP_STATE",
+    "KVM_SET_MSRS",
     "KVM_SET_REGS",
     "KVM_SET_SREGS",
     "KVM_SET_USER_MEMORY_REGION",
     "KVM_SET_USER_MEMORY_REGION2",
+    "KVM_SET_VCPU_EVENTS",
+    "KVM_SET_XSAVE",
+    "KVM_TRANSLATE",
+    "KVM_VCPUEVENT_VALID_NMI_PENDING",
+    "KVM_VCPUEVENT_VALID_SHADOW",
+    "KVM_VCPUEVENT_VALID_SIPI_VECTOR",
+    "KVM_VCPUEVENT_VALID_SMM",
     "Kvm",
     "KvmCaps",
+    "KvmCpuidEntry",
+    "KvmFpu",
     "KvmIo",
     "KvmMmio",
     "KvmRegs",
     "KvmSegment",
     "KvmSregs",
+    "KvmTranslation",
     "KvmVcpu",
+    "KvmVcpuEvents",
     "KvmVm",
     "dirty_bitmap_bytes",
     "kvm_available",
@@ -182,6 +216,31 @@ _DTABLE: Final = struct.Struct("=QH6x")
 # interrupt_bitmap[4] u64
 _SREGS_TAIL: Final = struct.Struct("=7Q4Q")
 
+# kvm_fpu: fpr[8][16], fcw u16, fsw u16, ftwx u8, pad1 u8, last_opcode u16, last_ip u64,
+# last_dp u64, xmm[16][16], mxcsr u32, pad2 u32
+_FPU: Final = struct.Struct("=128sHHBxHQQ256sI4x")
+# kvm_msrs / kvm_cpuid2 header: nmsrs (nent) u32, pad u32; then the entries
+_NENT: Final = struct.Struct("=I4x")
+# kvm_msr_entry: index u32, reserved u32, data u64
+_MSR_ENTRY: Final = struct.Struct("=I4xQ")
+# kvm_msr_list header: nmsrs u32; then u32 indices
+_MSR_LIST: Final = struct.Struct("=I")
+# kvm_cpuid_entry2: function, index, flags, eax, ebx, ecx, edx (u32 each), padding[3] u32
+_CPUID_ENTRY2: Final = struct.Struct("=7I12x")
+# kvm_vcpu_events: exception {injected, nr, has_error_code, pending u8; error_code u32},
+# interrupt {injected, nr, soft, shadow u8}, nmi {injected, pending, masked, pad u8},
+# sipi_vector u32, flags u32, smi {smm, pending, smm_inside_nmi, latched_init u8},
+# triple_fault {pending u8}, reserved[26], exception_has_payload u8, exception_payload u64
+_VCPU_EVENTS: Final = struct.Struct("=4BI4B3BxII4BB26xBQ")
+# kvm_xsave: region[1024] u32 — the 4 KiB the ioctl numbers encode; with KVM_CAP_XSAVE2 the
+# kernel reads and writes as many bytes as that capability says (at least these)
+_XSAVE_SIZE: Final = 4096
+# kvm_mp_state: mp_state u32
+_MP_STATE: Final = struct.Struct("=I")
+# kvm_translation: linear_address u64 (in); physical_address u64, valid, writeable, usermode u8,
+# pad[5] (out)
+_TRANSLATION: Final = struct.Struct("=QQBBB5x")
+
 KVMIO: Final = 0xAE
 
 # system ioctls (/dev/kvm)
@@ -189,6 +248,8 @@ KVM_GET_API_VERSION: Final = _IO(KVMIO, 0x00)
 KVM_CREATE_VM: Final = _IO(KVMIO, 0x01)
 KVM_CHECK_EXTENSION: Final = _IO(KVMIO, 0x03)  # also a VM ioctl with KVM_CAP_CHECK_EXTENSION_VM
 KVM_GET_VCPU_MMAP_SIZE: Final = _IO(KVMIO, 0x04)
+KVM_GET_MSR_INDEX_LIST: Final = _IOWR(KVMIO, 0x02, _MSR_LIST.size)
+KVM_GET_SUPPORTED_CPUID: Final = _IOWR(KVMIO, 0x05, _NENT.size)
 # VM ioctls
 KVM_CREATE_VCPU: Final = _IO(KVMIO, 0x41)
 KVM_GET_DIRTY_LOG: Final = _IOW(KVMIO, 0x42, _DIRTY_LOG.size)
@@ -204,6 +265,19 @@ KVM_GET_REGS: Final = _IOR(KVMIO, 0x81, _KVM_REGS_SIZE)
 KVM_SET_REGS: Final = _IOW(KVMIO, 0x82, _KVM_REGS_SIZE)
 KVM_GET_SREGS: Final = _IOR(KVMIO, 0x83, _KVM_SREGS_SIZE)
 KVM_SET_SREGS: Final = _IOW(KVMIO, 0x84, _KVM_SREGS_SIZE)
+KVM_TRANSLATE: Final = _IOWR(KVMIO, 0x85, _TRANSLATION.size)
+KVM_GET_MSRS: Final = _IOWR(KVMIO, 0x88, _NENT.size)
+KVM_SET_MSRS: Final = _IOW(KVMIO, 0x89, _NENT.size)
+KVM_GET_FPU: Final = _IOR(KVMIO, 0x8C, _FPU.size)
+KVM_SET_FPU: Final = _IOW(KVMIO, 0x8D, _FPU.size)
+KVM_SET_CPUID2: Final = _IOW(KVMIO, 0x90, _NENT.size)
+KVM_GET_MP_STATE: Final = _IOR(KVMIO, 0x98, _MP_STATE.size)
+KVM_SET_MP_STATE: Final = _IOW(KVMIO, 0x99, _MP_STATE.size)
+KVM_GET_VCPU_EVENTS: Final = _IOR(KVMIO, 0x9F, _VCPU_EVENTS.size)
+KVM_SET_VCPU_EVENTS: Final = _IOW(KVMIO, 0xA0, _VCPU_EVENTS.size)
+KVM_GET_XSAVE: Final = _IOR(KVMIO, 0xA4, _XSAVE_SIZE)
+KVM_SET_XSAVE: Final = _IOW(KVMIO, 0xA5, _XSAVE_SIZE)
+KVM_GET_XSAVE2: Final = _IOR(KVMIO, 0xCF, _XSAVE_SIZE)
 
 # capabilities
 KVM_CAP_NR_MEMSLOTS: Final = 10
@@ -218,6 +292,7 @@ KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_GUEST_MEMFD: Final = 234
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_XSAVE2: Final = 208
 
 # kvm_userspace_memory_region(2).flags
 KVM_MEM_LOG_DIRTY_PAGES: Final = 1 << 0
@@ -236,6 +311,20 @@ KVM_EXIT_SHUTDOWN: Final = 8
 KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
+
+# kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS takes from the struct
+KVM_VCPUEVENT_VALID_NMI_PENDING: Final = 1 << 0
+KVM_VCPUEVENT_VALID_SIPI_VECTOR: Final = 1 << 1
+KVM_VCPUEVENT_VALID_SHADOW: Final = 1 << 2
+KVM_VCPUEVENT_VALID_SMM: Final = 1 << 3
+
+# kvm_mp_state.mp_state (the one a vCPU without an in-kernel irqchip can be in)
+KVM_MP_STATE_RUNNABLE: Final = 0
+
+# the kernel answers E2BIG (and the count it needs) to a too-small KVM_GET_SUPPORTED_CPUID or
+# KVM_GET_MSR_INDEX_LIST; these bound the retries
+_MAX_CPUID_ENTRIES: Final = 1 << 12
+_MAX_MSR_INDICES: Final = 1 << 14
 
 _PAGE_SHIFT: Final = 12
 _INT_MAX: Final = (1 << 31) - 1
@@ -357,7 +446,14 @@ class KvmSegment:
     unusable: int = 0
 
     def pack(self) -> bytes:
-        return _SEGMENT.pack(*vars(self).values(), 0)
+        f = vars(self)
+        return _SEGMENT.pack(
+            _fit("base", f["base"], 64),
+            _fit("limit", f["limit"], 32),
+            _fit("selector", f["selector"], 16),
+            *(_fit(k, f[k], 8) for k in _SEGMENT_U8_FIELDS),
+            0,
+        )
 
     @classmethod
     def unpack(cls, raw: bytes) -> KvmSegment:
@@ -365,6 +461,8 @@ class KvmSegment:
 
 
 _SEGMENT_NAMES: Final = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+_SREGS_U64_FIELDS: Final = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+_SEGMENT_U8_FIELDS: Final = ("type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable")
 
 
 @dataclass
@@ -393,9 +491,14 @@ class KvmSregs:
 
     def pack(self) -> bytes:
         segs = b"".join(getattr(self, n).pack() for n in _SEGMENT_NAMES)
-        tables = _DTABLE.pack(*self.gdt) + _DTABLE.pack(*self.idt)
-        tail = _SREGS_TAIL.pack(self.cr0, self.cr2, self.cr3, self.cr4, self.cr8, self.efer,
-                                self.apic_base, *self.interrupt_bitmap)
+        tables = b"".join(
+            _DTABLE.pack(_fit(f"{n}.base", base, 64), _fit(f"{n}.limit", limit, 16))
+            for n, (base, limit) in (("gdt", self.gdt), ("idt", self.idt))
+        )
+        tail = _SREGS_TAIL.pack(
+            *(_fit(n, getattr(self, n), 64) for n in _SREGS_U64_FIELDS),
+            *(_fit(f"interrupt_bitmap[{i}]", w, 64) for i, w in enumerate(self.interrupt_bitmap)),
+        )
         return segs + tables + tail
 
     @classmethod
@@ -410,6 +513,116 @@ class KvmSregs:
         return cls(cs, ds, es, fs, gs, ss, tr, ldt, (gdt[0], gdt[1]), (idt[0], idt[1]),
                    tail[0], tail[1], tail[2], tail[3], tail[4], tail[5], tail[6],
                    (tail[7], tail[8], tail[9], tail[10]))
+
+
+def _fit_bytes(name: str, value: bytes, size: int) -> bytes:
+    if not isinstance(value, bytes | bytearray) or len(value) != size:
+        raise ValueError(f"{name} must be {size} bytes, got {value!r:.40}")
+    return bytes(value)
+
+
+@dataclass
+class KvmFpu:
+    """struct kvm_fpu: the x87 stack in FXSAVE order (`fpr[i]` is ST(i), 10 significant bytes
+    of 16), the abridged tag word `ftwx` (bit i: physical register i is not empty), and the SSE
+    registers."""
+
+    fpr: tuple[bytes, ...] = (bytes(16),) * 8
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    xmm: tuple[bytes, ...] = (bytes(16),) * 16
+    mxcsr: int = 0x1F80
+
+    def pack(self) -> bytes:
+        if len(self.fpr) != 8 or len(self.xmm) != 16:
+            raise ValueError(f"kvm_fpu has 8 fpr and 16 xmm, got {len(self.fpr)} and "
+                             f"{len(self.xmm)}")
+        fpr = b"".join(_fit_bytes(f"fpr[{i}]", v, 16) for i, v in enumerate(self.fpr))
+        xmm = b"".join(_fit_bytes(f"xmm[{i}]", v, 16) for i, v in enumerate(self.xmm))
+        return _FPU.pack(fpr, _fit("fcw", self.fcw, 16), _fit("fsw", self.fsw, 16),
+                         _fit("ftwx", self.ftwx, 8), _fit("last_opcode", self.last_opcode, 16),
+                         _fit("last_ip", self.last_ip, 64), _fit("last_dp", self.last_dp, 64),
+                         xmm, _fit("mxcsr", self.mxcsr, 32))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmFpu:
+        fpr, fcw, fsw, ftwx, fop, fip, fdp, xmm, mxcsr = _FPU.unpack(raw)
+        return cls(tuple(fpr[i:i + 16] for i in range(0, 128, 16)), fcw, fsw, ftwx, fop, fip,
+                   fdp, tuple(xmm[i:i + 16] for i in range(0, 256, 16)), mxcsr)
+
+
+@dataclass(frozen=True)
+class KvmCpuidEntry:
+    """struct kvm_cpuid_entry2: CPUID leaf `function`, subleaf `index`, KVM_CPUID_FLAG_*."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+    def pack(self) -> bytes:
+        return _CPUID_ENTRY2.pack(*(_fit(k, v, 32) for k, v in vars(self).items()))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmCpuidEntry:
+        return cls(*_CPUID_ENTRY2.unpack(raw))
+
+
+@dataclass
+class KvmVcpuEvents:
+    """struct kvm_vcpu_events, flattened: `<group>_<field>` for the uapi's nested structs.
+    On KVM_SET_VCPU_EVENTS the kernel reads nmi_pending, sipi_vector, interrupt_shadow and the
+    smi fields only where `flags` has the matching KVM_VCPUEVENT_VALID_* bit."""
+
+    exception_injected: int = 0
+    exception_nr: int = 0
+    exception_has_error_code: int = 0
+    exception_pending: int = 0
+    exception_error_code: int = 0
+    interrupt_injected: int = 0
+    interrupt_nr: int = 0
+    interrupt_soft: int = 0
+    interrupt_shadow: int = 0
+    nmi_injected: int = 0
+    nmi_pending: int = 0
+    nmi_masked: int = 0
+    sipi_vector: int = 0
+    flags: int = 0
+    smi_smm: int = 0
+    smi_pending: int = 0
+    smi_smm_inside_nmi: int = 0
+    smi_latched_init: int = 0
+    triple_fault_pending: int = 0
+    exception_has_payload: int = 0
+    exception_payload: int = 0
+
+    _WIDTHS = (8, 8, 8, 8, 32, 8, 8, 8, 8, 8, 8, 8, 32, 32, 8, 8, 8, 8, 8, 8, 64)
+
+    def pack(self) -> bytes:
+        return _VCPU_EVENTS.pack(*(_fit(k, v, bits) for (k, v), bits in
+                                   zip(vars(self).items(), self._WIDTHS, strict=True)))
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> KvmVcpuEvents:
+        return cls(*_VCPU_EVENTS.unpack(raw))
+
+
+@dataclass(frozen=True)
+class KvmTranslation:
+    """What KVM_TRANSLATE reports for one linear address, with the vCPU's current paging."""
+
+    linear_address: int
+    physical_address: int
+    valid: bool
+    writeable: bool
+    usermode: bool
 
 
 @dataclass(frozen=True)
@@ -471,6 +684,40 @@ class Kvm(_FdOwner):
         vcpu_mmap_size = self.vcpu_mmap_size()
         fd = self._ioctl("KVM_CREATE_VM", KVM_CREATE_VM, _int_arg("type", type), type=type)
         return KvmVm(fd, vcpu_mmap_size)
+
+    def get_supported_cpuid(self) -> list[KvmCpuidEntry]:
+        """KVM_GET_SUPPORTED_CPUID: the CPUID leaves KVM can give a guest (a start for
+        KVM_SET_CPUID2)."""
+        nent = 256
+        while True:
+            arg = bytearray(_NENT.pack(nent) + bytes(nent * _CPUID_ENTRY2.size))
+            try:
+                self._ioctl("KVM_GET_SUPPORTED_CPUID", KVM_GET_SUPPORTED_CPUID, arg, nent=nent)
+            except OSError as e:
+                if e.errno != errno.E2BIG or nent >= _MAX_CPUID_ENTRIES:
+                    raise
+                nent *= 2
+                continue
+            n = _NENT.unpack_from(arg)[0]
+            size = _CPUID_ENTRY2.size
+            return [KvmCpuidEntry.unpack(bytes(arg[_NENT.size + i * size:
+                                                   _NENT.size + (i + 1) * size]))
+                    for i in range(n)]
+
+    def get_msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM_GET_MSRS / KVM_SET_MSRS save and restore."""
+        n = 256
+        while True:
+            arg = bytearray(_MSR_LIST.pack(n) + bytes(4 * n))
+            try:
+                self._ioctl("KVM_GET_MSR_INDEX_LIST", KVM_GET_MSR_INDEX_LIST, arg, nmsrs=n)
+            except OSError as e:
+                if e.errno != errno.E2BIG or n >= _MAX_MSR_INDICES:
+                    raise
+                n *= 2
+                continue
+            count = _MSR_LIST.unpack_from(arg)[0]
+            return list(struct.unpack_from(f"={count}I", arg, _MSR_LIST.size))
 
     def caps(self) -> KvmCaps:
         """Read the capabilities. Values that depend on the VM (address spaces, memslots,
@@ -650,9 +897,11 @@ class KvmVm(_FdOwner):
         )
 
     def create_vcpu(self, id: int) -> KvmVcpu:
+        # the size of this VM's XSAVE image: KVM_SET_XSAVE reads that many bytes
+        xsave_size = max(_XSAVE_SIZE, self.check_extension(KVM_CAP_XSAVE2))
         fd = self._ioctl("KVM_CREATE_VCPU", KVM_CREATE_VCPU, _int_arg("id", id), id=id)
         try:
-            return KvmVcpu(fd, self._vcpu_mmap_size)
+            return KvmVcpu(fd, self._vcpu_mmap_size, xsave_size)
         except BaseException:
             os.close(fd)
             raise
@@ -663,9 +912,10 @@ class KvmVcpu(_FdOwner):
 
     _kind = "KVM vCPU fd"
 
-    def __init__(self, fd: int, mmap_size: int) -> None:
+    def __init__(self, fd: int, mmap_size: int, xsave_size: int = _XSAVE_SIZE) -> None:
         self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         super().__init__(fd)
+        self.xsave_size = xsave_size
 
     @property
     def exit_reason(self) -> int:
@@ -700,6 +950,81 @@ class KvmVcpu(_FdOwner):
 
     def set_sregs(self, sregs: KvmSregs) -> None:
         self._ioctl("KVM_SET_SREGS", KVM_SET_SREGS, bytearray(sregs.pack()))
+
+    def get_fpu(self) -> KvmFpu:
+        arg = bytearray(_FPU.size)
+        self._ioctl("KVM_GET_FPU", KVM_GET_FPU, arg)
+        return KvmFpu.unpack(bytes(arg))
+
+    def set_fpu(self, fpu: KvmFpu) -> None:
+        self._ioctl("KVM_SET_FPU", KVM_SET_FPU, bytearray(fpu.pack()))
+
+    def get_xsave(self) -> bytes:
+        """KVM_GET_XSAVE (KVM_GET_XSAVE2 where the image is larger than 4 KiB): the vCPU's
+        x87/SSE/AVX... state in the standard XSAVE layout, `xsave_size` bytes — the legacy
+        FXSAVE region (512 bytes), the XSAVE header (XSTATE_BV at 512), the components."""
+        arg = bytearray(self.xsave_size)
+        if self.xsave_size > _XSAVE_SIZE:
+            self._ioctl("KVM_GET_XSAVE2", KVM_GET_XSAVE2, arg)
+        else:
+            self._ioctl("KVM_GET_XSAVE", KVM_GET_XSAVE, arg)
+        return bytes(arg)
+
+    def set_xsave(self, image: bytes) -> None:
+        """KVM_SET_XSAVE: the kernel reads `xsave_size` bytes, so exactly that many are
+        required here."""
+        if len(image) != self.xsave_size:
+            raise ValueError(f"this VM's XSAVE image is {self.xsave_size} bytes, got "
+                             f"{len(image)}: KVM_SET_XSAVE would read past the buffer")
+        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE, bytearray(image))
+
+    def set_cpuid2(self, entries: Sequence[KvmCpuidEntry]) -> None:
+        """KVM_SET_CPUID2: the CPUID the guest sees (and what KVM lets it enable, e.g. EFER.LME
+        only with long mode in leaf 0x80000001)."""
+        arg = bytearray(_NENT.pack(_fit("nent", len(entries), 32))
+                        + b"".join(e.pack() for e in entries))
+        self._ioctl("KVM_SET_CPUID2", KVM_SET_CPUID2, arg, nent=len(entries))
+
+    def get_msrs(self, indices: Sequence[int]) -> list[tuple[int, int]]:
+        """KVM_GET_MSRS: (index, value) of the MSRs read, in order. The kernel stops at the first
+        MSR it cannot read, so a shorter answer than `indices` names that one by its absence."""
+        arg = bytearray(_NENT.pack(_fit("nmsrs", len(indices), 32)) + b"".join(
+            _MSR_ENTRY.pack(_fit(f"indices[{i}]", m, 32), 0) for i, m in enumerate(indices)))
+        n = self._ioctl("KVM_GET_MSRS", KVM_GET_MSRS, arg, nmsrs=len(indices))
+        return [_MSR_ENTRY.unpack_from(arg, _NENT.size + i * _MSR_ENTRY.size) for i in range(n)]
+
+    def set_msrs(self, entries: Sequence[tuple[int, int]]) -> int:
+        """KVM_SET_MSRS: how many of `entries` (index, value) were written; the kernel stops at
+        the first one it refuses."""
+        arg = bytearray(_NENT.pack(_fit("nmsrs", len(entries), 32)) + b"".join(
+            _MSR_ENTRY.pack(_fit(f"entries[{i}].index", m, 32), _fit(f"entries[{i}].data", v, 64))
+            for i, (m, v) in enumerate(entries)))
+        return self._ioctl("KVM_SET_MSRS", KVM_SET_MSRS, arg, nmsrs=len(entries))
+
+    def get_vcpu_events(self) -> KvmVcpuEvents:
+        arg = bytearray(_VCPU_EVENTS.size)
+        self._ioctl("KVM_GET_VCPU_EVENTS", KVM_GET_VCPU_EVENTS, arg)
+        return KvmVcpuEvents.unpack(bytes(arg))
+
+    def set_vcpu_events(self, events: KvmVcpuEvents) -> None:
+        self._ioctl("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS, bytearray(events.pack()),
+                    flags=events.flags)
+
+    def get_mp_state(self) -> int:
+        arg = bytearray(_MP_STATE.size)
+        self._ioctl("KVM_GET_MP_STATE", KVM_GET_MP_STATE, arg)
+        return int(_MP_STATE.unpack(arg)[0])
+
+    def set_mp_state(self, mp_state: int) -> None:
+        arg = bytearray(_MP_STATE.pack(_fit("mp_state", mp_state, 32)))
+        self._ioctl("KVM_SET_MP_STATE", KVM_SET_MP_STATE, arg, mp_state=mp_state)
+
+    def translate(self, linear_address: int) -> KvmTranslation:
+        """KVM_TRANSLATE: the vCPU's page tables applied to `linear_address`."""
+        arg = bytearray(_TRANSLATION.pack(_fit("linear_address", linear_address, 64), 0, 0, 0, 0))
+        self._ioctl("KVM_TRANSLATE", KVM_TRANSLATE, arg, linear_address=linear_address)
+        la, pa, valid, writeable, usermode = _TRANSLATION.unpack(arg)
+        return KvmTranslation(la, pa, bool(valid), bool(writeable), bool(usermode))
 
     def io(self) -> KvmIo:
         """The port I/O of the last KVM_EXIT_IO."""

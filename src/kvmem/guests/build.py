@@ -1,9 +1,10 @@
 """Rebuild the guest programs: `python -m kvmem.guests.build` (needs GNU as and objcopy).
 
-Each `<name>.S` beside this file is assembled for i386 (`as --32`) and its `.text` is
-written as a flat binary `<name>.bin`. The programs are position independent, so no link
-step (and no load address) is involved. `--check` rebuilds into a temporary directory and
-fails if a committed `.bin` differs from what its source assembles to.
+Each `<name>.S` beside this file is assembled and its `.text` is written as a flat binary
+`<name>.bin`: with `as --64` when the source has a `.code64` directive line (64-bit code), with
+`as --32` otherwise (32-bit code, and 16-bit code under `.code16`). The programs are position
+independent, so no link step (and no load address) is involved. `--check` rebuilds into a
+temporary directory and fails if a committed `.bin` differs from what its source assembles to.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ def sources() -> list[Path]:
     return sorted(HERE.glob("*.S"))
 
 
+def as_flags(src: Path) -> list[str]:
+    """`--64` for a source with a `.code64` directive line, else `--32`."""
+    for line in src.read_text().splitlines():
+        if line.split("#", 1)[0].split() == [".code64"]:
+            return ["--64"]
+    return ["--32"]
+
+
 def assemble(src: Path, out_dir: Path) -> Path:
     """`src` → `out_dir/<stem>.bin`."""
     for tool in ("as", "objcopy"):
@@ -29,7 +38,7 @@ def assemble(src: Path, out_dir: Path) -> Path:
             raise RuntimeError(f"{tool} (GNU binutils) is needed to build the guests")
     with tempfile.TemporaryDirectory(prefix="kvmem-guest-") as tmp:
         obj = Path(tmp) / f"{src.stem}.o"
-        subprocess.run(["as", "--32", "-o", str(obj), str(src)], check=True)
+        subprocess.run(["as", *as_flags(src), "-o", str(obj), str(src)], check=True)
         out = out_dir / f"{src.stem}.bin"
         subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(out)],
                        check=True)
