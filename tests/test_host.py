@@ -347,12 +347,14 @@ def ranges(vm: Vm, start: int, end: int) -> set[tuple[int, int, int, int]]:
 
 @pytest.fixture
 def aliased(make: Callable[[str, int], HostMemory]) -> tuple[Vm, HostMemory, HostMemory]:
-    mem, other = make("memfd", 16), make("anonymous", 4)
+    # `other` is mapped wherever mmap puts it, perhaps right beside `mem`: its slot covers
+    # only its middle pages, so no edge of `mem` can meet a slot of `other`
+    mem, other = make("memfd", 16), make("anonymous", 12)
     vm = Vm()
     vm.set_memory_region(0, 0, 0x100000, 8 * PAGE, mem.hva)  # pages 0..8
     vm.set_memory_region(1, 0, 0x200000, 8 * PAGE, mem.hva + 4 * PAGE)  # pages 4..12, alias
     vm.set_memory_region(AS1 | 0, 0, 0x300000, 4 * PAGE, mem.hva + 2 * PAGE)  # pages 2..6
-    vm.set_memory_region(2, 0, 0x400000, 4 * PAGE, other.hva)
+    vm.set_memory_region(2, 0, 0x400000, 4 * PAGE, other.hva + 4 * PAGE)
     return vm, mem, other
 
 
@@ -376,7 +378,8 @@ def test_hva_range_edges(aliased: tuple[Vm, HostMemory, HostMemory]) -> None:
         (0, 0, 0x107, 0x108), (0, 1, 0x203, 0x204)}
     assert ranges(vm, h + 8 * PAGE - 1, h + 8 * PAGE + 1) == {
         (0, 0, 0x107, 0x108), (0, 1, 0x203, 0x205)}
-    assert ranges(vm, other.hva + PAGE, other.hva + 2 * PAGE) == {(0, 2, 0x401, 0x402)}
+    assert ranges(vm, other.hva + 5 * PAGE, other.hva + 6 * PAGE) == {(0, 2, 0x401, 0x402)}
+    assert ranges(vm, other.hva, other.hva + 4 * PAGE) == set()  # its edges are no slot's
 
 
 def test_hva_ranges_follow_slot_changes(aliased: tuple[Vm, HostMemory, HostMemory]) -> None:

@@ -151,14 +151,14 @@ def run_demo(engine: str, rounds: int, state: DemoState) -> None:
         mem.close()
 
     state.phase = f"atomic reconfiguration: {rounds} splits + merges as transactions"
-    state.tx = atomic.Outcome(state.engine, naive=False)
+    state.tx = atomic.Outcome(state.engine, atomic.TRANSACTIONS.name)
     atomic.run(state.engine, rounds, into=state.tx)
     state.checks.append((f"{2 * rounds} transactions under a running guest: no exit, "
                          "no torn access", state.tx.clean and state.tx.rounds == rounds))
     naive_rounds = max(1, rounds // 4)
     state.phase = f"baseline: {naive_rounds} naive delete-then-create splits + merges"
-    state.naive = atomic.Outcome(state.engine, naive=True)
-    atomic.run(state.engine, naive_rounds, naive=True, into=state.naive)
+    state.naive = atomic.Outcome(state.engine, atomic.NAIVE.name)
+    atomic.run(state.engine, naive_rounds, atomic.NAIVE, into=state.naive)
     state.phase = "done"
 
 

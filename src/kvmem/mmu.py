@@ -638,8 +638,7 @@ class Stage2Access:
         return b"".join(parts)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray) \
-                and 0 < len(data) <= 4096 - (gpa & 4095):
+        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
             gfn = gpa >> 12
             tlb = self._tlb
             i = tlb.index
@@ -650,8 +649,12 @@ class Stage2Access:
                     s = self._huge.get(gfn >> 9)
                 if s is not None and s.writable:
                     off = ((gfn - s.gfn) << 12) + (gpa & 4095)
+                    # past the mapping's end the slice is shorter than `data`: ValueError,
+                    # nothing written, and the page walk below takes it
                     s.view[off:off + len(data)] = data
                     return
+            except ValueError:
+                pass
             finally:
                 next(tlb.unlocks[i])
         gpa, _ = check_range(gpa, 0)

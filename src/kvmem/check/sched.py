@@ -451,9 +451,6 @@ class RwLock:
         if self._writer != _me():
             raise sync.LockNotHeld(f"{self.name} must be held for write here")
 
-    def read_held(self) -> bool:
-        return _me() in self._readers
-
 
 class Atomic(Generic[T]):
     """`load`, `store`, `add` and reading or assigning `value` are scheduling points."""

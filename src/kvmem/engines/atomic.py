@@ -8,14 +8,16 @@ it without them — delete the slot, then create the pieces — the guest falls 
 between the two ioctls: its accesses become MMIO exits the VMM did not expect (and a read
 that exits returns garbage: a torn access the guest reports on port 0x11).
 
-`run(engine, rounds, naive)` returns the counts; tests assert the transactional figures
-and report the naive ones, `kvmem demo` shows both.
+`run(engine, rounds, surgery)` returns the counts, for `TRANSACTIONS` or `NAIVE` (the two
+ways of doing the surgery); tests assert the transactional figures and report the naive
+ones, `kvmem demo` shows both.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..host import HostMemory
@@ -23,7 +25,8 @@ from ..uapi import PAGE_SIZE
 from ..vm import Vm
 from . import ExitKind, Regs
 
-__all__ = ["CODE_GPA", "DATA_GPA", "DATA_PAGES", "Outcome", "run"]
+__all__ = ["CODE_GPA", "DATA_GPA", "DATA_PAGES", "NAIVE", "TRANSACTIONS", "Outcome", "Surgery",
+           "run"]
 
 CODE_GPA = 0x1000
 DATA_GPA = 0x100000  # the data slot: DATA_PAGES pages; the guest's page is in the middle
@@ -31,10 +34,19 @@ DATA_PAGES = 64
 CUT = DATA_GPA + DATA_PAGES // 2 * PAGE_SIZE
 
 
+@dataclass(frozen=True)
+class Surgery:
+    """How the data slot is split in two and merged back."""
+
+    name: str
+    split: Callable[[Vm, HostMemory], None]
+    merge: Callable[[Vm, HostMemory], None]
+
+
 @dataclass
 class Outcome:
     engine: str
-    naive: bool
+    surgery: str
     rounds: int = 0  # split + merge pairs done
     unexpected_mmio: int = 0
     torn: int = 0
@@ -48,15 +60,16 @@ class Outcome:
         return self.unexpected_mmio == 0 and self.torn == 0 and self.internal_errors == 0
 
 
-def run(engine: str, rounds: int, naive: bool = False,
+def run(engine: str, rounds: int, surgery: Surgery | None = None,
         into: Outcome | None = None) -> Outcome:
     """Run `loop` on a fresh VM of `engine` while splitting and merging its data slot
-    `rounds` times — with transactions, or with the naive delete-then-create sequence.
+    `rounds` times by `surgery` (default: `TRANSACTIONS`).
     Counts go to `into` (a new `Outcome` by default) as they happen, so another thread can
     watch them."""
     from ..guests import PORT_TORN, program
 
-    out = into if into is not None else Outcome(engine, naive)
+    surgery = TRANSACTIONS if surgery is None else surgery
+    out = into if into is not None else Outcome(engine, surgery.name)
     code = HostMemory.anonymous(16 * PAGE_SIZE)
     data = HostMemory.anonymous(DATA_PAGES * PAGE_SIZE)
     vm = Vm(engine=engine)
@@ -101,10 +114,10 @@ def run(engine: str, rounds: int, naive: bool = False,
             if not thread.is_alive():
                 break
             t = time.perf_counter_ns()
-            _split(vm, data, naive)
+            surgery.split(vm, data)
             out.latencies_ns.append(time.perf_counter_ns() - t)
             t = time.perf_counter_ns()
-            _merge(vm, data, naive)
+            surgery.merge(vm, data)
             out.latencies_ns.append(time.perf_counter_ns() - t)
             out.rounds += 1
         out.seconds = time.perf_counter() - t0
@@ -120,22 +133,28 @@ def run(engine: str, rounds: int, naive: bool = False,
         data.close()
 
 
-def _split(vm: Vm, data: HostMemory, naive: bool) -> None:
+def _split_tx(vm: Vm, data: HostMemory) -> None:
+    with vm.transaction() as tx:
+        tx.split(1, [CUT], ids=[2])
+
+
+def _merge_tx(vm: Vm, data: HostMemory) -> None:
+    with vm.transaction() as tx:
+        tx.merge([1, 2])
+
+
+def _split_naive(vm: Vm, data: HostMemory) -> None:
     half = data.size // 2
-    if naive:
-        vm.set_memory_region(1, 0, 0, 0, 0)
-        vm.set_memory_region(1, 0, DATA_GPA, half, data.hva)
-        vm.set_memory_region(2, 0, CUT, half, data.hva + half)
-    else:
-        with vm.transaction() as tx:
-            tx.split(1, [CUT], ids=[2])
+    vm.set_memory_region(1, 0, 0, 0, 0)
+    vm.set_memory_region(1, 0, DATA_GPA, half, data.hva)
+    vm.set_memory_region(2, 0, CUT, half, data.hva + half)
 
 
-def _merge(vm: Vm, data: HostMemory, naive: bool) -> None:
-    if naive:
-        vm.set_memory_region(1, 0, 0, 0, 0)
-        vm.set_memory_region(2, 0, 0, 0, 0)
-        vm.set_memory_region(1, 0, DATA_GPA, data.size, data.hva)
-    else:
-        with vm.transaction() as tx:
-            tx.merge([1, 2])
+def _merge_naive(vm: Vm, data: HostMemory) -> None:
+    vm.set_memory_region(1, 0, 0, 0, 0)
+    vm.set_memory_region(2, 0, 0, 0, 0)
+    vm.set_memory_region(1, 0, DATA_GPA, data.size, data.hva)
+
+
+TRANSACTIONS = Surgery("transactions", _split_tx, _merge_tx)
+NAIVE = Surgery("naive", _split_naive, _merge_naive)  # delete, then create: KVM's API alone
