@@ -30,7 +30,7 @@ import errno
 from collections.abc import Callable
 
 from . import host
-from .args import as_bytes, as_int, check_range
+from .args import as_bytes, as_int, check_range, check_span
 from .errors import GuestAccessError, KvmError
 from .memslots import Memslots
 from .slots import MemorySlot, SlotSet
@@ -189,8 +189,9 @@ class GuestMemory:
         self._write_runs(gpa, as_bytes("data", data))
 
     def clear(self, gpa: int, n: int) -> None:
-        """Zero guest [gpa, gpa+n), marking pages dirty."""
-        gpa, n = check_range(gpa, n)
+        """Zero guest [gpa, gpa+n), marking pages dirty. A range past 2^64 is refused
+        before any page is zeroed (EINVAL); a hole below it stops the clear with EFAULT."""
+        gpa, n = check_span(gpa, n)
         token = self._guard.read_lock()
         try:
             runs, hole = _runs(self._root.value[self.as_id], gpa, n, True)
@@ -209,39 +210,39 @@ class GuestMemory:
             raise hole
 
     # -- the memo (caller inside the section) ------------------------------------------------
-    def _fill_read(self, slots: SlotSet, gfn: int) -> tuple[int, memoryview] | None:
-        epoch = self._epoch.value
+    def _resolve(self, slots: SlotSet, gfn: int, bad: int, prot: int
+                 ) -> tuple[int, MemorySlot, memoryview] | None:
+        """(epoch, slot, page view) for a memo entry of `gfn`, or None when none may be
+        made: a host change in flight, no usable slot, or host memory not accessible."""
+        epoch = self._epoch.value  # read before `changing`: see host's `epoch`
         if self._changing.value:
             return None
         slot = slots.search(gfn)
-        if slot is None or slot.flags & _NOT_READABLE:
+        if slot is None or slot.flags & bad:
             return None
-        view = host.page(slot.hva_of(gfn), host.PROT_READ)
-        if view is None:
+        view = host.page(slot.hva_of(gfn), prot)
+        return None if view is None else (epoch, slot, view)
+
+    def _fill_read(self, slots: SlotSet, gfn: int) -> tuple[int, memoryview] | None:
+        r = self._resolve(slots, gfn, _NOT_READABLE, host.PROT_READ)
+        if r is None:
             return None
-        e = (epoch, view)
         memo = slots.read_views
         if len(memo) >= _VIEWS_MAX:
             memo.clear()
-        memo[gfn] = e
+        e = memo[gfn] = (r[0], r[2])
         return e
 
     def _fill_write(self, slots: SlotSet, gfn: int
                     ) -> tuple[int, memoryview, MemorySlot | None] | None:
-        epoch = self._epoch.value
-        if self._changing.value:
+        r = self._resolve(slots, gfn, _NOT_WRITABLE, host.PROT_WRITE)
+        if r is None:
             return None
-        slot = slots.search(gfn)
-        if slot is None or slot.flags & _NOT_WRITABLE:
-            return None
-        view = host.page(slot.hva_of(gfn), host.PROT_WRITE)
-        if view is None:
-            return None
-        e = (epoch, view, slot if slot.dirty_bitmap is not None else None)
         memo = slots.write_views
         if len(memo) >= _VIEWS_MAX:
             memo.clear()
-        memo[gfn] = e
+        slot = r[1]
+        e = memo[gfn] = (r[0], r[2], slot if slot.dirty_bitmap is not None else None)
         return e
 
     # -- the general path: slot runs ----------------------------------------------------------
