@@ -133,25 +133,18 @@ changing: sync.Atomic[int] = sync.Atomic(0)
 page_replaced: Callable[[], None] | None = None
 
 
-def _begin_change() -> None:
-    changing.add(1)
-    epoch.add(1)
-
-
-def _end_change() -> None:
-    epoch.add(1)
-    changing.add(-1)
-
-
 @contextmanager
 def changes_in_flight() -> Iterator[None]:
-    """Bracket a change made to host mappings behind `HostMemory`'s back (a VMM's own
-    mmap over guest memory): cached page views are not trusted across it."""
-    _begin_change()
+    """Bracket a change to host mappings (every `HostMemory` change, or one made behind
+    its back, such as a VMM's own mmap over guest memory): cached page views are not
+    trusted across it."""
+    changing.add(1)
+    epoch.add(1)
     try:
         yield
     finally:
-        _end_change()
+        epoch.add(1)
+        changing.add(-1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -340,8 +333,10 @@ class HostMemory:
     @staticmethod
     def _check_size(size: object) -> None:
         size = as_int("size", size)
-        if size <= 0 or size & PAGE_MASK:
-            raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096")
+        # below 2^63: the size of a memfd or file is an off_t (ftruncate) as well as a size_t
+        if size <= 0 or size & PAGE_MASK or size >> 63:
+            raise KvmError(errno.EINVAL, f"size {size:#x} must be a positive multiple of 4096 "
+                                         "below 2^63")
 
     # -- constructors -------------------------------------------------------------------
     @classmethod
@@ -436,16 +431,12 @@ class HostMemory:
     def _change(self, offset: int, length: int, action: Callable[[], None]) -> None:
         self._check_range(offset, length)
         start, end = self.hva + offset, self.hva + offset + length
-        with self._lock:
-            _begin_change()
+        with self._lock, changes_in_flight():
+            notifiers.start(start, end)
             try:
-                notifiers.start(start, end)
-                try:
-                    action()
-                finally:
-                    notifiers.end(start, end)
+                action()
             finally:
-                _end_change()
+                notifiers.end(start, end)
 
     def discard(self, offset: int, length: int) -> None:
         """Drop the pages (MADV_DONTNEED; hole punch for memfd/file): they read as zero."""
@@ -531,17 +522,13 @@ class HostMemory:
         """Unmap (an invalidation of the whole range) and close the file descriptor."""
         if self._closed:
             return
-        with self._lock:
+        with self._lock, changes_in_flight():
             start, end = self.hva, self.hva + self.size
-            _begin_change()
+            notifiers.start(start, end)
             try:
-                notifiers.start(start, end)
-                try:
-                    self._unmap()
-                finally:
-                    notifiers.end(start, end)
+                self._unmap()
             finally:
-                _end_change()
+                notifiers.end(start, end)
 
     def _unmap(self) -> None:
         with _table_lock:
