@@ -21,7 +21,7 @@ from .errors import KvmError
 from .uapi import U64_MAX
 
 __all__ = ["as_bool", "as_bytes", "as_int", "as_u", "as_u16", "as_u32", "as_u64", "check_range",
-           "positive"]
+           "check_span", "positive"]
 
 
 def as_int(name: str, v: object) -> int:
@@ -85,11 +85,22 @@ def as_bytes(name: str, data: object) -> memoryview:
 
 
 def check_range(gpa: object, n: object, name: str = "length") -> tuple[int, int]:
-    """A (gpa, length) pair: ints, the gpa a 64-bit guest physical address, the length not
-    negative (KVM's accessors take an unsigned long length)."""
+    """A (gpa, length) pair: ints, the gpa a 64-bit guest physical address, the length an
+    unsigned long (KVM's accessors take one). The range may run past 2^64: an access stops
+    with EFAULT where the address space ends, as at any other hole."""
     gpa, n = as_int("gpa", gpa), as_int(name, n)
     if gpa < 0 or gpa > U64_MAX:
         raise KvmError(errno.EINVAL, f"gpa {gpa:#x} is not a 64-bit guest physical address")
-    if n < 0:
-        raise KvmError(errno.EINVAL, f"{name} {n} is negative")
+    if n < 0 or n > U64_MAX:
+        raise KvmError(errno.EINVAL, f"{name} {n:#x} does not fit an unsigned long")
+    return gpa, n
+
+
+def check_span(gpa: object, n: object, name: str = "length") -> tuple[int, int]:
+    """`check_range`, and the range must end by 2^64: for a call that would otherwise change
+    memory up to the top of the address space before it noticed (`clear`)."""
+    gpa, n = check_range(gpa, n, name)
+    if gpa + n > U64_MAX + 1:
+        raise KvmError(errno.EINVAL, f"{name} {n:#x} at gpa {gpa:#x} runs past the end of "
+                                     "the 64-bit guest physical address space")
     return gpa, n

@@ -31,12 +31,14 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 
 from . import host, sync
-from .args import as_int
+from .args import as_int, as_u64
 from .dirty import DirtyBitmap
 from .errors import GuestAccessError, KvmError, TransactionError
 from .slots import (
     Change,
     ChangeKind,
+    CheckBinding,
+    GmemBinding,
     Limits,
     MemorySlot,
     Request,
@@ -55,6 +57,8 @@ from .uapi import (
 __all__ = ["Memslots", "Root", "carry_dirty_bits"]
 
 Root = tuple[SlotSet, ...]
+# kvm_gmem_bind's checks for a request of a batch, given the batch's changes before it
+CheckBatchBinding = Callable[[MemorySlot, object, int, Sequence[Change]], GmemBinding]
 
 
 class Memslots:
@@ -98,19 +102,19 @@ class Memslots:
 
     def lookup(self, gfn: int, as_id: int = 0) -> MemorySlot | None:
         """The slot containing `gfn` in `as_id` (INVALID slots included), or None."""
-        if type(gfn) is not int:
-            gfn = as_int("gfn", gfn)
+        if type(gfn) is not int or not 0 <= gfn <= U64_MAX:
+            gfn = as_u64("gfn", gfn)  # gfn_t
         return self.active.value[self.address_space(as_id)].search(gfn)
 
     def translate(self, gpa: int, as_id: int = 0) -> int:
         """gpa → hva (read intent); EFAULT where no usable slot maps the gpa."""
-        if type(gpa) is not int:
-            gpa = as_int("gpa", gpa)
+        if type(gpa) is not int or not 0 <= gpa <= U64_MAX:
+            gpa = as_u64("gpa", gpa)  # gpa_t
         root = self.active.value
         if type(as_id) is not int or not 0 <= as_id < len(root):
             as_id = self.address_space(as_id)
         slots = root[as_id]
-        d = slots.hva_delta(gpa >> PAGE_SHIFT) if 0 <= gpa <= U64_MAX else None
+        d = slots.hva_delta(gpa >> PAGE_SHIFT)
         if d is None:
             raise GuestAccessError(errno.EFAULT, f"gpa {gpa:#x} has no memory slot in "
                                                  f"address space {as_id}", gpa, 0)
@@ -147,11 +151,13 @@ class Memslots:
 
     # -- the update path (slots_lock held) ----------------------------------------------------
     def prepare(self, req: Request, working: Root | dict[int, SlotSet], pages: int,
-                move_refused: Callable[[], str | None], initially_set: bool) -> Change:
+                move_refused: Callable[[], str | None], initially_set: bool,
+                check_binding: CheckBinding) -> Change:
         """`validate` against the address space's set in `working`, then KVM's dirty-bitmap
         decision (kvm_prepare_memory_region, table §1.4)."""
         as_id = req.as_id if req.as_id < self.limits.address_spaces else 0
-        change = validate(req, working[as_id], self.limits, pages, move_refused)
+        change = validate(req, working[as_id], self.limits, pages, move_refused,
+                          check_binding)
         new = change.new
         if new is None or change.kind is ChangeKind.NONE:
             return change
@@ -162,21 +168,28 @@ class Memslots:
         else:
             bitmap = DirtyBitmap(new.npages, initially_set=initially_set)
         slot = MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.hva, new.flags,
-                          bitmap)
+                          bitmap, new.gmem)
         return Change(change.kind, change.as_id, change.old, slot)
 
     def plan(self, requests: Sequence[Request], move_refused: Callable[[], str | None],
-             initially_set: bool) -> tuple[list[Change], dict[int, SlotSet]]:
+             initially_set: bool, check_binding: CheckBatchBinding
+             ) -> tuple[list[Change], dict[int, SlotSet]]:
         """A batch: every request validated, in order, against the sets the batch has built
-        so far. Returns the changes and the new set of every address space they touch, or
-        raises `TransactionError` naming the first refused request. Publishes nothing."""
+        so far (a binding against the files' bindings as the batch leaves them so far).
+        Returns the changes and the new set of every address space they touch, or raises
+        `TransactionError` naming the first refused request. Publishes nothing."""
         self.slots_lock.assert_held()
         working = dict(enumerate(self.active.load()))
         pages = self.nr_pages
         changes: list[Change] = []
+
+        def check_in_batch(new: MemorySlot, file: object, offset: int) -> GmemBinding:
+            return check_binding(new, file, offset, changes)
+
         for index, req in enumerate(requests):
             try:
-                change = self.prepare(req, working, pages, move_refused, initially_set)
+                change = self.prepare(req, working, pages, move_refused, initially_set,
+                                      check_in_batch)
             except KvmError as e:
                 raise TransactionError(index, e) from None
             if change.kind is ChangeKind.NONE:

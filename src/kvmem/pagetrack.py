@@ -81,10 +81,7 @@ class PageTrack:
         except KvmError:
             raise KvmError(errno.ESRCH, "page tracking registered from another "
                                         "process") from None
-        for name in ("track_write", "track_remove_region"):
-            if not callable(getattr(notifier, name, None)):
-                raise TypeError(f"a page-track notifier needs a {name} method, "
-                                f"{type(notifier).__name__} has none")
+        _check_notifier(notifier)
         with self._mmu.lock:
             if notifier in self._notifiers.load():
                 raise KvmError(errno.EEXIST, "notifier is already registered")
@@ -92,12 +89,18 @@ class PageTrack:
 
     def unregister(self, notifier: TrackNotifier) -> None:
         """Remove `notifier`; returns once no callback to it is running."""
+        _check_notifier(notifier)
         with self._mmu.lock:
             current = self._notifiers.load()
             if notifier not in current:
                 raise KvmError(errno.ENOENT, "notifier is not registered")
             self._notifiers.store(tuple(n for n in current if n is not notifier))
         self.srcu.synchronize()
+
+    @property
+    def notifiers(self) -> tuple[TrackNotifier, ...]:
+        """The registered notifiers, in registration order."""
+        return self._notifiers.load()
 
     def move_refused(self) -> str | None:
         """x86 prepare's check before a MOVE: refused while a notifier is registered
@@ -204,6 +207,13 @@ class PageTrack:
                     n.track_remove_region(gfn, npages)
         finally:
             self.srcu.read_unlock(token)
+
+
+def _check_notifier(notifier: object) -> None:
+    for name in ("track_write", "track_remove_region"):
+        if not callable(getattr(notifier, name, None)):
+            raise TypeError(f"a page-track notifier needs a {name} method, "
+                            f"{type(notifier).__name__} has none")
 
 
 def _uncovered(slots: SlotSet, lo: int, hi: int) -> list[tuple[int, int]]:

@@ -48,15 +48,13 @@ from .host import Frame
 from .memslots import Memslots
 from .mmu import Mmu
 from .slots import MemorySlot
-from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE, U64_MAX
 
 __all__ = ["PfnCache"]
 
 
 def _check_length(offset: int, length: object) -> int:
-    length = as_int("length", length)
-    if length < 0:
-        raise KvmError(errno.EINVAL, f"length {length} is negative")
+    length = as_u64("length", length)  # an unsigned long in KVM
     if (offset & PAGE_MASK) + length > PAGE_SIZE:
         raise KvmError(errno.EINVAL, f"{length} bytes at page offset {offset & PAGE_MASK:#x} "
                                      f"cross a page: a pfn cache holds one page")
@@ -147,7 +145,7 @@ class PfnCache:
     def check(self, length: int) -> bool:
         """kvm_gpc_check: the cached page may be used for `length` bytes. Call with
         `rwlock` held for read and keep it while using the page."""
-        if length.__class__ is not int or length < 0:
+        if length.__class__ is not int or not 0 <= length <= U64_MAX:
             _check_length(0, length)  # raises: TypeError or EINVAL
         if not self.active or self.uhva is None or not self.valid:
             return False
@@ -284,8 +282,8 @@ class PfnCache:
         where it cannot sleep: a host change to this page waits for it to end, and a slot
         update waits for that host change — so do not change host memory or slots from
         inside the block."""
-        if type(length) is not int:
-            length = as_int("length", length)
+        if type(length) is not int or not 0 <= length <= U64_MAX:
+            length = as_u64("length", length)
         if type(dirty) is not bool:
             dirty = as_bool("dirty", dirty)
         return _Locked(self, length, dirty)

@@ -32,7 +32,7 @@ from typing import Protocol
 from . import host, sync
 from . import memslots as _memslots
 from .access import GuestMemory, HvaCache, mark_bitmap
-from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range
+from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, Exit, Regs
 from .errors import KvmError
 from .memslots import Memslots
@@ -267,16 +267,21 @@ class Vm:
         return self.memslots.hva_to_gfn_ranges(as_u64("start", start), as_u64("end", end))
 
     # -- listeners ----------------------------------------------------------------------------
-    def add_listener(self, listener: SlotsListener) -> None:
+    @staticmethod
+    def _check_listener(listener: object) -> None:
         if not isinstance(listener, SlotsListener):
             raise TypeError(f"a listener must be a kvmem.SlotsListener, not "
                             f"{type(listener).__name__}")
+
+    def add_listener(self, listener: SlotsListener) -> None:
+        self._check_listener(listener)
         with self.memslots.slots_lock:
             if listener in self._listeners:
                 raise KvmError(errno.EEXIST, "listener is already added")
             self._listeners = (*self._listeners, listener)
 
     def remove_listener(self, listener: SlotsListener) -> None:
+        self._check_listener(listener)
         with self.memslots.slots_lock:
             if listener not in self._listeners:
                 raise KvmError(errno.ENOENT, "listener was not added")
@@ -345,8 +350,9 @@ class Vm:
 
     # -- accessors ----------------------------------------------------------------------------
     def hva_cache(self, gpa: int, length: int) -> HvaCache:
-        """A gfn_to_hva_cache over [gpa, gpa+length) of address space 0."""
-        gpa, length = check_range(gpa, length)
+        """A gfn_to_hva_cache over [gpa, gpa+length) of address space 0. EINVAL for a range
+        past 2^64, as KVM answers when gpa + len - 1 wraps."""
+        gpa, length = check_span(gpa, length)
         return HvaCache(self._memory[0], gpa, length)
 
     def pfn_cache(self) -> PfnCache:
