@@ -21,8 +21,12 @@ Rules of this room:
   flush returns, no guest instruction uses the old mapping. Pending ranges are unmapped
   between two `emu_start`s; a hook that re-enters the guest while some are pending
   protects their regions PROT_NONE first (a fenced access restarts the instruction after
-  the real unmap). Unicorn forbids unmapping the page under the current access inside a
-  hook; nothing here does.
+  the real unmap). A memory hook never unmaps or re-protects the page under the current
+  access: Unicorn forbids the unmap, and a store finishes with the TLB entry it read
+  before calling the hook — for a read-only page, one that drops the write. Such a hook
+  returns False and leaves the change to `_restart`, run between two emu_starts; the
+  instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
+  gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 """
@@ -506,8 +510,11 @@ class UnicornVcpu:
         if self._regions[base][0] != 1 or not spte.writable:
             self._restart = lambda: self._unmap_region(base)
             return False
-        uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, UC_PROT_ALL)
-        return True
+        # Not from here: the store that called us goes on with the TLB entry Unicorn read
+        # for it, which drops writes to a read-only page, whatever the page's protection
+        # is now. Made writable between two emu_starts, the page takes the store again.
+        self._restart = lambda: uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, UC_PROT_ALL)
+        return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
     def _exit(self, exit_: Exit) -> bytes:
