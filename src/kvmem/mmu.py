@@ -589,8 +589,22 @@ class Mmu:
                             words: Sequence[int]) -> None:
         """Pages whose dirty bits were harvested or cleared are write-protected again: bit
         b of words[i] is page first_page + 64*i + b of `slot`."""
-        gfns = [slot.base_gfn + first_page + 64 * i + b
-                for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
+        lo = slot.base_gfn + first_page
+        hi = lo + 64 * len(words)
+        small, huge = self._small[slot.as_id], self._huge[slot.as_id]
+        if len(small) + len(huge) < sum(w.bit_count() for w in words):
+            # fewer mappings than harvested pages (a fully dirty 4 GiB slot, say): look at
+            # what is mapped, not at a million bits
+            def dirty(g: int) -> bool:
+                return bool(words[(g - lo) >> 6] >> ((g - lo) & 63) & 1)
+
+            gfns = [g for g in list(small) if lo <= g < hi and dirty(g)]
+            for h in list(huge):  # one dirty gfn drops a whole 2 MiB mapping
+                span = range(max(lo, h * HUGE_PAGES), min(hi, (h + 1) * HUGE_PAGES))
+                gfns += next(([g] for g in span if dirty(g)), [])
+        else:
+            gfns = [lo + 64 * i + b
+                    for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
         self.write_protect(slot.as_id, gfns)
 
 
