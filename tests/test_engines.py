@@ -122,7 +122,7 @@ def run_poker(vm: kvmem.Vm) -> Run:
     vm.page_track.register(rec)
     vm.page_track.add_gfn(0x3)
     run = drive(vm, "poker", Regs(esi=MMIO, edi=0x3000, edx=0x40),
-                lambda i, e: bytes((0xA0 + i + k) & 0xFF for k in range(8)))
+                lambda i, e: bytes((0xA0 + i + k) & 0xFF for k in range(e.answer_size)))
     run.tracked = rec.writes
     return run
 

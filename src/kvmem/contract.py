@@ -11,6 +11,7 @@ that use it.
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -30,8 +31,11 @@ class ExitKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Exit:
-    """One exit of `EngineVcpu.run`. `addr` is the port (IO) or the gpa (MMIO); `data` the
-    bytes written (empty for reads). `detail` is engine-specific and not compared."""
+    """One exit of `EngineVcpu.run`, with KVM's fields and conventions on every engine (the
+    table is in `kvmem.engines`). `addr` is the port (IO) or the gpa (MMIO); `size` the bytes
+    of one access; `count` the accesses of a string IN (KVM_EXIT_IO's count: `rep insb`
+    reads up to a page or 1 KiB ahead in one exit; every other exit has 1); `data` the bytes
+    written (empty for reads). `detail` is engine-specific and not compared."""
 
     kind: ExitKind
     addr: int = 0
@@ -39,6 +43,23 @@ class Exit:
     is_write: bool = False
     data: bytes = b""
     detail: str = field(default="", compare=False)
+    count: int = 1
+
+    @property
+    def answer_size(self) -> int:
+        """The bytes `complete(data)` takes after this exit: `size * count` for an IN, `size`
+        for an MMIO read, 0 for an exit that does not read."""
+        return self.size * self.count if self.reads else 0
+
+    def check_answer(self, data: bytes) -> bytes:
+        """`data` as the answer to this exit, or `EngineError(EINVAL)` saying why not."""
+        if not self.reads:
+            raise EngineError(errno.EINVAL, f"no read exit is waiting for data (last: {self})")
+        if len(data) != self.answer_size:
+            what = (f"{self.count}x{self.size}" if self.kind is ExitKind.IO else str(self.size))
+            raise EngineError(errno.EINVAL, f"{self} needs {self.answer_size} bytes of data "
+                                            f"({what}), got {len(data)}")
+        return bytes(data)
 
     @property
     def reads(self) -> bool:
@@ -48,7 +69,8 @@ class Exit:
     def __str__(self) -> str:
         if self.kind is ExitKind.IO:
             op = f"out {self.data.hex()}" if self.is_write else "in"
-            return f"io {self.addr:#x}/{self.size} {op}"
+            times = f"x{self.count}" if self.count != 1 else ""
+            return f"io {self.addr:#x}/{self.size}{times} {op}"
         if self.kind is ExitKind.MMIO:
             op = f"write {self.data.hex()}" if self.is_write else "read"
             return f"mmio {self.addr:#x}/{self.size} {op}"

@@ -15,8 +15,38 @@ changes, tracking changes, dirty-log syncs) and, for Unicorn, as a stage-2 mirro
 MMU; they use only public interfaces. The `Vm` never imports this package — it calls the
 opener that this module registers (`vm.register_engine_opener`).
 
-Answering a read: after an `Exit` that reads (IN, MMIO read) call `vcpu.complete(data)`
-before the next `run()`; without it the guest reads zeros.
+Exits: KVM's convention, on every engine (measured on /dev/kvm; tests/test_engine_exits.py
+holds each engine to it). "Done" means the instruction has finished: EIP is past it and
+its results are in place; "not done" means EIP is at it and nothing of it has happened.
+
+    exit             fields                                  instruction at the exit
+    IN               IO, addr=port, size, count=1            not done; `complete(size)`
+    INS (REP)        IO, addr=port, size, count=n            not done; `complete(size*n)`:
+                       n = ECX (1 without REP), at most the bytes left in EDI's page
+                       (KVM compares bytes with elements) and 1024 // size; the next
+                       element after those n is a new exit
+    OUT              IO, addr=port, size, data (size bytes)  done
+    OUTS (REP)       IO, one exit per element, count=1       element done (ECX, ESI
+                       stepped); EIP at the instruction while REP goes on, and after
+                       the last element until the next run
+    MMIO read        MMIO, addr=gpa, size                    not done; `complete(size)`
+    MMIO write       MMIO, addr=gpa, size, data              done
+                       an unaligned store is one exit of its size (split only where it
+                       crosses a page)
+    HLT              HLT                                     done
+    SHUTDOWN         SHUTDOWN (an exception with no IDT to take it: a triple fault)
+    INTERNAL_ERROR   detail says why (emulation failure, fetch from a gpa without memory)
+    KICKED           `kick()` was called: the vCPU stops between two instructions, and
+                       a kick while it is not running makes the next `run` return KICKED
+                       without running any
+
+At every exit: `get_regs` / `set_regs` / `get_state` / `set_state` may be called. Setting
+registers at a read exit (whose registers are those before the instruction) drops the read:
+the instruction runs again from the registers set, with a new exit. `get_state` at a read
+exit finishes the instruction first on KVM (with the answer given, zeros without one) and
+reports the state before it on Unicorn. `complete(data)` takes exactly `exit.answer_size`
+bytes (`size * count` for IN, `size` for an MMIO read) and refuses any other length
+(`EngineError(EINVAL)`); without it the guest reads zeros.
 """
 
 from __future__ import annotations

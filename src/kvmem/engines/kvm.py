@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import sync
+from ..cpu import VcpuState, kvm_state
 from ..kvmapi import (
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -152,7 +153,11 @@ class KvmEngine(AttachedOnce):
     # -- vCPUs --------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
         vcpu = self.vm.create_vcpu(vcpu_id)
-        cpu = KvmEngineVcpu(self, vcpu, self._fd.create_vcpu(vcpu_id))
+        fd = self._fd.create_vcpu(vcpu_id)
+        # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs of
+        # a state taken on another engine (kvm_state.setup_cpuid)
+        kvm_state.setup_cpuid(self._kvm, fd)
+        cpu = KvmEngineVcpu(self, vcpu, fd)
         with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
@@ -372,6 +377,7 @@ class KvmEngineVcpu:
         self._kicked = False
         self._pending_io: KvmIo | None = None
         self._pending_mmio = 0  # length of an MMIO read awaiting its data
+        self._last: Exit | None = None
 
     @property
     def id(self) -> int:
@@ -401,23 +407,48 @@ class KvmEngineVcpu:
                     k.rsp & m, k.rbp & m, k.rip & m, k.rflags & m)
 
     def set_regs(self, regs: Regs) -> None:
+        """At any exit. At an IN or MMIO read the registers are those before the instruction,
+        and setting them drops the read: the instruction runs again from them (KVM would
+        finish it on the registers set and lose the answer)."""
+        if self._pending_io is not None or self._pending_mmio:
+            self._answer_unanswered()
+            kvm_state.settle(self._fd)
         self._fd.set_regs(KvmRegs(rax=regs.eax, rbx=regs.ebx, rcx=regs.ecx, rdx=regs.edx,
                                   rsi=regs.esi, rdi=regs.edi, rsp=regs.esp, rbp=regs.ebp,
                                   rip=regs.eip, rflags=regs.eflags))
 
     # -- running ------------------------------------------------------------------------------
     def complete(self, data: bytes) -> None:
+        if self._last is None or not (self._pending_io is not None or self._pending_mmio):
+            raise EngineError(errno.EINVAL, "no read exit is waiting for data")
+        self._answer(self._last.check_answer(data))
+
+    def _answer(self, data: bytes) -> None:
+        """Put the answer of the pending read in the run page (KVM takes it at the next
+        KVM_RUN)."""
         if self._pending_io is not None:
-            io = self._pending_io
-            n = io.size * io.count
-            self._fd.set_io_data(io, bytes(data[:n]).ljust(n, b"\0"))
+            self._fd.set_io_data(self._pending_io, data)
             self._pending_io = None
         elif self._pending_mmio:
-            n = self._pending_mmio
-            self._fd.set_mmio_data(bytes(data[:n]).ljust(n, b"\0"))
+            self._fd.set_mmio_data(data)
             self._pending_mmio = 0
-        else:
-            raise EngineError(errno.EINVAL, "no read exit is waiting for data")
+
+    def _answer_unanswered(self) -> None:
+        """An unanswered read reads zeros."""
+        if self._last is not None and (self._pending_io is not None or self._pending_mmio):
+            self._answer(bytes(self._last.answer_size))
+
+    # -- the whole state ------------------------------------------------------------------------
+    def get_state(self) -> VcpuState:
+        """The vCPU's whole state (`kvmem.cpu.VcpuState`). At an IN or MMIO read exit the
+        instruction is finished first, with the answer given (zeros if none)."""
+        self._answer_unanswered()
+        return kvm_state.get_state(self._fd)
+
+    def set_state(self, state: VcpuState) -> None:
+        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        self._answer_unanswered()
+        kvm_state.set_state(self._fd, state)
 
     def _interrupt(self) -> None:
         """Under the engine's gate: make KVM_RUN return now, or at once when entered."""
@@ -435,8 +466,7 @@ class KvmEngineVcpu:
             eng._gate.notify_all()
 
     def run(self) -> Exit:
-        if self._pending_io is not None or self._pending_mmio:
-            self.complete(b"")  # an unanswered read reads zeros
+        self._answer_unanswered()
         eng = self._engine
         while True:
             with eng._gate_lock:
@@ -465,6 +495,7 @@ class KvmEngineVcpu:
                 continue  # a kick or a pause: the gate decides
             exit_ = self._decode(reason)
             if exit_ is not None:
+                self._last = exit_
                 return exit_
 
     def _decode(self, reason: int) -> Exit | None:
@@ -472,9 +503,9 @@ class KvmEngineVcpu:
         if reason == KVM_EXIT_IO:
             io = fd.io()
             if io.is_write:
-                return Exit(ExitKind.IO, io.port, io.size, True, fd.io_data(io))
+                return Exit(ExitKind.IO, io.port, io.size, True, fd.io_data(io), count=io.count)
             self._pending_io = io
-            return Exit(ExitKind.IO, io.port, io.size, False)
+            return Exit(ExitKind.IO, io.port, io.size, False, count=io.count)
         if reason == KVM_EXIT_MMIO:
             m = fd.mmio()
             gfn = m.phys_addr >> PAGE_SHIFT

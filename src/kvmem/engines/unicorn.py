@@ -12,9 +12,18 @@ memory path: RAM where a slot has appeared since, a tracked write, or an MMIO ex
 KVM's shape.
 
 Rules of this room:
-- Each vCPU owns one `Uc` and a worker thread that alone calls into it (map, unmap,
-  protect, emu_start). `run` hands the worker a go and waits for the exit it posts. An
-  exit that needs an answer (IN, MMIO read) blocks inside the hook until the next `run`.
+- Each vCPU owns one `Uc` (UC_MODE_64: any mode, by the state `kvmem.cpu.uc_state` loads)
+  and a worker thread that alone runs it (map, unmap, protect, emu_start). `run` hands the
+  worker a go and waits for the exit it posts. Between two runs the worker is out of
+  emu_start and the vCPU between two instructions, so the caller reads and writes
+  registers and state directly.
+- Exits leave emu_start, with KVM's convention (see `kvmem.engines`): Unicorn runs with an
+  instruction count, so a hook's stop takes effect right after its instruction. A write
+  (OUT, MMIO) is done by then. A read cannot wait for its answer inside the hook: the
+  hook saves the context from before the instruction and the worker restores it after the
+  stop; `complete` queues the answer and the next run replays the instruction, whose
+  hooks read it (by gpa, or by port and EDI for the elements of a string IN, so an
+  instruction Unicorn restarts reads the same answers).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
@@ -40,7 +49,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
-from unicorn.unicorn import Uc, UcError
 from unicorn.unicorn_const import (
     UC_ARCH_X86,
     UC_ERR_EXCEPTION,
@@ -53,14 +61,17 @@ from unicorn.unicorn_const import (
     UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
-    UC_MODE_32,
+    UC_MODE_64,
     UC_PROT_ALL,
     UC_PROT_EXEC,
     UC_PROT_NONE,
     UC_PROT_READ,
 )
+from unicorn.unicorn_py3 import Uc, UcError
 
 from .. import sync
+from ..cpu import Regs as KvmRegs
+from ..cpu import Segment, Sregs, VcpuState, uc_state
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -72,12 +83,33 @@ if TYPE_CHECKING:
 
 __all__ = ["UnicornEngine", "UnicornVcpu"]
 
-_UNTIL = 1 << 32  # a 32-bit EIP never gets there: run until an exit
-_REGS = (("eax", X.UC_X86_REG_EAX), ("ebx", X.UC_X86_REG_EBX), ("ecx", X.UC_X86_REG_ECX),
-         ("edx", X.UC_X86_REG_EDX), ("esi", X.UC_X86_REG_ESI), ("edi", X.UC_X86_REG_EDI),
-         ("esp", X.UC_X86_REG_ESP), ("ebp", X.UC_X86_REG_EBP), ("eip", X.UC_X86_REG_EIP),
-         ("eflags", X.UC_X86_REG_EFLAGS))
+# an instruction count never reached: with a count, Unicorn checks for a stop after every
+# instruction, so an exit's emu_stop leaves the vCPU right after the instruction that exited
+# (uc_state.resume), and hooks read the EIP of their own instruction
+_NO_LIMIT = 1 << 62
+_REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_REG_RCX),
+         ("edx", X.UC_X86_REG_RDX), ("esi", X.UC_X86_REG_RSI), ("edi", X.UC_X86_REG_RDI),
+         ("esp", X.UC_X86_REG_RSP), ("ebp", X.UC_X86_REG_RBP), ("eip", X.UC_X86_REG_RIP),
+         ("eflags", X.UC_X86_REG_RFLAGS))
 _RAM, _SLOW = "ram", "slow"
+_STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
+_PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
+_PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
+
+
+def _flat(selector: int, type_: int) -> Segment:
+    return Segment(base=0, limit=0xFFFF_FFFF, selector=selector, type=type_, present=1,
+                   dpl=0, db=1, s=1, l=0, g=1)
+
+
+def _start_state(entry: int, r: Regs) -> VcpuState:
+    """What `KvmEngineVcpu.start` loads: flat 32-bit protected mode, CPL 0, no paging."""
+    data = _flat(0x10, 3)
+    return VcpuState(
+        regs=KvmRegs(rax=r.eax, rbx=r.ebx, rcx=r.ecx, rdx=r.edx, rsi=r.esi, rdi=r.edi,
+                     rsp=r.esp, rbp=r.ebp, rip=entry, rflags=0x2),
+        sregs=Sregs(cs=_flat(0x08, 11), ds=data, es=data, fs=data, gs=data, ss=data,
+                    cr0=0x11))
 
 
 class UnicornEngine(AttachedOnce):
@@ -142,7 +174,8 @@ class UnicornVcpu:
     def __init__(self, engine: UnicornEngine, vcpu: Vcpu) -> None:
         self._engine = engine
         self._vcpu = vcpu
-        uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)  # any mode, by the state loaded (uc_state)
+        uc_state.configure(uc)
         self._uc = uc
         uc.hook_add(UC_HOOK_MEM_UNMAPPED, self._on_unmapped)
         uc.hook_add(UC_HOOK_MEM_PROT, self._on_prot)
@@ -170,11 +203,21 @@ class UnicornVcpu:
         self._closing = False
         self._posted: Exit | None = None
         self._error: BaseException | None = None
-        self._in_exit = False
-        self._resume = False
-        self._answer: bytes | None = None
-        self._reply = b""
+        # exits (worker-owned while the guest runs, the caller's between runs)
+        self._exits: list[Exit] = []  # posted by hooks during one emu_start, in order
+        self._undo: Any = None  # the context before an instruction whose read exited
+        # the answers for the reads of a replay, by access: (MMIO, gpa) or (IO, port, the
+        # EDI of the element) — Unicorn may restart an instruction (a fault on its store),
+        # and the access run again must read the same answer
+        self._answers: dict[tuple[Any, ...], bytes] = {}
+        self._used: set[tuple[Any, ...]] = set()  # the answers the replay took
+        self._read_rdi = 0  # EDI at the last read exit
+        self._write_at: tuple[int, ...] | None = None  # registers at an MMIO write exit
+        self._swallow: int | None = None  # writes already posted, while finishing
         self._last: Exit | None = None
+        self._unanswered = False
+        self._at_read = False  # the vCPU is at a read's instruction (see _settle)
+        self._step = False  # the worker runs one instruction
 
     @property
     def id(self) -> int:
@@ -190,27 +233,104 @@ class UnicornVcpu:
         (a new program at the same gpa) is what runs. Host writes to code while the guest
         runs are not seen until then — a CPU with a software TB cache is not coherent with
         a DMA-like writer, and kvmem's accessors do not tell engines about writes."""
-        self._uc.ctl_flush_tb()  # type: ignore[attr-defined]  # defined, not annotated
-        r = regs if regs is not None else Regs()
-        self.set_regs(Regs(r.eax, r.ebx, r.ecx, r.edx, r.esi, r.edi, r.esp, r.ebp, entry, 0x2))
+        self._uc.ctl_flush_tb()
+        self._forget_exit()
+        uc_state.set_state(self._uc, _start_state(entry, regs if regs is not None else Regs()))
 
     def get_regs(self) -> Regs:
-        return Regs(**{name: self._uc.reg_read(reg) for name, reg in _REGS})
+        m = 0xFFFF_FFFF
+        return Regs(**{name: self._uc.reg_read(reg) & m for name, reg in _REGS})
 
     def set_regs(self, regs: Regs) -> None:
-        if self._in_exit:
-            raise EngineError(errno.EBUSY, "registers are not writable in the middle of an "
-                                           "instruction that exited; run() first")
+        """At any exit: the guest is never inside an instruction between two runs. At an IN
+        or MMIO read the registers are those before the instruction, and setting them drops
+        the read: the instruction runs again from them (as on KVM)."""
+        self._answers, self._used = {}, set()
+        self._unanswered = self._at_read = False
         for name, reg in _REGS:
             self._uc.reg_write(reg, getattr(regs, name))
 
+    # -- the whole state ------------------------------------------------------------------------
+    def get_state(self) -> VcpuState:
+        """The vCPU's whole state (`kvmem.cpu.VcpuState`). At an IN or MMIO read exit the
+        instruction is finished first, with the answer given (zeros if none), as on KVM."""
+        self._settle()
+        return uc_state.get_state(self._uc)
+
+    def set_state(self, state: VcpuState) -> None:
+        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        self._settle()
+        uc_state.set_state(self._uc, state)
+        self._uc.ctl_flush_tb()
+        self._forget_exit()
+
+    def _forget_exit(self) -> None:
+        self._answers, self._used = {}, set()
+        self._unanswered = self._at_read = False
+        self._last = None
+
+    def _settle(self) -> None:
+        """At a read exit, run just its instruction (kvm_state.settle's counterpart), so the
+        state read or replaced is the one after it."""
+        if not self._at_read:
+            return
+        if self._unanswered:
+            assert self._last is not None
+            self._queue_answer(bytes(self._last.answer_size))
+        rip = self._uc.reg_read(X.UC_X86_REG_RIP)
+        self._step = True
+        try:
+            # a string IN takes one step per element answered
+            while True:
+                exit_ = self._run_worker()
+                if exit_ is not _STEPPED:
+                    self._exits.insert(0, exit_)  # the next run() reports it
+                    raise EngineError(errno.EAGAIN, f"finishing the read made another exit "
+                                                    f"({exit_}); take it with run() first")
+                if (len(self._used) >= len(self._answers)
+                        or self._uc.reg_read(X.UC_X86_REG_RIP) != rip):
+                    break
+        finally:
+            self._step = False
+            self._at_read = False
+            self._answers, self._used = {}, set()
+
     # -- run / complete / kick ------------------------------------------------------------------
     def complete(self, data: bytes) -> None:
-        if self._last is None or not self._last.reads:
+        if self._last is None or not self._unanswered:
             raise EngineError(errno.EINVAL, "no read exit is waiting for data")
-        self._answer = bytes(data)
+        self._queue_answer(self._last.check_answer(data))
+
+    def _queue_answer(self, data: bytes) -> None:
+        """The replay of the instruction that exited takes `data`, one access at a time."""
+        last = self._last
+        assert last is not None
+        if last.kind is ExitKind.MMIO:
+            self._answers[(ExitKind.MMIO, last.addr)] = data
+        else:
+            down = int(self._uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400
+            step = -last.size if down else last.size
+            for k in range(last.count):
+                rdi = (self._read_rdi + k * step) & 0xFFFF_FFFF
+                self._answers[(ExitKind.IO, last.addr, rdi)] = data[k * last.size:
+                                                                    (k + 1) * last.size]
+        self._unanswered = False
 
     def run(self) -> Exit:
+        if self._unanswered:
+            assert self._last is not None
+            self._queue_answer(bytes(self._last.answer_size))  # an unanswered read: zeros
+        with self._lock:
+            kicked, self._kicked = self._kicked, False
+        if kicked:
+            return Exit(ExitKind.KICKED)
+        # more exits of one instruction (an MMIO store split at a page) need no guest run
+        exit_ = self._exits.pop(0) if self._exits else self._run_worker()
+        self._last = exit_
+        self._unanswered = self._at_read = exit_.reads
+        return exit_
+
+    def _run_worker(self) -> Exit:
         with self._cv_lock:
             if self._closing:
                 raise EngineError(errno.EIO, "vCPU closed")
@@ -218,12 +338,7 @@ class UnicornVcpu:
                 self._worker = threading.Thread(target=self._worker_main, daemon=True,
                                                 name=f"kvmem-unicorn-vcpu{self.id}")
                 self._worker.start()
-            if self._in_exit:
-                self._reply = self._answer or b""
-                self._resume = True
-            else:
-                self._go = True
-            self._answer = None
+            self._go = True
             self._cv.notify_all()
             self._cv.wait_until(lambda: self._posted is not None or self._error is not None)
             error, self._error = self._error, None
@@ -231,7 +346,6 @@ class UnicornVcpu:
         if error is not None:
             raise EngineError(errno.EIO, f"Unicorn vCPU {self.id} failed: {error!r}") from error
         assert exit_ is not None
-        self._last = exit_
         return exit_
 
     def kick(self) -> None:
@@ -296,7 +410,8 @@ class UnicornVcpu:
                 self._apply_pending()
             error: UcError | None = None
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_EIP), _UNTIL)
+                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), 0,
+                             count=1 if self._step else _NO_LIMIT)
             except UcError as e:
                 error = e
             finally:
@@ -304,6 +419,18 @@ class UnicornVcpu:
                     self._inside = False
                     stopped, self._stop_requested = self._stop_requested, False
                     self._zcv.notify_all()
+            if self._undo is not None:
+                # a read exited: back to before its instruction, which runs again with the
+                # answer (KVM's RIP at an IN or MMIO read is the instruction's own)
+                undo, self._undo = self._undo, None
+                uc.context_restore(undo)
+            elif self._used and not self._step:
+                self._answers, self._used = {}, set()  # the replay is done
+            if self._write_at is not None:
+                self._finish_write()
+                self._exits = _join_split_writes(self._exits)
+            if self._exits:
+                return self._exits.pop(0)
             if self._fatal is not None:
                 fatal, self._fatal = self._fatal, None
                 return fatal
@@ -315,10 +442,12 @@ class UnicornVcpu:
                     continue
                 if error.errno in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                     return Exit(ExitKind.INTERNAL_ERROR, detail=f"instruction fetch failed "
-                                f"at {uc.reg_read(X.UC_X86_REG_EIP):#x}: {error}")
+                                f"at {uc.reg_read(X.UC_X86_REG_RIP):#x}: {error}")
                 if error.errno in (UC_ERR_INSN_INVALID, UC_ERR_EXCEPTION):
                     return Exit(ExitKind.SHUTDOWN, detail=str(error))
                 return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
+            if self._step:
+                return _STEPPED
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -330,7 +459,7 @@ class UnicornVcpu:
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP
         (a stop landing right after an instruction ending in byte f4 reads as a halt)."""
-        eip = self._uc.reg_read(X.UC_X86_REG_EIP)
+        eip = self._uc.reg_read(X.UC_X86_REG_RIP)
         try:
             return bytes(self._uc.mem_read(eip - 1, 1)) == b"\xf4"
         except UcError:
@@ -517,26 +646,59 @@ class UnicornVcpu:
         return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
-    def _exit(self, exit_: Exit) -> bytes:
-        """Post `exit_` to `run` and wait for the next `run` (with the answer of a read)."""
-        with self._cv_lock:
-            self._posted = exit_
-            self._in_exit = True
-            self._cv.notify_all()
-            self._cv.wait_until(lambda: self._resume or self._closing)
-            self._resume = False
-            self._in_exit = False
-            reply, self._reply = self._reply, b""
-        return reply  # the caller's _enter stops the guest if a kick came meanwhile
+    # An exit leaves emu_start: the hook posts it and stops Unicorn, which stops right after
+    # the instruction (count mode). A write is done by then, as KVM's is (RIP past it). A
+    # read cannot wait for its answer there, so the hook reads zeros, saves the context
+    # from before the instruction, and `_run_guest` restores it after the stop: the vCPU
+    # is at the instruction, as KVM's is, and runs it again with the answers queued by
+    # `complete`. After a read has exited, the rest of its instruction is discarded.
+
+    def _where(self) -> tuple[int, ...]:
+        return tuple(int(self._uc.reg_read(r)) for r in (
+            X.UC_X86_REG_RIP, X.UC_X86_REG_RCX, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
+            X.UC_X86_REG_RSP))
+
+    def _finish_write(self) -> None:
+        """Unicorn stopped inside an MMIO store restarts the instruction: run it once more,
+        the writes already posted swallowed, so the vCPU stops past it as KVM's does."""
+        at, self._write_at = self._write_at, None
+        if at != self._where():
+            return  # the instruction (or a REP element) was done
+        self._swallow = sum(1 for e in self._exits if e.kind is ExitKind.MMIO)
+        try:
+            self._uc.emu_start(int(self._uc.reg_read(X.UC_X86_REG_RIP)), 0, count=1)
+        finally:
+            self._swallow = None
+
+    def _post(self, exit_: Exit) -> None:
+        self._exits.append(exit_)
+        self._uc.emu_stop()
+
+    def _post_read(self, exit_: Exit) -> None:
+        if not self._exits:
+            self._undo = self._uc.context_save()
+        self._post(exit_)
+
+    def _replayed(self, *key: Any) -> bytes | None:
+        answer = self._answers.get(key)
+        if answer is not None:
+            self._used.add(key)
+        return answer
 
     def _slow_read(self, gpa: int, size: int) -> int:
         self._engine.stats["slow_accesses"] += 1
+        if self._undo is not None:
+            return 0
+        data = self._replayed(ExitKind.MMIO, gpa)
+        if data is not None:
+            return int.from_bytes(data, "little")
         self._leave()
         try:
             try:
                 data = self._vcpu.guest_read(gpa, size)
             except MmioExit:
-                data = self._exit(Exit(ExitKind.MMIO, gpa, size, False))
+                self._post_read(Exit(ExitKind.MMIO, gpa, size, False))
+                data = b""
             except MemoryFault as e:
                 self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, False, detail=str(e))
                 data = b""
@@ -548,13 +710,24 @@ class UnicornVcpu:
 
     def _slow_write(self, gpa: int, size: int, value: int) -> None:
         self._engine.stats["slow_accesses"] += 1
+        if self._undo is not None:
+            return
+        if self._swallow:
+            self._swallow -= 1
+            return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._leave()
         try:
             try:
                 self._vcpu.guest_write(gpa, data)
             except MmioExit:
-                self._exit(Exit(ExitKind.MMIO, gpa, size, True, data))
+                exit_ = Exit(ExitKind.MMIO, gpa, size, True, data)
+                if self._swallow is not None:
+                    self._exits.append(exit_)  # the finishing run: no stop
+                else:
+                    if not self._exits:
+                        self._write_at = self._where()
+                    self._post(exit_)
             except MemoryFault as e:
                 self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, True, detail=str(e))
         finally:
@@ -562,21 +735,63 @@ class UnicornVcpu:
         if self._fatal is not None:
             self._uc.emu_stop()
 
-    def _on_in(self, uc: Uc, port: int, size: int, data: Any) -> int:
-        self._leave()
+    def _string_in_count(self, size: int) -> int:
+        """How many elements KVM's emulator reads ahead for the IN at RIP (pio_in_emulated):
+        1 for IN; for INS, ECX (if REP) capped by the bytes left in EDI's page — bytes, not
+        elements, as KVM compares them — and by its 1 KiB buffer."""
+        uc = self._uc
+        rip = int(uc.reg_read(X.UC_X86_REG_RIP))
         try:
-            reply = self._exit(Exit(ExitKind.IO, port, size, False))
-        finally:
-            self._enter()
-        return int.from_bytes(reply[:size].ljust(size, b"\0"), "little")
+            code = bytes(uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
+        except UcError:
+            return 1
+        i = 0
+        while i < len(code) and code[i] in _PREFIXES:
+            i += 1
+        if i >= len(code) or code[i] not in (0x6C, 0x6D):
+            return 1
+        prefixes = code[:i]
+        count = 1
+        if 0xF3 in prefixes or 0xF2 in prefixes:
+            count = int(uc.reg_read(X.UC_X86_REG_RCX))
+            count &= 0xFFFF if 0x67 in prefixes else 0xFFFF_FFFF
+        edi = int(uc.reg_read(X.UC_X86_REG_RDI))
+        down = int(uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400
+        in_page = edi % PAGE_SIZE if down else PAGE_SIZE - edi % PAGE_SIZE
+        return max(1, min(in_page, _PIO_READ_AHEAD // size, count))
+
+    def _on_in(self, uc: Uc, port: int, size: int, data: Any) -> int:
+        if self._undo is not None:
+            return 0
+        rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
+        answer = self._replayed(ExitKind.IO, port, rdi)
+        if answer is not None:
+            return int.from_bytes(answer, "little")
+        self._read_rdi = rdi
+        self._post_read(Exit(ExitKind.IO, port, size, False,
+                             count=self._string_in_count(size)))
+        return 0
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, data: Any) -> None:
+        if self._undo is not None:
+            return
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self._leave()
-        try:
-            self._exit(Exit(ExitKind.IO, port, size, True, payload))
-        finally:
-            self._enter()
+        self._post(Exit(ExitKind.IO, port, size, True, payload))
+
+
+def _join_split_writes(exits: list[Exit]) -> list[Exit]:
+    """The MMIO writes of one instruction, as KVM's emulator makes them: Unicorn splits an
+    unaligned store into bytes, KVM only where it crosses a page."""
+    out: list[Exit] = []
+    for e in exits:
+        p = out[-1] if out else None
+        if (p is not None and p.kind is ExitKind.MMIO is e.kind and p.is_write and e.is_write
+                and p.addr + p.size == e.addr and p.size + e.size <= 8
+                and p.addr >> PAGE_SHIFT == (e.addr + e.size - 1) >> PAGE_SHIFT):
+            out[-1] = Exit(ExitKind.MMIO, p.addr, p.size + e.size, True, p.data + e.data)
+        else:
+            out.append(e)
+    return out
 
 
 def _nothing() -> None:

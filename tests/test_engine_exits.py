@@ -1,0 +1,233 @@
+"""Exits follow KVM's convention on every engine: the same guest makes the same exits, with
+the same fields and the same registers at each, on KVM and on Unicorn.
+
+The convention (measured on /dev/kvm, table in `kvmem.engines`): at an OUT and an MMIO
+write the instruction is done (EIP past it); at an IN and an MMIO read it is not (EIP at
+it, its destination untouched) until `complete(data)` and the next `run`. A string IN is
+one exit of `count` accesses (KVM's read-ahead); a string OUT is one exit per element,
+EIP at the instruction while elements remain. An unaligned MMIO store is one exit of its
+size. Registers may be set at any exit; after a kick, `run` returns KICKED and runs
+nothing. The expected exits are written out, so each engine is held to them on its own.
+
+The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsewhere.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import kvmem
+from kvmem.engines import EngineError, EngineVcpu, Exit, ExitKind, Regs
+from kvmem.kvmapi import kvm_available
+
+KVM_REASON = kvm_available()
+ENGINES = [
+    pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(
+        KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")]),
+    "unicorn",
+]
+RAM = 1 << 20
+CODE = 0x1000
+BUF = 0x2000
+MMIO = 0x1000_0000
+
+# (address, bytes) of each instruction: the exits below name them by address
+TOUR = [
+    (0x1000, "b0 11"),                 # mov al, 0x11
+    (0x1002, "e6 80"),                 # out 0x80, al
+    (0x1004, "e4 81"),                 # in al, 0x81
+    (0x1006, "bf 00 20 00 00"),        # mov edi, BUF
+    (0x100B, "b9 04 00 00 00"),        # mov ecx, 4
+    (0x1010, "66 ba 82 00"),           # mov dx, 0x82
+    (0x1014, "f3 6c"),                 # rep insb
+    (0x1016, "be 00 20 00 00"),        # mov esi, BUF
+    (0x101B, "b9 04 00 00 00"),        # mov ecx, 4
+    (0x1020, "f3 6e"),                 # rep outsb
+    (0x1022, "bb 00 00 00 10"),        # mov ebx, MMIO
+    (0x1027, "c7 03 44 33 22 11"),     # mov dword [ebx], 0x11223344
+    (0x102D, "8b 43 04"),              # mov eax, [ebx + 4]
+    (0x1030, "c7 43 01 aa bb cc dd"),  # mov dword [ebx + 1], 0xddccbbaa (unaligned)
+    (0x1037, "bf 00 30 00 00"),        # mov edi, BUF + 0x1000
+    (0x103C, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x1041, "66 ba 84 00"),           # mov dx, 0x84
+    (0x1045, "f3 66 6d"),              # rep insw
+    (0x1048, "f4"),                    # hlt
+]
+
+
+def code(instructions: list[tuple[int, str]]) -> bytes:
+    out = b""
+    for addr, text in instructions:
+        assert CODE + len(out) == addr, f"{addr:#x}: the listing's addresses are off"
+        out += bytes.fromhex(text)
+    return out
+
+
+def io(port: int, size: int, out: bytes | None = None, count: int = 1) -> Exit:
+    if out is None:
+        return Exit(ExitKind.IO, port, size, False, count=count)
+    return Exit(ExitKind.IO, port, size, True, out)
+
+
+def mmio(gpa: int, size: int, written: bytes | None = None) -> Exit:
+    if written is None:
+        return Exit(ExitKind.MMIO, gpa, size, False)
+    return Exit(ExitKind.MMIO, gpa, size, True, written)
+
+
+# exit, then (eip, eax, ecx, esi, edi) as the VMM reads them at that exit
+TOUR_EXITS = [
+    (io(0x80, 1, b"\x11"), (0x1004, 0x11, 0, 0, 0)),                # OUT: past
+    (io(0x81, 1), (0x1004, 0x11, 0, 0, 0)),                         # IN: at, AL untouched
+    (io(0x82, 1, count=4), (0x1014, 0x41, 4, 0, BUF)),              # INS x4: one exit, at
+    (io(0x82, 1, b"A"), (0x1020, 0x41, 3, BUF + 1, BUF + 4)),       # OUTS: one per element
+    (io(0x82, 1, b"B"), (0x1020, 0x41, 2, BUF + 2, BUF + 4)),
+    (io(0x82, 1, b"C"), (0x1020, 0x41, 1, BUF + 3, BUF + 4)),
+    (io(0x82, 1, b"D"), (0x1020, 0x41, 0, BUF + 4, BUF + 4)),       # at, until the next run
+    (mmio(MMIO, 4, bytes.fromhex("44332211")), (0x102D, 0x41, 0, BUF + 4, BUF + 4)),
+    (mmio(MMIO + 4, 4), (0x102D, 0x41, 0, BUF + 4, BUF + 4)),       # read: at
+    (mmio(MMIO + 1, 4, bytes.fromhex("aabbccdd")), (0x1037, 0x44434241, 0, BUF + 4, BUF + 4)),
+    (io(0x84, 2, count=2), (0x1045, 0x44434241, 2, BUF + 4, BUF + 0x1000)),
+    (Exit(ExitKind.HLT), (0x1049, 0x44434241, 0, BUF + 4, BUF + 0x1004)),
+]
+
+
+@pytest.fixture
+def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, EngineVcpu]]]:
+    made: list[tuple[kvmem.Vm, kvmem.HostMemory]] = []
+
+    def boot(engine: str, program: bytes, regs: Regs | None = None
+             ) -> tuple[kvmem.Vm, EngineVcpu]:
+        mem = kvmem.HostMemory.anonymous(RAM)
+        vm = kvmem.Vm(engine=engine)
+        made.append((vm, mem))
+        vm.set_memory_region(0, 0, 0, RAM, mem.hva)
+        vm.write(CODE, program)
+        assert vm.engine is not None
+        cpu = vm.engine.create_vcpu(0)
+        cpu.start(CODE, regs if regs is not None else Regs(esp=0x8000))
+        return vm, cpu
+
+    yield boot
+    for vm, mem in made:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+def answer(e: Exit) -> bytes:
+    return bytes(range(0x41, 0x41 + e.answer_size))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]
+                                   ) -> None:
+    vm, cpu = boot(engine, code(TOUR))
+    vm.write(BUF, b"abcd")
+    seen = []
+    for _ in TOUR_EXITS:
+        e = cpu.run()
+        r = cpu.get_regs()
+        seen.append((e, (r.eip, r.eax, r.ecx, r.esi, r.edi)))
+        if e.reads:
+            cpu.complete(answer(e))
+    assert seen == TOUR_EXITS
+    assert vm.read(BUF, 4) == b"ABCD"  # the INS read-ahead, then OUTS sent it back
+    assert vm.read(BUF + 0x1000, 4) == b"ABCD"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_complete_refuses_data_of_the_wrong_length(
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+    vm, cpu = boot(engine, code(TOUR))
+    assert cpu.run() == io(0x80, 1, b"\x11")
+    with pytest.raises(EngineError, match="no read exit"):
+        cpu.complete(b"\x00")
+    assert cpu.run() == io(0x81, 1)
+    for wrong in (b"", b"\x01\x02"):
+        with pytest.raises(EngineError, match=r"needs 1 bytes of data \(1x1\), got") as err:
+            cpu.complete(wrong)
+        assert err.value.errno == errno.EINVAL
+    cpu.complete(b"\x07")
+    e = cpu.run()
+    assert e == io(0x82, 1, count=4)
+    with pytest.raises(EngineError, match=r"needs 4 bytes of data \(4x1\), got 1"):
+        cpu.complete(b"\x01")
+    cpu.complete(b"wxyz")
+    for _ in range(5):
+        cpu.run()
+    assert cpu.run() == mmio(MMIO + 4, 4)
+    with pytest.raises(EngineError, match=r"needs 4 bytes of data \(4\), got 8"):
+        cpu.complete(bytes(8))
+    cpu.complete(b"\x01\x02\x03\x04")
+    cpu.run()
+    assert cpu.get_regs().eax == 0x04030201
+    assert vm.read(BUF, 4) == b"wxyz"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_unanswered_read_reads_zeros(engine: str,
+                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+    vm, cpu = boot(engine, code(TOUR))
+    vm.write(BUF, b"abcd")
+    cpu.run()
+    cpu.run()  # in al, 0x81: not answered
+    assert cpu.run() == io(0x82, 1, count=4)
+    assert cpu.get_regs().eax == 0
+    cpu.run()
+    assert vm.read(BUF, 4) == bytes(4)
+
+
+# at each exit the VMM sets a register; the guest sums them: esi = 1 + 2 + 4 + 8 + 16 + 32
+SETTERS = [
+    (0x1000, "31 f6"),        # xor esi, esi
+    (0x1002, "e6 80"),        # out 0x80, al          ← eax := 1
+    (0x1004, "01 c6"),        # add esi, eax
+    (0x1006, "e4 81"),        # in al, 0x81           ← ebx := 2: the IN runs again, reads 4
+    (0x1008, "01 de"),        # add esi, ebx
+    (0x100A, "01 c6"),        # add esi, eax
+    (0x100C, "b9 00 00 00 10"),  # mov ecx, MMIO
+    (0x1011, "89 01"),        # mov [ecx], eax        ← edx := 8
+    (0x1013, "01 d6"),        # add esi, edx
+    (0x1015, "8b 39"),        # mov edi, [ecx]        ← ebp := 16: runs again, reads 32
+    (0x1017, "01 ee"),        # add esi, ebp
+    (0x1019, "01 fe"),        # add esi, edi
+    (0x101B, "f4"),           # hlt
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_registers_may_be_set_at_every_exit(
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+    _, cpu = boot(engine, code(SETTERS))
+    plan = [(io(0x80, 1, b"\x00"), "eax", 1), (io(0x81, 1), "ebx", 2), (io(0x81, 1), "", 0),
+            (mmio(MMIO, 4, b"\x04\x00\x00\x00"), "edx", 8), (mmio(MMIO, 4), "ebp", 16),
+            (mmio(MMIO, 4), "", 0)]
+    for want, name, value in plan:
+        e = cpu.run()
+        assert e == want
+        r = cpu.get_regs()
+        if name:
+            setattr(r, name, value)
+            cpu.set_regs(r)  # at a read: drops it, the instruction runs again
+        else:
+            cpu.complete(b"\x04" if e.kind is ExitKind.IO else (32).to_bytes(4, "little"))
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert cpu.get_regs().esi == 63
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_kick_at_an_exit_runs_nothing(engine: str,
+                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+    _, cpu = boot(engine, bytes.fromhex("e6 80 43 e6 80 eb fb"))  # out; inc ebx; out; jmp
+    for _ in range(3):
+        assert cpu.run() == io(0x80, 1, b"\x00")
+        before = cpu.get_regs()
+        cpu.kick()
+        assert cpu.run() == Exit(ExitKind.KICKED)
+        assert cpu.get_regs() == before
+    assert cpu.run() == io(0x80, 1, b"\x00")
+    assert cpu.get_regs().ebx == 3
