@@ -46,6 +46,8 @@ SOFTWARE_KEYS = {
     "max_slots",
     "readonly_mem",
     "manual_dirty_log_protect",
+    "user_memory2",
+    "guest_memfd",
     "phys_bits",
     "max_gfn",
     "user_va_end",
@@ -133,6 +135,8 @@ def test_software_model_is_a_default_vm(capsys: pytest.CaptureFixture[str]) -> N
     assert sw["phys_bits"] == caps.phys_bits
     assert sw["max_gfn"] == vm.limits.max_gfn
     assert sw["user_va_end"] == vm.limits.user_va_end
+    assert sw["guest_memfd"] is caps.guest_memfd is True
+    assert sw["user_memory2"] is True
     # the documented x86-with-SMM defaults
     assert (sw["address_spaces"], sw["smm"], sw["max_slots"], sw["readonly_mem"]) == (
         2,

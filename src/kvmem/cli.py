@@ -77,6 +77,8 @@ class SoftwareModel:
     max_slots: int
     readonly_mem: bool
     manual_dirty_log_protect: int
+    user_memory2: bool  # `Vm.set_memory_region2` (KVM_SET_USER_MEMORY_REGION2)
+    guest_memfd: bool  # `Vm.create_guest_memfd` and KVM_MEM_GUEST_MEMFD slots
     phys_bits: int
     max_gfn: int
     user_va_end: int
@@ -166,6 +168,8 @@ def _software_model() -> SoftwareModel:
         max_slots=caps.max_slots,
         readonly_mem=caps.readonly_mem,
         manual_dirty_log_protect=caps.manual_dirty_log_protect,
+        user_memory2=callable(getattr(vm, "set_memory_region2", None)),
+        guest_memfd=caps.guest_memfd,
         phys_bits=caps.phys_bits,
         max_gfn=vm.limits.max_gfn,
         user_va_end=vm.limits.user_va_end,
@@ -256,8 +260,8 @@ def _render(info: Info, console: Console) -> None:
             _protect_mask(sw.manual_dirty_log_protect),
         ),
         ("dirty ring", _ring(kvm.dirty_ring_max_bytes), _NA),
-        ("USER_MEMORY2", _yes_no(kvm.user_memory2), _NA),
-        ("guest_memfd", _yes_no(kvm.guest_memfd), _NA),
+        ("USER_MEMORY2", _yes_no(kvm.user_memory2), _yes_no(sw.user_memory2)),
+        ("guest_memfd", _yes_no(kvm.guest_memfd), _yes_no(sw.guest_memfd)),
         ("max gfn", _gfn(kvm.max_gfn), _gfn(sw.max_gfn)),
         ("user VA end", _hex(kvm.user_va_end), _hex(sw.user_va_end)),
     ]

@@ -3,7 +3,8 @@
 Defines:
 - `GuestMemfd` — kvmem's model of one guest_memfd file (kvm-semantics §8.2-§8.5): created with
   KVM's checks (`create`), changed with fallocate's (`punch_hole`, `allocate`), mapped into the
-  host (`mmap`), bound to slots (`bind`, `unbind`, `bindings_in`), read by kvmem's own fault
+  host (`mmap`), bound to slots (`bind`, `unbind`, `bindings_in`; a VM's update path checks
+  a batch with `check_bind` and makes it with `rebind`), read by kvmem's own fault
   path without an hva (`get_pfn`, `page_view`: the kernel's direct map), released by `close`.
 - `GmemFrame` — one page of a file at one moment (the gmem twin of `host.Frame`): it stops
   being `current()` when the page is punched or the file released.
@@ -26,8 +27,8 @@ Rules of this room:
 - This file knows nothing of slot sets, the MMU or engines: it sees a slot only through
   `GmemSlot` and tells the VM about invalidations only through `GmemInvalidator`.
 - Lock order (§8.4): slots_lock (the VM's) -> `invalidate_lock` -> the MMU's lock. The file's
-  `invalidate_lock` is held exclusive by bind, unbind, punch and release, shared by allocate
-  and mmap; `get_pfn` takes no lock (the MMU's sequence count covers its races, §5).
+  `invalidate_lock` is held exclusive by bind, unbind, rebind, punch and release, shared by
+  allocate and mmap; `get_pfn` takes no lock (the MMU's sequence count covers its races, §5).
 
 Theory of operation. A file is backed by a memfd kvmem creates (same size, holes read as
 zero), or by a file descriptor handed in (the KVM engine hands in a real guest_memfd). Page
@@ -336,6 +337,29 @@ class _Bindings:
 _NO_BINDINGS: Final = _Bindings(())
 
 
+def _planned(table: _Bindings, leaving: Sequence[GmemSlot],
+             coming: Sequence[tuple[GmemSlot, int]]) -> _Bindings:
+    """`table` without the bindings of `leaving` and with those of `coming`."""
+    if not leaving and not coming:
+        return table
+    gone = {_key(s) for s in leaving}
+    return _Bindings([b for b in table.items if _key(b.slot) not in gone]
+                     + [Binding(s, _word("offset", off) >> PAGE_SHIFT, s.npages)
+                        for s, off in coming])
+
+
+def _refuse_clash(table: _Bindings, slot: GmemSlot, pgoff: int, npages: int) -> None:
+    """Step 18e: no page of [pgoff, pgoff + npages) may be bound already."""
+    if _key(slot) in table.by_key:
+        raise ValueError(f"slot {slot.as_id}:{slot.id} is already bound to this file")
+    clash = table.intersecting(pgoff, pgoff + npages)
+    if clash:
+        c = clash[0]
+        raise KvmError(errno.EINVAL, f"pages [{pgoff:#x}, {pgoff + npages:#x}) overlap "
+                       f"pages [{c.pgoff:#x}, {c.end:#x}) bound to slot "
+                       f"{c.slot.as_id}:{c.slot.id}")
+
+
 # -- page identity ------------------------------------------------------------------------------
 class _Incarnations:
     """Per-page incarnation numbers as sorted disjoint runs (start, end, n); pages in no run
@@ -388,6 +412,17 @@ class GmemFrame:
         """This page (and the `npages - 1` after it) through the direct map (see
         `GuestMemfd.page_view`); the same call as `host.Frame.view`."""
         return self.file.page_view(self.index, npages)
+
+    @property
+    def hva(self) -> int:
+        """Where this page is in the process: its address in kvmem's direct map (the
+        kernel's direct-map address — no slot's hva, and unknown to `host.resolve`). What
+        an engine that maps stage-2 pages itself would map. Raises what `view` raises."""
+        anchor = ctypes.c_char.from_buffer(self.view())
+        try:
+            return ctypes.addressof(anchor)
+        finally:
+            del anchor  # the export it holds would keep the window from being unmapped
 
 
 # -- host mappings ------------------------------------------------------------------------------
@@ -675,31 +710,55 @@ class GuestMemfd:
         closed; EINVAL for another VM, an offset negative as signed or unaligned, a range
         past the end of the file (compared as KVM does, see `_wrapped_end`), or a page
         already bound to any slot."""
+        pgoff, npages = self._bind_checks(slot, offset, owner)
+        with self.invalidate_lock.write():
+            table = self._bindings.load()
+            _refuse_clash(table, slot, pgoff, npages)
+            binding = Binding(slot, pgoff, npages)
+            self._bindings.store(_Bindings((*table.items, binding)))
+        return binding
+
+    def check_bind(self, slot: GmemSlot, offset: int, *, owner: object,
+                   leaving: Sequence[GmemSlot] = (),
+                   coming: Sequence[tuple[GmemSlot, int]] = ()) -> None:
+        """Every check of `bind`, in its order, without binding — against the bindings as
+        they will be once the slots of `leaving` are unbound and `coming` ((slot, offset)
+        pairs, each checked before) are bound. A VM's update path checks a whole batch this
+        way before it changes anything, then makes it with `rebind`."""
+        pgoff, npages = self._bind_checks(slot, offset, owner)
+        _refuse_clash(_planned(self._bindings.load(), leaving, coming), slot, pgoff, npages)
+
+    def rebind(self, leaving: Sequence[GmemSlot], coming: Sequence[tuple[GmemSlot, int]]
+               ) -> None:
+        """Unbind the slots of `leaving` and bind `coming` ((slot, offset) pairs that
+        `check_bind` accepted) in one step: a lockless reader sees the bindings before or
+        after, never between. The fd is not looked at (the caller checked it; a close since
+        only stops new requests, as a close after KVM's fget does). On a released file
+        nothing happens: release dropped every binding, and would have dropped these."""
+        with self.invalidate_lock.write():
+            if self._released.load():
+                return
+            table = _planned(self._bindings.load(), leaving, ())
+            for slot, offset in coming:
+                pgoff = _word("offset", offset) >> PAGE_SHIFT
+                _refuse_clash(table, slot, pgoff, slot.npages)
+                table = _Bindings((*table.items, Binding(slot, pgoff, slot.npages)))
+            self._bindings.store(table)
+
+    def _bind_checks(self, slot: GmemSlot, offset: int, owner: object) -> tuple[int, int]:
+        """bind's argument checks and steps 18a-18d; (first page, pages) of the binding."""
         word = _word("offset", offset)
         npages = _int("slot.npages", slot.npages)
         if npages <= 0:
             raise ValueError(f"slot.npages={npages} must be positive")
         for name in ("as_id", "id", "base_gfn"):
             _int(f"slot.{name}", getattr(slot, name))
-        if self._invalidator is None:
-            raise ValueError("bind: this file has no invalidator to tell about its bindings")
         self._check_fd()
         args = _Bind(_signed(word), npages, self.size, owner is self.owner)
         _check(_BIND_RULES, args)
-        pgoff = word >> PAGE_SHIFT
-        with self.invalidate_lock.write():
-            table = self._bindings.load()
-            if _key(slot) in table.by_key:
-                raise ValueError(f"slot {slot.as_id}:{slot.id} is already bound to this file")
-            clash = table.intersecting(pgoff, pgoff + npages)
-            if clash:
-                c = clash[0]
-                raise KvmError(errno.EINVAL, f"pages [{pgoff:#x}, {pgoff + npages:#x}) overlap "
-                               f"pages [{c.pgoff:#x}, {c.end:#x}) bound to slot "
-                               f"{c.slot.as_id}:{c.slot.id}")
-            binding = Binding(slot, pgoff, npages)
-            self._bindings.store(_Bindings((*table.items, binding)))
-        return binding
+        if self._invalidator is None:  # after KVM's checks: another VM's file is EINVAL
+            raise ValueError("bind: this file has no invalidator to tell about its bindings")
+        return word >> PAGE_SHIFT, npages
 
     def unbind(self, slot: GmemSlot) -> bool:
         """kvm_gmem_unbind: forget the binding of `slot` (no invalidation: the slot's DELETE

@@ -37,6 +37,8 @@ from .errors import GuestAccessError, KvmError, TransactionError
 from .slots import (
     Change,
     ChangeKind,
+    CheckBinding,
+    GmemBinding,
     Limits,
     MemorySlot,
     Request,
@@ -55,6 +57,8 @@ from .uapi import (
 __all__ = ["Memslots", "Root", "carry_dirty_bits"]
 
 Root = tuple[SlotSet, ...]
+# kvm_gmem_bind's checks for a request of a batch, given the batch's changes before it
+CheckBatchBinding = Callable[[MemorySlot, object, int, Sequence[Change]], GmemBinding]
 
 
 class Memslots:
@@ -147,11 +151,13 @@ class Memslots:
 
     # -- the update path (slots_lock held) ----------------------------------------------------
     def prepare(self, req: Request, working: Root | dict[int, SlotSet], pages: int,
-                move_refused: Callable[[], str | None], initially_set: bool) -> Change:
+                move_refused: Callable[[], str | None], initially_set: bool,
+                check_binding: CheckBinding) -> Change:
         """`validate` against the address space's set in `working`, then KVM's dirty-bitmap
         decision (kvm_prepare_memory_region, table §1.4)."""
         as_id = req.as_id if req.as_id < self.limits.address_spaces else 0
-        change = validate(req, working[as_id], self.limits, pages, move_refused)
+        change = validate(req, working[as_id], self.limits, pages, move_refused,
+                          check_binding)
         new = change.new
         if new is None or change.kind is ChangeKind.NONE:
             return change
@@ -162,21 +168,28 @@ class Memslots:
         else:
             bitmap = DirtyBitmap(new.npages, initially_set=initially_set)
         slot = MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.hva, new.flags,
-                          bitmap)
+                          bitmap, new.gmem)
         return Change(change.kind, change.as_id, change.old, slot)
 
     def plan(self, requests: Sequence[Request], move_refused: Callable[[], str | None],
-             initially_set: bool) -> tuple[list[Change], dict[int, SlotSet]]:
+             initially_set: bool, check_binding: CheckBatchBinding
+             ) -> tuple[list[Change], dict[int, SlotSet]]:
         """A batch: every request validated, in order, against the sets the batch has built
-        so far. Returns the changes and the new set of every address space they touch, or
-        raises `TransactionError` naming the first refused request. Publishes nothing."""
+        so far (a binding against the files' bindings as the batch leaves them so far).
+        Returns the changes and the new set of every address space they touch, or raises
+        `TransactionError` naming the first refused request. Publishes nothing."""
         self.slots_lock.assert_held()
         working = dict(enumerate(self.active.load()))
         pages = self.nr_pages
         changes: list[Change] = []
+
+        def check_in_batch(new: MemorySlot, file: object, offset: int) -> GmemBinding:
+            return check_binding(new, file, offset, changes)
+
         for index, req in enumerate(requests):
             try:
-                change = self.prepare(req, working, pages, move_refused, initially_set)
+                change = self.prepare(req, working, pages, move_refused, initially_set,
+                                      check_in_batch)
             except KvmError as e:
                 raise TransactionError(index, e) from None
             if change.kind is ChangeKind.NONE:

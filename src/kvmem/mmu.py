@@ -1,10 +1,10 @@
 """The MMU: host invalidations (KVM's MMU notifier), the software stage-2 with its
 write-tracking counters, the fault path, and what slot updates and dirty logging do to it.
 
-Defines `Mmu` (one per VM, given the VM's `Memslots`), `Spte`, `Stage2Access` (guest
-memory as a vCPU's code sees it, in one address space), the exits a guest access can
-end in (`MmioExit`, `MemoryFault`, `TrackedWrite`) and `Stage2Mirror`, what an engine
-that maps sptes itself (Unicorn) implements.
+Defines `Mmu` (one per VM, given the VM's `Memslots`), `Spte` (over host pages or a
+guest_memfd page), `Stage2Access` (guest memory as a vCPU's code sees it, in one address
+space), the exits a guest access can end in (`MmioExit`, `MemoryFault`, `TrackedWrite`)
+and `Stage2Mirror`, what an engine that maps sptes itself (Unicorn) implements.
 
 Rules of this room:
 - Every stage-2 change happens under `lock` (KVM's mmu_lock). The invalidation state
@@ -21,13 +21,19 @@ Rules of this room:
   instant; 0→1 write-protects the gfn (breaking a 2 MiB mapping over it).
 - Host invalidations are counted in the memslots' gate (`Memslots.invalidation_started`)
   between their start and their end, so a memslot swap never falls between them.
+- guest_memfd invalidations (a punch, a release) have no hva: the MMU is the
+  `gmem.GmemInvalidator` of its VM's files and hears them by gfn — the same begin /
+  range_add + zap + flush / end, outside the memslots' gate (KVM does not hold swaps
+  back for them, §8.5).
 - Nothing here knows the `Vm`: slot updates reach the MMU as calls from the update path
   above (`slot_invalidated`, `slots_updating`, `slots_committed`, `dirty_log_reprotect`);
   the tracked-write performer (page tracking) registers itself in `tracked_write`.
 
 Theory of the fault (DESIGN path 3): look the gfn up in the address space; no slot →
 `MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
-lock; lock; `retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
+lock (a gmem-only slot: gfn → the file's page, `get_pfn`; its refusal is a `MemoryFault`
+with the file's errno — or a retry while an invalidation covers the gfn); lock;
+`retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
 for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
@@ -46,6 +52,7 @@ from typing import Protocol
 from . import host, sync
 from .args import as_bytes, check_range
 from .errors import KvmError
+from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
 from .memslots import Memslots
 from .slots import Change, ChangeKind, MemorySlot
@@ -81,10 +88,11 @@ class TrackedWrite(Exception):
 
 
 class MemoryFault(KvmError):
-    """KVM_EXIT_MEMORY_FAULT (-EFAULT): the slot's host memory cannot be had."""
+    """KVM_EXIT_MEMORY_FAULT: the slot's memory cannot be had. KVM_RUN's errno: EFAULT,
+    or what guest_memfd answered (EIO: the gfn's page is not bound to the slot)."""
 
-    def __init__(self, gpa: int, size: int, why: str) -> None:
-        super().__init__(errno.EFAULT, f"memory fault at gpa {gpa:#x}: {why}")
+    def __init__(self, gpa: int, size: int, why: str, err: int = errno.EFAULT) -> None:
+        super().__init__(err, f"memory fault at gpa {gpa:#x}: {why}")
         self.gpa = gpa
         self.size = size
 
@@ -92,10 +100,11 @@ class MemoryFault(KvmError):
 @dataclass(frozen=True, slots=True)
 class Spte:
     """A stage-2 mapping of `npages` gfns from `gfn` (1, or 512 for a 2 MiB mapping) to the
-    host pages starting at `frame`; `view` is a memoryview over those host pages."""
+    pages starting at `frame` — host pages, or one guest_memfd page (a `GmemFrame`, always
+    4 KiB); `view` is a memoryview over those pages."""
 
     gfn: int
-    frame: Frame
+    frame: Frame | GmemFrame
     writable: bool
     npages: int = 1
     incarnations: bytes = b""  # 2 MiB mappings: each host page's incarnation at install
@@ -107,6 +116,7 @@ class Spte:
         f = self.frame
         if self.npages == 1:
             return f.current()
+        assert isinstance(f, Frame)  # 2 MiB mappings are of host memory only
         i = gfn - self.gfn
         return (not f.owner.closed and f.owner.incarnation(f.index + i) ==
                 int.from_bytes(self.incarnations[4 * i:4 * i + 4], "little"))
@@ -261,6 +271,23 @@ class Mmu:
                 self.end()
         self._memslots.invalidation_ended(start, end)
 
+    # -- guest_memfd side (gmem.GmemInvalidator: invalidations by gfn, no hva) ----------------
+    def gmem_invalidate_begin(self) -> None:
+        with self.lock:
+            self.begin()
+            self.stats["invalidations"] += 1
+
+    def gmem_invalidate_range(self, as_id: int, gfn_start: int, gfn_end: int) -> None:
+        with self.lock:
+            self.range_add(gfn_start, gfn_end)
+            if self._zap(as_id, gfn_start, gfn_end):
+                # the file frees the pages after the last range: no access may still use them
+                self.flush()
+
+    def gmem_invalidate_end(self) -> None:
+        with self.lock:
+            self.end()
+
     # -- stage-2 -----------------------------------------------------------------------------
     def flush(self) -> None:
         """Remote TLB flush: wait until no guest access uses a removed spte."""
@@ -346,6 +373,7 @@ class Mmu:
         if spte is None:
             return False
         f = spte.frame
+        assert isinstance(f, Frame)  # 2 MiB mappings are of host memory only
         small = self._small[as_id]
         for i in range(HUGE_PAGES):
             inc = int.from_bytes(spte.incarnations[4 * i:4 * i + 4], "little")
@@ -474,6 +502,8 @@ class Mmu:
             raise MmioExit(gpa, 0, True)
         if self.retry_gfn_unsafe(seq, gfn):
             raise _Retry
+        if slot.gmem_only:
+            return self._gmem_fault(as_id, slot, gpa, gfn, write, seq)
         huge = self._huge_base(slot, gfn)
         first = huge if huge is not None else gfn
         frame = host.resolve(slot.hva_of(first), write)
@@ -513,6 +543,37 @@ class Mmu:
                 self._small[as_id][gfn] = spte
             if writable and slot.dirty_bitmap is not None:
                 slot.dirty_bitmap.mark(gfn - slot.base_gfn)
+            self.stats["installs"] += 1
+            return spte
+
+    def _gmem_fault(self, as_id: int, slot: MemorySlot, gpa: int, gfn: int, write: bool,
+                    seq: int) -> Spte:
+        """The rest of a fault on a gmem-only slot: the page comes from the file
+        (kvm_gmem_get_pfn), never from the hva, and is mapped 4 KiB."""
+        assert slot.gmem is not None
+        file = slot.gmem.file
+        assert isinstance(file, GuestMemfd)
+        try:
+            frame = file.get_pfn(slot, gfn)
+            view = frame.view()
+        except KvmError as e:
+            # an answer given while an invalidation covers the gfn (a transaction moving the
+            # file's bindings, a punch, a release) is retried, like a page resolved then
+            if self.retry_gfn_unsafe(seq, gfn):
+                raise _Retry from None
+            raise MemoryFault(gpa, PAGE_SIZE, f"guest_memfd: {e.message}",
+                              e.errno or errno.EFAULT) from None
+        with self.lock:
+            if self.retry_gfn(seq, gfn):
+                raise _Retry
+            writable = True
+            if self.tracked(as_id, gfn):
+                if write:
+                    self.stats["tracked_faults"] += 1
+                    raise TrackedWrite(gpa)
+                writable = False
+            spte = Spte(gfn, frame, writable, 1, b"", view)
+            self._small[as_id][gfn] = spte
             self.stats["installs"] += 1
             return spte
 

@@ -11,10 +11,14 @@ Rules of this room:
   update, a stage-2 zap, dropped tracking), how the page count moves. The update path,
   the MMU, page tracking and the engines all read it; none dispatches on kinds itself.
   Nothing here publishes, waits or notifies.
+- A guest_memfd slot carries its binding (`GmemBinding`: the file and the offset), fixed
+  at creation: such a slot can only be deleted (§8.3). This file never looks inside the
+  file: `validate` asks the caller's `check_binding` at KVM's step 18 (after the overlap
+  check, before x86 `prepare`), and the binding itself is made by the update path above.
 
-Defines `MemorySlot`, `SlotSet`, `Request` (one KVM_SET_USER_MEMORY_REGION), `Change`
-(a validated request with its kind), `ChangeKind` / `KindRule` / `KIND_RULES`, `Limits`
-(what the VM supports) and `validate`.
+Defines `MemorySlot`, `SlotSet`, `Request` (one KVM_SET_USER_MEMORY_REGION or ...REGION2),
+`GmemBinding` / `GmemFile`, `Change` (a validated request with its kind), `ChangeKind` /
+`KindRule` / `KIND_RULES`, `Limits` (what the VM supports) and `validate`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 from ._pindex import IdTable, SortedIndex
 from .args import as_u32, as_u64
@@ -33,6 +38,7 @@ from .uapi import (
     DEFAULT_PHYS_BITS,
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_MAX_NR_PAGES,
     KVM_MEM_READONLY,
@@ -52,6 +58,8 @@ __all__ = [
     "KIND_RULES",
     "Change",
     "ChangeKind",
+    "GmemBinding",
+    "GmemFile",
     "KindRule",
     "Limits",
     "MemorySlot",
@@ -61,11 +69,33 @@ __all__ = [
 ]
 
 
+class GmemFile(Protocol):
+    """What the slot layers see of a guest_memfd file (`kvmem.gmem.GuestMemfd` is one)."""
+
+    @property
+    def mmap_supported(self) -> bool:
+        """Created with GUEST_MEMFD_FLAG_MMAP: a slot bound to it is gmem-only."""
+
+
+@dataclass(frozen=True, slots=True)
+class GmemBinding:
+    """A slot's guest_memfd binding (KVM's `slot->gmem`): gfn `base_gfn + i` is page
+    `offset // 4096 + i` of `file`. Fixed for the slot's life."""
+
+    file: GmemFile
+    offset: int  # guest_memfd_offset, bytes
+
+    @property
+    def pgoff(self) -> int:
+        return self.offset >> PAGE_SHIFT
+
+
 @dataclass(frozen=True, slots=True)
 class MemorySlot:
     """One memory slot: gfns [base_gfn, end_gfn) of address space `as_id`, backed by host
     memory at [hva, hva + npages*4096). `flags` holds the user flags plus, while a DELETE or
-    MOVE is in flight, `KVM_MEMSLOT_INVALID`."""
+    MOVE is in flight, `KVM_MEMSLOT_INVALID`. A KVM_MEM_GUEST_MEMFD slot also has `gmem`,
+    its binding."""
 
     id: int
     as_id: int
@@ -75,6 +105,7 @@ class MemorySlot:
     flags: int
     end_gfn: int = field(init=False, repr=False)
     dirty_bitmap: DirtyBitmap | None = field(default=None, repr=False, compare=False)
+    gmem: GmemBinding | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "end_gfn", self.base_gfn + self.npages)
@@ -108,6 +139,12 @@ class MemorySlot:
     def invalid(self) -> bool:
         return bool(self.flags & KVM_MEMSLOT_INVALID)
 
+    @property
+    def gmem_only(self) -> bool:
+        """KVM_MEMSLOT_GMEM_ONLY: bound to a file with GUEST_MEMFD_FLAG_MMAP, so guest code
+        runs on the file's pages; host accessors still use the hva (§8.7)."""
+        return self.gmem is not None and self.gmem.file.mmap_supported
+
     def hva_of(self, gfn: int) -> int:
         return self.hva + ((gfn - self.base_gfn) << PAGE_SHIFT)
 
@@ -116,7 +153,8 @@ class MemorySlot:
 
     def with_flags(self, flags: int) -> MemorySlot:
         return MemorySlot(
-            self.id, self.as_id, self.base_gfn, self.npages, self.hva, flags, self.dirty_bitmap
+            self.id, self.as_id, self.base_gfn, self.npages, self.hva, flags, self.dirty_bitmap,
+            self.gmem
         )
 
 
@@ -289,6 +327,7 @@ class Limits:
     # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: the supported args[0] bits (x86: ENABLE | INITIALLY_SET)
     manual_dirty_log_protect: int = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                                      | KVM_DIRTY_LOG_INITIALLY_SET)
+    guest_memfd: bool = True  # KVM_CAP_GUEST_MEMFD: KVM_MEM_GUEST_MEMFD slots are valid
 
     @property
     def max_gfn(self) -> int:
@@ -297,13 +336,18 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    """The fields of `struct kvm_userspace_memory_region`."""
+    """The fields of `struct kvm_userspace_memory_region`, or of `..._region2` when
+    `region2` (then `guest_memfd` is the file the caller named — anything; step 18 judges
+    it — and `guest_memfd_offset` its offset; both are ignored without KVM_MEM_GUEST_MEMFD)."""
 
     slot: int
     flags: int
     gpa: int
     size: int
     hva: int
+    region2: bool = False
+    guest_memfd: object = None
+    guest_memfd_offset: int = 0
 
     @property
     def as_id(self) -> int:
@@ -321,15 +365,29 @@ class Request:
     def base_gfn(self) -> int:
         return self.gpa >> PAGE_SHIFT
 
+    @property
+    def guest_memfd_flag(self) -> bool:
+        return bool(self.flags & KVM_MEM_GUEST_MEMFD)
+
     def describe(self) -> str:
+        gmem = (f" guest_memfd_offset {self.guest_memfd_offset:#x}"
+                if self.guest_memfd_flag else "")
         return (f"slot {self.as_id}:{self.id} flags {self.flags:#x} gpa {self.gpa:#x} "
-                f"size {self.size:#x} hva {self.hva:#x}")
+                f"size {self.size:#x} hva {self.hva:#x}{gmem}")
 
 
 def make_request(slot: object, flags: object, gpa: object, size: object, hva: object) -> Request:
     """Check the Python-level shape of the arguments (ints within their C field widths)."""
     return Request(as_u32("slot", slot), as_u32("flags", flags), as_u64("gpa", gpa),
                    as_u64("size", size), as_u64("hva", hva))
+
+
+def make_request2(slot: object, flags: object, gpa: object, size: object, hva: object,
+                  guest_memfd: object, guest_memfd_offset: object) -> Request:
+    """`make_request` for KVM_SET_USER_MEMORY_REGION2 (the file is judged by step 18)."""
+    return Request(as_u32("slot", slot), as_u32("flags", flags), as_u64("gpa", gpa),
+                   as_u64("size", size), as_u64("hva", hva), True, guest_memfd,
+                   as_u64("guest_memfd_offset", guest_memfd_offset))
 
 
 class ChangeKind(Enum):
@@ -427,8 +485,13 @@ KIND_RULES: dict[ChangeKind, KindRule] = {
 _Rule = tuple[Callable[[Request, Limits], bool], int, Callable[[Request, Limits], str]]
 
 
-def _allowed_flags(limits: Limits) -> int:
-    return KVM_MEM_LOG_DIRTY_PAGES | (KVM_MEM_READONLY if limits.readonly_mem else 0)
+def _allowed_flags(flags: int, limits: Limits) -> int:
+    """kvm_check_memory_region_flags: a guest_memfd slot neither logs dirty pages nor is
+    read-only."""
+    if limits.guest_memfd and flags & KVM_MEM_GUEST_MEMFD:
+        return KVM_MEM_GUEST_MEMFD
+    return KVM_MEM_LOG_DIRTY_PAGES | (KVM_MEM_READONLY if limits.readonly_mem else 0) | (
+        KVM_MEM_GUEST_MEMFD if limits.guest_memfd else 0)
 
 
 def _access_ok(hva: int, size: int, limits: Limits) -> bool:
@@ -437,13 +500,17 @@ def _access_ok(hva: int, size: int, limits: Limits) -> bool:
 
 
 REQUEST_RULES: tuple[_Rule, ...] = (
-    (lambda r, lim: bool(r.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS), errno.EINVAL,
-     lambda r, lim: f"flags {r.flags:#x} has bits KVM_SET_USER_MEMORY_REGION does not take"),
+    (lambda r, lim: not r.region2 and bool(r.flags & ~KVM_SET_USER_MEMORY_REGION_V1_FLAGS),
+     errno.EINVAL,
+     lambda r, lim: f"flags {r.flags:#x} has bits KVM_SET_USER_MEMORY_REGION does not take "
+                    "(KVM_MEM_GUEST_MEMFD needs KVM_SET_USER_MEMORY_REGION2)"),
     (lambda r, lim: r.id >= lim.max_slots, errno.EINVAL,
      lambda r, lim: f"slot id {r.id} is not below the {lim.max_slots} user slots"),
-    (lambda r, lim: bool(r.flags & ~_allowed_flags(lim)), errno.EINVAL,
+    (lambda r, lim: bool(r.flags & ~_allowed_flags(r.flags, lim)), errno.EINVAL,
      lambda r, lim: f"flags {r.flags:#x} not supported by this VM "
-                    f"(allowed {_allowed_flags(lim):#x})"),
+                    f"(allowed {_allowed_flags(r.flags, lim):#x}"
+                    + (": a guest_memfd slot neither logs dirty pages nor is read-only)"
+                       if lim.guest_memfd and r.guest_memfd_flag else ")")),
     (lambda r, lim: bool(r.size & PAGE_MASK), errno.EINVAL,
      lambda r, lim: f"memory_size {r.size:#x} is not a multiple of 4096"),
     (lambda r, lim: bool(r.gpa & PAGE_MASK), errno.EINVAL,
@@ -453,6 +520,13 @@ REQUEST_RULES: tuple[_Rule, ...] = (
     (lambda r, lim: not _access_ok(r.hva, r.size, lim), errno.EINVAL,
      lambda r, lim: f"userspace range {r.hva:#x}+{r.size:#x} is not user memory "
                     f"(ends above {lim.user_va_end:#x})"),
+    (lambda r, lim: r.guest_memfd_flag and bool(r.guest_memfd_offset & PAGE_MASK),
+     errno.EINVAL,
+     lambda r, lim: f"guest_memfd_offset {r.guest_memfd_offset:#x} is not page-aligned"),
+    (lambda r, lim: r.guest_memfd_flag and r.guest_memfd_offset + r.size > U64_MAX,
+     errno.EINVAL,
+     lambda r, lim: f"guest_memfd range {r.guest_memfd_offset:#x}+{r.size:#x} wraps the "
+                    "64-bit offset space"),
     (lambda r, lim: r.as_id >= lim.address_spaces or r.id >= KVM_MEM_SLOTS_NUM, errno.EINVAL,
      lambda r, lim: f"address space {r.as_id} does not exist "
                     f"(this VM has {lim.address_spaces})"),
@@ -464,10 +538,20 @@ REQUEST_RULES: tuple[_Rule, ...] = (
 
 
 def check_request(req: Request, limits: Limits) -> None:
-    """The checks that need no slot set (kvm-semantics §1.3 rows 2–11), in KVM's order."""
+    """The checks that need no slot set (kvm-semantics §1.3 rows 2–11, §8.3 row 8), in
+    KVM's order."""
     for broken, err, message in REQUEST_RULES:
         if broken(req, limits):
             raise KvmError(err, f"{message(req, limits)} [{req.describe()}]")
+
+
+# step 18: given the new slot, the file the request named and its offset, the binding
+# (checked, not made) or KVM's refusal
+CheckBinding = Callable[[MemorySlot, object, int], GmemBinding]
+
+
+def _no_bindings(slot: MemorySlot, file: object, offset: int) -> GmemBinding:
+    raise KvmError(errno.EINVAL, "this VM cannot bind guest_memfd files")
 
 
 def validate(
@@ -476,11 +560,13 @@ def validate(
     limits: Limits,
     total_pages: int,
     move_refused: Callable[[], str | None] = lambda: None,
+    check_binding: CheckBinding = _no_bindings,
 ) -> Change:
     """Classify `req` against `slots` (its address space's set) or raise KVM's refusal.
 
     `total_pages` is the VM's `nr_memslot_pages` (all address spaces); `move_refused` is
-    x86 `prepare`'s page-track check, returning the reason a MOVE must be refused.
+    x86 `prepare`'s page-track check, returning the reason a MOVE must be refused;
+    `check_binding` is kvm_gmem_bind's checks for a KVM_MEM_GUEST_MEMFD CREATE.
     """
     check_request(req, limits)
     old = slots.by_id(req.id)
@@ -496,6 +582,11 @@ def validate(
             raise KvmError(errno.EINVAL, "total guest pages overflow")
         kind = ChangeKind.CREATE
     else:
+        if req.guest_memfd_flag:
+            raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id} exists; a "
+                                         "KVM_MEM_GUEST_MEMFD slot can only be created "
+                                         "(guest_memfd slots are deleted and created, never "
+                                         "changed)")
         if req.hva != old.hva:
             raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id} exists with hva "
                                          f"{old.hva:#x}; userspace_addr cannot change")
@@ -506,6 +597,9 @@ def validate(
         if (req.flags ^ old.flags) & KVM_MEM_READONLY:
             raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id}: KVM_MEM_READONLY "
                                          "cannot change on an existing slot")
+        if (req.flags ^ old.flags) & KVM_MEM_GUEST_MEMFD:
+            raise KvmError(errno.EINVAL, f"slot {req.as_id}:{req.id} is a guest_memfd slot: "
+                                         "it can only be deleted")
         if req.base_gfn != old.base_gfn:
             kind = ChangeKind.MOVE
         elif req.flags != old.flags:
@@ -520,6 +614,10 @@ def validate(
                                              f"slot {req.as_id}:{req.id} overlap slot "
                                              f"{other.as_id}:{other.id} "
                                              f"({other.base_gfn:#x}..{other.end_gfn:#x})")
+        if req.guest_memfd_flag:  # kvm_gmem_bind, before kvm_set_memslot
+            new = MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.hva, new.flags,
+                             None, check_binding(new, req.guest_memfd,
+                                                 req.guest_memfd_offset))
         # x86 kvm_arch_prepare_memory_region
         if kind is ChangeKind.MOVE:
             reason = move_refused()

@@ -15,6 +15,12 @@ Rules of this room:
   dirty-log syncs and tracking transitions through its methods — all declared there,
   with no-op defaults — called with `slots_lock` held, after the layers below.
 - Every public method checks its arguments (`kvmem.args`) before it takes a lock.
+- guest_memfd files the VM creates are its own (`create_guest_memfd`: owner, invalidator
+  = the MMU). Their bindings are the update path's alone: checked with the request (KVM's
+  step 18, against the bindings the batch leaves so far), made in one step per file just
+  before the publish that shows the new slots, dropped for deleted slots in that same step
+  — after a single DELETE's INVALID window began, inside a transaction's invalidation.
+  A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
@@ -35,11 +41,23 @@ from .access import GuestMemory, HvaCache, mark_bitmap
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, Exit, Regs
 from .errors import KvmError
+from .gmem import GuestMemfd
 from .memslots import Memslots
 from .mmu import MemoryFault, MmioExit, Mmu, Spte, TrackedWrite
 from .pagetrack import PageTrack
 from .pfncache import PfnCache
-from .slots import Change, ChangeKind, Limits, MemorySlot, Request, SlotSet, make_request
+from .slots import (
+    Change,
+    ChangeKind,
+    GmemBinding,
+    GmemFile,
+    Limits,
+    MemorySlot,
+    Request,
+    SlotSet,
+    make_request,
+    make_request2,
+)
 from .uapi import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -214,7 +232,10 @@ class Vm:
                                              f"address space(s), not {address_spaces}")
         if address_spaces is None:
             address_spaces = 2
-        self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end)
+        # guest_memfd slots only where kvmem runs the guest itself: the engines do not
+        # mirror them yet
+        self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,
+                             guest_memfd=opened is None)
         self.memslots = Memslots(self.limits)
         self.mmu = Mmu(self.memslots)
         self._memory = [GuestMemory(self.memslots, as_id) for as_id in range(address_spaces)]
@@ -295,16 +316,49 @@ class Vm:
         for listener in self._listeners:
             listener.track_changed(self, as_id, gfn, tracked)
 
+    # -- guest_memfd ----------------------------------------------------------------------------
+    def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
+        """KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes owned by this VM (flags:
+        `gmem.GUEST_MEMFD_FLAG_MMAP`, `..._INIT_SHARED`), which `set_memory_region2` binds to
+        slots; this VM's MMU hears its invalidations. ENOTTY on a VM with an engine (the
+        engines do not mirror guest_memfd slots yet); else KVM's checks (§8.2). The pages
+        live in a memfd kvmem creates."""
+        self.memslots.check_process()
+        if not self.limits.guest_memfd:
+            raise KvmError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD: this VM's engine does not "
+                                         "mirror guest_memfd slots")
+        # a VM without private memory (no protected VM types here): INIT_SHARED is allowed
+        return GuestMemfd.create(size, flags, self, private_memory=False, invalidator=self.mmu)
+
     # -- the update path ----------------------------------------------------------------------
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
         """KVM_SET_USER_MEMORY_REGION: create, delete (size 0), move or change flags of a
         slot; `slot` = (as_id << 16) | id. Refusals raise `KvmError` with KVM's errno."""
+        self.memslots.check_process()
+        self._update(make_request(slot, flags, gpa, size, hva))
+
+    def set_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
+                           guest_memfd: GuestMemfd | host.HostMemory | None = None,
+                           guest_memfd_offset: int = 0) -> None:
+        """KVM_SET_USER_MEMORY_REGION2: `set_memory_region`, and with KVM_MEM_GUEST_MEMFD a
+        slot bound to pages of `guest_memfd` (a file of this VM) from byte
+        `guest_memfd_offset`. Such a slot can only be deleted; it neither logs dirty pages nor
+        is read-only. With an MMAP file it is gmem-only: guest code runs on the file's pages,
+        host accessors still on `hva`. Without the flag the last two arguments are ignored.
+        `guest_memfd` is judged after the overlap check, as KVM judges the fd: None or a
+        closed file → EBADF, host memory that is not a guest_memfd → EINVAL."""
+        self.memslots.check_process()
+        _check_gmem_arg(guest_memfd)
+        self._update(make_request2(slot, flags, gpa, size, hva, guest_memfd,
+                                   guest_memfd_offset))
+
+    def _update(self, req: Request) -> None:
+        """One request, KVM-exact (DESIGN path 1)."""
         ms = self.memslots
-        ms.check_process()
-        req = make_request(slot, flags, gpa, size, hva)
         with ms.slots_lock:
             change = ms.prepare(req, ms.active.load(), ms.nr_pages,
-                                self.page_track.move_refused, self._initially_set)
+                                self.page_track.move_refused, self._initially_set,
+                                self._check_single_binding)
             if change.kind is ChangeKind.NONE:
                 return
             old = change.old
@@ -316,8 +370,37 @@ class Vm:
                 self.mmu.slot_invalidated(old)
                 for listener in self._listeners:
                     listener.slots_invalidated(self, old)
+            # a created slot is bound before it is visible; a deleted one is unbound once no
+            # fault can reach its file (INVALID faults retry before they ask it)
+            self._rebind([change])
             ms.publish({change.as_id: change.apply(ms.active.load()[change.as_id])})
             self._commit([change])
+
+    def _check_single_binding(self, new: MemorySlot, file: object, offset: int
+                              ) -> GmemBinding:
+        return self._check_binding(new, file, offset, ())
+
+    def _check_binding(self, new: MemorySlot, file: object, offset: int,
+                       before: Sequence[Change]) -> GmemBinding:
+        """KVM's step 18 (kvm_gmem_bind's checks) for the new slot `new` of a request naming
+        `file` at `offset`, after the changes `before` of its batch: the binding, checked
+        against the file's bindings as those changes leave them, or KVM's refusal."""
+        if file is None or (isinstance(file, host.HostMemory) and file.closed):
+            raise KvmError(errno.EBADF, "KVM_MEM_GUEST_MEMFD: no open guest_memfd given")
+        if not isinstance(file, GuestMemfd):
+            raise KvmError(errno.EINVAL, f"KVM_MEM_GUEST_MEMFD: {file!r} is not a guest_memfd")
+        leaving, coming = _binding_moves(before).get(file, ((), ()))
+        file.check_bind(new, offset, owner=self, leaving=leaving, coming=coming)
+        return GmemBinding(file, offset)
+
+    @staticmethod
+    def _rebind(changes: Sequence[Change]) -> None:
+        """Make the guest_memfd bindings of `changes` and drop those of the slots they
+        delete, one step per file (slots_lock held; lock order slots_lock → the file's
+        invalidate lock)."""
+        for file, (leaving, coming) in _binding_moves(changes).items():
+            assert isinstance(file, GuestMemfd)
+            file.rebind(leaving, coming)
 
     def _commit(self, changes: Sequence[Change]) -> None:
         self.memslots.account(changes)
@@ -337,12 +420,16 @@ class Vm:
         ms.check_process()  # KVM answers EIO before it looks at any argument
         with ms.slots_lock:
             changes, sets = ms.plan(requests, self.page_track.move_refused,
-                                    self._initially_set)
+                                    self._initially_set, self._check_binding)
             if not changes:
                 return []
             self.mmu.slots_updating(changes)
             for listener in self._listeners:
                 listener.slots_updating(self, changes)
+            # inside the batch's invalidation: a fault that asks a file for a deleted slot's
+            # page after this retries (its gfn is in the range); a created slot is bound
+            # before it is visible
+            self._rebind(changes)
             ms.publish(sets)
             _memslots.carry_dirty_bits(changes)
             self._commit(changes)
@@ -484,6 +571,37 @@ class Vm:
             listener.dirty_log_reprotect(self, slot, first_page, words)
 
 
+def _check_gmem_arg(guest_memfd: object) -> None:
+    if guest_memfd is not None and not isinstance(guest_memfd, GuestMemfd | host.HostMemory):
+        raise TypeError(f"guest_memfd must be a kvmem.gmem.GuestMemfd or None, not "
+                        f"{type(guest_memfd).__name__}")
+
+
+BindingMoves = tuple[Sequence[MemorySlot], Sequence[tuple[MemorySlot, int]]]
+
+
+def _binding_moves(changes: Sequence[Change]) -> dict[GmemFile, BindingMoves]:
+    """Per file: the slots whose bindings `changes` drop (deleted slots that existed before
+    them) and the (slot, offset) bindings they make (slots they create and keep)."""
+    born: dict[int, MemorySlot] = {}  # by identity: a batch deletes what it created by object
+    gone: list[MemorySlot] = []
+    for c in changes:
+        if c.kind is ChangeKind.DELETE and c.old is not None and c.old.gmem is not None:
+            if born.pop(id(c.old), None) is None:
+                gone.append(c.old)
+        elif c.kind is ChangeKind.CREATE and c.new is not None and c.new.gmem is not None:
+            born[id(c.new)] = c.new
+    leaving: dict[GmemFile, list[MemorySlot]] = {}
+    coming: dict[GmemFile, list[tuple[MemorySlot, int]]] = {}
+    for s in gone:
+        assert s.gmem is not None
+        leaving.setdefault(s.gmem.file, []).append(s)
+    for s in born.values():
+        assert s.gmem is not None
+        coming.setdefault(s.gmem.file, []).append((s, s.gmem.offset))
+    return {f: (leaving.get(f, []), coming.get(f, [])) for f in [*leaving, *coming]}
+
+
 class Vcpu:
     """A vCPU's view of guest memory: its address space (1 while in SMM), the accessors of
     that address space (kvm_vcpu_read_guest...) and guest code's memory path through the
@@ -607,6 +725,17 @@ class Transaction:
         self._record([make_request(slot, flags, gpa, size, hva)])
         return self
 
+    def set_memory_region2(self, slot: int, flags: int, gpa: int, size: int, hva: int,
+                           guest_memfd: GuestMemfd | host.HostMemory | None = None,
+                           guest_memfd_offset: int = 0) -> Transaction:
+        """`Vm.set_memory_region2`, recorded: the binding is checked against the file's
+        bindings as the changes recorded before it leave them (a guest_memfd range a deleted
+        slot of this batch had may be bound again), and made when the batch commits."""
+        _check_gmem_arg(guest_memfd)
+        self._record([make_request2(slot, flags, gpa, size, hva, guest_memfd,
+                                    guest_memfd_offset)])
+        return self
+
     def delete(self, slot: int) -> Transaction:
         return self.set_memory_region(slot, 0, 0, 0, 0)
 
@@ -619,11 +748,25 @@ class Transaction:
         current = self.vm.slot_set(as_id).by_id(sid)
         for r in self._requests:
             if r.as_id == as_id and r.id == sid:
+                gmem = (GmemBinding(r.guest_memfd, r.guest_memfd_offset)
+                        if r.guest_memfd_flag and isinstance(r.guest_memfd, GuestMemfd)
+                        else None)
                 current = None if r.size == 0 else MemorySlot(sid, as_id, r.base_gfn,
-                                                              r.npages, r.hva, r.flags)
+                                                              r.npages, r.hva, r.flags,
+                                                              None, gmem)
         if current is None:
             raise KvmError(errno.EINVAL, f"slot {as_id}:{sid} does not exist")
         return current
+
+    @staticmethod
+    def _like(s: MemorySlot, slot: int, flags: int, gpa: int, size: int, hva: int
+              ) -> Request:
+        """A request for (part of) slot `s` laid out anew: a guest_memfd slot's piece keeps
+        the file, at the offset of its first gfn."""
+        if s.gmem is None:
+            return make_request(slot, flags, gpa, size, hva)
+        return make_request2(slot, flags, gpa, size, hva, s.gmem.file,
+                             s.gmem.offset + (gpa - s.gpa))
 
     def _free_ids(self, as_id: int, count: int, taken: set[int]) -> list[int]:
         """The lowest ids free in the published set and not created by this batch."""
@@ -651,7 +794,9 @@ class Transaction:
               ) -> list[int]:
         """Split `slot` at the gpas `at` (page-aligned, strictly inside, increasing) into
         len(at)+1 adjacent slots. The first piece keeps the slot's id; `ids` names the
-        others (default: the lowest free ids). Returns the `slot` values of the pieces."""
+        others (default: the lowest free ids). Pieces of a guest_memfd slot stay bound to the
+        same pages (each from its own first gfn's offset). Returns the `slot` values of the
+        pieces."""
         s = self._planned(slot)
         if isinstance(at, str | bytes) or not isinstance(at, Sequence):
             raise TypeError(f"at must be a sequence of gpas, not {type(at).__name__}")
@@ -676,15 +821,16 @@ class Transaction:
         out = []
         for pid, lo, hi in zip([s.id, *rest], bounds, bounds[1:], strict=False):
             slot_value = (s.as_id << 16) | pid
-            requests.append(make_request(slot_value, s.flags, lo, hi - lo,
-                                         s.hva + (lo - s.gpa)))
+            requests.append(self._like(s, slot_value, s.flags, lo, hi - lo,
+                                       s.hva + (lo - s.gpa)))
             out.append(slot_value)
         self._record(requests)
         return out
 
     def merge(self, slots: Sequence[int], slot_id: int | None = None) -> int:
-        """Merge slots that are adjacent in gpa *and* hva, with equal flags, into one
-        (default id: the first's). Returns the merged slot's `slot` value."""
+        """Merge slots that are adjacent in gpa *and* hva (and, for guest_memfd slots, in
+        one file's pages), with equal flags, into one (default id: the first's). Returns the
+        merged slot's `slot` value."""
         if isinstance(slots, str | bytes) or not isinstance(slots, Sequence):
             raise TypeError(f"slots must be a sequence of slot values, not "
                             f"{type(slots).__name__}")
@@ -698,12 +844,17 @@ class Transaction:
                     or a.flags != b.flags):
                 raise KvmError(errno.EINVAL, f"slots {a.as_id}:{a.id} and {b.as_id}:{b.id} "
                                              "are not adjacent in gpa and hva with equal flags")
+            if a.gmem != b.gmem and (a.gmem is None or b.gmem is None
+                                     or a.gmem.file is not b.gmem.file
+                                     or a.gmem.offset + a.size != b.gmem.offset):
+                raise KvmError(errno.EINVAL, f"slots {a.as_id}:{a.id} and {b.as_id}:{b.id} "
+                                             "are not adjacent in one guest_memfd")
         first = parts[0]
         sid = first.id if slot_id is None else as_u16("slot_id", slot_id)
         total = sum(p.size for p in parts)
         merged = (first.as_id << 16) | sid
         requests = [make_request(p.slot, 0, 0, 0, 0) for p in parts]
-        requests.append(make_request(merged, first.flags, first.gpa, total, first.hva))
+        requests.append(self._like(first, merged, first.flags, first.gpa, total, first.hva))
         self._record(requests)
         return merged
 
@@ -714,7 +865,7 @@ class Transaction:
         if size == 0:
             raise KvmError(errno.EINVAL, "resize to 0 bytes: use delete")
         self._record([make_request(s.slot, 0, 0, 0, 0),
-                      make_request(s.slot, s.flags, s.gpa, size, s.hva)])
+                      self._like(s, s.slot, s.flags, s.gpa, size, s.hva)])
         return self
 
     def set_readonly(self, slot: int, readonly: bool) -> Transaction:
@@ -723,7 +874,7 @@ class Transaction:
         readonly = as_bool("readonly", readonly)
         flags = (s.flags | KVM_MEM_READONLY) if readonly else (s.flags & ~KVM_MEM_READONLY)
         self._record([make_request(s.slot, 0, 0, 0, 0),
-                      make_request(s.slot, flags, s.gpa, s.size, s.hva)])
+                      self._like(s, s.slot, flags, s.gpa, s.size, s.hva)])
         return self
 
     def replace_layout(self, as_id: int, regions: Sequence[tuple[int, int, int, int, int]]
