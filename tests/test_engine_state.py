@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Protocol, cast
+from typing import Protocol
 
 import pytest
 
@@ -82,7 +82,7 @@ def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, StateVcpu]]]:
         assert vm.engine is not None
         cpu = vm.engine.create_vcpu(0)
         cpu.start(CODE, Regs(ecx=ROUNDS, esp=0x8000))
-        return vm, cast("StateVcpu", cpu)
+        return vm, cpu
 
     yield boot
     for vm, mem in made:

@@ -40,6 +40,7 @@ from . import memslots as _memslots
 from .access import GuestMemory, HvaCache, mark_bitmap
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, Exit, Regs
+from .cpu import VcpuState
 from .errors import KvmError
 from .gmem import GuestMemfd
 from .memslots import Memslots
@@ -126,13 +127,23 @@ class EngineVcpu(Protocol):
 
     def get_regs(self) -> Regs: ...
 
-    def set_regs(self, regs: Regs) -> None: ...
+    def set_regs(self, regs: Regs) -> None:
+        """At any exit; at a read exit (IN, MMIO read) the read is dropped and the
+        instruction runs again from the new registers."""
+
+    def get_state(self) -> VcpuState:
+        """The whole architectural state (`kvmem.cpu.VcpuState`), at any exit; at a read
+        exit the instruction is finished first, with the answer given (zeros without one)."""
+
+    def set_state(self, state: VcpuState) -> None:
+        """Load a state taken on any engine; the next `run` goes on from it."""
 
     def run(self) -> Exit:
         """Run guest code until the next exit."""
 
     def complete(self, data: bytes) -> None:
-        """The answer to the last reading exit, delivered when `run` resumes the guest."""
+        """The answer to the last reading exit (exactly `exit.answer_size` bytes),
+        delivered when `run` resumes the guest."""
 
     def kick(self) -> None:
         """Make a running (or the next) `run` return `ExitKind.KICKED` promptly."""
