@@ -64,10 +64,15 @@ def touch(vm: Vm, gpa: int, pages: set[int]) -> None:
 
 
 @pytest.fixture
-def logged(host: Callable[..., HostMemory]) -> tuple[Vm, HostMemory]:
+def logged(host: Callable[..., HostMemory], make_vm: Callable[..., Vm]) -> tuple[Vm, HostMemory]:
+    return make_logged(host, make_vm)
+
+
+def make_logged(host: Callable[..., HostMemory], make_vm: Callable[..., Vm],
+                **vm_kwargs: int) -> tuple[Vm, HostMemory]:
     """A 128-page logging slot 0 at gpa 0x100000, and a non-logging slot 1 after it."""
     mem = host(160)
-    vm = Vm()
+    vm = make_vm(**vm_kwargs)
     vm.set_memory_region(0, LOG, 0x100000, 128 * PAGE, mem.hva)
     vm.set_memory_region(1, 0, 0x180000, 32 * PAGE, mem.hva + 128 * PAGE)
     return vm, mem
@@ -78,9 +83,10 @@ def logged(host: Callable[..., HostMemory]) -> tuple[Vm, HostMemory]:
 
 
 @pytest.mark.parametrize("npages", [1, 63, 64, 65, 70, 128, 1000])
-def test_bitmap_is_align64_bytes(host: Callable[..., HostMemory], npages: int) -> None:
+def test_bitmap_is_align64_bytes(host: Callable[..., HostMemory], npages: int,
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(npages)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     out = vm.get_dirty_log(0)
     assert isinstance(out, bytes)
@@ -120,8 +126,8 @@ def test_manual_protect_can_be_turned_off(logged: tuple[Vm, HostMemory]) -> None
     assert bits(vm.get_dirty_log(0)) == set()
 
 
-def test_get_refusals(logged: tuple[Vm, HostMemory]) -> None:
-    vm, _ = logged
+def test_get_refusals(host: Callable[..., HostMemory], make_vm: Callable[..., Vm]) -> None:
+    vm, _ = make_logged(host, make_vm, address_spaces=2)
     refused(errno.ENOENT, vm.get_dirty_log, 1)  # exists, not logging
     refused(errno.ENOENT, vm.get_dirty_log, 7)  # does not exist
     refused(errno.ENOENT, vm.get_dirty_log, AS1 | 0)  # exists in AS0 only
@@ -131,9 +137,10 @@ def test_get_refusals(logged: tuple[Vm, HostMemory]) -> None:
         vm.get_dirty_log("0")  # type: ignore[arg-type]
 
 
-def test_get_refusals_follow_the_vm_limits(host: Callable[..., HostMemory]) -> None:
+def test_get_refusals_follow_the_vm_limits(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(1)
-    vm = Vm(address_spaces=1, max_slots=8)
+    vm = make_vm(address_spaces=1, max_slots=8)
     vm.set_memory_region(7, LOG, 0, PAGE, mem.hva)
     assert bits(vm.get_dirty_log(7)) == set()
     refused(errno.EINVAL, vm.get_dirty_log, 8)
@@ -142,9 +149,10 @@ def test_get_refusals_follow_the_vm_limits(host: Callable[..., HostMemory]) -> N
     refused(errno.EINVAL, vm.clear_dirty_log, AS1 | 7, 0, 1, bytes(8))
 
 
-def test_address_space_1_has_its_own_bitmaps(host: Callable[..., HostMemory]) -> None:
+def test_address_space_1_has_its_own_bitmaps(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     a, b = host(4), host(4)
-    vm = Vm()
+    vm = make_vm(address_spaces=2)
     vm.set_memory_region(0, LOG, 0, 4 * PAGE, a.hva)
     vm.set_memory_region(AS1 | 0, LOG, 0, 4 * PAGE, b.hva)
     vcpu = vm.create_vcpu(0)
@@ -194,9 +202,10 @@ def test_clear_window_rules_128_pages(logged: tuple[Vm, HostMemory], first: int,
     assert bits(vm.get_dirty_log(0)) == {0, 64}
 
 
-def test_clear_window_rules_70_pages(host: Callable[..., HostMemory]) -> None:
+def test_clear_window_rules_70_pages(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(70)
-    vm = Vm()
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     refused(errno.EINVAL, vm.clear_dirty_log, 0, 0, 69, b"\xff" * 16)  # not to the end
@@ -210,8 +219,9 @@ def test_clear_window_rules_70_pages(host: Callable[..., HostMemory]) -> None:
     assert bits(vm.get_dirty_log(0)) == set()
 
 
-def test_clear_refusals_in_order(logged: tuple[Vm, HostMemory]) -> None:
-    vm, _ = logged
+def test_clear_refusals_in_order(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
+    vm, _ = make_logged(host, make_vm, address_spaces=2)
     # slot id / address space first, then first_page alignment, then existence
     refused(errno.EINVAL, vm.clear_dirty_log, 32764, 1, 64, bytes(8))
     refused(errno.EINVAL, vm.clear_dirty_log, 2 << 16, 1, 64, bytes(8))
@@ -259,9 +269,10 @@ def test_manual_protect_capability_arguments(logged: tuple[Vm, HostMemory]) -> N
 # INITIALLY_SET and the life of a bitmap (§1.4)
 
 
-def test_initially_set_sets_exactly_the_slot_pages(host: Callable[..., HostMemory]) -> None:
+def test_initially_set_sets_exactly_the_slot_pages(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(70)
-    vm = Vm()
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     assert vm.get_dirty_log(0) == b"\xff" * 8 + b"\x3f" + bytes(7)
@@ -269,9 +280,10 @@ def test_initially_set_sets_exactly_the_slot_pages(host: Callable[..., HostMemor
     assert bits(vm.get_dirty_log(0)) == set()
 
 
-def test_initially_set_applies_to_new_bitmaps_only(host: Callable[..., HostMemory]) -> None:
+def test_initially_set_applies_to_new_bitmaps_only(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     a, b = host(16), host(16)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, a.size, a.hva)
     vm.enable_manual_dirty_log_protect(initially_set=True)
     assert bits(vm.get_dirty_log(0)) == set()
@@ -281,17 +293,19 @@ def test_initially_set_applies_to_new_bitmaps_only(host: Callable[..., HostMemor
     assert bits(vm.get_dirty_log(1)) == set(range(16))
 
 
-def test_without_initially_set_new_bitmaps_are_empty(host: Callable[..., HostMemory]) -> None:
+def test_without_initially_set_new_bitmaps_are_empty(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(16)
-    vm = Vm()
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=False)
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     assert bits(vm.get_dirty_log(0)) == set()
 
 
-def test_logging_on_off_on_with_initially_set(host: Callable[..., HostMemory]) -> None:
+def test_logging_on_off_on_with_initially_set(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(70)
-    vm = Vm()
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     vm.clear_dirty_log(0, 0, 70, b"\xff" * 16)
@@ -351,9 +365,10 @@ def test_delete_then_create_gives_an_empty_bitmap(logged: tuple[Vm, HostMemory])
     assert bits(vm.get_dirty_log(0)) == set()
 
 
-def test_readonly_logging_slot_has_a_bitmap(host: Callable[..., HostMemory]) -> None:
+def test_readonly_logging_slot_has_a_bitmap(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(64)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, RO | LOG, 0, mem.size, mem.hva)
     assert vm.get_dirty_log(0) == bytes(8)
 
@@ -380,9 +395,9 @@ def test_split_at_unaligned_page_carries_bits(logged: tuple[Vm, HostMemory]) -> 
     assert [len(vm.get_dirty_log(p)) for p in pieces] == [8, 16, 8]
 
 
-def test_merge_carries_bits(host: Callable[..., HostMemory]) -> None:
+def test_merge_carries_bits(host: Callable[..., HostMemory], make_vm: Callable[..., Vm]) -> None:
     mem = host(100)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, 30 * PAGE, mem.hva)
     vm.set_memory_region(1, LOG, 30 * PAGE, 70 * PAGE, mem.hva + 30 * PAGE)
     touch(vm, 0, {0, 29, 30, 99})
@@ -473,8 +488,8 @@ def big_mem() -> Iterator[HostMemory]:
     m.close()
 
 
-def test_4gib_slot_bitmap_is_128kib(big_mem: HostMemory) -> None:
-    vm = Vm()
+def test_4gib_slot_bitmap_is_128kib(big_mem: HostMemory, make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 4 * GiB, big_mem.size, big_mem.hva)
     out = vm.get_dirty_log(0)
     assert isinstance(out, bytes)
@@ -485,8 +500,8 @@ def test_4gib_slot_bitmap_is_128kib(big_mem: HostMemory) -> None:
     big_mem.discard(0, big_mem.size)
 
 
-def test_4gib_slot_mark_get_clear_are_fast(big_mem: HostMemory) -> None:
-    vm = Vm()
+def test_4gib_slot_mark_get_clear_are_fast(big_mem: HostMemory, make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     t0 = time.perf_counter()
     vm.set_memory_region(0, LOG, 4 * GiB, big_mem.size, big_mem.hva)  # 2^20 bits set
@@ -508,17 +523,17 @@ def test_4gib_slot_mark_get_clear_are_fast(big_mem: HostMemory) -> None:
     big_mem.discard(0, big_mem.size)
 
 
-def test_4gib_slot_over_an_unmapped_hva() -> None:
-    vm = Vm()
+def test_4gib_slot_over_an_unmapped_hva(make_vm: Callable[..., Vm]) -> None:
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 0, 4 * GiB, UNMAPPED_HVA)
     assert vm.get_dirty_log(0) == b"\xff" * (128 << 10)
 
 
-def test_4gib_split_carries_bits_quickly() -> None:
+def test_4gib_split_carries_bits_quickly(make_vm: Callable[..., Vm]) -> None:
     """Carrying the bits of a fully dirty 4 GiB slot over a split must be word-wide work
     (like GET), not a Python loop over a million pages."""
-    vm = Vm()
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, LOG, 4 * GiB, 4 * GiB, UNMAPPED_HVA)
     vm.disable_manual_dirty_log_protect()  # new pieces start empty...
@@ -533,11 +548,12 @@ def test_4gib_split_carries_bits_quickly() -> None:
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_random_marks_round_trip(host: Callable[..., HostMemory], seed: int) -> None:
+def test_random_marks_round_trip(host: Callable[..., HostMemory], seed: int,
+        make_vm: Callable[..., Vm]) -> None:
     rng = random.Random(seed)
     npages = rng.randrange(1, 300)
     mem = host(npages)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, mem.size, mem.hva)
     vm.enable_manual_dirty_log_protect()
     pages = {rng.randrange(npages) for _ in range(rng.randrange(1, 40))}
@@ -546,3 +562,42 @@ def test_random_marks_round_trip(host: Callable[..., HostMemory], seed: int) -> 
     keep = {p for p in pages if rng.random() < 0.5}
     vm.clear_dirty_log(0, 0, npages, mask(pages - keep, npages))
     assert bits(vm.get_dirty_log(0)) == keep
+
+
+# ------------------------------------------------------------------------------------------
+# a running guest's writes: on an engine the guest's own stores (the walker), on kvmem alone
+# the same stores through vcpu.guest_write; the log must not tell the two apart
+
+GuestWrites = Callable[[Vm, int, int], list[tuple[int, bytes]]]
+
+
+def test_guest_writes_are_logged_and_harvested(host: Callable[..., HostMemory],
+                                               make_vm: Callable[..., Vm],
+                                               guest_writes: GuestWrites) -> None:
+    code, data = host(16), host(64)
+    vm = make_vm()
+    vm.set_memory_region(0, 0, 0, code.size, code.hva)  # the guest's code: not logged
+    vm.set_memory_region(1, LOG, 0x100000, data.size, data.hva)
+    stores = guest_writes(vm, 0x100000 + 3 * PAGE, 8)
+    assert [vm.read(gpa, len(d)) for gpa, d in stores] == [d for _gpa, d in stores]
+    assert bits(vm.get_dirty_log(1)) == set(range(3, 11))
+    assert bits(vm.get_dirty_log(1)) == set()  # GET took the bits and write-protected again
+    guest_writes(vm, 0x100000 + 5 * PAGE, 2)  # so a new write to a harvested page is logged
+    assert bits(vm.get_dirty_log(1)) == {5, 6}
+
+
+def test_guest_writes_with_manual_protect_stay_until_cleared(
+        host: Callable[..., HostMemory], make_vm: Callable[..., Vm],
+        guest_writes: GuestWrites) -> None:
+    code, data = host(16), host(64)
+    vm = make_vm()
+    vm.enable_manual_dirty_log_protect()
+    vm.set_memory_region(0, 0, 0, code.size, code.hva)
+    vm.set_memory_region(1, LOG, 0x100000, data.size, data.hva)
+    guest_writes(vm, 0x100000, 4)
+    assert bits(vm.get_dirty_log(1)) == {0, 1, 2, 3}
+    assert bits(vm.get_dirty_log(1)) == {0, 1, 2, 3}  # GET leaves them
+    vm.clear_dirty_log(1, 0, 64, mask({1, 2}, 64))
+    assert bits(vm.get_dirty_log(1)) == {0, 3}
+    guest_writes(vm, 0x100000 + PAGE, 1)  # CLEAR write-protected page 1 again
+    assert bits(vm.get_dirty_log(1)) == {0, 1, 3}

@@ -53,9 +53,14 @@ def dirty_pages(vm: Vm, slot: int) -> set[int]:
 
 
 @pytest.fixture
-def vm_mem(host: Callable[..., HostMemory]) -> tuple[Vm, HostMemory]:
+def vm_mem(host: Callable[..., HostMemory], make_vm: Callable[..., Vm]) -> tuple[Vm, HostMemory]:
+    return make_vm_mem(host, make_vm)
+
+
+def make_vm_mem(host: Callable[..., HostMemory], make_vm: Callable[..., Vm],
+                **vm_kwargs: int) -> tuple[Vm, HostMemory]:
     mem = host(8)
-    vm = Vm()
+    vm = make_vm(**vm_kwargs)
     vm.set_memory_region(0, LOG, 0x10000, 8 * PAGE, mem.hva)
     return vm, mem
 
@@ -101,9 +106,10 @@ def test_init_over_a_hole_is_efault(vm_mem: tuple[Vm, HostMemory], gpa: int, len
         assert e.gpa & ~(PAGE - 1) == bad_gpa
 
 
-def test_init_over_a_readonly_slot_is_efault(host: Callable[..., HostMemory]) -> None:
+def test_init_over_a_readonly_slot_is_efault(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     a, b = host(2), host(2)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 2 * PAGE, a.hva)
     vm.set_memory_region(1, RO, 2 * PAGE, 2 * PAGE, b.hva)
     refused(errno.EFAULT, vm.hva_cache, 2 * PAGE + 8, 8)
@@ -111,9 +117,10 @@ def test_init_over_a_readonly_slot_is_efault(host: Callable[..., HostMemory]) ->
     vm.hva_cache(2 * PAGE - 8, 8)  # the writable part alone is fine
 
 
-def test_cache_uses_address_space_0_only(host: Callable[..., HostMemory]) -> None:
+def test_cache_uses_address_space_0_only(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     smram = host(4)
-    vm = Vm()
+    vm = make_vm(address_spaces=2)
     vm.set_memory_region(AS1 | 0, 0, 0x30000, 4 * PAGE, smram.hva)
     refused(errno.EFAULT, vm.hva_cache, 0x30000, 8)
 
@@ -146,9 +153,10 @@ def test_single_page_read_write(vm_mem: tuple[Vm, HostMemory]) -> None:
     assert cache.read(64, 0) == b""
 
 
-def test_cross_page_cache_spanning_two_slots(host: Callable[..., HostMemory]) -> None:
+def test_cross_page_cache_spanning_two_slots(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     a, b = host(2, seed=1), host(2, seed=2)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0x10000, 2 * PAGE, a.hva)
     vm.set_memory_region(1, 0, 0x12000, 2 * PAGE, b.hva)
     cache = vm.hva_cache(0x11ff0, 0x20)
@@ -261,9 +269,10 @@ def test_slot_made_readonly_refuses_cached_writes(vm_mem: tuple[Vm, HostMemory])
     assert bytes(mem.view()) == before
 
 
-def test_cross_page_cache_follows_slot_changes(host: Callable[..., HostMemory]) -> None:
+def test_cross_page_cache_follows_slot_changes(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     a, b = host(2, seed=1), host(2, seed=2)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 2 * PAGE, a.hva)
     cache = vm.hva_cache(PAGE - 4, 8)
     vm.set_memory_region(0, 0, 0, 0, 0)
@@ -273,9 +282,9 @@ def test_cross_page_cache_follows_slot_changes(host: Callable[..., HostMemory]) 
     assert cache.read(0, 8) == bytes(b.view()[PAGE - 4:PAGE + 4])
 
 
-def test_changes_in_address_space_1_do_not_disturb(vm_mem: tuple[Vm, HostMemory],
-                                                   host: Callable[..., HostMemory]) -> None:
-    vm, mem = vm_mem
+def test_changes_in_address_space_1_do_not_disturb(host: Callable[..., HostMemory],
+                                                   make_vm: Callable[..., Vm]) -> None:
+    vm, mem = make_vm_mem(host, make_vm, address_spaces=2)
     cache = vm.hva_cache(0x10000, 8)
     vm.set_memory_region(AS1 | 0, 0, 0x10000, PAGE, host(1).hva)
     assert cache.generation == vm.generation(0)
@@ -294,9 +303,10 @@ def test_cached_writes_are_dirty_logged(vm_mem: tuple[Vm, HostMemory]) -> None:
     assert dirty_pages(vm, 0) == {3, 5, 6}
 
 
-def test_logging_turned_on_after_init_is_honoured(host: Callable[..., HostMemory]) -> None:
+def test_logging_turned_on_after_init_is_honoured(host: Callable[..., HostMemory],
+        make_vm: Callable[..., Vm]) -> None:
     mem = host(4)
-    vm = Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 4 * PAGE, mem.hva)
     cache = vm.hva_cache(2 * PAGE, 8)
     vm.set_memory_region(0, LOG, 0, 4 * PAGE, mem.hva)  # FLAGS_ONLY

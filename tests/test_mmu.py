@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,8 +33,8 @@ def mem() -> Iterator[kvmem.HostMemory]:
     m.close()
 
 
-def test_range_add_merges_min_max_until_all_end() -> None:
-    vm = kvmem.Vm()
+def test_range_add_merges_min_max_until_all_end(make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     mmu = vm.mmu
     with mmu.lock:
         mmu.begin()
@@ -51,8 +51,9 @@ def test_range_add_merges_min_max_until_all_end() -> None:
         assert mmu.in_progress.load() == 0
 
 
-def test_invalidation_without_slot_touches_nothing(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_invalidation_without_slot_touches_nothing(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, MiB, mem.hva)
     seq = vm.mmu.seq.load()
     mem.discard(4 * MiB, MiB)  # no slot behind it
@@ -61,8 +62,9 @@ def test_invalidation_without_slot_touches_nothing(mem: kvmem.HostMemory) -> Non
     assert vm.mmu.seq.load() == seq + 1 and vm.mmu.stats["invalidations"] == 1
 
 
-def test_discard_zaps_and_guest_sees_new_page(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_discard_zaps_and_guest_sees_new_page(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     vcpu.guest_write(0x2000, b"abc")
@@ -73,8 +75,9 @@ def test_discard_zaps_and_guest_sees_new_page(mem: kvmem.HostMemory) -> None:
     assert vm.mmu.stale_sptes() == []
 
 
-def test_fault_in_flight_during_invalidation_retries(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_fault_in_flight_during_invalidation_retries(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     mmu = vm.mmu
@@ -91,8 +94,9 @@ def test_fault_in_flight_during_invalidation_retries(mem: kvmem.HostMemory) -> N
         assert mmu.retry_gfn(seq, 5)  # the snapshot predates the end
 
 
-def test_memslot_update_waits_for_inflight_invalidation(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_memslot_update_waits_for_inflight_invalidation(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, MiB, mem.hva)
     vm.mmu.invalidate_range_start(mem.hva, mem.hva + PAGE)
     done = threading.Event()
@@ -110,8 +114,8 @@ def test_memslot_update_waits_for_inflight_invalidation(mem: kvmem.HostMemory) -
     assert done.is_set()
 
 
-def test_mmio_and_readonly_exits(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_mmio_and_readonly_exits(mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, RO, 0, MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     mem.view()[0x10:0x14] = b"data"
@@ -126,8 +130,9 @@ def test_mmio_and_readonly_exits(mem: kvmem.HostMemory) -> None:
     assert (info.value.gpa, info.value.len, info.value.is_write) == (2 * MiB, 2, False)
 
 
-def test_protected_host_memory_is_a_memory_fault(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_protected_host_memory_is_a_memory_fault(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     mem.protect(0, PAGE, kvmem.host.PROT_READ)
@@ -136,8 +141,9 @@ def test_protected_host_memory_is_a_memory_fault(mem: kvmem.HostMemory) -> None:
         vcpu.guest_write(0, b"x")
 
 
-def test_delete_and_move_zap_and_transactions_bracket(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_delete_and_move_zap_and_transactions_bracket(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     vcpu.guest_write(0x1000, b"a")
@@ -152,8 +158,9 @@ def test_delete_and_move_zap_and_transactions_bracket(mem: kvmem.HostMemory) -> 
     assert vcpu.guest_read(8 * MiB + 0x1000, 1) == b"a"
 
 
-def test_huge_mapping_when_aligned_not_when_logging(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_huge_mapping_when_aligned_not_when_logging(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)  # mem.hva is 2 MiB aligned? check
     vcpu = vm.create_vcpu(0)
     vcpu.guest_read(0x1000, 1)
@@ -167,13 +174,13 @@ def test_huge_mapping_when_aligned_not_when_logging(mem: kvmem.HostMemory) -> No
 
 
 @pytest.mark.parametrize("manual", [False, True])
-def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
+def test_dirty_log_rounds_from_vcpu_writes(manual: bool, make_vm: Callable[..., kvmem.Vm]) -> None:
     """kvm-semantics §10 case 12: vCPU threads write the iteration number to random pages
     while the host harvests; a set bit means the value is iter or iter-1; a clear bit
     means value ≤ iter, and a value equal to iter must be dirty by the next round."""
     npages = 1024 + 16
     mem = kvmem.HostMemory.anonymous(npages * PAGE)
-    vm = kvmem.Vm()
+    vm = make_vm()
     if manual:
         vm.enable_manual_dirty_log_protect(initially_set=True)
     base = 1 << 30
@@ -234,12 +241,13 @@ def test_dirty_log_rounds_from_vcpu_writes(manual: bool) -> None:
     assert vm.mmu.stale_sptes() == []
 
 
-def test_no_huge_mapping_over_a_page_being_invalidated(mem: kvmem.HostMemory) -> None:
+def test_no_huge_mapping_over_a_page_being_invalidated(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
     """A host change of one 4 KiB page is in flight; a fault on another page of the same
     2 MiB block must not map the whole block (the changing page would go stale)."""
     if (mem.hva >> 12) % 512:
         pytest.skip("host memory is not 2 MiB aligned here")
-    vm = kvmem.Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     changing = (mem.hva + 7 * PAGE, mem.hva + 8 * PAGE)
@@ -256,8 +264,9 @@ def _writable(vm: kvmem.Vm, gfns: range) -> list[int]:
     return [g for g in gfns if (s := vm.mmu.spte(0, g)) is not None and s.writable]
 
 
-def test_get_and_clear_reprotect_exactly_the_harvested_pages(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_get_and_clear_reprotect_exactly_the_harvested_pages(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, 1 * MiB, mem.hva)
     vcpu = vm.create_vcpu(0)
     vcpu.guest_read(9 * PAGE, 1)
@@ -278,8 +287,9 @@ def test_get_and_clear_reprotect_exactly_the_harvested_pages(mem: kvmem.HostMemo
     assert vm.get_dirty_log(0)[0] == 0b110000
 
 
-def test_initially_set_protects_lazily(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_initially_set_protects_lazily(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.enable_manual_dirty_log_protect(initially_set=True)
     vm.set_memory_region(0, 0, 0, 1 * MiB, mem.hva + PAGE)  # 4 KiB mappings only
     vcpu = vm.create_vcpu(0)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -45,8 +45,8 @@ def mem() -> Iterator[kvmem.HostMemory]:
 
 
 @pytest.fixture
-def vm(mem: kvmem.HostMemory) -> kvmem.Vm:
-    v = kvmem.Vm()
+def vm(mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm]) -> kvmem.Vm:
+    v = make_vm()
     v.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
     return v
 
@@ -67,8 +67,9 @@ def test_add_gfn_without_a_slot_is_einval_and_changes_nothing(vm: kvmem.Vm) -> N
     assert vm.page_track.tracked_gfns() == []
 
 
-def test_tracked_write_is_performed_dirty_logged_and_notified(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_tracked_write_is_performed_dirty_logged_and_notified(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, 4 * MiB, mem.hva)
     rec = Recorder()
     vm.page_track.register(rec)
@@ -308,8 +309,9 @@ def test_engines_hear_tracking_transitions(vm: kvmem.Vm) -> None:
     assert heard == [(0, 3, True), (0, 3, False)]
 
 
-def test_smram_tracking_is_per_address_space(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_smram_tracking_is_per_address_space(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm(address_spaces=2)
     vm.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
     vm.set_memory_region(1 << 16, 0, 0, 2 * MiB, mem.hva + 2 * MiB)
     rec = Recorder()
@@ -323,8 +325,9 @@ def test_smram_tracking_is_per_address_space(mem: kvmem.HostMemory) -> None:
     assert vm.read(4 * PAGE, 1) == b"n" and vcpu.read(4 * PAGE, 1) == b"s"
 
 
-def test_queries_refuse_a_missing_address_space(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm(address_spaces=1)
+def test_queries_refuse_a_missing_address_space(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm(address_spaces=1)
     pt = vm.page_track
     for query in (pt.is_tracked, pt.count):
         with pytest.raises(kvmem.KvmError) as e:
@@ -332,3 +335,27 @@ def test_queries_refuse_a_missing_address_space(mem: kvmem.HostMemory) -> None:
         assert e.value.errno == errno.EINVAL
     with pytest.raises(kvmem.KvmError):
         pt.tracked_gfns(as_id=1)
+
+
+def test_tracked_guest_writes_are_performed_logged_and_notified(
+        mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm],
+        guest_writes: Callable[[kvmem.Vm, int, int], list[tuple[int, bytes]]]) -> None:
+    """A running guest's stores (the walker on an engine; on kvmem alone the same stores
+    through vcpu.guest_write): those to tracked pages are notified, in order, and all of
+    them are performed and dirty-logged."""
+    vm = make_vm()
+    vm.set_memory_region(0, LOG, 0, 4 * MiB, mem.hva)
+    rec = Recorder()
+    vm.page_track.register(rec)
+    vm.page_track.add_gfn(0x20)
+    vm.page_track.add_gfn(0x22)
+    stores = guest_writes(vm, 0x20 * PAGE, 4)
+    assert rec.writes == [stores[0], stores[2]]
+    assert [vm.read(gpa, len(d)) for gpa, d in stores] == [d for _gpa, d in stores]
+    bitmap = vm.get_dirty_log(0)
+    dirty = {i for i in range(len(bitmap) * 8) if bitmap[i >> 3] >> (i & 7) & 1}
+    assert dirty == {1, 0x20, 0x21, 0x22, 0x23}  # gfn 1: the code, loaded by a host write
+    vm.page_track.remove_gfn(0x20)
+    rec.writes.clear()
+    stores = guest_writes(vm, 0x20 * PAGE, 4)
+    assert rec.writes == [stores[2]]

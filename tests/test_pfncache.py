@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,8 +28,8 @@ def mem() -> Iterator[kvmem.HostMemory]:
 
 
 @pytest.fixture
-def vm(mem: kvmem.HostMemory) -> kvmem.Vm:
-    v = kvmem.Vm()
+def vm(mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm]) -> kvmem.Vm:
+    v = make_vm()
     v.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
     return v
 
@@ -87,8 +87,9 @@ def test_bad_arguments_are_typed_errors(vm: kvmem.Vm) -> None:
     assert not gpc.active and not vm_list(vm, gpc)
 
 
-def test_no_slot_is_efault_but_the_cache_stays_active(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_no_slot_is_efault_but_the_cache_stays_active(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     gpc = vm.pfn_cache()
     with pytest.raises(kvmem.KvmError) as e:
         gpc.activate(0x5000, 8)
@@ -101,8 +102,8 @@ def test_no_slot_is_efault_but_the_cache_stays_active(mem: kvmem.HostMemory) -> 
     assert vm.read(0x5000, 8) == b"late-map"
 
 
-def test_readonly_slot_is_efault(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_readonly_slot_is_efault(mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, RO, 0, 2 * MiB, mem.hva)
     gpc = vm.pfn_cache()
     with pytest.raises(kvmem.KvmError) as e:
@@ -177,8 +178,9 @@ def test_invalidation_reaches_caches_before_in_progress_rises(vm: kvmem.Vm,
     assert not gpc.valid
 
 
-def test_hva_cache_ignores_slots_and_sees_host_changes(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()  # no slot at all: the hva is plain host memory
+def test_hva_cache_ignores_slots_and_sees_host_changes(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()  # no slot at all: the hva is plain host memory
     gpc = vm.pfn_cache()
     gpc.activate_hva(mem.hva + 3 * MiB + 0x10, 16)
     assert gpc.is_hva_active and not gpc.is_gpa_active and gpc.gpa is None
@@ -193,16 +195,17 @@ def test_hva_cache_ignores_slots_and_sees_host_changes(mem: kvmem.HostMemory) ->
         assert bytes(view) == bytes(16)
 
 
-def test_hva_cache_of_unmapped_memory_is_efault() -> None:
-    vm = kvmem.Vm()
+def test_hva_cache_of_unmapped_memory_is_efault(make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     gpc = vm.pfn_cache()
     with pytest.raises(kvmem.KvmError) as e:
         gpc.activate_hva(0x1000, 8)
     assert e.value.errno == errno.EFAULT
 
 
-def test_dirty_lock_marks_the_page_in_the_log(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_dirty_lock_marks_the_page_in_the_log(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, LOG, 0, 2 * MiB, mem.hva)
     gpc = vm.pfn_cache()
     gpc.activate(0x5000, 8)
@@ -252,10 +255,11 @@ def test_refresh_retries_when_invalidated_while_unlocked(vm: kvmem.Vm,
 
 
 def test_refresh_retries_for_memory_no_slot_maps(mem: kvmem.HostMemory,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 make_vm: Callable[..., kvmem.Vm]) -> None:
     """An invalidation of memory outside every slot does not move the MMU sequence; the
     cache's own flag still catches it (where KVM's seq check alone would not)."""
-    vm = kvmem.Vm()
+    vm = make_vm()
     gpc = vm.pfn_cache()
     real = host.resolve
     calls = [0]
@@ -338,8 +342,9 @@ def test_refresh_finishes_under_back_to_back_host_changes(vm: kvmem.Vm,
     assert vm.read(0x2000, 8) == b"finished"
 
 
-def test_lock_never_yields_a_stale_page_under_host_churn(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_lock_never_yields_a_stale_page_under_host_churn(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 2 * MiB, mem.hva)
     gpcs = [vm.pfn_cache() for _ in range(2)]
     gpcs[0].activate(0x2000, 8)
@@ -375,11 +380,12 @@ def test_lock_never_yields_a_stale_page_under_host_churn(mem: kvmem.HostMemory) 
 
 
 def test_refresh_distrusts_a_page_resolved_while_an_invalidation_was_in_flight(
-        mem: kvmem.HostMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+        mem: kvmem.HostMemory, monkeypatch: pytest.MonkeyPatch,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
     """An invalidation began before the refresh took its snapshot, so it cannot clear the
     cache's flag; it replaces the page after the resolve and ends before the lock is
     retaken. Only "was one in flight at the snapshot?" catches it."""
-    vm = kvmem.Vm()
+    vm = make_vm()
     gpc = vm.pfn_cache()
     start, end = mem.hva, mem.hva + PAGE
     vm.mmu.invalidate_range_start(start, end)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import errno
 import random
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -33,8 +34,9 @@ def state(vm: kvmem.Vm) -> tuple[object, ...]:
     )
 
 
-def test_refused_change_names_its_index_and_applies_nothing(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_refused_change_names_its_index_and_applies_nothing(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm(address_spaces=2)
     vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
     before = state(vm)
     with pytest.raises(TransactionError) as info, vm.transaction() as tx:
@@ -47,8 +49,9 @@ def test_refused_change_names_its_index_and_applies_nothing(mem: kvmem.HostMemor
     assert state(vm) == before
 
 
-def test_changes_validate_against_the_batch_so_far(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_changes_validate_against_the_batch_so_far(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 4 * MiB, mem.hva)
     with vm.transaction() as tx:
         tx.delete(0)
@@ -60,8 +63,9 @@ def test_changes_validate_against_the_batch_so_far(mem: kvmem.HostMemory) -> Non
 
 
 def test_one_publication_across_address_spaces(mem: kvmem.HostMemory,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    vm = kvmem.Vm()
+                                               monkeypatch: pytest.MonkeyPatch,
+                                               make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm(address_spaces=2)
     syncs: list[tuple[int, int]] = []
     real = vm.memslots.srcu.synchronize
 
@@ -79,8 +83,9 @@ def test_one_publication_across_address_spaces(mem: kvmem.HostMemory,
     assert (vm.generation(0), vm.generation(1)) == (2, 3)
 
 
-def test_split_merge_resize_readonly_replace(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_split_merge_resize_readonly_replace(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(5, LOG, 0, 8 * MiB, mem.hva)
     vm.write(0x1000, b"a")
     vm.write(6 * MiB, b"b")
@@ -108,8 +113,9 @@ def test_split_merge_resize_readonly_replace(mem: kvmem.HostMemory) -> None:
     assert [(s.id, s.gpa) for s in vm.slots()] == [(1, 0), (2, 16 * MiB)]
 
 
-def test_merge_refuses_non_contiguous_hva(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_merge_refuses_non_contiguous_hva(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, MiB, mem.hva)
     vm.set_memory_region(1, 0, MiB, MiB, mem.hva + 4 * MiB)
     before = state(vm)
@@ -120,8 +126,8 @@ def test_merge_refuses_non_contiguous_hva(mem: kvmem.HostMemory) -> None:
     assert state(vm) == before
 
 
-def test_commit_once(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_commit_once(mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     tx = vm.transaction()
     tx.set_memory_region(0, 0, 0, MiB, mem.hva)
     tx.commit()
@@ -131,8 +137,9 @@ def test_commit_once(mem: kvmem.HostMemory) -> None:
         tx.set_memory_region(1, 0, MiB, MiB, mem.hva)
 
 
-def test_exception_in_block_abandons_the_batch(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_exception_in_block_abandons_the_batch(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     with pytest.raises(RuntimeError), vm.transaction() as tx:
         tx.set_memory_region(0, 0, 0, MiB, mem.hva)
         raise RuntimeError("caller changed its mind")
@@ -163,6 +170,11 @@ def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, seconds: float, rounds: int,
             reads[0] += 1
 
     threads = [threading.Thread(target=reader, args=(i,)) for i in range(2)]
+    # an engine's slot ioctl gives up the GIL, and getting it back from two spinning
+    # readers takes a whole switch interval: at the default 5 ms the writer's pace would be
+    # the GIL's, not the VM's (the KVM engine: ~17 rounds/s instead of ~150)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
     for t in threads:
         t.start()
     done = 0
@@ -187,12 +199,14 @@ def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, seconds: float, rounds: int,
         stop.set()
         for t in threads:
             t.join()
+        sys.setswitchinterval(interval)
     assert not wrong, wrong[:5]
     return done, reads[0], holes[0]
 
 
-def test_readers_never_see_a_hole_during_split_merge(mem: kvmem.HostMemory) -> None:
-    vm = kvmem.Vm()
+def test_readers_never_see_a_hole_during_split_merge(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 8 * MiB, mem.hva)
     done, reads, holes = _hammer(vm, mem, seconds=20, rounds=2000, atomic=True)
     assert done >= 1000, f"only {done} split+merge rounds"
@@ -201,9 +215,10 @@ def test_readers_never_see_a_hole_during_split_merge(mem: kvmem.HostMemory) -> N
     assert [(s.id, s.size) for s in vm.slots()] == [(0, 8 * MiB)]
 
 
-def test_naive_delete_then_create_does_show_holes(mem: kvmem.HostMemory) -> None:
+def test_naive_delete_then_create_does_show_holes(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
     """The baseline the transactions fix: KVM's one-slot-at-a-time sequence."""
-    vm = kvmem.Vm()
+    vm = make_vm()
     vm.set_memory_region(0, 0, 0, 8 * MiB, mem.hva)
     done, reads, holes = _hammer(vm, mem, seconds=10, rounds=300, atomic=False)
     print(f"naive: {done} rounds, {reads} reads, {holes} holes")
