@@ -117,7 +117,7 @@ class GuestMemory:
     """Reads, writes and clears of one address space's guest memory (KVM's
     `kvm_read_guest` / `kvm_write_guest` / `kvm_clear_guest`, and the `kvm_vcpu_*` twins)."""
 
-    __slots__ = ("_changing", "_epoch", "_guard", "_root", "as_id", "mark")
+    __slots__ = ("_changing", "_epoch", "_guard", "_root", "as_id", "mark", "read", "write")
 
     def __init__(self, memslots: Memslots, as_id: int, mark: MarkDirty = mark_bitmap) -> None:
         self.as_id = as_id
@@ -127,6 +127,7 @@ class GuestMemory:
         self._guard = host.guard
         self._epoch = host.epoch
         self._changing = host.changing
+        self._bind_small_paths()
 
     # -- the section --------------------------------------------------------------------------
     def enter(self) -> int:
@@ -141,52 +142,66 @@ class GuestMemory:
     # The small-access paths inline the guard's read section (`kvmem.sync.Srcu`'s protocol)
     # and use literals for the page geometry (4096): every attribute load shows here.
 
-    def read(self, gpa: int, n: int) -> bytes:
-        """Bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError` with `partial`
-        holding the bytes read before it."""
-        if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
-            guard = self._guard
-            i = guard.index
-            next(guard.locks[i])
-            try:
-                slots = self._root.value[self.as_id]
-                e = slots.read_views.get(gpa >> 12)
-                if e is None or e[0] != self._epoch.value:
-                    e = self._fill_read(slots, gpa >> 12)
-                if e is not None:
-                    off = gpa & 4095
-                    return bytes(e[1][off:off + n])
-            finally:
-                next(guard.unlocks[i])
-        gpa, n = check_range(gpa, n)
-        return self._read_runs(gpa, n)
+    read: Callable[[int, int], bytes]
+    """Bytes of guest [gpa, gpa+n); a hole raises `GuestAccessError` with `partial` holding
+    the bytes read before it."""
+    write: Callable[[int, bytes | bytearray | memoryview], None]
+    """Write `data` at gpa, marking written pages of logging slots."""
 
-    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Write `data` at gpa, marking written pages of logging slots."""
-        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
-            guard = self._guard
-            i = guard.index
-            next(guard.locks[i])
-            try:
-                slots = self._root.value[self.as_id]
-                gfn = gpa >> 12
-                e = slots.write_views.get(gfn)
-                if e is None or e[0] != self._epoch.value:
-                    e = self._fill_write(slots, gfn)
-                if e is not None:
-                    off = gpa & 4095
-                    # past the page end the slice is shorter than `data`: ValueError, and
-                    # nothing was written (the general path below takes it)
-                    e[1][off:off + len(data)] = data
-                    if e[2] is not None and data:
-                        self.mark(e[2], gfn - e[2].base_gfn, 1)
-                    return
-            except ValueError:
-                pass
-            finally:
-                next(guard.unlocks[i])
-        gpa, _ = check_range(gpa, 0)
-        self._write_runs(gpa, as_bytes("data", data))
+    def _bind_small_paths(self) -> None:
+        """`read` and `write`: closures over this accessor's guard, root, address space and
+        epoch — a cell load is cheaper than an attribute load, and these are the hot paths
+        of every small access. Beyond one page, or on a memo miss that cannot be filled,
+        they take the general path."""
+        guard, root, as_id, epoch, mark = self._guard, self._root, self.as_id, self._epoch, \
+            self.mark
+        fill_read, fill_write = self._fill_read, self._fill_write
+        read_runs, write_runs = self._read_runs, self._write_runs
+
+        def read(gpa: int, n: int) -> bytes:
+            if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
+                i = guard.index
+                next(guard.locks[i])
+                try:
+                    slots = root.value[as_id]
+                    e = slots.read_views.get(gpa >> 12)
+                    if e is None or e[0] != epoch.value:
+                        e = fill_read(slots, gpa >> 12)
+                    if e is not None:
+                        off = gpa & 4095
+                        return bytes(e[1][off:off + n])
+                finally:
+                    next(guard.unlocks[i])
+            gpa, n = check_range(gpa, n)
+            return read_runs(gpa, n)
+
+        def write(gpa: int, data: bytes | bytearray | memoryview) -> None:
+            if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
+                i = guard.index
+                next(guard.locks[i])
+                try:
+                    slots = root.value[as_id]
+                    gfn = gpa >> 12
+                    e = slots.write_views.get(gfn)
+                    if e is None or e[0] != epoch.value:
+                        e = fill_write(slots, gfn)
+                    if e is not None:
+                        off = gpa & 4095
+                        # past the page end the slice is shorter than `data`: ValueError,
+                        # and nothing was written (the general path below takes it)
+                        e[1][off:off + len(data)] = data
+                        if e[2] is not None and data:
+                            mark(e[2], gfn - e[2].base_gfn, 1)
+                        return
+                except ValueError:
+                    pass
+                finally:
+                    next(guard.unlocks[i])
+            gpa, _ = check_range(gpa, 0)
+            write_runs(gpa, as_bytes("data", data))
+
+        self.read = read
+        self.write = write
 
     def clear(self, gpa: int, n: int) -> None:
         """Zero guest [gpa, gpa+n), marking pages dirty. A range past 2^64 is refused
