@@ -501,10 +501,6 @@ def test_write_accepts_any_bytes_like(one_slot: tuple[Vm, HostMemory]) -> None:
     assert vm.read(0, 10) == b"abcdef\x01\x00\x02\x00"
 
 
-@pytest.mark.engine_xfail("kvm", "Vm(engine='kvm', phys_bits=64) is accepted, but the host's "
-                         "KVM refuses a slot above its own max gfn (EINVAL from "
-                         "KVM_SET_USER_MEMORY_REGION, EngineError); the engine does not "
-                         "offer its phys_bits as it offers its address spaces")
 def test_access_crossing_2_pow_64(host: Callable[..., HostMemory],
         make_vm: Callable[..., Vm]) -> None:
     mem = host(2)

@@ -257,7 +257,8 @@ CATALOGUE: dict[str, list[Bad]] = {
     "vm.address_spaces": _ranges(-1, 0, 3, 1 << 64) + _types(*(v for v in NOT_INTS
                                                                if v is not None)),
     "vm.max_slots": _ranges(-1, 0, 32765, 1 << 32, 1 << 64) + _types(*NOT_INTS),
-    "vm.phys_bits": _ranges(-1, 0, 12, 65, 1 << 64) + _types(*NOT_INTS),
+    "vm.phys_bits": _ranges(-1, 0, 12, 65, 1 << 64) + _types(*(v for v in NOT_INTS
+                                                            if v is not None)),
     "vm.user_va_end": _ranges(-1, -PAGE, 0, PAGE + 1, (1 << 64) + PAGE, 1 << 80)
     + _types(*NOT_INTS),
     "vm.engine": _types(5, 1.0, True, b"kvm", ["kvm"], Opaque()),

@@ -8,6 +8,7 @@ The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsew
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import shutil
 import threading
@@ -366,3 +367,21 @@ def test_auto_picks_kvm_where_it_works_and_honours_its_address_spaces() -> None:
             kvmem.Vm(engine="kvm", address_spaces=2)
     with pytest.raises(ValueError, match="unknown engine"):
         kvmem.Vm(engine="qemu")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_engines_offer_their_guest_physical_width(engine: str) -> None:
+    """A Vm takes the engine's width where it is below the default, and refuses more than
+    the engine offers (as it refuses more address spaces), opening nothing it keeps."""
+    probe = kvmem.Vm(engine=engine)
+    assert probe.engine is not None
+    offered = probe.engine.capabilities.phys_bits
+    probe.engine.close()
+    assert probe.limits.phys_bits == min(52, offered)
+    if offered < 64:
+        with pytest.raises(kvmem.KvmError) as info:
+            kvmem.Vm(engine=engine, phys_bits=offered + 1)
+        assert info.value.errno == errno.EINVAL and f"offers {offered}-bit" in str(info.value)
+    vm = kvmem.Vm(engine=engine, phys_bits=offered)
+    assert vm.engine is not None
+    vm.engine.close()

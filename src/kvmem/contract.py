@@ -101,6 +101,7 @@ class EngineCapabilities:
     readonly_mem: bool
     dirty_log: bool
     write_tracking: bool
+    phys_bits: int = 64  # the guest physical address width slots may reach
 
 
 class EngineError(KvmError):

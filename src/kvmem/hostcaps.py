@@ -28,12 +28,10 @@ Nothing here imports the model except `vm_like_host` (lazily), so the probe is a
 
 from __future__ import annotations
 
-import errno
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .kvmapi import Kvm, KvmVm
+from .kvmapi import Kvm, probe_phys_bits, probe_user_va_end
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -41,11 +39,6 @@ if TYPE_CHECKING:
 __all__ = ["HostLimits", "probe_kvm_limits", "vm_like_host"]
 
 _PAGE_SHIFT = 12
-_PAGE_SIZE = 1 << _PAGE_SHIFT
-# a gpa is a u64, so a one-page slot's gfn is below 2^52 (and the last one wraps)
-_GFN_LIMIT = 1 << (64 - _PAGE_SHIFT)
-# any user address the kernel accepts; the kernel does not look for a mapping behind it
-_LOW_HVA = 0x10000
 _PROBE_SLOT = 0
 
 
@@ -66,55 +59,6 @@ class HostLimits:
         return (1 << (self.phys_bits - _PAGE_SHIFT)) - 1
 
 
-def _accepts(vm: KvmVm, gpa: int, hva: int) -> bool:
-    """Whether KVM installs a one-page slot at `gpa` backed at `hva`; removes it again."""
-    try:
-        vm.set_user_memory_region(_PROBE_SLOT, 0, gpa, _PAGE_SIZE, hva)
-    except OSError as e:
-        if e.errno != errno.EINVAL:
-            raise
-        return False
-    vm.set_user_memory_region(_PROBE_SLOT, 0, gpa, 0, hva)
-    return True
-
-
-def _last_true(pred: Callable[[int], bool], lo: int, hi: int) -> int:
-    """The largest x in [lo, hi) with pred(x), given pred(lo) and not pred(hi), pred monotone."""
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if pred(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-def _measure(vm: KvmVm, what: str, pred: Callable[[int], bool], lo: int, hi: int) -> int:
-    if not pred(lo) or pred(hi):
-        raise RuntimeError(f"cannot measure {what}: the kernel does not refuse exactly the "
-                           f"values above a limit between {lo:#x} and {hi:#x}")
-    return _last_true(pred, lo, hi)
-
-
-def _probe_phys_bits(vm: KvmVm) -> int:
-    max_gfn = _measure(vm, "the largest gfn",
-                       lambda gfn: _accepts(vm, gfn << _PAGE_SHIFT, _LOW_HVA),
-                       0, _GFN_LIMIT - 1)
-    if max_gfn == _GFN_LIMIT - 2:
-        return 64  # every gfn a u64 gpa can start a page at, but the wrapping one
-    bits = (max_gfn + 1).bit_length() - 1
-    if max_gfn + 1 != 1 << bits:
-        raise RuntimeError(f"largest accepted gfn {max_gfn:#x} is not 2^n - 1")
-    return bits + _PAGE_SHIFT
-
-
-def _probe_user_va_end(vm: KvmVm) -> int:
-    last_page = _measure(vm, "the end of user VA",
-                         lambda page: _accepts(vm, 0, page << _PAGE_SHIFT),
-                         _LOW_HVA >> _PAGE_SHIFT, _GFN_LIMIT - 1)
-    return (last_page + 1) << _PAGE_SHIFT
-
-
 def probe_kvm_limits(kvm: Kvm | None = None) -> HostLimits:
     """Read `/dev/kvm`'s capabilities and measure the max gfn and the user VA end on a
     throwaway VM (about a hundred one-page slot ioctls). Raises `OSError` where /dev/kvm
@@ -124,8 +68,8 @@ def probe_kvm_limits(kvm: Kvm | None = None) -> HostLimits:
     try:
         caps = k.caps()
         with k.create_vm() as vm:
-            phys_bits = _probe_phys_bits(vm)
-            user_va_end = _probe_user_va_end(vm)
+            phys_bits = probe_phys_bits(vm, _PROBE_SLOT)
+            user_va_end = probe_user_va_end(vm, _PROBE_SLOT)
     finally:
         if own:
             k.close()

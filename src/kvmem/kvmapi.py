@@ -42,7 +42,7 @@ import fcntl
 import mmap
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final, Self
@@ -127,6 +127,9 @@ __all__ = [
     "KvmVm",
     "dirty_bitmap_bytes",
     "kvm_available",
+    "last_accepted",
+    "probe_phys_bits",
+    "probe_user_va_end",
 ]
 
 KVM_PATH: Final = "/dev/kvm"
@@ -1062,6 +1065,61 @@ class KvmVcpu(_FdOwner):
         # unmap first: the mapping keeps the vCPU file alive even after its fd is closed
         self.kvm_run.close()
         super().close()
+
+
+def _accepts(vm: KvmVm, slot: int, gpa: int, hva: int) -> bool:
+    """Whether KVM installs a one-page slot at `gpa` backed at `hva`; removes it again."""
+    try:
+        vm.set_user_memory_region(slot, 0, gpa, 1 << _PAGE_SHIFT, hva)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    vm.set_user_memory_region(slot, 0, gpa, 0, hva)
+    return True
+
+
+def last_accepted(vm: KvmVm, what: str, accepts: Callable[[int], bool], lo: int,
+                  hi: int) -> int:
+    """The largest x in [lo, hi) the kernel accepts, by bisection, given that it accepts
+    `lo`, refuses `hi` and refuses exactly the values above some limit."""
+    if not accepts(lo) or accepts(hi):
+        raise RuntimeError(f"cannot measure {what}: the kernel does not refuse exactly the "
+                           f"values above a limit between {lo:#x} and {hi:#x}")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if accepts(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+_GFN_LIMIT: Final = 1 << (64 - _PAGE_SHIFT)  # a gpa is a u64; the last page's gfn wraps
+_LOW_HVA: Final = 0x10000  # any user address: the kernel looks for no mapping behind it
+
+
+def probe_phys_bits(vm: KvmVm, slot: int = 0) -> int:
+    """The guest physical address width `vm` accepts slots in (KVM's max gfn + 1, as a
+    power of two), measured with one-page slots at id `slot` (which must be free) — about
+    forty ioctls. A measurement, not a check: the kernel answers every request."""
+    max_gfn = last_accepted(vm, "the largest gfn",
+                            lambda gfn: _accepts(vm, slot, gfn << _PAGE_SHIFT, _LOW_HVA),
+                            0, _GFN_LIMIT - 1)
+    if max_gfn == _GFN_LIMIT - 2:
+        return 64  # every gfn a u64 gpa can start a page at, but the wrapping one
+    bits = (max_gfn + 1).bit_length() - 1
+    if max_gfn + 1 != 1 << bits:
+        raise RuntimeError(f"largest accepted gfn {max_gfn:#x} is not 2^n - 1")
+    return bits + _PAGE_SHIFT
+
+
+def probe_user_va_end(vm: KvmVm, slot: int = 0) -> int:
+    """The end of the user address range `vm` accepts slot memory in (access_ok's limit)."""
+    last_page = last_accepted(vm, "the end of user VA",
+                              lambda page: _accepts(vm, slot, 0, page << _PAGE_SHIFT),
+                              _LOW_HVA >> _PAGE_SHIFT, _GFN_LIMIT - 1)
+    return (last_page + 1) << _PAGE_SHIFT
 
 
 def kvm_available(path: str = KVM_PATH) -> str | None:

@@ -60,6 +60,7 @@ from .slots import (
     make_request2,
 )
 from .uapi import (
+    DEFAULT_PHYS_BITS,
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
     KVM_MEM_READONLY,
@@ -202,12 +203,14 @@ class Vm:
         max_slots: int = KVM_USER_MEM_SLOTS,
         *,
         readonly_mem: bool = True,
-        phys_bits: int = 52,
+        phys_bits: int | None = None,
         user_va_end: int = TASK_SIZE_MAX,
         engine: str | None = None,
     ) -> None:
         """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
-        `address_spaces` defaults to 2, or to what the engine offers."""
+        `address_spaces` defaults to 2, or to what the engine offers; `phys_bits` to 52, or
+        to the engine's width where that is less. Asking an engine for more than it offers
+        is EINVAL."""
         if address_spaces is not None:
             address_spaces = as_int("address_spaces", address_spaces)
             if not 1 <= address_spaces <= 2:
@@ -218,9 +221,10 @@ class Vm:
             raise KvmError(errno.EINVAL, f"max_slots must be in [1, {KVM_USER_MEM_SLOTS}], "
                                          f"not {max_slots}")
         readonly_mem = as_bool("readonly_mem", readonly_mem)
-        phys_bits = as_int("phys_bits", phys_bits)
-        if not 13 <= phys_bits <= 64:
-            raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
+        if phys_bits is not None:
+            phys_bits = as_int("phys_bits", phys_bits)
+            if not 13 <= phys_bits <= 64:
+                raise KvmError(errno.EINVAL, f"phys_bits must be in [13, 64], not {phys_bits}")
         user_va_end = as_int("user_va_end", user_va_end)
         if not PAGE_SIZE <= user_va_end <= 1 << 64 or user_va_end & PAGE_MASK:
             raise KvmError(errno.EINVAL, f"user_va_end {user_va_end:#x} must be a page-aligned "
@@ -234,15 +238,24 @@ class Vm:
             if _engine_opener is None:
                 raise KvmError(errno.EINVAL, "no engines registered: import kvmem.engines")
             opened = _engine_opener(engine)
-            offered = opened.capabilities.address_spaces
+            caps = opened.capabilities
             if address_spaces is None:
-                address_spaces = offered
-            elif address_spaces > offered:
+                address_spaces = caps.address_spaces
+            elif address_spaces > caps.address_spaces:
                 opened.close()
-                raise KvmError(errno.EINVAL, f"engine {opened.name} offers {offered} "
-                                             f"address space(s), not {address_spaces}")
+                raise KvmError(errno.EINVAL, f"engine {opened.name} offers "
+                                             f"{caps.address_spaces} address space(s), not "
+                                             f"{address_spaces}")
+            if phys_bits is None:
+                phys_bits = min(DEFAULT_PHYS_BITS, caps.phys_bits)
+            elif phys_bits > caps.phys_bits:
+                opened.close()
+                raise KvmError(errno.EINVAL, f"engine {opened.name} offers {caps.phys_bits}-bit "
+                                             f"guest physical addresses, not {phys_bits}")
         if address_spaces is None:
             address_spaces = 2
+        if phys_bits is None:
+            phys_bits = DEFAULT_PHYS_BITS
         # guest_memfd slots only where kvmem runs the guest itself: the engines do not
         # mirror them yet
         self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,

@@ -48,6 +48,7 @@ from ..kvmapi import (
     KvmRegs,
     KvmSegment,
     KvmVcpu,
+    probe_phys_bits,
 )
 from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
@@ -115,6 +116,8 @@ class KvmEngine(AttachedOnce):
                 readonly_mem=check(KVM_CAP_READONLY_MEM) > 0,
                 dirty_log=True,
                 write_tracking=check(KVM_CAP_READONLY_MEM) > 0,
+                # measured (no capability says it): slot id 0 is still free here
+                phys_bits=probe_phys_bits(self._fd, 0),
             )
             if not check(KVM_CAP_IMMEDIATE_EXIT):
                 raise EngineError(errno.ENOSYS, "KVM lacks KVM_CAP_IMMEDIATE_EXIT: vCPUs "
