@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from forked import outcomes_in_child
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -554,29 +555,9 @@ def test_a_forked_child_gets_eio_from_every_vm_ioctl(pair: Pair) -> None:
                            lambda: pair.model.create_vcpu(0)),
     }
 
-    def outcome(call: Callable[[], object]) -> str:
-        try:
-            call()
-        except OSError as e:
-            return _name(e.errno or 0)
-        return "OK"
-
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: answer, report, leave without running any cleanup
-        try:
-            report = ";".join(f"{name}={outcome(k)},{outcome(m)}"
-                              for name, (k, m) in calls.items())
-            os.write(w, report.encode())
-        finally:
-            os._exit(0)
-    os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        report = pipe.read().decode()
-    os.waitpid(pid, 0)
-    results = dict(item.split("=") for item in report.split(";"))
-    kvm = {name: both.split(",")[0] for name, both in results.items()}
-    model = {name: both.split(",")[1] for name, both in results.items()}
+    results = outcomes_in_child(calls)
+    kvm = {name: both[0] for name, both in results.items()}
+    model = {name: both[1] for name, both in results.items()}
     assert set(kvm.values()) == {"EIO"}, kvm
     assert model == kvm, f"from a forked child: KVM {kvm}, kvmem {model}"
 

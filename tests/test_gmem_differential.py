@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
+from forked import outcomes_in_child
 
 import kvmem
 from kvmem import HostMemory, hostcaps, kvmapi
@@ -575,24 +576,5 @@ def test_a_forked_child_gets_eio(world: World) -> None:
             lambda: w.model.set_memory_region2(5, GMEM | LOG, 0, PAGE, HVA, None, 0)),
     }
 
-    def outcome(call: Callable[[], object]) -> str:
-        try:
-            call()
-        except OSError as e:
-            return _name(e.errno or 0)
-        return "OK"
-
-    r, wr = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: answer, report, leave without running any cleanup
-        try:
-            os.write(wr, ";".join(f"{name}={outcome(k)},{outcome(m)}"
-                                  for name, (k, m) in calls.items()).encode())
-        finally:
-            os._exit(0)
-    os.close(wr)
-    with os.fdopen(r, "rb") as pipe:
-        report = pipe.read().decode()
-    os.waitpid(pid, 0)
-    results = dict(item.split("=") for item in report.split(";"))
-    assert set(results.values()) == {"EIO,EIO"}, results
+    results = outcomes_in_child(calls)
+    assert set(results.values()) == {("EIO", "EIO")}, results
