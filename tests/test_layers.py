@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"pfncache", "pagetrack"},  # given memslots and the mmu
     {"vm"},  # the public face
     {"engines", "hostcaps"},  # what runs guests on a Vm; probes of /dev/kvm
-    {"check", "demo"},  # the concurrency checker; the demo
+    {"check", "demo", "difftest"},  # the concurrency checker; the demo; engine vs engine
     {"__init__"},  # the package's public names
     {"cli"},
     {"__main__"},

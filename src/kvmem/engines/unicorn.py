@@ -71,7 +71,7 @@ from unicorn.unicorn_py3 import Uc, UcError
 
 from .. import sync
 from ..cpu import Regs as KvmRegs
-from ..cpu import Segment, Sregs, VcpuState, uc_state
+from ..cpu import PageFault, Segment, Sregs, VcpuState, translate_gva, uc_state
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -409,6 +409,7 @@ class UnicornVcpu:
                         break
                 self._apply_pending()
             error: UcError | None = None
+            cr2 = uc.reg_read(X.UC_X86_REG_CR2)  # for _map_page_walk
             try:
                 uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), 0,
                              count=1 if self._step else _NO_LIMIT)
@@ -440,6 +441,9 @@ class UnicornVcpu:
                     self._engine.stats["restarts"] += 1
                     restart()
                     continue
+                if error.errno == UC_ERR_EXCEPTION and self._map_page_walk(cr2):
+                    self._engine.stats["restarts"] += 1
+                    continue
                 if error.errno in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                     return Exit(ExitKind.INTERNAL_ERROR, detail=f"instruction fetch failed "
                                 f"at {uc.reg_read(X.UC_X86_REG_RIP):#x}: {error}")
@@ -455,6 +459,42 @@ class UnicornVcpu:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
             # a zap's stop: unmap what is pending and go on
+
+    def _map_page_walk(self, cr2: int) -> bool:
+        """Unicorn walks the guest's page tables in its own physical memory, where pages
+        appear only when first touched, and no hook sees the walk's reads: a table page not
+        mapped yet makes a page fault KVM would not see. Walk the same tables through
+        kvmem (`cpu.paging`) for the address that faulted (CR2), map every table page the
+        walk read, and put CR2 back as it was before the run. True if a page was missing
+        (the instruction runs again); False for a fault the guest really made."""
+        uc = self._uc
+        if not uc.reg_read(X.UC_X86_REG_CR0) & (1 << 31):
+            return False
+        gva = int(uc.reg_read(X.UC_X86_REG_CR2))
+        read_gfns: list[int] = []
+
+        def read(gpa: int, n: int) -> bytes:
+            read_gfns.append(gpa >> PAGE_SHIFT)
+            try:
+                return self._vcpu.guest_read(gpa, n)
+            except (MmioExit, MemoryFault) as e:
+                raise LookupError(str(e)) from None
+
+        with contextlib.suppress(PageFault, LookupError):
+            translate_gva(read, uc_state.get_state(uc).sregs, gva)
+        mapped = False
+        for gfn in dict.fromkeys(read_gfns):
+            if gfn in self._page:
+                continue
+            try:
+                spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
+            except (MmioExit, TrackedWrite, MemoryFault):
+                continue
+            self._map_ram(gfn, spte)
+            mapped = True
+        if mapped:
+            uc.reg_write(X.UC_X86_REG_CR2, cr2)
+        return mapped
 
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP
