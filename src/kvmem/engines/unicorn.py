@@ -57,7 +57,9 @@ from unicorn.unicorn_const import (
     UC_ERR_INSN_INVALID,
     UC_HOOK_INSN,
     UC_HOOK_MEM_PROT,
+    UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
+    UC_HOOK_MEM_WRITE,
     UC_MEM_FETCH_UNMAPPED,
     UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
@@ -212,8 +214,16 @@ class UnicornVcpu:
         self._answers: dict[tuple[Any, ...], bytes] = {}
         self._used: set[tuple[Any, ...]] = set()  # the answers the replay took
         self._read_rdi = 0  # EDI at the last read exit
-        self._write_at: tuple[int, ...] | None = None  # registers at an MMIO write exit
-        self._swallow: int | None = None  # writes already posted, while finishing
+        self._answer_rip = 0  # RIP of the instruction the answers are for
+        self._ins_answer: bytes | None = None  # the answer to a string IN, whole
+        self._rip_after: int | None = None  # where a string IN's writeback leaves RIP
+        # exact steps (see _want_exact): the context to run again exactly, whether the next
+        # run is that step, the bytes its loads read, the writes it made (by gpa, data)
+        self._exact: Any = None
+        self._exact_step = False
+        self._exact_bytes: dict[int, int] = {}
+        self._exact_done: set[tuple[int, bytes]] = set()
+        self._exact_in = False  # the step's IN has run
         self._last: Exit | None = None
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
@@ -245,8 +255,9 @@ class UnicornVcpu:
         """At any exit: the guest is never inside an instruction between two runs. At an IN
         or MMIO read the registers are those before the instruction, and setting them drops
         the read: the instruction runs again from them (as on KVM)."""
-        self._answers, self._used = {}, set()
+        self._answers, self._used, self._ins_answer = {}, set(), None
         self._unanswered = self._at_read = False
+        self._rip_after = None
         for name, reg in _REGS:
             self._uc.reg_write(reg, getattr(regs, name))
 
@@ -265,7 +276,8 @@ class UnicornVcpu:
         self._forget_exit()
 
     def _forget_exit(self) -> None:
-        self._answers, self._used = {}, set()
+        self._answers, self._used, self._ins_answer = {}, set(), None
+        self._rip_after = None
         self._unanswered = self._at_read = False
         self._last = None
 
@@ -277,6 +289,15 @@ class UnicornVcpu:
         if self._unanswered:
             assert self._last is not None
             self._queue_answer(bytes(self._last.answer_size))
+        exits = self._string_in_writeback()
+        if exits is not None:
+            self._at_read = False
+            self._answers, self._used = {}, set()
+            if exits:
+                self._exits[:0] = exits
+                raise EngineError(errno.EAGAIN, f"finishing the read made another exit "
+                                                f"({exits[0]}); take it with run() first")
+            return
         rip = self._uc.reg_read(X.UC_X86_REG_RIP)
         self._step = True
         try:
@@ -305,6 +326,7 @@ class UnicornVcpu:
         """The replay of the instruction that exited takes `data`, one access at a time."""
         last = self._last
         assert last is not None
+        self._answer_rip = int(self._uc.reg_read(X.UC_X86_REG_RIP))
         if last.kind is ExitKind.MMIO:
             self._answers[(ExitKind.MMIO, last.addr)] = data
         else:
@@ -314,7 +336,57 @@ class UnicornVcpu:
                 rdi = (self._read_rdi + k * step) & 0xFFFF_FFFF
                 self._answers[(ExitKind.IO, last.addr, rdi)] = data[k * last.size:
                                                                     (k + 1) * last.size]
+            self._ins_answer = data
         self._unanswered = False
+
+    def _string_in_writeback(self) -> list[Exit] | None:
+        """KVM's emulator ends a REP INS going up (DF clear) with one write of all the
+        elements its exit read ahead (OP_MEM_STR): the bytes at EDI as one access, whose
+        part without memory is MMIO write exits of up to 8 bytes each (a tracked part:
+        tracked writes of up to 8 bytes, as the KVM engine's read-only split makes them);
+        EDI and ECX stepped by them all; RIP past the instruction once ECX is 0 — after the
+        last of those exits (KVM finishes the instruction when it is re-entered). Between two
+        runs, after the answer to such an exit: do it so (instead of replaying element by
+        element) and return its exits; None where it does not apply."""
+        data, self._ins_answer = self._ins_answer, None
+        uc = self._uc
+        if data is None or int(uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+            return None
+        prefixes = self._ins_prefixes()
+        if (prefixes is None or not {0xF2, 0xF3} & set(prefixes)
+                or int(uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400):
+            return None
+        cs = uc_state.get_state(uc).sregs.cs
+        bits = 64 if cs.l else 32 if cs.db else 16
+        if 0x67 in prefixes:
+            bits = 32 if bits == 64 else 48 - bits
+        mask = (1 << bits) - 1
+        last = self._last
+        assert last is not None
+        self._answers, self._used = {}, set()
+        rdi, rcx = int(uc.reg_read(X.UC_X86_REG_RDI)), int(uc.reg_read(X.UC_X86_REG_RCX))
+        exits: list[Exit] = []
+        for part, n in _page_parts(rdi & mask, len(data)):
+            chunk = data[part - (rdi & mask):][:n]
+            for at in range(0, n, 8):
+                piece = chunk[at:at + 8]
+                try:
+                    self._vcpu.guest_write(part + at, piece)
+                except MmioExit:
+                    exits.append(Exit(ExitKind.MMIO, part + at, len(piece), True, piece))
+        left = ((rcx & mask) - last.count) & mask
+        uc.reg_write(X.UC_X86_REG_RDI, (rdi & ~mask) | ((rdi + len(data)) & mask))
+        uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
+        if left == 0:
+            self._rip_after = self._answer_rip + len(prefixes) + 1
+            if not exits:
+                self._finish_string_in()
+        return exits
+
+    def _finish_string_in(self) -> None:
+        if self._rip_after is not None:
+            self._uc.reg_write(X.UC_X86_REG_RIP, self._rip_after)
+            self._rip_after = None
 
     def run(self) -> Exit:
         if self._unanswered:
@@ -324,8 +396,14 @@ class UnicornVcpu:
             kicked, self._kicked = self._kicked, False
         if kicked:
             return Exit(ExitKind.KICKED)
+        if not self._exits:
+            self._finish_string_in()
+            self._exits = self._string_in_writeback() or []
         # more exits of one instruction (an MMIO store split at a page) need no guest run
         exit_ = self._exits.pop(0) if self._exits else self._run_worker()
+        if not exit_.reads:
+            # KVM drops what a string IN read ahead once it exits to userspace meanwhile
+            self._answers, self._used, self._ins_answer = {}, set(), None
         self._last = exit_
         self._unanswered = self._at_read = exit_.reads
         return exit_
@@ -409,10 +487,12 @@ class UnicornVcpu:
                         break
                 self._apply_pending()
             error: UcError | None = None
+            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
             cr2 = uc.reg_read(X.UC_X86_REG_CR2)  # for _map_page_walk
+            exact = self._exact_step
+            hooks = self._exact_hooks(rip) if exact else []
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), 0,
-                             count=1 if self._step else _NO_LIMIT)
+                uc.emu_start(rip, 0, count=1 if self._step or exact else _NO_LIMIT)
             except UcError as e:
                 error = e
             finally:
@@ -420,16 +500,42 @@ class UnicornVcpu:
                     self._inside = False
                     stopped, self._stop_requested = self._stop_requested, False
                     self._zcv.notify_all()
+                for h in hooks:
+                    uc.hook_del(h)
+                if hooks:
+                    uc.ctl_remove_cache(rip, rip + 1)  # the step's code calls the hooks
+            self._exact_in = False
+            if exact and error is not None and self._restart is not None and \
+                    self._undo is None:
+                # Unicorn gave the instruction up (a store to a page it must remap): again,
+                # exactly; what the hooks did is not done twice (_exact_done)
+                restart, self._restart = self._restart, None
+                self._engine.stats["restarts"] += 1
+                restart()
+                continue
+            if exact:
+                self._exact_step = False
+                self._exact_bytes, self._exact_done = {}, set()
+            if self._exact is not None and self._undo is None:
+                # a slow page was touched: the instruction again, exactly (_want_exact)
+                ctx, self._exact = self._exact, None
+                self._restore(ctx)
+                self._exact_step = True
+                self._exits = []
+                restart, self._restart = self._restart, None
+                if restart is not None:
+                    restart()
+                continue
+            self._exact = None
             if self._undo is not None:
                 # a read exited: back to before its instruction, which runs again with the
                 # answer (KVM's RIP at an IN or MMIO read is the instruction's own)
                 undo, self._undo = self._undo, None
-                uc.context_restore(undo)
-            elif self._used and not self._step:
+                self._restore(undo)
+            elif self._used and not self._step and (
+                    len(self._used) >= len(self._answers)
+                    or uc.reg_read(X.UC_X86_REG_RIP) != self._answer_rip):
                 self._answers, self._used = {}, set()  # the replay is done
-            if self._write_at is not None:
-                self._finish_write()
-                self._exits = _join_split_writes(self._exits)
             if self._exits:
                 return self._exits.pop(0)
             if self._fatal is not None:
@@ -452,6 +558,8 @@ class UnicornVcpu:
                 return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
             if self._step:
                 return _STEPPED
+            if exact:
+                continue  # the instruction is done: on, block-wise
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -693,22 +801,15 @@ class UnicornVcpu:
     # is at the instruction, as KVM's is, and runs it again with the answers queued by
     # `complete`. After a read has exited, the rest of its instruction is discarded.
 
-    def _where(self) -> tuple[int, ...]:
-        return tuple(int(self._uc.reg_read(r)) for r in (
-            X.UC_X86_REG_RIP, X.UC_X86_REG_RCX, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
-            X.UC_X86_REG_RSP))
+    def _save(self) -> tuple[Any, int]:
+        """The context, from a hook. Inside a run QEMU keeps DF and the arithmetic flags
+        outside the EFLAGS its context holds (and recomputes DF from that EFLAGS when a run
+        starts): EFLAGS is read (computed) with it and written back by `_restore`."""
+        return self._uc.context_save(), int(self._uc.reg_read(X.UC_X86_REG_EFLAGS))
 
-    def _finish_write(self) -> None:
-        """Unicorn stopped inside an MMIO store restarts the instruction: run it once more,
-        the writes already posted swallowed, so the vCPU stops past it as KVM's does."""
-        at, self._write_at = self._write_at, None
-        if at != self._where():
-            return  # the instruction (or a REP element) was done
-        self._swallow = sum(1 for e in self._exits if e.kind is ExitKind.MMIO)
-        try:
-            self._uc.emu_start(int(self._uc.reg_read(X.UC_X86_REG_RIP)), 0, count=1)
-        finally:
-            self._swallow = None
+    def _restore(self, saved: tuple[Any, int]) -> None:
+        self._uc.context_restore(saved[0])
+        self._uc.reg_write(X.UC_X86_REG_EFLAGS, saved[1])
 
     def _post(self, exit_: Exit) -> None:
         self._exits.append(exit_)
@@ -716,81 +817,146 @@ class UnicornVcpu:
 
     def _post_read(self, exit_: Exit) -> None:
         if not self._exits:
-            self._undo = self._uc.context_save()
+            self._undo = self._save()
         self._post(exit_)
 
     def _replayed(self, *key: Any) -> bytes | None:
+        """The answer for an access of the replayed instruction; answers left when another
+        instruction reads are stale (the replay is over) and go."""
+        if not self._answers:
+            return None
+        if int(self._uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+            self._answers, self._used = {}, set()
+            return None
         answer = self._answers.get(key)
         if answer is not None:
             self._used.add(key)
         return answer
 
-    def _slow_read(self, gpa: int, size: int) -> int:
-        self._engine.stats["slow_accesses"] += 1
+    # -- exact steps ----------------------------------------------------------------------------
+    # Unicorn hands a slow page's callbacks what its softmmu makes of an access, not the
+    # access: an unaligned load as the two aligned words around it, an unaligned or
+    # page-crossing store as single bytes. Only its memory hooks see each load and store
+    # whole (gpa and size, once per access) — and while any is installed every access of
+    # every block takes the slow path. So a slow page's callback outside an exact step does
+    # nothing but ask for one (`_want_exact`): the run stops, the worker goes back to the
+    # context from before the instruction and runs just it again with the hooks on
+    # (`_exact_hooks`). They do each access as KVM's emulator does — page by page, RAM
+    # read or written, a part without memory an MMIO exit (a read: stop, answer, replay; a
+    # write: queued, the instruction finishes), a tracked part one tracked write — and the
+    # callbacks then serve the step's reads from `_exact_bytes` and drop its writes.
+
+    def _want_exact(self) -> None:
+        if self._exact is None:
+            self._exact = self._save()  # nothing of the instruction done yet
+            self._uc.emu_stop()
+
+    def _exact_hooks(self, rip: int) -> list[int]:
+        uc = self._uc
+        uc.ctl_remove_cache(rip, rip + 1)  # translate it again, with the hooks
+        return [uc.hook_add(UC_HOOK_MEM_READ, self._on_read),
+                uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write)]
+
+    def _on_read(self, uc: Uc, access: int, gpa: int, size: int, value: int,
+                 data: Any) -> None:
         if self._undo is not None:
-            return 0
-        data = self._replayed(ExitKind.MMIO, gpa)
-        if data is not None:
-            return int.from_bytes(data, "little")
+            return
+        for part, n in _page_parts(gpa, size):
+            got = self._replayed(ExitKind.MMIO, part)
+            if got is None:
+                got = self._guest_access(part, n, None)
+                if got is None:  # an MMIO exit: the rest of the instruction is undone
+                    return
+            for i, b in enumerate(got):
+                self._exact_bytes[part + i] = b
+
+    def _on_write(self, uc: Uc, access: int, gpa: int, size: int, value: int,
+                  data: Any) -> None:
+        if self._undo is not None:
+            return
+        if not self._exact_in and self._ins_prefixes() is not None:
+            return  # QEMU's INS stores a zero before its IN (to fault early): not the guest's
+        payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        pos = 0
+        for part, n in _page_parts(gpa, size):
+            chunk, pos = payload[pos:pos + n], pos + n
+            if (part, chunk) in self._exact_done:
+                continue  # done before Unicorn restarted the instruction
+            self._exact_done.add((part, chunk))
+            self._guest_access(part, n, chunk)
+
+    def _guest_access(self, gpa: int, n: int, data: bytes | None) -> bytes | None:
+        """Read (`data` None) or write `n` bytes within one page through kvmem's vCPU path,
+        as a hook: the bytes read (b"" for a write), or None after a read's MMIO exit."""
         self._leave()
         try:
-            try:
-                data = self._vcpu.guest_read(gpa, size)
-            except MmioExit:
-                self._post_read(Exit(ExitKind.MMIO, gpa, size, False))
-                data = b""
-            except MemoryFault as e:
-                self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, False, detail=str(e))
-                data = b""
+            if data is None:
+                return self._vcpu.guest_read(gpa, n)
+            self._vcpu.guest_write(gpa, data)
+            return b""
+        except MmioExit:
+            if data is None:
+                self._post_read(Exit(ExitKind.MMIO, gpa, n, False))
+                return None
+            self._exits.append(Exit(ExitKind.MMIO, gpa, n, True, data))  # done: no stop
+            return b""
+        except MemoryFault as e:
+            self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, n, data is not None,
+                               detail=str(e))
+            self._uc.emu_stop()
+            return None
         finally:
             self._enter()
-        if self._fatal is not None:
-            self._uc.emu_stop()
-        return int.from_bytes(data[:size].ljust(size, b"\0"), "little")
+
+    def _slow_read(self, gpa: int, size: int) -> int:
+        self._engine.stats["slow_accesses"] += 1
+        if self._undo is not None or self._exact is not None:
+            return 0
+        if not self._exact_step:
+            self._want_exact()
+            return 0
+        got = self._exact_bytes
+        if all(gpa + i in got for i in range(size)):
+            return sum(got[gpa + i] << (8 * i) for i in range(size))
+        if any(gpa + i in got for i in range(size)):
+            # an aligned piece of an unaligned load: the bytes outside it are shifted out
+            return sum(got.get(gpa + i, 0) << (8 * i) for i in range(size))
+        # not the instruction's load (a page walk through a tracked table): plain memory
+        self._leave()
+        try:
+            return int.from_bytes(self._vcpu.guest_read(gpa, size), "little")
+        except (MmioExit, MemoryFault):
+            return 0
+        finally:
+            self._enter()
 
     def _slow_write(self, gpa: int, size: int, value: int) -> None:
         self._engine.stats["slow_accesses"] += 1
-        if self._undo is not None:
-            return
-        if self._swallow:
-            self._swallow -= 1
-            return
-        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self._leave()
+        if self._undo is None and not self._exact_step:
+            self._want_exact()
+        # in an exact step the write hook did it
+
+    def _ins_prefixes(self) -> bytes | None:
+        """The prefixes of the instruction at RIP if it is an INS, else None."""
+        uc = self._uc
+        rip = int(uc.reg_read(X.UC_X86_REG_RIP))
         try:
-            try:
-                self._vcpu.guest_write(gpa, data)
-            except MmioExit:
-                exit_ = Exit(ExitKind.MMIO, gpa, size, True, data)
-                if self._swallow is not None:
-                    self._exits.append(exit_)  # the finishing run: no stop
-                else:
-                    if not self._exits:
-                        self._write_at = self._where()
-                    self._post(exit_)
-            except MemoryFault as e:
-                self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, True, detail=str(e))
-        finally:
-            self._enter()
-        if self._fatal is not None:
-            self._uc.emu_stop()
+            code = bytes(uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
+        except UcError:
+            return None
+        i = 0
+        while i < len(code) and code[i] in _PREFIXES:
+            i += 1
+        return code[:i] if i < len(code) and code[i] in (0x6C, 0x6D) else None
 
     def _string_in_count(self, size: int) -> int:
         """How many elements KVM's emulator reads ahead for the IN at RIP (pio_in_emulated):
         1 for IN; for INS, ECX (if REP) capped by the bytes left in EDI's page — bytes, not
         elements, as KVM compares them — and by its 1 KiB buffer."""
         uc = self._uc
-        rip = int(uc.reg_read(X.UC_X86_REG_RIP))
-        try:
-            code = bytes(uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
-        except UcError:
+        prefixes = self._ins_prefixes()
+        if prefixes is None:
             return 1
-        i = 0
-        while i < len(code) and code[i] in _PREFIXES:
-            i += 1
-        if i >= len(code) or code[i] not in (0x6C, 0x6D):
-            return 1
-        prefixes = code[:i]
         count = 1
         if 0xF3 in prefixes or 0xF2 in prefixes:
             count = int(uc.reg_read(X.UC_X86_REG_RCX))
@@ -801,9 +967,10 @@ class UnicornVcpu:
         return max(1, min(in_page, _PIO_READ_AHEAD // size, count))
 
     def _on_in(self, uc: Uc, port: int, size: int, data: Any) -> int:
-        if self._undo is not None:
+        if self._undo is not None or self._exact is not None:
             return 0
         rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
+        self._exact_in = self._exact_step
         answer = self._replayed(ExitKind.IO, port, rdi)
         if answer is not None:
             return int.from_bytes(answer, "little")
@@ -813,25 +980,16 @@ class UnicornVcpu:
         return 0
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, data: Any) -> None:
-        if self._undo is not None:
-            return
+        if self._undo is not None or self._exact is not None:
+            return  # (OUTS from a slow page: the exact step posts it, with the right data)
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._post(Exit(ExitKind.IO, port, size, True, payload))
 
 
-def _join_split_writes(exits: list[Exit]) -> list[Exit]:
-    """The MMIO writes of one instruction, as KVM's emulator makes them: Unicorn splits an
-    unaligned store into bytes, KVM only where it crosses a page."""
-    out: list[Exit] = []
-    for e in exits:
-        p = out[-1] if out else None
-        if (p is not None and p.kind is ExitKind.MMIO is e.kind and p.is_write and e.is_write
-                and p.addr + p.size == e.addr and p.size + e.size <= 8
-                and p.addr >> PAGE_SHIFT == (e.addr + e.size - 1) >> PAGE_SHIFT):
-            out[-1] = Exit(ExitKind.MMIO, p.addr, p.size + e.size, True, p.data + e.data)
-        else:
-            out.append(e)
-    return out
+def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
+    """[gpa, gpa + size) cut at page boundaries, as KVM's emulator cuts an access."""
+    first = min(size, PAGE_SIZE - (gpa & (PAGE_SIZE - 1)))
+    return [(gpa, first)] + ([(gpa + first, size - first)] if first < size else [])
 
 
 def _nothing() -> None:
