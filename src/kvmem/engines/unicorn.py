@@ -345,7 +345,8 @@ class UnicornVcpu:
         part without memory is MMIO write exits of up to 8 bytes each (a tracked part:
         tracked writes of up to 8 bytes, as the KVM engine's read-only split makes them);
         EDI and ECX stepped by them all; RIP past the instruction once ECX is 0 — after the
-        last of those exits (KVM finishes the instruction when it is re-entered). Between two
+        last of those exits, at the next run (KVM finishes the instruction when it is
+        re-entered). Between two
         runs, after the answer to such an exit: do it so (instead of replaying element by
         element) and return its exits; None where it does not apply."""
         data, self._ins_answer = self._ins_answer, None
@@ -377,10 +378,8 @@ class UnicornVcpu:
         left = ((rcx & mask) - last.count) & mask
         uc.reg_write(X.UC_X86_REG_RDI, (rdi & ~mask) | ((rdi + len(data)) & mask))
         uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
-        if left == 0:
+        if left == 0:  # (a state taken before the next run still has RIP at it, as KVM's)
             self._rip_after = self._answer_rip + len(prefixes) + 1
-            if not exits:
-                self._finish_string_in()
         return exits
 
     def _finish_string_in(self) -> None:
@@ -399,6 +398,8 @@ class UnicornVcpu:
         if not self._exits:
             self._finish_string_in()
             self._exits = self._string_in_writeback() or []
+            if not self._exits:
+                self._finish_string_in()
         # more exits of one instruction (an MMIO store split at a page) need no guest run
         exit_ = self._exits.pop(0) if self._exits else self._run_worker()
         if not exit_.reads:
