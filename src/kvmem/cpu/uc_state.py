@@ -81,6 +81,7 @@ from .state import (
 __all__ = [
     "APIC_BASE_DEFAULT",
     "UcTrap",
+    "code_bits",
     "configure",
     "get_state",
     "resume",
@@ -392,6 +393,13 @@ def get_state(uc: Uc) -> VcpuState:
                 | {MSR_FS_BASE: sregs.fs.base, MSR_GS_BASE: sregs.gs.base, MSR_IA32_TSC: tsc})
     return canonical(VcpuState(regs=regs, sregs=sregs, fpu=_get_fpu(uc), msrs=msrs,
                                events=VcpuEvents(), mp_state=MP_STATE_RUNNABLE))
+
+
+def code_bits(uc: Uc) -> int:
+    """16, 32 or 64: the default address size of the code `uc` runs now (CS.L, CS.D) — one
+    segment read, not a whole `get_state`."""
+    cs = _segment(*_Env(uc, _the_probe().layout).seg(_QEMU_SEGS.index("cs")))
+    return 64 if cs.l else 32 if cs.db else 16
 
 
 def set_state(uc: Uc, state: VcpuState) -> None:

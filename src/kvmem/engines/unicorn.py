@@ -224,6 +224,8 @@ class UnicornVcpu:
         self._exact_bytes: dict[int, int] = {}
         self._exact_done: set[tuple[int, bytes]] = set()
         self._exact_in = False  # the step's IN has run
+        self._drop_answers = False  # the step made a tracked write (see _on_write)
+        self._after_exits: list[tuple[int, bytes]] = []  # tracked writes behind an exit
         self._last: Exit | None = None
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
@@ -357,8 +359,7 @@ class UnicornVcpu:
         if (prefixes is None or not {0xF2, 0xF3} & set(prefixes)
                 or int(uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400):
             return None
-        cs = uc_state.get_state(uc).sregs.cs
-        bits = 64 if cs.l else 32 if cs.db else 16
+        bits = uc_state.code_bits(uc)
         if 0x67 in prefixes:
             bits = 32 if bits == 64 else 48 - bits
         mask = (1 << bits) - 1
@@ -395,6 +396,12 @@ class UnicornVcpu:
             kicked, self._kicked = self._kicked, False
         if kicked:
             return Exit(ExitKind.KICKED)
+        while not self._exits and self._after_exits:
+            gpa, data = self._after_exits.pop(0)
+            try:
+                self._vcpu.guest_write(gpa, data)
+            except MmioExit:
+                self._exits.append(Exit(ExitKind.MMIO, gpa, len(data), True, data))
         if not self._exits:
             self._finish_string_in()
             self._exits = self._string_in_writeback() or []
@@ -517,6 +524,9 @@ class UnicornVcpu:
             if exact:
                 self._exact_step = False
                 self._exact_bytes, self._exact_done = {}, set()
+                if self._drop_answers and self._undo is None:
+                    self._answers, self._used = {}, set()
+                self._drop_answers = False
             if self._exact is not None and self._undo is None:
                 # a slow page was touched: the instruction again, exactly (_want_exact)
                 ctx, self._exact = self._exact, None
@@ -884,7 +894,17 @@ class UnicornVcpu:
             if (part, chunk) in self._exact_done:
                 continue  # done before Unicorn restarted the instruction
             self._exact_done.add((part, chunk))
+            if self._tracked(part):
+                # on KVM a tracked write is an MMIO exit the engine takes itself: it drops
+                # what a string IN read ahead, and comes after an MMIO exit made before it
+                self._drop_answers = bool(self._answers)
+                if self._exits:
+                    self._after_exits.append((part, chunk))
+                    continue
             self._guest_access(part, n, chunk)
+
+    def _tracked(self, gpa: int) -> bool:
+        return self._engine.vm.page_track.is_tracked(gpa >> PAGE_SHIFT, self._vcpu.as_id)
 
     def _guest_access(self, gpa: int, n: int, data: bytes | None) -> bytes | None:
         """Read (`data` None) or write `n` bytes within one page through kvmem's vCPU path,
