@@ -208,3 +208,26 @@ def test_long_mode_with_paging_runs(engine: str, boot: Boot) -> None:
     cpu.set_state(modes.long_mode(0x10000, vm.write, 0x20000))
     assert cpu.run() == mmio(MMIO + 4, 8, bytes.fromhex("8877665544332211"))
     assert cpu.run() == Exit(ExitKind.HLT)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_tracked_part_behind_an_mmio_part_comes_after_its_exit(engine: str,
+                                                                  boot: Boot) -> None:
+    """A store from a hole into a tracked page: KVM's emulator exits for the hole's part
+    first; the tracked part (on the KVM engine an MMIO exit of its read-only split, taken by
+    the engine itself) is written when the vCPU is entered again."""
+    vm, cpu, track = boot(engine, mov_edi(RAM2 - 2) + mov_eax(0x11223344) + STORE4)
+    vm.page_track.add_gfn(RAM2 // PAGE_SIZE)
+    assert cpu.run() == mmio(RAM2 - 2, 2, bytes.fromhex("4433"))
+    assert track.writes == []
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert track.writes == [(RAM2, bytes.fromhex("2211"))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_each_in_is_its_own_exit(engine: str, boot: Boot) -> None:
+    """Two INs of one port with the same EDI: two exits (an answer is its instruction's)."""
+    vm, cpu, _ = boot(engine, "e420" + "88c3" + "e420")  # in al, 0x20; mov bl, al; in ...
+    seen = run(cpu)
+    assert [e for e, _ in seen] == [Exit(ExitKind.IO, 0x20, 1, False)] * 2 + [
+        Exit(ExitKind.HLT)]
