@@ -126,7 +126,7 @@ def test_unaligned_mmio_accesses_are_one_exit_of_their_size(engine: str, boot: B
     program = (mov_edi(MMIO + 1) + LOAD4            # 0x1000, 0x1005
                + mov_eax(0x11223344) + "894702"     # 0x1007, 0x100c: mov [edi+2], eax
                + mov_edi(MMIO + 0xFFF) + LOAD2)     # 0x100f, 0x1014: crosses an MMIO page
-    vm, cpu, _ = boot(engine, program)
+    _, cpu, _ = boot(engine, program)
     seen = run(cpu, {MMIO + 1: b"\x01\x02\x03\x04", MMIO + 0xFFF: b"\x05",
                      MMIO + 0x1000: b"\x06"})
     assert seen == [(mmio(MMIO + 1, 4), 0x1005),
@@ -191,7 +191,7 @@ def test_rep_ins_writes_its_elements_at_once(engine: str, where: str, boot: Boot
 def test_rep_stos_going_down_goes_down(engine: str, boot: Boot) -> None:
     program = (mov_edi(MMIO + 2) + "b903000000" + mov_eax(0x41)
                + "fd" + "f3aa" + "fc")        # std; rep stosb (at 0x1010); cld; hlt
-    vm, cpu, _ = boot(engine, program)
+    _, cpu, _ = boot(engine, program)
     seen = run(cpu)
     assert [e for e, _ in seen] == [mmio(MMIO + 2, 1, b"A"), mmio(MMIO + 1, 1, b"A"),
                                     mmio(MMIO, 1, b"A"), Exit(ExitKind.HLT)]
@@ -227,7 +227,7 @@ def test_a_tracked_part_behind_an_mmio_part_comes_after_its_exit(engine: str,
 @pytest.mark.parametrize("engine", ENGINES)
 def test_each_in_is_its_own_exit(engine: str, boot: Boot) -> None:
     """Two INs of one port with the same EDI: two exits (an answer is its instruction's)."""
-    vm, cpu, _ = boot(engine, "e420" + "88c3" + "e420")  # in al, 0x20; mov bl, al; in ...
+    _, cpu, _ = boot(engine, "e420" + "88c3" + "e420")  # in al, 0x20; mov bl, al; in ...
     seen = run(cpu)
     assert [e for e, _ in seen] == [Exit(ExitKind.IO, 0x20, 1, False)] * 2 + [
         Exit(ExitKind.HLT)]

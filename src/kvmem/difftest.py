@@ -36,6 +36,7 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import vm as _vm
 from .cpu import modes
@@ -66,7 +67,7 @@ RO = KVM_MEM_READONLY
 # in the image it pushes) and the next instruction clears
 _EFLAGS_DEFINED = ~((1 << 4) | (1 << 16))
 
-Action = tuple[object, ...]
+Action = tuple[Any, ...]  # (kind, arguments...)
 
 
 @dataclass
@@ -88,7 +89,7 @@ class Plan:
     slots: dict[int, Slot]  # the window's slots at the start, by id
     fill: bytes  # the window's initial contents
     program: randprog.RandomProgram
-    steps: list[tuple[str, object]] = field(default_factory=list)
+    steps: list[tuple[str, Any]] = field(default_factory=list)
     # ("run", (pass, {exit index: [actions]})) or ("act", action)
 
 
@@ -292,7 +293,7 @@ class _Run:
         try:
             what = self._act(a)
         except KvmError as e:
-            what = f"errno {errno.errorcode.get(e.errno, e.errno)}"
+            what = f"errno {errno.errorcode.get(e.errno or 0, e.errno)}"
         self.events.append(f"action {a[0]} {' '.join(map(_show, a[1:]))}: {what}")
 
     def _act(self, a: Action) -> str:
@@ -340,10 +341,10 @@ class _Run:
             self.window.discard(page * PAGE_SIZE, n * PAGE_SIZE)
             return "ok"
         if kind == "track":
-            vm.page_track.add_gfn(a[1])  # type: ignore[arg-type]
+            vm.page_track.add_gfn(a[1])
             return "ok"
         if kind == "untrack":
-            vm.page_track.remove_gfn(a[1])  # type: ignore[arg-type]
+            vm.page_track.remove_gfn(a[1])
             return "ok"
         if kind == "log":
             sid, flags = a[1:]
@@ -415,10 +416,10 @@ def trace(p: Plan, engine: str) -> tuple[list[str], bytes]:
     try:
         for kind, arg in p.steps:
             if kind == "run":
-                pass_no, mid = arg  # type: ignore[misc]
+                pass_no, mid = arg
                 run.run(pass_no, mid)
             else:
-                run.act(arg)  # type: ignore[arg-type]
+                run.act(arg)
         return run.events, run.memory()
     finally:
         run.close()

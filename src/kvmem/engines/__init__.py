@@ -24,7 +24,10 @@ its results are in place; "not done" means EIP is at it and nothing of it has ha
     INS (REP)        IO, addr=port, size, count=n            not done; `complete(size*n)`:
                        n = ECX (1 without REP), at most the bytes left in EDI's page
                        (KVM compares bytes with elements) and 1024 // size; the next
-                       element after those n is a new exit
+                       element after those n is a new exit. REP going up (DF clear)
+                       then writes the n elements as one access (its part without
+                       memory: MMIO write exits of <= 8 bytes, EIP still at the INS);
+                       an exit meanwhile drops the elements not written yet
     OUT              IO, addr=port, size, data (size bytes)  done
     OUTS (REP)       IO, one exit per element, count=1       element done (ECX, ESI
                        stepped); EIP at the instruction while REP goes on, and after
@@ -33,6 +36,10 @@ its results are in place; "not done" means EIP is at it and nothing of it has ha
     MMIO write       MMIO, addr=gpa, size, data              done
                        an unaligned store is one exit of its size (split only where it
                        crosses a page)
+    any access       one access of its size, cut only at a page boundary (KVM's emulator):
+                       a RAM part is read / written, a part without memory (no slot, a
+                       store to a read-only slot) an MMIO exit, a part on a tracked page
+                       one tracked write (after an MMIO exit of the same store)
     HLT              HLT                                     done
     SHUTDOWN         SHUTDOWN (an exception with no IDT to take it: a triple fault)
     INTERNAL_ERROR   detail says why (emulation failure, fetch from a gpa without memory)

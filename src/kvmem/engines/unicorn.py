@@ -23,7 +23,15 @@ Rules of this room:
   hook saves the context from before the instruction and the worker restores it after the
   stop; `complete` queues the answer and the next run replays the instruction, whose
   hooks read it (by gpa, or by port and EDI for the elements of a string IN, so an
-  instruction Unicorn restarts reads the same answers).
+  instruction Unicorn restarts reads the same answers; answers belong to the RIP of their
+  instruction). A REP INS going up is finished between runs as KVM's emulator finishes
+  it (`_string_in_writeback`).
+- Slow pages are done access by access as KVM's emulator does them, in exact steps: a slow
+  page's callback only asks for one, and the instruction runs again alone with memory
+  hooks on, which see each access whole (see "exact steps" below). A context saved in a
+  hook carries the EFLAGS read then (`_save` / `_restore`).
+- Page tables: Unicorn's walk reads its own physical memory, unseen by hooks; a walk that
+  meets a page not mapped yet faults, and `_map_page_walk` maps what kvmem's walker reads.
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
@@ -72,8 +80,8 @@ from unicorn.unicorn_const import (
 from unicorn.unicorn_py3 import Uc, UcError
 
 from .. import sync
-from ..cpu import Regs as KvmRegs
 from ..cpu import PageFault, Segment, Sregs, VcpuState, translate_gva, uc_state
+from ..cpu import Regs as KvmRegs
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -517,9 +525,9 @@ class UnicornVcpu:
                     self._undo is None:
                 # Unicorn gave the instruction up (a store to a page it must remap): again,
                 # exactly; what the hooks did is not done twice (_exact_done)
-                restart, self._restart = self._restart, None
+                redo, self._restart = self._restart, None
                 self._engine.stats["restarts"] += 1
-                restart()
+                redo()
                 continue
             if exact:
                 self._exact_step = False
@@ -533,9 +541,9 @@ class UnicornVcpu:
                 self._restore(ctx)
                 self._exact_step = True
                 self._exits = []
-                restart, self._restart = self._restart, None
-                if restart is not None:
-                    restart()
+                pending, self._restart = self._restart, None
+                if pending is not None:
+                    pending()
                 continue
             self._exact = None
             if self._undo is not None:

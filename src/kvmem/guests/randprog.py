@@ -154,10 +154,7 @@ class _Asm:
 
 def _address(rng: random.Random, base: int, npages: int, size: int) -> int:
     page = rng.randrange(npages)
-    if rng.random() < 0.75:
-        offset = rng.choice(_EDGES)
-    else:
-        offset = rng.randrange(_PAGE)
+    offset = rng.choice(_EDGES) if rng.random() < 0.75 else rng.randrange(_PAGE)
     if rng.random() < 0.25:  # cross into the next page
         offset = _PAGE - rng.randrange(1, size) if size > 1 else _PAGE - 1
     return base + page * _PAGE + offset
