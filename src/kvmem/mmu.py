@@ -673,6 +673,24 @@ class Mmu:
                     for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
         self.write_protect(slot.as_id, gfns)
 
+    def dirty_ring_reprotect(self, batches: Sequence[tuple[MemorySlot, int, int]]) -> None:
+        """KVM_RESET_DIRTY_RINGS' write-protection: for each (slot, offset, mask), pages
+        offset + b (bit b of mask) of the slot; one lock and one flush for them all."""
+        by_as: dict[int, list[int]] = {}
+        for slot, offset, mask in batches:
+            gfns = by_as.setdefault(slot.as_id, [])
+            base = slot.base_gfn + offset
+            while mask:
+                low = mask & -mask
+                gfns.append(base + low.bit_length() - 1)
+                mask ^= low
+        with self.lock:
+            n = 0
+            for as_id, gfns in by_as.items():
+                n += self._write_protect(as_id, gfns)
+            if n:
+                self.flush()
+
 
 class Stage2Access:
     """Guest memory as guest code sees it in one address space: reads and writes through

@@ -604,25 +604,34 @@ class Vm:
             if not self.memslots.dirty_ring_size:
                 raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_RINGS: the dirty ring is off")
             total = 0
+            found: list[tuple[MemorySlot, int, int]] = []
             for vcpu in self._vcpus.values():
                 count, batches = vcpu.dirty_ring.reset()
                 total += count
-                for slot, offset, mask in batches:
-                    self._reset_dirty_gfns(slot, offset, mask)
+                found += self._dirty_gfns(batches)
+            # one flush for all of them, as KVM flushes once after the walk
+            self.mmu.dirty_ring_reprotect(found)
             for listener in self._listeners:
+                for s, offset, mask in found:
+                    listener.dirty_log_reprotect(self, s, offset, [mask])
                 total += listener.dirty_rings_reset(self)
             return min(total, (1 << 31) - 1)
 
-    def _reset_dirty_gfns(self, slot: int, offset: int, mask: int) -> None:
-        """kvm_reset_dirty_gfn: write-protect pages offset + b (bit b of mask) of `slot`
-        again, if the slot still exists and holds them."""
-        as_id, sid = slot >> 16, slot & U16_MAX
-        if as_id >= self.limits.address_spaces or sid >= KVM_USER_MEM_SLOTS:
-            return
-        s = self.memslots.active.load()[as_id].by_id(sid)
-        if s is None or offset + mask.bit_length() - 1 >= s.npages:
-            return
-        self._reprotect(s, offset, [mask])
+    def _dirty_gfns(self, batches: Sequence[tuple[int, int, int]]
+                    ) -> list[tuple[MemorySlot, int, int]]:
+        """kvm_reset_dirty_gfn's checks: the batches whose slot still exists and holds
+        every page of the mask (bit b = page offset + b), with their slot; the others are
+        skipped."""
+        out = []
+        root = self.memslots.active.load()
+        for slot, offset, mask in batches:
+            as_id, sid = slot >> 16, slot & U16_MAX
+            if as_id >= self.limits.address_spaces or sid >= KVM_USER_MEM_SLOTS:
+                continue
+            s = root[as_id].by_id(sid)
+            if s is not None and offset + mask.bit_length() - 1 < s.npages:
+                out.append((s, offset, mask))
+        return out
 
     def _check_bitmap_mode(self, ioctl: str) -> None:
         if self.memslots.dirty_ring_size:
