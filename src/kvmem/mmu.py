@@ -37,8 +37,10 @@ with the file's errno — or a retry while an invalidation covers the gfn); lock
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
 for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
-writable in a logging slot. `fault_in` is the one retry loop around it: a retry leaves
-the SRCU read section first, as a vCPU re-entering the guest does, so an update can end.
+writable in a logging slot (through `mark`, the VM's one rule: bitmap, or the ring of the
+vCPU loaded on the faulting thread — a vCPU's `Stage2Access` loads its vCPU for a fault).
+`fault_in` is the one retry loop around it: a retry leaves the SRCU read section first, as
+a vCPU re-entering the guest does, so an update can end.
 """
 
 from __future__ import annotations

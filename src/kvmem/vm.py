@@ -21,6 +21,12 @@ Rules of this room:
   before the publish that shows the new slots, dropped for deleted slots in that same step
   — after a single DELETE's INVALID window began, inside a transaction's invalidation.
   A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
+- Dirty pages: every mark — accessors, caches, the MMU's write faults — goes through the
+  VM's one `DirtyMarks` (the slot's bitmap, or the ring of the vCPU loaded on the thread).
+  A `Vcpu`'s accessors and guest accesses are made with it loaded; engines load it while
+  it runs. Rings are enabled once, before any vCPU (each vCPU gets its ring at creation);
+  their reset holds `slots_lock`, walks the vCPUs in creation order and write-protects
+  what it freed with one flush.
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
