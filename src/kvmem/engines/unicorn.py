@@ -46,6 +46,11 @@ Rules of this room:
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
+- Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
+  vCPU's ring. A mark that raises the ring's soft-full request stops the guest at the next
+  hook's return (the instruction completes), and every entry checks the request first:
+  `run` returns DIRTY_RING_FULL, running nothing, until a reset makes room (KVM's
+  kvm_dirty_ring_check_request before each guest entry).
 """
 
 from __future__ import annotations
@@ -379,17 +384,23 @@ class UnicornVcpu:
         for part, n in _page_parts(rdi & mask, len(data)):
             chunk = data[part - (rdi & mask):][:n]
             for at in range(0, n, 8):
-                piece = chunk[at:at + 8]
-                try:
-                    self._vcpu.guest_write(part + at, piece)
-                except MmioExit:
-                    exits.append(Exit(ExitKind.MMIO, part + at, len(piece), True, piece))
+                exits += self._write_between_runs(part + at, chunk[at:at + 8])
         left = ((rcx & mask) - last.count) & mask
         uc.reg_write(X.UC_X86_REG_RDI, (rdi & ~mask) | ((rdi + len(data)) & mask))
         uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
         if left == 0:  # (a state taken before the next run still has RIP at it, as KVM's)
             self._rip_after = self._answer_rip + len(prefixes) + 1
         return exits
+
+    def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
+        """A guest write within one page that the caller's thread makes for the guest, the
+        vCPU loaded (its dirty ring takes the marks): [] or its MMIO exit."""
+        with self._vcpu.loaded():
+            try:
+                self._vcpu.guest_write(gpa, data)
+            except MmioExit:
+                return [Exit(ExitKind.MMIO, gpa, len(data), True, data)]
+        return []
 
     def _finish_string_in(self) -> None:
         if self._rip_after is not None:
@@ -405,11 +416,7 @@ class UnicornVcpu:
         if kicked:
             return Exit(ExitKind.KICKED)
         while not self._exits and self._after_exits:
-            gpa, data = self._after_exits.pop(0)
-            try:
-                self._vcpu.guest_write(gpa, data)
-            except MmioExit:
-                self._exits.append(Exit(ExitKind.MMIO, gpa, len(data), True, data))
+            self._exits += self._write_between_runs(*self._after_exits.pop(0))
         if not self._exits:
             self._finish_string_in()
             self._exits = self._string_in_writeback() or []
@@ -469,6 +476,12 @@ class UnicornVcpu:
 
     # -- the worker -----------------------------------------------------------------------------
     def _worker_main(self) -> None:
+        # the worker runs only this vCPU: it is loaded here for good, so every mark made on
+        # the guest's behalf (faults, slow accesses, tracked writes) goes to its ring
+        with self._vcpu.loaded():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv_lock:
                 self._cv.wait_until(lambda: self._go or self._closing)
@@ -493,6 +506,10 @@ class UnicornVcpu:
                 if self._kicked:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
+            # KVM checks its requests before every entry: a soft-full ring keeps the vCPU
+            # out (a read being finished is not an entry: KVM completes it first)
+            if not self._step and self._vcpu.dirty_ring.check_request():
+                return Exit(ExitKind.DIRTY_RING_FULL)
             while True:
                 with self._lock:
                     # a zap between the unmaps and this store would not wait for us
@@ -579,6 +596,8 @@ class UnicornVcpu:
                 return _STEPPED
             if exact:
                 continue  # the instruction is done: on, block-wise
+            if stopped and self._vcpu.dirty_ring.request:
+                continue  # a mark filled the ring: the check above decides
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -739,7 +758,7 @@ class UnicornVcpu:
             bases = [b for s, e in self._pending for b in self._bases(s, e)]
             fence = [b for b in bases if self._regions[b][1] == _RAM and b not in self._fenced]
             self._fenced.update(fence)
-            stop = bool(bases) or self._kicked
+            stop = bool(bases) or self._kicked or self._vcpu.dirty_ring.request
             if stop:
                 self._stop_requested = True
         for b in fence:
