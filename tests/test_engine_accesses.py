@@ -26,7 +26,7 @@ import kvmem
 from kvmem.cpu import modes
 from kvmem.engines import EngineVcpu, Exit, ExitKind
 from kvmem.kvmapi import kvm_available
-from kvmem.uapi import KVM_MEM_READONLY, PAGE_SIZE
+from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
 
 KVM_REASON = kvm_available()
 ENGINES = [
@@ -231,3 +231,22 @@ def test_each_in_is_its_own_exit(engine: str, boot: Boot) -> None:
     seen = run(cpu)
     assert [e for e, _ in seen] == [Exit(ExitKind.IO, 0x20, 1, False)] * 2 + [
         Exit(ExitKind.HLT)]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rep_ins_touches_no_memory_before_its_answer(engine: str, boot: Boot) -> None:
+    """At a string IN's exit the destination is as it was and not dirty (QEMU stores a zero
+    there first; KVM writes nothing until the answer): a harvest then reports nothing, the
+    one after the answer reports the page."""
+    vm, cpu, _ = boot(engine, mov_edi(RAM2 + 0x10) + "b902000000" + "ba40000000" + "f36c")
+    vm.write(RAM2 + 0x10, b"xy")
+    vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, RAM2, PAGE_SIZE,
+                         vm.translate(RAM2))
+    assert vm.get_dirty_log(1) == bytes(8)
+    assert cpu.run() == Exit(ExitKind.IO, 0x40, 1, False, count=2)
+    assert vm.read(RAM2 + 0x10, 2) == b"xy"
+    assert vm.get_dirty_log(1) == bytes(8)
+    cpu.complete(b"ab")
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert vm.read(RAM2 + 0x10, 2) == b"ab"
+    assert vm.get_dirty_log(1) == b"\x01" + bytes(7)

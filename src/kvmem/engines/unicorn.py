@@ -792,6 +792,8 @@ class UnicornVcpu:
         gfn = address >> PAGE_SHIFT
         fetch = access == UC_MEM_FETCH_UNMAPPED
         write = access == UC_MEM_WRITE_UNMAPPED
+        if write and self._ins_dummy():
+            return False
         spte = self._hook_fault(address, size, write)
         if self._fatal is not None or (spte is None and fetch):
             return False
@@ -804,6 +806,29 @@ class UnicornVcpu:
             self._map_ram(gfn, spte)
         return True
 
+    def _ins_dummy(self) -> bool:
+        """QEMU's INS stores a zero at EDI before its IN (to fault early); KVM writes
+        nothing before the IN is answered. A write fault of that store, with no answer for
+        the element yet, posts the IN's exit instead: the page is not faulted in, nothing
+        is written or marked dirty. (On a page already writable the zero is stored, and the
+        replay overwrites it with the answer.) True if so: the hook returns False."""
+        if self._undo is not None or self._exact is not None or self._exact_in:
+            return False
+        prefixes = self._ins_prefixes()
+        if prefixes is None:
+            return False
+        uc = self._uc
+        port = int(uc.reg_read(X.UC_X86_REG_RDX)) & 0xFFFF
+        rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
+        if self._replayed(ExitKind.IO, port, rdi) is not None:
+            return False
+        code = bytes(uc.mem_read(int(uc.reg_read(X.UC_X86_REG_RIP)) + len(prefixes), 1))
+        size = 1 if code == b"\x6c" else 2 if 0x66 in prefixes else 4
+        self._read_rdi = rdi
+        self._post_read(Exit(ExitKind.IO, port, size, False,
+                             count=self._string_in_count(size)))
+        return True
+
     def _on_prot(self, uc: Uc, access: int, address: int, size: int, value: int,
                  data: Any) -> bool:
         gfn = address >> PAGE_SHIFT
@@ -811,6 +836,8 @@ class UnicornVcpu:
         if base is None or base in self._fenced or access != UC_MEM_WRITE_PROT:
             # a fenced region, or a read of PROT_NONE: unmap what is pending and retry
             self._restart = _nothing
+            return False
+        if self._ins_dummy():
             return False
         spte = self._hook_fault(address, size, True)
         if self._fatal is not None:
