@@ -250,3 +250,37 @@ def test_rep_ins_touches_no_memory_before_its_answer(engine: str, boot: Boot) ->
     assert cpu.run() == Exit(ExitKind.HLT)
     assert vm.read(RAM2 + 0x10, 2) == b"ab"
     assert vm.get_dirty_log(1) == b"\x01" + bytes(7)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_answered_in_survives_a_write_protection_of_its_page(engine: str,
+                                                               boot: Boot) -> None:
+    """The destination page of a string IN is write-protected at its exit (a harvest): the
+    answered element is written once (no second exit for it), and logged."""
+    vm, cpu, _ = boot(engine, mov_edi(RAM2 + 0x10) + STORE4 + "b901000000" + "ba40000000"
+                      + "fd" + "f36c" + "fc")  # mov [edi], eax; ...; std; rep insb; cld
+    vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, RAM2, PAGE_SIZE, vm.translate(RAM2))
+    assert cpu.run() == Exit(ExitKind.IO, 0x40, 1, False, count=1)
+    assert vm.get_dirty_log(1) == b"\x01" + bytes(7)  # the store; the page is protected again
+    cpu.complete(b"q")
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert vm.read(RAM2 + 0x10, 1) == b"q"
+    assert vm.get_dirty_log(1) == b"\x01" + bytes(7)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rep_ins_across_a_hole_and_a_tracked_page(engine: str, boot: Boot) -> None:
+    """The element crossing from the hole into a tracked page: the hole's byte is an MMIO
+    exit, the tracked byte a tracked write when the vCPU is entered again."""
+    vm, cpu, track = boot(engine, mov_edi(RAM2 - 1) + "b902000000" + "ba40000000"
+                          + "66f36d")  # rep insw
+    vm.page_track.add_gfn(RAM2 // PAGE_SIZE)
+    assert cpu.run() == Exit(ExitKind.IO, 0x40, 2, False, count=1)  # 1 byte left in the page
+    cpu.complete(b"ab")
+    assert cpu.run() == mmio(RAM2 - 1, 1, b"a")
+    assert track.writes == []
+    assert cpu.run() == Exit(ExitKind.IO, 0x40, 2, False, count=1)
+    assert track.writes == [(RAM2, b"b")]
+    cpu.complete(b"cd")
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert track.writes == [(RAM2, b"b"), (RAM2 + 1, b"cd")]

@@ -384,7 +384,10 @@ class UnicornVcpu:
         for part, n in _page_parts(rdi & mask, len(data)):
             chunk = data[part - (rdi & mask):][:n]
             for at in range(0, n, 8):
-                exits += self._write_between_runs(part + at, chunk[at:at + 8])
+                if exits and self._tracked(part):  # behind an exit, as in _on_write
+                    self._after_exits.append((part + at, chunk[at:at + 8]))
+                else:
+                    exits += self._write_between_runs(part + at, chunk[at:at + 8])
         left = ((rcx & mask) - last.count) & mask
         uc.reg_write(X.UC_X86_REG_RDI, (rdi & ~mask) | ((rdi + len(data)) & mask))
         uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
@@ -568,7 +571,7 @@ class UnicornVcpu:
                 # answer (KVM's RIP at an IN or MMIO read is the instruction's own)
                 undo, self._undo = self._undo, None
                 self._restore(undo)
-            elif self._used and not self._step and (
+            elif self._used and not self._step and error is None and (
                     len(self._used) >= len(self._answers)
                     or uc.reg_read(X.UC_X86_REG_RIP) != self._answer_rip):
                 self._answers, self._used = {}, set()  # the replay is done
@@ -820,8 +823,9 @@ class UnicornVcpu:
         uc = self._uc
         port = int(uc.reg_read(X.UC_X86_REG_RDX)) & 0xFFFF
         rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
-        if self._replayed(ExitKind.IO, port, rdi) is not None:
-            return False
+        if self._answers.get((ExitKind.IO, port, rdi)) is not None and \
+                int(uc.reg_read(X.UC_X86_REG_RIP)) == self._answer_rip:
+            return False  # the replay: the hooks of the IN take the answer
         code = bytes(uc.mem_read(int(uc.reg_read(X.UC_X86_REG_RIP)) + len(prefixes), 1))
         size = 1 if code == b"\x6c" else 2 if 0x66 in prefixes else 4
         self._read_rdi = rdi
