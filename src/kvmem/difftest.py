@@ -22,7 +22,13 @@ the same answers for the same accesses.
 
 Rules: the schedule is decided by the seed and a model of the layout only, never by what an
 engine did, so both engines get the same steps for as long as their traces agree; the first
-event that differs is the divergence.
+event that differs is the divergence. Host actions run after an exit is answered, never
+between a read exit and its answer. RF (bit 16) and AF are masked in EFLAGS (see
+`_EFLAGS_DEFINED`).
+
+Known and not compared: on a page Unicorn already maps writable, QEMU's INS stores a zero
+at EDI before its IN exit (KVM writes nothing until the answer); a host that reads that
+element's bytes at the exit sees the zero. No event here reads memory at an exit.
 """
 
 from __future__ import annotations

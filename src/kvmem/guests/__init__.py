@@ -36,6 +36,10 @@ mid-way):
 - `user_stub` — not a program: the ring-0 stub `kvmem.cpu.modes.user_mode` installs (SYSCALL
   entry at 0, 256 vector entries at 0x100 + 16 * v; every entry is one port write).
 
+`randprog` is not a program but a generator of them: seeded random programs in 32-bit
+protected and 64-bit mode for the differential engine test (`kvmem.difftest`), encoded
+directly (no assembler).
+
 Sources are the `.S` files here (64-bit ones carry `.code64`); rebuild the `.bin` files with
 `python -m kvmem.guests.build` (GNU as + objcopy), check them with `--check`.
 """
