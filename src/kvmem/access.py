@@ -130,12 +130,12 @@ class GuestMemory:
         self._bind_small_paths()
 
     # -- the section --------------------------------------------------------------------------
-    def enter(self) -> int:
+    def enter(self) -> list[None]:
         """Begin an accessor section (a read section of the host guard); returns the token
         `leave` takes."""
         return self._guard.read_lock()
 
-    def leave(self, token: int) -> None:
+    def leave(self, token: list[None]) -> None:
         self._guard.read_unlock(token)
 
     # -- public accessors --------------------------------------------------------------------
@@ -160,8 +160,8 @@ class GuestMemory:
 
         def read(gpa: int, n: int) -> bytes:
             if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
-                i = guard.index
-                next(guard.locks[i])
+                r = guard.current
+                r.append(None)
                 try:
                     slots = root.value[as_id]
                     e = slots.read_views.get(gpa >> 12)
@@ -171,14 +171,14 @@ class GuestMemory:
                         off = gpa & 4095
                         return bytes(e[1][off:off + n])
                 finally:
-                    next(guard.unlocks[i])
+                    r.pop()
             gpa, n = check_range(gpa, n)
             return read_runs(gpa, n)
 
         def write(gpa: int, data: bytes | bytearray | memoryview) -> None:
-            if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
-                i = guard.index
-                next(guard.locks[i])
+            if gpa.__class__ is int:
+                r = guard.current
+                r.append(None)
                 try:
                     slots = root.value[as_id]
                     gfn = gpa >> 12
@@ -187,16 +187,21 @@ class GuestMemory:
                         e = fill_write(slots, gfn)
                     if e is not None:
                         off = gpa & 4095
-                        # past the page end the slice is shorter than `data`: ValueError,
-                        # and nothing was written (the general path below takes it)
-                        e[1][off:off + len(data)] = data
-                        if e[2] is not None and data:
-                            mark(e[2], gfn - e[2].base_gfn, 1)
-                        return
-                except ValueError:
-                    pass
+                        try:
+                            n = len(data)
+                            # one slice store, for flat unsigned-byte data that fits the
+                            # page; anything else (past the page end, not bytes-like,
+                            # another format or shape) raises before a byte is written,
+                            # and the general path below takes it
+                            e[1][off:off + n] = data
+                        except (TypeError, ValueError):
+                            pass
+                        else:
+                            if n and e[2] is not None:
+                                mark(e[2], gfn - e[2].base_gfn, 1)
+                            return
                 finally:
-                    next(guard.unlocks[i])
+                    r.pop()
             gpa, _ = check_range(gpa, 0)
             write_runs(gpa, as_bytes("data", data))
 
@@ -414,9 +419,8 @@ class HvaCache:
         if offset.__class__ is int and n.__class__ is int and offset >= 0 and \
                 0 <= n <= self.len - offset:
             # a cached page still good: same slot generation, no host change since
-            guard = memory._guard
-            i = guard.index
-            next(guard.locks[i])
+            r = memory._guard.current
+            r.append(None)
             try:
                 v = self._view
                 if v is not None and v[0] == memory._epoch.value and self.memslot is not None \
@@ -424,7 +428,7 @@ class HvaCache:
                     start = (self.hva & 4095) + offset
                     return bytes(v[1][start:start + n])
             finally:
-                next(guard.unlocks[i])
+                r.pop()
         n = as_int("length", n)
         if n < 0:
             raise KvmError(errno.EINVAL, f"length {n} is negative")

@@ -5,7 +5,7 @@ Rules of this room:
   The concurrency checker replaces this module's classes with scheduler-aware twins, so
   every operation below is a place where another thread may run.
 - The normal implementations are thin wrappers over `threading` and must stay cheap:
-  an SRCU read section is two counter increments, `Atomic.load` is one attribute read.
+  an SRCU read section is one list append and one pop, `Atomic.load` is one attribute read.
   `benchmarks/bench_sync.py` measures each against the raw `threading` object or plain
   attribute access it stands for.
 - A hot path may read `Atomic.value` directly (a plain attribute: no call). It means
@@ -13,22 +13,20 @@ Rules of this room:
   lost by it; writes always go through `store`/`add`.
 - `read()`/`write()`/`with` need no generator: they return small guard objects.
 
-Theory of operation of `Srcu` (sleepable RCU, Linux's srcu_struct in miniature): two
-pairs of counters, `locks[i]` and `unlocks[i]`, and an index. `read_lock` reads the index,
-counts itself in `locks[index]` and returns the index, *before* the reader loads any
-published pointer; `read_unlock(index)` counts in `unlocks[index]`. `synchronize` flips
-the index, then waits until `unlocks[old]` (read first) equals `locks[old]` (read second):
-every exit it read follows an entry it read, so equality means no reader was inside under
-the old index. A reader that counts itself in the old index only after that check loaded
-its pointer after the flip, hence after the new value was published — so once
-`synchronize` returns, nobody uses the old value. Sections nest (each has its own token).
-The counters are `itertools.count`s: `next()` on one is a single atomic step under
-CPython's GIL, which this module relies on.
+Theory of operation of `Srcu` (sleepable RCU, Linux's srcu_struct in miniature): a reader
+registers in the list `current` — one entry per open section — *before* it loads any
+published pointer, and takes its entry out of the same list when it leaves (the list is its
+token). `synchronize` replaces `current` with a fresh list, then waits until the old one is
+empty. A reader that registered in the old list before that check is waited for; one that
+registered in it only after the check loaded its pointer after the swap, hence after the
+new value was published — so once `synchronize` returns, nobody uses the old value.
+Sections nest (each has its own entry). `list.append`, `list.pop` and the emptiness test
+are single atomic steps under CPython's GIL, which this module relies on; no integer is
+allocated on the read side, which is why this is cheaper than a pair of counters.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -233,11 +231,6 @@ class Condition:
         self._cond.notify_all()
 
 
-def _count_of(counter: itertools.count[int]) -> int:
-    """The next value `counter` would return, without taking it."""
-    return int(repr(counter)[6:-1])  # "count(N)"
-
-
 class _Section:
     """`with srcu.read():` — one read section, holding its token."""
 
@@ -245,7 +238,7 @@ class _Section:
 
     def __init__(self, srcu: Srcu) -> None:
         self._srcu = srcu
-        self._token = 0
+        self._token: list[None] = []
 
     def __enter__(self) -> None:
         self._token = self._srcu.read_lock()
@@ -258,25 +251,24 @@ class Srcu:
     """Sleepable RCU: cheap read sections, `synchronize` waits for readers of old data.
 
     `token = srcu.read_lock()` … `srcu.read_unlock(token)`, or `with srcu.read():`. A hot
-    path may inline the two steps — `i = srcu.index; next(srcu.locks[i])` … then
-    `next(srcu.unlocks[i])` — which is exactly what the methods do; the concurrency
-    checker's twin honours the same protocol (and makes both steps scheduling points)."""
+    path may inline the two steps — `r = srcu.current; r.append(None)` … then `r.pop()` —
+    which is exactly what the methods do; the concurrency checker's twin honours the same
+    protocol (and makes both steps scheduling points)."""
 
     def __init__(self, name: str = "srcu") -> None:
         self.name = name
-        self.index = 0
-        self.locks = (itertools.count(), itertools.count())
-        self.unlocks = (itertools.count(), itertools.count())
+        # the readers of the current phase: one entry per open section
+        self.current: list[None] = []
         self._gp_lock = threading.Lock()  # one grace period at a time
         self.grace_periods = 0
 
-    def read_lock(self) -> int:
-        i = self.index
-        next(self.locks[i])  # before the caller loads any published pointer
-        return i
+    def read_lock(self) -> list[None]:
+        r = self.current
+        r.append(None)  # before the caller loads any published pointer
+        return r
 
-    def read_unlock(self, token: int) -> None:
-        next(self.unlocks[token])
+    def read_unlock(self, token: list[None]) -> None:
+        token.pop()
 
     def read(self) -> AbstractContextManager[None]:
         """`with srcu.read():` — a read section."""
@@ -286,14 +278,10 @@ class Srcu:
         """Return once every read section that began before this call has ended. Never
         call it inside a read section of the same Srcu: it would wait for itself."""
         with self._gp_lock:
-            old = self.index
-            self.index = old ^ 1
-            locks, unlocks = self.locks[old], self.unlocks[old]
+            old = self.current
+            self.current = []
             delay = 0.0
-            while True:
-                done = _count_of(unlocks)
-                if done == _count_of(locks):
-                    break
+            while old:
                 time.sleep(delay)
                 delay = min(0.001, delay + 0.00005)
             self.grace_periods += 1
