@@ -105,17 +105,28 @@ class _Guard:
 
 class RwLock:
     """Many readers or one writer; writers are not starved (new readers wait for a
-    waiting writer)."""
+    waiting writer).
 
-    __slots__ = ("_cond", "_lock", "_read", "_readers", "_sleepers", "_write", "_writer",
-                 "_writers_waiting", "name")
+    The read side takes no lock while no writer holds or waits: a reader registers in the
+    list `readers` (one entry per hold) and then looks at `busy` (a writer holds or waits);
+    a writer sets `busy` and then waits until `readers` is empty. Under the GIL each of
+    these steps is atomic and they are seen in program order, so either the reader sees
+    `busy` (and steps back: `read_contended`) or the writer sees the reader (and waits for
+    it). A hot path may inline the read side — `r = rw.readers; r.append(None)`, then
+    `if rw.busy: rw.read_contended()` … `r.pop()`, then `if rw.busy: rw.wake_writer()` —
+    which is exactly what `acquire_read` / `release_read` do; the concurrency checker's
+    twin honours the same protocol."""
+
+    __slots__ = ("_cond", "_lock", "_read", "_sleepers", "_write", "_writer",
+                 "_writers_waiting", "busy", "name", "readers")
 
     def __init__(self, name: str = "rwlock") -> None:
-        self._lock = threading.Lock()  # guards the counts; uncontended paths take only it
-        self._cond = threading.Condition(self._lock)
-        self._readers = 0
+        self._lock = threading.Lock()  # guards the writer fields; readers take it only
+        self._cond = threading.Condition(self._lock)  # when a writer holds or waits
+        self.readers: list[None] = []
         self._writer: int | None = None
         self._writers_waiting = 0
+        self.busy = False  # a writer holds or waits (changed under _lock)
         self._sleepers = 0  # threads in _cond.wait(): notify only if there are any
         self.name = name
         self._read = _Guard(self.acquire_read, self.release_read)
@@ -129,36 +140,52 @@ class RwLock:
             self._sleepers -= 1
 
     def acquire_read(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            while self._writer is not None or self._writers_waiting:
+        self.readers.append(None)
+        if self.busy:
+            self.read_contended()
+
+    def read_contended(self) -> None:
+        """The reader's entry met a writer: take it back (waking the writer if it waits
+        for it), wait until no writer holds or waits, and register again."""
+        self.readers.pop()
+        with self._lock:
+            if self._sleepers:
+                self._cond.notify_all()
+            while self.busy:
                 self._sleep()
-            self._readers += 1
-        finally:
-            lock.release()
+            self.readers.append(None)  # under the lock: a writer sees it when it checks
 
     def release_read(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        self._readers -= 1
-        if self._readers == 0 and self._sleepers:
-            self._cond.notify_all()
-        lock.release()
+        self.readers.pop()
+        if self.busy:
+            self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """A reader left while a writer holds or waits: wake it if it sleeps."""
+        with self._lock:
+            if self._sleepers:
+                self._cond.notify_all()
 
     def acquire_write(self) -> None:
         with self._lock:
             self._writers_waiting += 1
+            self.busy = True  # before looking at `readers`: see the class notes
             try:
-                while self._writer is not None or self._readers:
+                while self._writer is not None or self.readers:
                     self._sleep()
-            finally:
+            except BaseException:  # interrupted while waiting: leave no trace
                 self._writers_waiting -= 1
+                self.busy = self._writer is not None or self._writers_waiting > 0
+                if self._sleepers:
+                    self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = _get_ident()
 
     def release_write(self) -> None:
         with self._lock:
             self._writer = None
+            self.busy = self._writers_waiting > 0
             if self._sleepers:
                 self._cond.notify_all()
 

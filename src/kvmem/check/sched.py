@@ -387,14 +387,43 @@ class Mutex:
             raise sync.LockNotHeld(f"{self.name} must be held here")
 
 
+class _ReadHolds:
+    """What a twin RwLock's `readers` gives: `append` and `pop` are the two steps of the
+    inlined read side (`r = rw.readers; r.append(None)` … `r.pop()`); the twin's `busy`
+    is never true, since `append` itself waits for writers."""
+
+    __slots__ = ("_rw",)
+
+    def __init__(self, rw: RwLock) -> None:
+        self._rw = rw
+
+    def append(self, _entry: None) -> None:
+        self._rw.acquire_read()
+
+    def pop(self) -> None:
+        self._rw.release_read()
+
+
 class RwLock:
     __slots__ = ("_readers", "_writer", "_writers_waiting", "name")
+
+    busy = False  # the inlined read side never takes the real lock's slow path here
 
     def __init__(self, name: str = "rwlock") -> None:
         self._readers: list[int] = []
         self._writer: int | None = None
         self._writers_waiting = 0
         self.name = name
+
+    @property
+    def readers(self) -> _ReadHolds:
+        return _ReadHolds(self)
+
+    def read_contended(self) -> None:
+        raise AssertionError("the twin's busy is never true")
+
+    def wake_writer(self) -> None:
+        raise AssertionError("the twin's busy is never true")
 
     def acquire_read(self) -> None:
         ctx = _current()
