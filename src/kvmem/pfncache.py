@@ -290,7 +290,7 @@ class PfnCache:
         caches of logging slots; nothing otherwise). Call while holding the cache (between
         `acquire` and `release`, or inside `lock()`)."""
         slot, gpa = self.memslot, self.gpa
-        if slot is not None and gpa is not None and slot.dirty_bitmap is not None:
+        if slot is not None and gpa is not None and slot.dirty_logging:
             self._mark(slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, 1)
 
     def acquire(self, length: int) -> memoryview:
