@@ -29,6 +29,11 @@ between a read exit and its answer. RF (bit 16) and AF are masked in EFLAGS (see
 Known and not compared: on a page Unicorn already maps writable, QEMU's INS stores a zero
 at EDI before its IN exit (KVM writes nothing until the answer); a host that reads that
 element's bytes at the exit sees the zero. No event here reads memory at an exit.
+
+Known and compared (seed 10527 of the slow test's range shows it): a load crossing from a
+RAM page Unicorn maps into a page without memory, whose RAM part the host changes between
+the MMIO exit and its answer (a discard at that exit). KVM's emulator read the RAM part
+before exiting and completes with those bytes; Unicorn's replay reads the page again.
 """
 
 from __future__ import annotations

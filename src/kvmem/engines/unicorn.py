@@ -930,14 +930,27 @@ class UnicornVcpu:
                  data: Any) -> None:
         if self._undo is not None:
             return
+        # KVM's emulator reads every RAM part, then exits for the first part without
+        # memory: the replay takes the RAM parts as read then, not as they are after it
+        exited = False
+        ram: list[tuple[int, bytes]] = []
         for part, n in _page_parts(gpa, size):
             got = self._replayed(ExitKind.MMIO, part)
             if got is None:
-                got = self._guest_access(part, n, None)
-                if got is None:  # an MMIO exit: the rest of the instruction is undone
-                    return
+                got = self._guest_read_part(part, n)
+                if got is None:
+                    if self._fatal is not None:
+                        return
+                    if not exited:
+                        self._post_read(Exit(ExitKind.MMIO, part, n, False))
+                        exited = True
+                    continue
+                ram.append((part, got))
             for i, b in enumerate(got):
                 self._exact_bytes[part + i] = b
+        if exited:
+            for part, got in ram:
+                self._answers[(ExitKind.MMIO, part)] = got
 
     def _on_write(self, uc: Uc, access: int, gpa: int, size: int, value: int,
                   data: Any) -> None:
@@ -959,31 +972,37 @@ class UnicornVcpu:
                 if self._exits:
                     self._after_exits.append((part, chunk))
                     continue
-            self._guest_access(part, n, chunk)
+            self._guest_write_part(part, chunk)
 
     def _tracked(self, gpa: int) -> bool:
         return self._engine.vm.page_track.is_tracked(gpa >> PAGE_SHIFT, self._vcpu.as_id)
 
-    def _guest_access(self, gpa: int, n: int, data: bytes | None) -> bytes | None:
-        """Read (`data` None) or write `n` bytes within one page through kvmem's vCPU path,
-        as a hook: the bytes read (b"" for a write), or None after a read's MMIO exit."""
+    def _guest_read_part(self, gpa: int, n: int) -> bytes | None:
+        """Read `n` bytes within one page through kvmem's vCPU path, as a hook: None where
+        there is no memory (or with `_fatal` set)."""
         self._leave()
         try:
-            if data is None:
-                return self._vcpu.guest_read(gpa, n)
-            self._vcpu.guest_write(gpa, data)
-            return b""
+            return self._vcpu.guest_read(gpa, n)
         except MmioExit:
-            if data is None:
-                self._post_read(Exit(ExitKind.MMIO, gpa, n, False))
-                return None
-            self._exits.append(Exit(ExitKind.MMIO, gpa, n, True, data))  # done: no stop
-            return b""
+            return None
         except MemoryFault as e:
-            self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, n, data is not None,
-                               detail=str(e))
+            self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, n, False, detail=str(e))
             self._uc.emu_stop()
             return None
+        finally:
+            self._enter()
+
+    def _guest_write_part(self, gpa: int, data: bytes) -> None:
+        """Write `data` within one page through kvmem's vCPU path, as a hook; where there is
+        no memory, an MMIO write exit (queued: the instruction finishes, as on KVM)."""
+        self._leave()
+        try:
+            self._vcpu.guest_write(gpa, data)
+        except MmioExit:
+            self._exits.append(Exit(ExitKind.MMIO, gpa, len(data), True, data))
+        except MemoryFault as e:
+            self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, len(data), True, detail=str(e))
+            self._uc.emu_stop()
         finally:
             self._enter()
 
