@@ -54,6 +54,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import Uc, UcContext
 
 from .events import Event, Interrupt, Syscall
+from .paging import PagingFeatures
 from .state import (
     MP_STATE_RUNNABLE,
     MSR_CSTAR,
@@ -80,6 +81,7 @@ from .state import (
 
 __all__ = [
     "APIC_BASE_DEFAULT",
+    "PAGING_FEATURES",
     "UcTrap",
     "configure",
     "get_state",
@@ -130,6 +132,8 @@ _EFER_SVME: Final = 1 << 12
 _RFLAGS_VM: Final = 1 << 17
 
 # exceptions that push an error code (SDM vol. 3 table 6-1)
+PAGING_FEATURES: Final = PagingFeatures(maxphyaddr=40, gbpages=False, amd=False)
+"""What Unicorn's CPU (QEMU's "qemu64") tells a page walk."""
 _HAS_ERROR_CODE: Final = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 _GPRS: Final = (
