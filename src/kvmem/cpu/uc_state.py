@@ -581,6 +581,15 @@ class UcTrap:
         event, self._event = self._event, None
         return event
 
+    def retry(self, uc: Uc, cr2: int) -> None:
+        """Forget the fault just taken, which the caller does not deliver (the instruction
+        runs again): CR2 back to `cr2`, and no exception in flight in QEMU — which would
+        make the next fault a double fault."""
+        uc.reg_write(X.UC_X86_REG_CR2, cr2)
+        env = _Env(uc, self._layout)
+        env.put(_I32, self._layout.old_exception, -1)
+        env.restore(uc)
+
     @staticmethod
     def invalid_opcode() -> Event:
         return Interrupt(6)

@@ -490,7 +490,7 @@ class UnicornVcpu:
         uc = self._uc
         if (isinstance(event, Interrupt) and event.vector == _PF and not event.software
                 and self._map_page_tables(event.error_code or 0)):
-            uc.reg_write(X.UC_X86_REG_CR2, self._cr2)  # not the guest's fault: run again
+            self._trap.retry(uc, self._cr2)  # not the guest's fault: run it again
             return None
         self._engine.stats["events"] += 1
         try:
