@@ -37,6 +37,13 @@ Rules of this room:
   instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
+- Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
+  delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
+  accessors) and goes on, or exits SHUTDOWN for what cannot be delivered. The event of an
+  instruction that exited or is run again is dropped with it. QEMU walks page tables in
+  guest physical memory without hooks, so a table page not mapped yet reads as zeros and
+  faults: a #PF whose walk (kvmem's walker) touches such a page maps it and runs the
+  instruction again, with CR2 and QEMU's exception-in-flight put back (`UcTrap.retry`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 """
 
@@ -96,8 +103,8 @@ _REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_
 _RAM, _SLOW = "ram", "slow"
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
-_PIO_READ_AHEAD = 1024
-_PF = 14  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
+_PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
+_PF = 14
 
 
 def _flat(selector: int, type_: int) -> Segment:
