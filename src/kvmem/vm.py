@@ -674,9 +674,6 @@ class Vcpu:
     """Answer the last read exit with exactly `exit.answer_size` bytes."""
     kick: Callable[[], None]
     """From any thread: make a running (or the next) `run` return `ExitKind.KICKED`."""
-    start: Callable[..., None]
-    """`start(entry, regs=None)`: reset to 32-bit protected mode (flat segments, CPL 0, no
-    paging, no IDT) at `entry`, with the general registers of `regs`."""
     get_regs: Callable[[], Regs]
     set_regs: Callable[[Regs], None]
     """At any exit; at a read exit (IN, MMIO read) the read is dropped and the instruction
@@ -691,15 +688,14 @@ class Vcpu:
         self._backend: EngineVcpu | None = None
         self._state = VcpuState()  # the state of a vCPU no engine runs
         self._bind()
-        self.run = self.complete = self.kick = self.start = self._no_engine
+        self.run = self.complete = self.kick = self._no_engine
         self.get_regs = self.set_regs = self._no_engine
 
     def _attach(self, backend: EngineVcpu) -> None:
         """The Vm gives the vCPU its engine's backend (once, before anyone else sees it)."""
         self._backend = backend
         self.run, self.complete, self.kick = backend.run, backend.complete, backend.kick
-        self.start, self.get_regs, self.set_regs = (backend.start, backend.get_regs,
-                                                    backend.set_regs)
+        self.get_regs, self.set_regs = backend.get_regs, backend.set_regs
 
     def _no_engine(self, *args: object, **kwargs: object) -> Any:
         raise EngineError(errno.ENODEV, f"vCPU {self.id} cannot run guest code: its Vm has "
@@ -718,6 +714,14 @@ class Vcpu:
         """The engine's half of this vCPU (None without an engine): for engines and their
         tests; everything a VMM needs is on the `Vcpu` itself."""
         return self._backend
+
+    def start(self, entry: int, regs: Regs | None = None) -> None:
+        """Reset to 32-bit protected mode (flat 4 GiB segments, CPL 0, no paging) at `entry`,
+        with the general registers of `regs` (the mode of the bundled 32-bit guests)."""
+        if self._backend is None:
+            self._no_engine()
+        else:
+            self._backend.start(entry, regs)
 
     # -- the whole state ----------------------------------------------------------------------
     def get_state(self) -> VcpuState:
