@@ -40,7 +40,7 @@ from . import memslots as _memslots
 from .access import GuestMemory, HvaCache, mark_bitmap
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, EngineError, Exit, Regs
-from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, translate_gva
+from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, canonical, translate_gva
 from .cpu.paging import INVALID_GPA
 from .errors import KvmError
 from .gmem import GuestMemfd
@@ -725,9 +725,9 @@ class Vcpu:
 
     # -- the whole state ----------------------------------------------------------------------
     def get_state(self) -> VcpuState:
-        """The whole architectural state. With an engine, at any exit (at a read exit the
-        instruction is finished first, with the answer given, zeros without one); without,
-        the state last set."""
+        """The whole architectural state (canonical, `kvmem.cpu.canonical`). With an engine,
+        at any exit (at a read exit the instruction is finished first, with the answer given,
+        zeros without one); without, the state last set."""
         if self._backend is not None:
             return self._backend.get_state()
         return self._state
@@ -740,7 +740,7 @@ class Vcpu:
         if self._backend is not None:
             self._backend.set_state(state)
         else:
-            self._state = state
+            self._state = canonical(state)  # what an engine's get_state would give back
 
     # -- memory view --------------------------------------------------------------------------
     @property
