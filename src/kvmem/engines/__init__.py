@@ -44,6 +44,10 @@ its results are in place; "not done" means EIP is at it and nothing of it has ha
     KICKED           `kick()` was called: the vCPU stops between two instructions, and
                        a kick while it is not running makes the next `run` return KICKED
                        without running any
+    DIRTY_RING_FULL  the vCPU's dirty ring reached its soft limit (KVM_EXIT_DIRTY_RING_FULL):
+                       every `run` returns it, running nothing, until harvest and
+                       `vm.reset_dirty_rings()` bring the ring below the limit; the write
+                       that made the last entry may or may not have landed
 
 Events: both engines deliver exceptions, INT n and SYSCALL as the CPU does (KVM itself;
 Unicorn, which stops at each, through `kvmem.cpu.events`), so guests in every mode of
