@@ -350,6 +350,19 @@ def _lock(w: World, length: object, dirty: object) -> bytes:
         return bytes(view)
 
 
+def _acquire(w: World, length: object) -> bytes:
+    view = w.gpc.acquire(length)  # type: ignore[arg-type]
+    try:
+        return bytes(view)
+    finally:
+        w.gpc.release()
+
+
+def _release(w: World) -> None:
+    w.gpc.acquire(8)
+    w.gpc.release()
+
+
 def _set_smm(w: World, value: object) -> None:
     w.vcpu.smm = value  # type: ignore[assignment]
 
@@ -453,6 +466,8 @@ ENTRIES: list[Entry] = [
     E("PfnCache.refresh", lambda w, n: w.gpc.refresh(n), P("length", "u64", 8)),
     E("PfnCache.check", _check, P("length", "u64", 8)),
     E("PfnCache.lock", _lock, P("length", "u64", 8), P("dirty", "bool", True)),
+    E("PfnCache.acquire", _acquire, P("length", "u64", 8)),
+    E("PfnCache.release", _release),
     E("PfnCache.deactivate", lambda w: w.gpc.deactivate()),
     # PageTrack
     E("PageTrack.register", lambda w, n: w.vm.page_track.register(n),
