@@ -24,7 +24,7 @@ import pytest
 
 import kvmem
 from kvmem.cpu import modes
-from kvmem.engines import EngineVcpu, Exit, ExitKind
+from kvmem.engines import Exit, ExitKind
 from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
 
@@ -69,14 +69,14 @@ class Track:
         pass
 
 
-Boot = Callable[[str, str], tuple[kvmem.Vm, EngineVcpu, Track]]
+Boot = Callable[[str, str], tuple[kvmem.Vm, kvmem.Vcpu, Track]]
 
 
 @pytest.fixture
 def boot() -> Iterator[Boot]:
     made: list[tuple[kvmem.Vm, list[kvmem.HostMemory]]] = []
 
-    def boot(engine: str, program: str) -> tuple[kvmem.Vm, EngineVcpu, Track]:
+    def boot(engine: str, program: str) -> tuple[kvmem.Vm, kvmem.Vcpu, Track]:
         mems = [kvmem.HostMemory.anonymous(n) for n in (RAM, PAGE_SIZE, PAGE_SIZE)]
         vm = kvmem.Vm(engine=engine)
         made.append((vm, mems))
@@ -88,8 +88,7 @@ def boot() -> Iterator[Boot]:
         track = Track()
         vm.page_track.register(track)
         vm.page_track.add_gfn(TRACKED // PAGE_SIZE)
-        assert vm.engine is not None
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE)
         return vm, cpu, track
 
@@ -107,7 +106,7 @@ def mmio(gpa: int, size: int, written: bytes | None = None) -> Exit:
     return Exit(ExitKind.MMIO, gpa, size, True, written)
 
 
-def run(cpu: EngineVcpu, answers: dict[int, bytes] | None = None) -> list[tuple[Exit, int]]:
+def run(cpu: kvmem.Vcpu, answers: dict[int, bytes] | None = None) -> list[tuple[Exit, int]]:
     """(exit, EIP at it) up to the halt; MMIO reads answered from `answers` by gpa."""
     seen = []
     for _ in range(32):

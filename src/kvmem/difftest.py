@@ -51,12 +51,13 @@ from typing import Any
 
 from . import vm as _vm
 from .cpu import modes
-from .engines import EngineVcpu, Exit, ExitKind  # also registers the engines
+from .engines import Exit, ExitKind  # also registers the engines
 from .errors import KvmError
 from .guests import randprog
 from .host import HostMemory
 from .slots import MemorySlot
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
+from .vm import Vcpu
 
 __all__ = ["Divergence", "Plan", "Slot", "compare", "main", "plan", "trace"]
 
@@ -259,7 +260,7 @@ def _answer(e: Exit, pass_no: int) -> bytes:
     return bytes((base + 31 * i) & 0xFF for i in range(n))
 
 
-def _regs(cpu: EngineVcpu) -> str:
+def _regs(cpu: Vcpu) -> str:
     r = cpu.get_regs()
     return (f"eax={r.eax:x} ebx={r.ebx:x} ecx={r.ecx:x} edx={r.edx:x} esi={r.esi:x} "
             f"edi={r.edi:x} eip={r.eip:x} fl={r.eflags & _EFLAGS_DEFINED:x}")
@@ -290,8 +291,7 @@ class _Run:
         else:
             self.state = modes.protected_mode(CODE, vm.write, GDT)
         vm.page_track.register(_Recorder(self.events))
-        assert vm.engine is not None
-        self.cpu: EngineVcpu = vm.engine.create_vcpu(0)
+        self.cpu: Vcpu = vm.create_vcpu(0)
 
     def close(self) -> None:
         if self.vm.engine is not None:
