@@ -43,6 +43,7 @@ from .contract import EngineCapabilities, Exit, Regs
 from .cpu import VcpuState
 from .errors import KvmError
 from .gmem import GuestMemfd
+from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
 from .memslots import Memslots
 from .mmu import MemoryFault, MmioExit, Mmu, Spte, TrackedWrite
 from .pagetrack import PageTrack
@@ -66,9 +67,11 @@ from .uapi import (
     KVM_MEM_READONLY,
     KVM_USER_MEM_SLOTS,
     PAGE_MASK,
+    PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
+    U64_MAX,
 )
 
 __all__ = [
@@ -206,11 +209,14 @@ class Vm:
         phys_bits: int | None = None,
         user_va_end: int = TASK_SIZE_MAX,
         engine: str | None = None,
+        vm_type: str = "default",
     ) -> None:
         """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
         `address_spaces` defaults to 2, or to what the engine offers; `phys_bits` to 52, or
         to the engine's width where that is less. Asking an engine for more than it offers
-        is EINVAL."""
+        is EINVAL. `vm_type` (KVM_CREATE_VM's type): "default", or "sw_protected"
+        (KVM_X86_SW_PROTECTED_VM: private memory, one address space, kvmem alone — no
+        engine offers it, as this host's KVM does not); another name is EINVAL."""
         if address_spaces is not None:
             address_spaces = as_int("address_spaces", address_spaces)
             if not 1 <= address_spaces <= 2:
@@ -231,6 +237,21 @@ class Vm:
                                          "address in (0, 2^64]")
         if engine is not None and not isinstance(engine, str):
             raise TypeError(f"engine must be a str or None, not {type(engine).__name__}")
+        if not isinstance(vm_type, str):
+            raise TypeError(f"vm_type must be a str, not {type(vm_type).__name__}")
+        if vm_type not in VM_TYPES:
+            raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: unknown VM type {vm_type!r} "
+                                         f"(known: {', '.join(VM_TYPES)})")
+        private_memory = VM_TYPES[vm_type][1]
+        if private_memory:
+            # kvm_arch_has_private_mem: no SMM address space, and no engine runs it
+            if engine is not None:
+                raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: engines offer only the default "
+                                             f"VM type, not {vm_type!r}")
+            if address_spaces not in (None, 1):
+                raise KvmError(errno.EINVAL, f"a {vm_type} VM has one address space, not "
+                                             f"{address_spaces}")
+            address_spaces = 1
         # the engine is opened only once every argument of kvmem's own is known to be good,
         # so a refusal leaves no file descriptor behind
         opened: Engine | None = None
@@ -261,7 +282,8 @@ class Vm:
         self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,
                              guest_memfd=opened is None)
         self.memslots = Memslots(self.limits)
-        self.mmu = Mmu(self.memslots)
+        self.vm_type = vm_type
+        self.mmu = Mmu(self.memslots, private_memory)
         self._memory = [GuestMemory(self.memslots, as_id) for as_id in range(address_spaces)]
         self.page_track = PageTrack(self.memslots, self.mmu, self._memory,
                                     self._track_changed)
@@ -340,6 +362,16 @@ class Vm:
         for listener in self._listeners:
             listener.track_changed(self, as_id, gfn, tracked)
 
+    @property
+    def private_memory(self) -> bool:
+        """kvm_arch_has_private_mem: the VM type has private memory ("sw_protected")."""
+        return self.mmu.private_memory
+
+    @property
+    def supported_memory_attributes(self) -> int:
+        """KVM_CAP_MEMORY_ATTRIBUTES on this VM: PRIVATE for a private-memory VM, else 0."""
+        return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.private_memory else 0
+
     # -- guest_memfd ----------------------------------------------------------------------------
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes owned by this VM (flags:
@@ -351,8 +383,45 @@ class Vm:
         if not self.limits.guest_memfd:
             raise KvmError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD: this VM's engine does not "
                                          "mirror guest_memfd slots")
-        # a VM without private memory (no protected VM types here): INIT_SHARED is allowed
-        return GuestMemfd.create(size, flags, self, private_memory=False, invalidator=self.mmu)
+        # INIT_SHARED only where no memory can be private
+        return GuestMemfd.create(size, flags, self, private_memory=self.private_memory,
+                                 invalidator=self.mmu)
+
+    # -- memory attributes (§8.6) ----------------------------------------------------------------
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0
+                              ) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES: give gfns [gpa, gpa + size) `attributes`
+        (`KVM_MEMORY_ATTRIBUTE_PRIVATE`, or 0 for shared). All or nothing: the ioctl never
+        writes its struct back, and a refusal changes nothing. Attributes belong to gfns,
+        not slots (they may be set where no slot is, and outlive slot changes). Every slot
+        mapping part of the range is invalidated around the change (its faults retry, its
+        sptes go), unless every gfn has `attributes` already. ENOTTY on a VM type without
+        private memory, for every input (this host's KVM has no such ioctl); else EINVAL
+        for flags, attributes outside `supported_memory_attributes`, an empty or wrapping
+        range, or an unaligned one, in that order."""
+        self.memslots.check_process()
+        gpa, size = as_u64("gpa", gpa), as_u64("size", size)
+        attributes, flags = as_u64("attributes", attributes), as_u64("flags", flags)
+        if not self.private_memory:
+            raise KvmError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES: not available for a "
+                                         f"{self.vm_type} VM")
+        supported = self.supported_memory_attributes
+        for refused, message in (
+                (flags != 0, f"flags {flags:#x} must be 0"),
+                (bool(attributes & ~supported),
+                 f"attributes {attributes:#x} outside the supported {supported:#x}"),
+                (size == 0 or gpa + size > U64_MAX, f"range {gpa:#x}+{size:#x} is empty or "
+                                                    "wraps"),
+                (bool((gpa | size) & PAGE_MASK), f"range {gpa:#x}+{size:#x} is not "
+                                                 "page-aligned")):
+            if refused:
+                raise KvmError(errno.EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: {message}")
+        with self.memslots.slots_lock:
+            self.mmu.set_attributes(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, attributes)
+
+    def get_memory_attributes(self, gpa: int) -> int:
+        """kvm_get_memory_attributes: the attributes of the gfn of `gpa` (0 = shared)."""
+        return self.mmu.attributes.value.get(as_u64("gpa", gpa) >> PAGE_SHIFT)
 
     # -- the update path ----------------------------------------------------------------------
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
@@ -685,12 +754,16 @@ class Vcpu:
         """gpa → hva in the vCPU's address space; EFAULT where no usable slot is."""
         return self.vm.memslots.translate(gpa, self.as_id)
 
-    def fault_in(self, gpa: int, write: bool) -> Spte:
+    def fault_in(self, gpa: int, write: bool, private: bool | None = None) -> Spte:
         """The stage-2 mapping for an access of guest code at `gpa`, faulted in if missing
         (the one fault-retry loop; engines that map sptes themselves use it). Raises
-        `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page."""
+        `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page.
+        `private`: the access's kind (None: private iff the gfn is PRIVATE, the
+        SW_PROTECTED rule); one that is not the gfn's attribute is a `MemoryFault`."""
         gpa, _ = check_range(gpa, 0)
-        return self.vm.mmu.fault_in(self.as_id, gpa, as_bool("write", write))
+        if private is not None:
+            private = as_bool("private", private)
+        return self.vm.mmu.fault_in(self.as_id, gpa, as_bool("write", write), private)
 
     def __repr__(self) -> str:
         return f"Vcpu({self.id}, smm={self._smm})"
