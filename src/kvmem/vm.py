@@ -240,17 +240,17 @@ class Vm:
         if not isinstance(vm_type, str):
             raise TypeError(f"vm_type must be a str, not {type(vm_type).__name__}")
         if vm_type not in VM_TYPES:
-            raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: unknown VM type {vm_type!r} "
+            raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: unknown vm_type {vm_type!r} "
                                          f"(known: {', '.join(VM_TYPES)})")
         private_memory = VM_TYPES[vm_type][1]
         if private_memory:
             # kvm_arch_has_private_mem: no SMM address space, and no engine runs it
             if engine is not None:
                 raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: engines offer only the default "
-                                             f"VM type, not {vm_type!r}")
+                                             f"vm_type, not {vm_type!r}")
             if address_spaces not in (None, 1):
-                raise KvmError(errno.EINVAL, f"a {vm_type} VM has one address space, not "
-                                             f"{address_spaces}")
+                raise KvmError(errno.EINVAL, f"a vm_type {vm_type!r} VM has one address "
+                                             f"space, not address_spaces={address_spaces}")
             address_spaces = 1
         # the engine is opened only once every argument of kvmem's own is known to be good,
         # so a refusal leaves no file descriptor behind
