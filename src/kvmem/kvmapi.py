@@ -54,6 +54,9 @@ __all__ = [
     "KVM_CAP_DIRTY_LOG_RING",
     "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
     "KVM_CAP_GUEST_MEMFD",
+    "KVM_CAP_GUEST_MEMFD_FLAGS",
+    "KVM_CAP_MEMORY_ATTRIBUTES",
+    "KVM_CAP_VM_TYPES",
     "KVM_CAP_IMMEDIATE_EXIT",
     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
     "KVM_CAP_MULTI_ADDRESS_SPACE",
@@ -294,6 +297,9 @@ KVM_CAP_DIRTY_LOG_RING: Final = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
+KVM_CAP_VM_TYPES: Final = 235
+KVM_CAP_GUEST_MEMFD_FLAGS: Final = 244
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_XSAVE2: Final = 208
 
@@ -662,6 +668,11 @@ class KvmCaps:
     user_memory2: bool
     guest_memfd: bool
     smm: bool
+    # on /dev/kvm: the attributes KVM_SET_MEMORY_ATTRIBUTES could take (0: no such ioctl),
+    # the x86 VM types KVM_CREATE_VM takes (bit n = type n) and the guest_memfd flags
+    memory_attributes: int = 0
+    vm_types: int = 1
+    guest_memfd_flags: int = 0
 
 
 class Kvm(_FdOwner):
@@ -738,6 +749,9 @@ class Kvm(_FdOwner):
                 user_memory2=check(KVM_CAP_USER_MEMORY2) > 0,
                 guest_memfd=check(KVM_CAP_GUEST_MEMFD) > 0,
                 smm=check(KVM_CAP_X86_SMM) > 0,
+                memory_attributes=self.check_extension(KVM_CAP_MEMORY_ATTRIBUTES),
+                vm_types=self.check_extension(KVM_CAP_VM_TYPES),
+                guest_memfd_flags=self.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS),
             )
 
 
