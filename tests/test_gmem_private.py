@@ -77,7 +77,7 @@ def test_vm_types() -> None:
     for kwargs in ({"vm_type": "snp"}, {"vm_type": "sw_protected", "address_spaces": 2},
                    {"vm_type": "sw_protected", "engine": "unicorn"}):
         with pytest.raises(KvmError) as info:
-            Vm(**kwargs)  # type: ignore[arg-type]
+            Vm(**kwargs)
         assert info.value.errno == errno.EINVAL
 
 
@@ -126,7 +126,7 @@ def test_attribute_checks_in_kvm_order(vm: Vm, mem: HostMemory, args: tuple[int,
 def test_bad_argument_types(vm: Vm) -> None:
     for args in (("0", PAGE, 0), (0, 1.0, 0), (0, PAGE, None), (0, PAGE, 0, True)):
         with pytest.raises(TypeError):
-            vm.set_memory_attributes(*args)  # type: ignore[arg-type]
+            vm.set_memory_attributes(*args)
     with pytest.raises(KvmError) as info:
         vm.set_memory_attributes(-PAGE, PAGE, 0)
     assert info.value.errno == errno.EINVAL and "gpa" in info.value.message
