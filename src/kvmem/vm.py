@@ -974,26 +974,37 @@ class Transaction:
                       self._like(s, s.slot, flags, s.gpa, s.size, s.hva)])
         return self
 
-    def replace_layout(self, as_id: int, regions: Sequence[tuple[int, int, int, int, int]]
+    def replace_layout(self, as_id: int, regions: Sequence[tuple[object, ...]]
                        ) -> Transaction:
         """Replace every slot of `as_id` by `regions`: (id, flags, gpa, size, hva) tuples
-        without the address space; KVM's proposed KVM_SET_ALL_USER_MEMORY_REGIONS."""
+        without the address space, or (id, flags, gpa, size, hva, guest_memfd,
+        guest_memfd_offset) for a REGION2 request (a KVM_MEM_GUEST_MEMFD slot); KVM's
+        proposed KVM_SET_ALL_USER_MEMORY_REGIONS. A guest_memfd range an old slot bound may
+        be bound again by a new one: the old slots are deleted first."""
         self._check_open()
         as_id = self.vm.memslots.address_space(as_id)
         if isinstance(regions, str | bytes) or not isinstance(regions, Sequence):
-            raise TypeError(f"regions must be a sequence of (id, flags, gpa, size, hva), not "
-                            f"{type(regions).__name__}")
+            raise TypeError(f"regions must be a sequence of (id, flags, gpa, size, hva) tuples, "
+                            f"not {type(regions).__name__}")
         requests = [make_request(s.slot, 0, 0, 0, 0) for s in self.vm.slot_set(as_id)]
         seen: set[int] = set()
         for i, region in enumerate(regions):
-            if not isinstance(region, tuple) or len(region) != 5:
-                raise TypeError(f"regions[{i}] must be an (id, flags, gpa, size, hva) tuple, "
-                                f"not {region!r:.60}")
-            sid, flags, gpa, size, hva = region
+            if not isinstance(region, tuple) or len(region) not in (5, 7):
+                raise TypeError(f"regions[{i}] must be an (id, flags, gpa, size, hva) or an (id, "
+                                f"flags, gpa, size, hva, guest_memfd, guest_memfd_offset) "
+                                f"tuple, not {region!r:.60}")
+            sid, flags, gpa, size, hva = region[:5]
             sid = as_u16(f"regions[{i}] id", sid)
             if sid in seen:
                 raise KvmError(errno.EINVAL, f"regions name slot id {sid} twice")
             seen.add(sid)
-            requests.append(make_request((as_id << 16) | sid, flags, gpa, size, hva))
+            if len(region) == 5:
+                requests.append(make_request((as_id << 16) | sid, flags, gpa, size, hva))
+                continue
+            file, offset = region[5:]
+            _check_gmem_arg(file)
+            assert file is None or isinstance(file, GuestMemfd | host.HostMemory)
+            requests.append(make_request2((as_id << 16) | sid, flags, gpa, size, hva, file,
+                                          offset))
         self._record(requests)
         return self
