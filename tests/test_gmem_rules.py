@@ -74,9 +74,8 @@ def test_a_gmem_slot_has_no_dirty_log(vm: Vm, mem: HostMemory,
     refused(errno.ENOENT, vm.clear_dirty_log, 0, 0, 64, bytes(8))
     refused(errno.EINVAL, vm.set_memory_region2, 0, GMEM | LOG, GPA, MiB, mem.hva, f, 0)
     refused(errno.EINVAL, vm.set_memory_region2, 1, GMEM | RO, 2 * GPA, MiB, mem.hva, f, MiB)
-    with pytest.raises(KvmError):
-        with vm.transaction() as tx:
-            tx.set_readonly(0, True)
+    with pytest.raises(KvmError), vm.transaction() as tx:
+        tx.set_readonly(0, True)
     assert [s.flags for s in vm.slots()] == [GMEM]
 
 
@@ -205,10 +204,10 @@ def test_a_refused_replace_layout_binds_nothing(vm: Vm, mem: HostMemory,
     f = gmem()
     vm.set_memory_region2(1, GMEM, GPA, 4 * PAGE, mem.hva, f, 0)
     before = [(b.slot.id, b.pgoff) for b in f.bindings]
-    with pytest.raises(KvmError):  # the two new slots overlap in the file: EINVAL
-        with vm.transaction() as tx:
-            tx.replace_layout(0, [(2, GMEM, GPA, 2 * PAGE, mem.hva, f, 0),
-                                  (3, GMEM, 2 * GPA, 2 * PAGE, mem.hva, f, PAGE)])
+    # the two new slots overlap in the file: EINVAL
+    with pytest.raises(KvmError), vm.transaction() as tx:
+        tx.replace_layout(0, [(2, GMEM, GPA, 2 * PAGE, mem.hva, f, 0),
+                              (3, GMEM, 2 * GPA, 2 * PAGE, mem.hva, f, PAGE)])
     assert [(b.slot.id, b.pgoff) for b in f.bindings] == before
 
 
