@@ -173,6 +173,11 @@ class Engine(Protocol):
     @property
     def vcpus(self) -> Sequence[EngineVcpu]: ...
 
+    def create_guest_memfd(self, size: int, flags: int) -> int | None:
+        """The fd of a file to hold the pages of a guest_memfd of the attached Vm that
+        kvmem's checks accepted (it becomes the file's own), or None for kvmem's memfd.
+        Called only where `capabilities.guest_memfd`; a refusal raises `KvmError`."""
+
     def close(self) -> None:
         """Stop listening, stop every vCPU, release the engine's resources."""
 
@@ -277,10 +282,9 @@ class Vm:
             address_spaces = 2
         if phys_bits is None:
             phys_bits = DEFAULT_PHYS_BITS
-        # guest_memfd slots only where kvmem runs the guest itself: the engines do not
-        # mirror them yet
+        # guest_memfd slots only where the engine (if any) mirrors them
         self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,
-                             guest_memfd=opened is None)
+                             guest_memfd=opened is None or opened.capabilities.guest_memfd)
         self.memslots = Memslots(self.limits)
         self.vm_type = vm_type
         self.mmu = Mmu(self.memslots, private_memory)
@@ -376,16 +380,20 @@ class Vm:
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes owned by this VM (flags:
         `gmem.GUEST_MEMFD_FLAG_MMAP`, `..._INIT_SHARED`), which `set_memory_region2` binds to
-        slots; this VM's MMU hears its invalidations. ENOTTY on a VM with an engine (the
-        engines do not mirror guest_memfd slots yet); else KVM's checks (§8.2). The pages
-        live in a memfd kvmem creates."""
+        slots; this VM's MMU hears its invalidations. KVM's checks (§8.2); ENOTTY on a VM
+        whose engine does not mirror guest_memfd slots. The pages live in a memfd kvmem
+        creates, or in the engine's own file (the KVM engine: a real guest_memfd of its VM,
+        which KVM maps for the guest itself)."""
         self.memslots.check_process()
         if not self.limits.guest_memfd:
             raise KvmError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD: this VM's engine does not "
                                          "mirror guest_memfd slots")
+        engine = self.engine
         # INIT_SHARED only where no memory can be private
         return GuestMemfd.create(size, flags, self, private_memory=self.private_memory,
-                                 invalidator=self.mmu)
+                                 invalidator=self.mmu,
+                                 make_backing=None if engine is None
+                                 else engine.create_guest_memfd)
 
     # -- memory attributes (§8.6) ----------------------------------------------------------------
     def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0

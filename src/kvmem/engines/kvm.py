@@ -30,7 +30,10 @@ from typing import TYPE_CHECKING
 
 from .. import sync
 from ..cpu import VcpuState, kvm_state
+from ..errors import KvmError
+from ..gmem import GuestMemfd
 from ..kvmapi import (
+    KVM_CAP_GUEST_MEMFD,
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
@@ -50,7 +53,7 @@ from ..kvmapi import (
     KvmVcpu,
     probe_phys_bits,
 )
-from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
@@ -118,6 +121,7 @@ class KvmEngine(AttachedOnce):
                 write_tracking=check(KVM_CAP_READONLY_MEM) > 0,
                 # measured (no capability says it): slot id 0 is still free here
                 phys_bits=probe_phys_bits(self._fd, 0),
+                guest_memfd=check(KVM_CAP_GUEST_MEMFD) > 0,
             )
             if not check(KVM_CAP_IMMEDIATE_EXIT):
                 raise EngineError(errno.ENOSYS, "KVM lacks KVM_CAP_IMMEDIATE_EXIT: vCPUs "
@@ -169,6 +173,14 @@ class KvmEngine(AttachedOnce):
     def vcpus(self) -> list[KvmEngineVcpu]:
         return list(self._vcpus)
 
+    def create_guest_memfd(self, size: int, flags: int) -> int:
+        """A real guest_memfd of this engine's VM (KVM_CREATE_GUEST_MEMFD): kvmem's file
+        keeps its pages there, so KVM's slots can bind it and KVM's own stage-2 maps them."""
+        try:
+            return self._fd.create_guest_memfd(size, flags)
+        except OSError as e:
+            raise KvmError(e.errno or errno.EIO, f"KVM_CREATE_GUEST_MEMFD: {e}") from None
+
     def close(self) -> None:
         vm, self._vm = self._vm, None
         if vm is not None:
@@ -213,10 +225,17 @@ class KvmEngine(AttachedOnce):
         self._next_id[as_id] = sid + 1
         return sid
 
-    def _set(self, kvm_slot: int, flags: int, gfn: int, npages: int, hva: int) -> None:
+    def _set(self, kvm_slot: int, flags: int, gfn: int, npages: int, hva: int,
+             gmem: tuple[int, int] | None = None) -> None:
+        """One slot ioctl; `gmem` = (guest_memfd fd, offset) for a KVM_MEM_GUEST_MEMFD slot,
+        which only KVM_SET_USER_MEMORY_REGION2 can create."""
         try:
-            self._fd.set_user_memory_region(kvm_slot, flags, gfn << PAGE_SHIFT,
-                                            npages << PAGE_SHIFT, hva)
+            if gmem is None:
+                self._fd.set_user_memory_region(kvm_slot, flags, gfn << PAGE_SHIFT,
+                                                npages << PAGE_SHIFT, hva)
+            else:
+                self._fd.set_user_memory_region2(kvm_slot, flags, gfn << PAGE_SHIFT,
+                                                 npages << PAGE_SHIFT, hva, gmem[1], gmem[0])
         except OSError as e:
             self._broken = f"KVM refused slot {kvm_slot:#x} gfn {gfn:#x}+{npages}: {e}"
             with self._gate_lock:
@@ -226,8 +245,11 @@ class KvmEngine(AttachedOnce):
 
     def _plan(self, s: MemorySlot) -> list[tuple[int, int, int, int]]:
         """(gfn, npages, hva, flags) of the KVM slots for kvmem slot `s`: tracked gfns of a
-        writable slot become read-only pieces of their own."""
+        writable slot become read-only pieces of their own — except in a guest_memfd slot,
+        which KVM cannot make read-only (its tracked gfns stay writable in KVM: a known gap)."""
         flags = s.flags & _USER_FLAGS
+        if s.gmem is not None:
+            return [(s.base_gfn, s.npages, s.hva, flags | KVM_MEM_GUEST_MEMFD)]
         tracked: list[int] = []
         if not s.readonly:
             tracked = [g for g in self.vm.page_track.tracked_gfns(s.as_id)
@@ -253,10 +275,15 @@ class KvmEngine(AttachedOnce):
     def _install(self, s: MemorySlot) -> None:
         self._lock.assert_held()
         pieces = []
+        gmem = None
+        if s.gmem is not None:
+            file = s.gmem.file
+            assert isinstance(file, GuestMemfd)
+            gmem = (file.fd, s.gmem.offset)  # one piece: the whole slot
         for gfn, npages, hva, flags in self._plan(s):
             sid = self._alloc_id(s.as_id)
             kvm_slot = (s.as_id << 16) | sid
-            self._set(kvm_slot, flags, gfn, npages, hva)
+            self._set(kvm_slot, flags, gfn, npages, hva, gmem)
             pieces.append(_Piece(kvm_slot, gfn, npages, hva, flags))
             if flags & KVM_MEM_READONLY and not s.readonly:
                 self._split[s.as_id].update(range(gfn, gfn + npages))

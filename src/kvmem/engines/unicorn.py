@@ -120,7 +120,8 @@ class UnicornEngine(AttachedOnce):
     def __init__(self) -> None:
         self._caps = EngineCapabilities(name=self.name, address_spaces=2,
                                         max_slots=KVM_USER_MEM_SLOTS, readonly_mem=True,
-                                        dirty_log=True, write_tracking=True)
+                                        dirty_log=True, write_tracking=True,
+                                        guest_memfd=True)
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
@@ -139,6 +140,11 @@ class UnicornEngine(AttachedOnce):
     @property
     def vcpus(self) -> list[UnicornVcpu]:
         return list(self._vcpus)
+
+    def create_guest_memfd(self, size: int, flags: int) -> None:
+        """kvmem's memfd holds the pages: Unicorn maps what kvmem's stage-2 maps, a
+        guest_memfd page through kvmem's direct map."""
+        return None
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
