@@ -113,3 +113,35 @@ def test_guest_code_takes_the_files_pages_not_the_hva(
         vm.set_memory_region(0, 0, 0, 0, 0)
         f.close()
         other.close()
+
+
+def test_a_guest_write_to_a_tracked_gfn_of_a_gmem_slot_is_reported(
+        make_vm: Callable[..., kvmem.Vm], guest_writes: GuestWrites) -> None:
+    """Tracking works in a guest_memfd slot on every engine (the KVM engine cannot split a
+    read-only piece off a KVM_MEM_GUEST_MEMFD slot: the gfn becomes a hole whose reads and
+    writes kvmem performs); once untracked, the gfn is the slot's again."""
+    vm, f, m = gmem_vm(make_vm)
+    seen: list[tuple[int, bytes]] = []
+
+    class Tracker:
+        def track_write(self, gpa: int, data: bytes) -> None:
+            seen.append((gpa, bytes(data)))
+
+        def track_remove_region(self, gfn: int, npages: int) -> None:
+            pass
+
+    try:
+        vm.page_track.register(Tracker())
+        vm.page_track.add_gfn((DATA >> 12) + 1)
+        vm.write(READER, READER_CODE)
+        stores = guest_writes(vm, DATA, 2)
+        assert seen == [stores[1]]
+        assert bytes(f.page_view((DATA >> 12) + 1)[:4]) == stores[1][1]
+        assert guest_reads(vm, DATA + PAGE) == stores[1][1]
+        vm.page_track.remove_gfn((DATA >> 12) + 1)
+        again = guest_writes(vm, DATA, 2)
+        assert seen == [stores[1]] and guest_reads(vm, DATA + PAGE) == again[1][1]
+    finally:
+        vm.set_memory_region(0, 0, 0, 0, 0)
+        m.close()
+        f.close()

@@ -11,6 +11,9 @@ Rules of this room:
   and signals each vCPU thread (QEMU's kick), waits until none is inside KVM_RUN, and
   holds them at the gate until `_resume`. KVM's own single-ioctl semantics cover a single
   `set_memory_region`, which is applied as it is: the naive baseline of the demo.
+- guest_memfd slots are bound with KVM_SET_USER_MEMORY_REGION2 to the real guest_memfd
+  behind kvmem's file; KVM refuses them read-only, so a tracked gfn there is a hole
+  (no KVM slot) whose reads and writes exit and kvmem performs.
 - Dirty log = KVM's bits ∪ kvmem's bitmap. KVM's bits are moved, never copied: read them
   (KVM_GET_DIRTY_LOG), OR them into kvmem's bitmap, only then clear them in KVM
   (KVM_CLEAR_DIRTY_LOG with manual protect). A failure at any step loses nothing; bits
@@ -243,18 +246,28 @@ class KvmEngine(AttachedOnce):
             raise EngineError(e.errno or errno.EIO, self._broken) from None
         self.stats["ioctls"] += 1
 
+    def _tracked_in(self, s: MemorySlot) -> list[int]:
+        """The write-tracked gfns of `s` that its KVM slots must not map writable."""
+        if s.readonly:
+            return []
+        return [g for g in self.vm.page_track.tracked_gfns(s.as_id)
+                if s.base_gfn <= g < s.end_gfn]
+
     def _plan(self, s: MemorySlot) -> list[tuple[int, int, int, int]]:
         """(gfn, npages, hva, flags) of the KVM slots for kvmem slot `s`: tracked gfns of a
-        writable slot become read-only pieces of their own — except in a guest_memfd slot,
-        which KVM cannot make read-only (its tracked gfns stay writable in KVM: a known gap)."""
+        writable slot become read-only pieces of their own. KVM refuses a read-only
+        guest_memfd slot, so there they become holes instead: every access exits
+        (KVM_EXIT_MMIO) and kvmem performs it (`_decode`)."""
         flags = s.flags & _USER_FLAGS
+        tracked = self._tracked_in(s)
         if s.gmem is not None:
-            return [(s.base_gfn, s.npages, s.hva, flags | KVM_MEM_GUEST_MEMFD)]
-        tracked: list[int] = []
-        if not s.readonly:
-            tracked = [g for g in self.vm.page_track.tracked_gfns(s.as_id)
-                       if s.base_gfn <= g < s.end_gfn]
-        out: list[tuple[int, int, int, int]] = []
+            out: list[tuple[int, int, int, int]] = []
+            pos = s.base_gfn
+            for g in [*tracked, s.end_gfn]:
+                if g > pos:
+                    out.append((pos, g - pos, s.hva_of(pos), flags | KVM_MEM_GUEST_MEMFD))
+                pos = g + 1
+            return out
         pos = s.base_gfn
         i = 0
         while i < len(tracked):
@@ -275,14 +288,19 @@ class KvmEngine(AttachedOnce):
     def _install(self, s: MemorySlot) -> None:
         self._lock.assert_held()
         pieces = []
-        gmem = None
+        fd = None
         if s.gmem is not None:
             file = s.gmem.file
             assert isinstance(file, GuestMemfd)
-            gmem = (file.fd, s.gmem.offset)  # one piece: the whole slot
+            fd = file.fd
+            # the holes of tracked gfns (see `_plan`)
+            self._split[s.as_id].update(self._tracked_in(s))
         for gfn, npages, hva, flags in self._plan(s):
             sid = self._alloc_id(s.as_id)
             kvm_slot = (s.as_id << 16) | sid
+            gmem = None
+            if s.gmem is not None and fd is not None:
+                gmem = (fd, s.gmem.offset + ((gfn - s.base_gfn) << PAGE_SHIFT))
             self._set(kvm_slot, flags, gfn, npages, hva, gmem)
             pieces.append(_Piece(kvm_slot, gfn, npages, hva, flags))
             if flags & KVM_MEM_READONLY and not s.readonly:
@@ -296,6 +314,9 @@ class KvmEngine(AttachedOnce):
             self._free_ids[s.as_id].append(p.kvm_slot & 0xFFFF)
             if p.flags & KVM_MEM_READONLY:
                 self._split[s.as_id].difference_update(range(p.gfn, p.gfn + p.npages))
+        if s.gmem is not None:  # its holes
+            split = self._split[s.as_id]
+            split.difference_update([g for g in split if s.base_gfn <= g < s.end_gfn])
 
     def _replace(self, old: MemorySlot, new: MemorySlot) -> None:
         """MOVE / FLAGS_ONLY: one ioctl on the same KVM slot where neither side is split
@@ -549,6 +570,11 @@ class KvmEngineVcpu:
                 return None
             if m.is_write:
                 return Exit(ExitKind.MMIO, m.phys_addr, m.len, True, m.data)
+            if self._engine.split_covers(as_id, gfn):
+                # a read of a tracked gfn of a guest_memfd slot (a hole in KVM's slots):
+                # KVM's emulator would read it through the accessors, so kvmem does
+                fd.set_mmio_data(self._vcpu.read(m.phys_addr, m.len))
+                return None
             self._pending_mmio = m.len
             return Exit(ExitKind.MMIO, m.phys_addr, m.len, False)
         if reason == KVM_EXIT_HLT:
