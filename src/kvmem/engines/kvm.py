@@ -260,8 +260,8 @@ class KvmEngine(AttachedOnce):
         (KVM_EXIT_MMIO) and kvmem performs it (`_decode`)."""
         flags = s.flags & _USER_FLAGS
         tracked = self._tracked_in(s)
+        out: list[tuple[int, int, int, int]] = []
         if s.gmem is not None:
-            out: list[tuple[int, int, int, int]] = []
             pos = s.base_gfn
             for g in [*tracked, s.end_gfn]:
                 if g > pos:
