@@ -25,14 +25,21 @@ Rules of this room:
   `gmem.GmemInvalidator` of its VM's files and hears them by gfn — the same begin /
   range_add + zap + flush / end, outside the memslots' gate (KVM does not hold swaps
   back for them, §8.5).
+- Memory attributes (private/shared, `memattrs.AttributeMap`) are MMU state too: they
+  change only inside the invalidation bracket (`set_attributes`: begin, range_add + zap of
+  every slot they touch, store, end), so a fault that read the old attribute retries, and
+  no spte of the wrong kind survives (`stale_sptes` checks the kind).
 - Nothing here knows the `Vm`: slot updates reach the MMU as calls from the update path
   above (`slot_invalidated`, `slots_updating`, `slots_committed`, `dirty_log_reprotect`);
   the tracked-write performer (page tracking) registers itself in `tracked_write`.
 
-Theory of the fault (DESIGN path 3): look the gfn up in the address space; no slot →
-`MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
-lock (a gmem-only slot: gfn → the file's page, `get_pfn`; its refusal is a `MemoryFault`
-with the file's errno — or a retry while an invalidation covers the gfn); lock;
+Theory of the fault (DESIGN path 3): look the gfn up in the address space; the access's
+kind (private iff the gfn is PRIVATE at entry on a private-memory VM, or as the caller
+says); snapshot `seq`; a kind that is not the gfn's attribute → `MemoryFault`; no slot →
+`MmioExit` (private: `MemoryFault`); INVALID slot → retry; resolve gfn → hva → frame
+without the lock (a private access or a gmem-only slot: gfn → the file's page, `get_pfn`;
+its refusal is a `MemoryFault` with the file's errno — or a retry while an invalidation
+covers the gfn); lock;
 `retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never

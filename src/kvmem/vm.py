@@ -21,6 +21,9 @@ Rules of this room:
   before the publish that shows the new slots, dropped for deleted slots in that same step
   — after a single DELETE's INVALID window began, inside a transaction's invalidation.
   A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
+- Memory attributes exist on a VM of a private-memory type (`vm_type="sw_protected"`):
+  `set_memory_attributes` checks as KVM does, then the MMU changes them inside its
+  invalidation bracket under slots_lock. Host accessors and caches ignore them (§8.7).
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
