@@ -604,6 +604,11 @@ class Mmu:
         first = huge if huge is not None else gfn
         frame = host.resolve(slot.hva_of(first), write)
         if frame is None:
+            if self.retry_gfn_unsafe(seq, gfn):
+                # a host change began since `seq` (kvmem's remap/protect keep readers off
+                # the range while they replace it, where Linux's GUP would wait on the
+                # mmap lock): its answer, not this one, is the page's
+                raise _Retry
             raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "host memory behind the slot is "
                                                            "unmapped or protected against "
                                                            "this access")
@@ -613,6 +618,8 @@ class Mmu:
             huge, first = None, gfn
             frame = host.resolve(slot.hva_of(gfn), write)
             if frame is None:
+                if self.retry_gfn_unsafe(seq, gfn):
+                    raise _Retry
                 raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "host memory changed under "
                                                                "the fault")
         with self.lock:
