@@ -130,6 +130,32 @@ def test_mmio_and_readonly_exits(mem: kvmem.HostMemory, make_vm: Callable[..., k
     assert (info.value.gpa, info.value.len, info.value.is_write) == (2 * MiB, 2, False)
 
 
+def test_page_unreachable_during_a_host_change_is_a_retry_not_a_fault(
+        mem: kvmem.HostMemory, make_vm: Callable[..., kvmem.Vm],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A remap keeps readers off its range while it replaces the pages (the table says
+    PROT_NONE in between). A fault that took its sequence snapshot before the change began
+    and looks the page up during it must retry, as a fault racing any invalidation does
+    (Linux's GUP would wait for the mmap lock and see the new page): the page is fine."""
+    vm = make_vm()
+    vm.set_memory_region(0, 0, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    real = kvmem.host.resolve
+    raced: list[int] = []
+
+    def resolve_during_remap(hva: int, write: bool) -> kvmem.host.Frame | None:
+        if not raced:
+            raced.append(hva)
+            vm.mmu.invalidate_range_start(mem.hva, mem.hva + PAGE)
+            vm.mmu.invalidate_range_end(mem.hva, mem.hva + PAGE)
+            return None  # what the change in flight made of the page
+        return real(hva, write)
+
+    monkeypatch.setattr(kvmem.host, "resolve", resolve_during_remap)
+    vcpu.guest_write(0, b"x")
+    assert raced == [mem.hva] and vm.read(0, 1) == b"x"
+
+
 def test_protected_host_memory_is_a_memory_fault(mem: kvmem.HostMemory,
         make_vm: Callable[..., kvmem.Vm]) -> None:
     vm = make_vm()
