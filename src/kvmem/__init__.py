@@ -18,6 +18,7 @@ from .mmu import MemoryFault, MmioExit, TrackedWrite
 from .pagetrack import PageTrack, TrackNotifier
 from .pfncache import PfnCache
 from .slots import Change, ChangeKind, MemorySlot, SlotSet
+from .snapshot import Snapshot, SnapshotFormatError
 from .uapi import (
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
@@ -43,6 +44,8 @@ __all__ = [
     "PfnCache",
     "SlotSet",
     "SlotsListener",
+    "Snapshot",
+    "SnapshotFormatError",
     "TrackNotifier",
     "TrackedWrite",
     "Transaction",

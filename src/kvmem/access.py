@@ -14,6 +14,9 @@ Rules of this room:
   host memory. The result is KVM's: the first page that fails stops the access with
   EFAULT, earlier pages stay written, and written pages of dirty-logging slots are marked
   (through the `mark` the owner gives: a VM marks bitmaps, a vCPU may push to its ring).
+  Every mark goes through `mark_dirty`, the fan-out: the owner's `mark` where the slot
+  logs dirty pages, and the VM's `RestoreLog` (any slot) while it is armed — so a snapshot
+  learns of kvmem's own writes without taking a bit from the user's log.
 - An access within one page takes the memo: the slot set's `read_views` / `write_views`
   (gfn → a view of the host page, tagged with `host.epoch`). An entry is made only while no
   host change is in flight and is used only while the epoch has not moved; a slot change
@@ -31,6 +34,7 @@ from collections.abc import Callable
 
 from . import host
 from .args import as_bytes, as_int, check_range, check_span
+from .dirty import RestoreLog
 from .errors import GuestAccessError, KvmError
 from .memslots import Memslots
 from .slots import MemorySlot, SlotSet
@@ -42,7 +46,7 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["GuestMemory", "HvaCache", "MarkDirty", "mark_bitmap"]
+__all__ = ["GuestMemory", "HvaCache", "MarkDirty", "fan_out", "mark_bitmap"]
 
 # mark(slot, first page, count): pages of a logging slot a write touched (slot-relative)
 MarkDirty = Callable[[MemorySlot, int, int], None]
@@ -61,6 +65,20 @@ def mark_bitmap(slot: MemorySlot, first: int, count: int) -> None:
             bitmap.mark(first)
         else:
             bitmap.mark_range(first, count)
+
+
+def fan_out(mark: MarkDirty, log: RestoreLog) -> MarkDirty:
+    """The one marking path: `mark` (a slot's bitmap, a vCPU's ring) where the slot logs
+    dirty pages, and `log` for every slot while it is armed."""
+
+    def mark_dirty(slot: MemorySlot, first: int, count: int) -> None:
+        if slot.dirty_bitmap is not None:
+            mark(slot, first, count)
+        if log.armed:
+            log.mark(slot.as_id, slot.base_gfn + first, slot.hva + (first << PAGE_SHIFT),
+                     count)
+
+    return mark_dirty
 
 
 def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAccessError:
@@ -117,11 +135,15 @@ class GuestMemory:
     """Reads, writes and clears of one address space's guest memory (KVM's
     `kvm_read_guest` / `kvm_write_guest` / `kvm_clear_guest`, and the `kvm_vcpu_*` twins)."""
 
-    __slots__ = ("_changing", "_epoch", "_guard", "_root", "as_id", "mark", "read", "write")
+    __slots__ = ("_changing", "_epoch", "_guard", "_log", "_root", "as_id", "mark",
+                 "mark_dirty", "read", "write")
 
     def __init__(self, memslots: Memslots, as_id: int, mark: MarkDirty = mark_bitmap) -> None:
         self.as_id = as_id
         self.mark = mark
+        self._log = log = memslots.restore_log
+        self.mark_dirty: MarkDirty = fan_out(mark, log)
+        """The one marking path of this accessor's writes (see the module notes)."""
         self._root = memslots.active
         # bound once: the checker builds its VMs after installing its twins in `host`
         self._guard = host.guard
@@ -154,7 +176,7 @@ class GuestMemory:
         of every small access. Beyond one page, or on a memo miss that cannot be filled,
         they take the general path."""
         guard, root, as_id, epoch, mark = self._guard, self._root, self.as_id, self._epoch, \
-            self.mark
+            self.mark_dirty
         fill_read, fill_write = self._fill_read, self._fill_write
         read_runs, write_runs = self._read_runs, self._write_runs
 
@@ -257,15 +279,18 @@ class GuestMemory:
         if len(memo) >= _VIEWS_MAX:
             memo.clear()
         slot = r[1]
-        e = memo[gfn] = (r[0], r[2], slot if slot.dirty_bitmap is not None else None)
+        # an armed restore log makes every slot a logging one; arming moves the host epoch,
+        # so no entry made before it is used after it
+        logged = slot.dirty_bitmap is not None or self._log.armed
+        e = memo[gfn] = (r[0], r[2], slot if logged else None)
         return e
 
     # -- the general path: slot runs ----------------------------------------------------------
     def _mark_span(self, slot: MemorySlot, hva: int, length: int) -> None:
-        if slot.dirty_bitmap is not None and length > 0:
+        if length > 0 and (slot.dirty_bitmap is not None or self._log.armed):
             first = (hva - slot.hva) >> PAGE_SHIFT
             last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
-            self.mark(slot, first, last - first + 1)
+            self.mark_dirty(slot, first, last - first + 1)
 
     def _read_runs(self, gpa: int, n: int) -> bytes:
         parts: list[memoryview] = []
@@ -450,7 +475,6 @@ class HvaCache:
                 return
             start = (self.hva & PAGE_MASK) + offset
             self._page(offset, True)[start:start + n] = src
-            if slot.dirty_bitmap is not None:
-                memory.mark(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
+            memory.mark_dirty(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
         finally:
             memory.leave(token)

@@ -28,6 +28,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 from .. import sync
 from ..cpu import VcpuState, kvm_state
 from ..kvmapi import (
@@ -54,7 +56,7 @@ from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
@@ -201,6 +203,15 @@ class KvmEngine(AttachedOnce):
             self._paused -= 1
             self._gate.notify_all()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No vCPU is inside KVM_RUN in the block (`Engine.paused`)."""
+        self._pause()
+        try:
+            yield
+        finally:
+            self._resume()
+
     # -- the mirror ---------------------------------------------------------------------------
     def _alloc_id(self, as_id: int) -> int:
         free = self._free_ids[as_id]
@@ -228,6 +239,8 @@ class KvmEngine(AttachedOnce):
         """(gfn, npages, hva, flags) of the KVM slots for kvmem slot `s`: tracked gfns of a
         writable slot become read-only pieces of their own."""
         flags = s.flags & _USER_FLAGS
+        if self.vm.memslots.restore_log.armed and not s.readonly:
+            flags |= KVM_MEM_LOG_DIRTY_PAGES  # KVM logs for the restore log too
         tracked: list[int] = []
         if not s.readonly:
             tracked = [g for g in self.vm.page_track.tracked_gfns(s.as_id)
@@ -274,6 +287,7 @@ class KvmEngine(AttachedOnce):
         """MOVE / FLAGS_ONLY: one ioctl on the same KVM slot where neither side is split
         (KVM keeps its dirty bitmap across a flags change, as kvmem does)."""
         self._lock.assert_held()
+        self._fold(old)  # bits KVM holds for the restore log alone stay out of a new bitmap
         pieces = self._pieces.get((old.as_id, old.id), [])
         plan = self._plan(new)
         if len(pieces) == 1 and len(plan) == 1:
@@ -298,9 +312,11 @@ class KvmEngine(AttachedOnce):
 
     # -- dirty log ----------------------------------------------------------------------------
     def _fold(self, s: MemorySlot) -> None:
-        """Move KVM's dirty bits of kvmem slot `s` into its bitmap (see the rules above)."""
+        """Move KVM's dirty bits of kvmem slot `s` into its bitmap and, while it is armed,
+        the restore log (see the rules above)."""
         bitmap = s.dirty_bitmap
-        if bitmap is None:
+        log = self.vm.memslots.restore_log
+        if bitmap is None and not log.armed:
             return
         for p in self._pieces.get((s.as_id, s.id), []):
             if not p.flags & KVM_MEM_LOG_DIRTY_PAGES:
@@ -309,7 +325,12 @@ class KvmEngine(AttachedOnce):
             self.stats["ioctls"] += 1
             if bits.count(0) == len(bits):
                 continue
-            bitmap.merge_bytes(bits, 0, p.gfn - s.base_gfn, p.npages)
+            if bitmap is not None:
+                bitmap.merge_bytes(bits, 0, p.gfn - s.base_gfn, p.npages)
+            if log.armed:
+                for i in np.flatnonzero(np.unpackbits(np.frombuffer(bits, dtype=np.uint8),
+                                                      bitorder="little")[:p.npages]).tolist():
+                    log.mark(s.as_id, p.gfn + i, p.hva + (i << PAGE_SHIFT), 1)
             self.stats["dirty_folds"] += 1
             if self._manual:
                 self._fd.clear_dirty_log(p.kvm_slot, 0, p.npages, bits)
@@ -318,6 +339,20 @@ class KvmEngine(AttachedOnce):
     def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
         with self._lock:
             self._fold(slot)
+
+    def restore_log_sync(self, vm: Vm) -> None:
+        with self._lock:
+            for as_id in range(vm.address_spaces):
+                for s in vm.slot_set(as_id):
+                    self._fold(s)
+
+    def restore_log_armed(self, vm: Vm) -> None:
+        # every writable slot logs in KVM from now on (one FLAGS_ONLY ioctl per KVM slot,
+        # which write-protects it; vCPUs are held out of KVM_RUN by the caller)
+        with self._lock:
+            for as_id in range(vm.address_spaces):
+                for s in vm.slot_set(as_id):
+                    self._replace(s, s)
 
     # -- Vm listener --------------------------------------------------------------------------
     def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
