@@ -4,8 +4,9 @@ Defines `Memslots` — what KVM keeps in `struct kvm` for memslots: the publishe
 slot sets (one per address space), `slots_lock`, the SRCU that readers enter, the limits a
 request is checked against, `nr_memslot_pages`, the creator process, lookups (gfn → slot,
 gpa → hva, hva → gfn ranges), the VM's `RestoreLog`, and the gate that keeps host
-invalidations and slot swaps apart (`mn_active_invalidate_count`). And `carry_dirty_bits`, the part of a transaction's
-commit that keeps unharvested dirty bits of a split or merged slot.
+invalidations and slot swaps apart (`mn_active_invalidate_count`). And `carry_dirty_bits`,
+the part of a transaction's commit that keeps unharvested dirty bits of a split or merged
+slot.
 
 Rules of this room:
 - `slots_lock` serialises every change (the update path of `Vm`, the dirty-log ioctls).
