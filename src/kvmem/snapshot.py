@@ -209,7 +209,7 @@ class Snapshot:
         runs: list[tuple[int, int, int]] = []
         for k, img in enumerate(self._images):
             pages = np.frombuffer(img.data, dtype="<u8").reshape(-1, PAGE_SIZE // 8)
-            base = parent._same_image(img) if parent is not None else None
+            base = parent._same_image(img.hva, img.size) if parent is not None else None
             if base is None:
                 keep = pages.any(axis=1)
             else:
@@ -224,9 +224,10 @@ class Snapshot:
                 runs.append((k, int(chunk[0]), len(chunk)))
         return runs
 
-    def _same_image(self, img: _Image) -> _Image | None:
-        i = bisect_right(self._starts, img.hva) - 1
-        if i >= 0 and self._images[i].hva == img.hva and self._images[i].size == img.size:
+    def _same_image(self, hva: int, size: int) -> _Image | None:
+        """This snapshot's image of exactly [hva, hva + size), if it has one."""
+        i = bisect_right(self._starts, hva) - 1
+        if i >= 0 and self._images[i].hva == hva and self._images[i].size == size:
             return self._images[i]
         return None
 
@@ -283,7 +284,7 @@ class Snapshot:
             return SnapshotFormatError(f"{name}: {why}")
 
         if len(raw) < _HEADER.size + _TRAILER.size:
-            raise bad(f"{len(raw)} bytes is too short for a kvmem snapshot")
+            raise bad(f"truncated: {len(raw)} bytes is too short for a kvmem snapshot")
         magic, version, kind, sid, pid, meta_len, nruns = _HEADER.unpack_from(raw, 0)
         if magic != _MAGIC:
             raise bad("not a kvmem snapshot (bad magic)")
@@ -335,8 +336,8 @@ class Snapshot:
                 raise bad(f"a page run ({k}, {first}+{n}) lies outside the images")
         images: list[tuple[int, bytearray]] = []
         for hva, size in spans:
-            base = parent._same_image(_Image(hva, bytearray())) if parent else None
-            if base is not None and base.size == size:
+            base = parent._same_image(hva, size) if parent is not None else None
+            if base is not None:
                 images.append((hva, bytearray(base.data)))
             else:
                 images.append((hva, bytearray(size)))

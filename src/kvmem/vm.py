@@ -610,7 +610,7 @@ class Vm:
             self._bound[snap] = _Binding(snap, {h: h for h, _ in images})
         return snap
 
-    def restore(self, snap: Snapshot) -> None:
+    def restore(self, snap: Snapshot) -> int:
         """Bring the VM back to `snap` (taken from this VM, or made into it by
         `from_snapshot`): the layout (one transaction, only if it changed), the memory —
         only the host pages changed since: guest writes, kvmem's own writes, host
@@ -618,7 +618,8 @@ class Vm:
         bitmaps and tracking. vCPUs are held out of the guest meanwhile. Checked before
         anything changes: a snapshot of another VM (EINVAL), a vCPU the snapshot has and
         the VM lacks (ENOENT), host memory no longer mapped read-write (EFAULT), a layout
-        KVM would refuse (its errno); a refused restore changes nothing."""
+        KVM would refuse (its errno); a refused restore changes nothing. Returns the
+        number of pages copied back."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"snap must be a kvmem.Snapshot, not {type(snap).__name__}")
         self.memslots.check_process()
@@ -646,7 +647,7 @@ class Vm:
                 tx._record(requests)
                 tx.commit()  # validates the whole batch first: a refusal changes nothing
             with self.memslots.slots_lock:
-                self._copy_back(binding)
+                copied = self._copy_back(binding)
                 for (as_id, sid), raw in snap.dirty.items():
                     s = self.slot_set(as_id).by_id(sid)
                     if s is not None and s.dirty_bitmap is not None:
@@ -668,6 +669,7 @@ class Vm:
                     other.ranges += binding.ranges
             binding.pages = set()
             binding.ranges = []
+        return copied
 
     def _layout_requests(self, b: _Binding) -> list[Request]:
         """The requests that turn the current layout into the snapshot's: delete what
@@ -685,9 +687,10 @@ class Vm:
                 for k, r in want.items() if have.get(k) != r]
         return out
 
-    def _copy_back(self, b: _Binding) -> None:
+    def _copy_back(self, b: _Binding) -> int:
         """Copy the saved bytes of every changed page of `b`'s snapshot back into host
-        memory, one copy per run of adjacent pages (raw host copies: nothing logs them)."""
+        memory, one copy per run of adjacent pages (raw host copies: nothing logs them).
+        Returns the number of pages copied."""
         pages = sorted(b.pages)
         for lo, hi in b.ranges:
             for start, size, _src in b.images:
@@ -696,7 +699,8 @@ class Vm:
                     pages.extend(range(a >> PAGE_SHIFT, (z + PAGE_SIZE - 1) >> PAGE_SHIFT))
             pages.sort()
         if not pages:
-            return
+            return 0
+        copied = 0
         token = host.guard.read_lock()
         try:
             dst: list[memoryview | None] = []
@@ -722,6 +726,7 @@ class Vm:
                     start, size, src = b.images[k]
                     stop = min(end, start + size)
                     lo_off, hi_off = hva - start, stop - start
+                    copied += (hi_off - lo_off) >> PAGE_SHIFT
                     view = dst[k]
                     if view is not None:
                         view[lo_off:hi_off] = src[lo_off:hi_off]
@@ -735,6 +740,7 @@ class Vm:
                     k += 1
         finally:
             host.guard.read_unlock(token)
+        return copied
 
     def _restore_tracking(self, snap: Snapshot) -> None:
         want = {(a, g): c for a, g, c in snap.tracked}
