@@ -54,8 +54,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import host, sync
-from .access import fan_out, mark_bitmap
+from .access import MarkDirty, fan_out, mark_bitmap
 from .args import as_bytes, check_range
+from .dirty import DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
@@ -195,13 +196,25 @@ class Mmu:
         self._mirrors: list[Stage2Mirror] = []
         self._batch_open = False
         self.tracked_write: TrackedWriteHandler | None = None
+        self._log = memslots.restore_log
+        self.mark = mark_bitmap
         self.access = [Stage2Access(self, as_id) for as_id in range(n)]
         self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
-        self._log = memslots.restore_log
-        self.mark_dirty = fan_out(mark_bitmap, self._log)
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
+
+    @property
+    def mark(self) -> MarkDirty:
+        """mark_page_dirty_in_slot for pages installed writable in logging slots (the VM
+        gives its `DirtyMarks`: the bitmap, or the ring of the vCPU loaded here). Faults
+        mark through `mark_dirty`: this, and the restore log while it is armed."""
+        return self._mark
+
+    @mark.setter
+    def mark(self, mark: MarkDirty) -> None:
+        self._mark = mark
+        self.mark_dirty = fan_out(mark, self._log)
 
     # -- invalidation bookkeeping (kvm_mmu_invalidate_begin / range_add / end) -------------
     def begin(self) -> None:
@@ -529,7 +542,7 @@ class Mmu:
                 raise _Retry
             # judged under the lock: `log_all` (arming the restore log) write-protects
             # under it, so no spte made writable without a mark can outlive the arming
-            logged = slot.dirty_bitmap is not None or self._log.armed
+            logged = slot.dirty_logging or self._log.armed
             writable = frame.writable and not slot.readonly and (write or not logged)
             if huge is not None and (huge // HUGE_PAGES in self._track_blocks[as_id]
                                      or self._range_busy(huge, huge + HUGE_PAGES)
@@ -596,7 +609,7 @@ class Mmu:
         base = gfn - gfn % HUGE_PAGES
         if base < slot.base_gfn or base + HUGE_PAGES > slot.end_gfn:
             return None
-        if ((slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_bitmap is not None
+        if ((slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_logging
                 or self._log.armed):
             return None
         return base
@@ -642,7 +655,7 @@ class Mmu:
             new, old = c.new, c.old
             if c.kind is not ChangeKind.FLAGS_ONLY or new is None or old is None:
                 continue
-            if new.dirty_bitmap is None or old.dirty_bitmap is not None:
+            if not new.dirty_logging or old.dirty_logging:
                 continue
             if initially_set:
                 self._drop_huge(new)
@@ -722,11 +735,12 @@ class Stage2Access:
     Hits inline the `tlb` read section (`kvmem.sync.Srcu`'s protocol) and use literals
     for the page geometry (4096, and 512 pages in a 2 MiB mapping)."""
 
-    __slots__ = ("_huge", "_mmu", "_small", "_tlb", "as_id")
+    __slots__ = ("_huge", "_mmu", "_ring", "_small", "_tlb", "as_id")
 
-    def __init__(self, mmu: Mmu, as_id: int) -> None:
+    def __init__(self, mmu: Mmu, as_id: int, ring: DirtyRing | None = None) -> None:
         self._mmu = mmu
         self.as_id = as_id
+        self._ring = ring  # a vCPU's own: its vCPU is loaded while a fault is handled
         self._small = mmu._small[as_id]
         self._huge = mmu._huge[as_id]
         self._tlb = mmu.tlb
@@ -804,14 +818,28 @@ class Stage2Access:
                     return b""
             finally:
                 self._tlb.read_unlock(token)
-            try:
-                self._mmu.fault_in(self.as_id, gpa, write)
-            except MmioExit:
-                raise MmioExit(gpa, k, write, b"" if src is None else src.tobytes()) from None
-            except TrackedWrite:
-                assert src is not None
-                handler = self._mmu.tracked_write
-                if handler is None:
-                    raise
-                handler(self.as_id, gpa, src)
-                return b""
+            ring = self._ring
+            if ring is None:
+                if self._fault(gpa, k, src):
+                    return b""
+            else:
+                with loaded(ring):
+                    if self._fault(gpa, k, src):
+                        return b""
+
+    def _fault(self, gpa: int, k: int, src: memoryview | None) -> bool:
+        """Fault the page of `gpa` in; True when the write was performed instead (a tracked
+        gfn: page tracking wrote it)."""
+        write = src is not None
+        try:
+            self._mmu.fault_in(self.as_id, gpa, write)
+        except MmioExit:
+            raise MmioExit(gpa, k, write, b"" if src is None else src.tobytes()) from None
+        except TrackedWrite:
+            assert src is not None
+            handler = self._mmu.tracked_write
+            if handler is None:
+                raise
+            handler(self.as_id, gpa, src)
+            return True
+        return False

@@ -38,6 +38,11 @@ Rules of this room:
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
+- Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
+  vCPU's ring. A mark that raises the ring's soft-full request stops the guest at the next
+  hook's return (the instruction completes), and every entry checks the request first:
+  `run` returns DIRTY_RING_FULL, running nothing, until a reset makes room (KVM's
+  kvm_dirty_ring_check_request before each guest entry).
 """
 
 from __future__ import annotations
@@ -407,6 +412,12 @@ class UnicornVcpu:
 
     # -- the worker -----------------------------------------------------------------------------
     def _worker_main(self) -> None:
+        # the worker runs only this vCPU: it is loaded here for good, so every mark made on
+        # the guest's behalf (faults, slow accesses, tracked writes) goes to its ring
+        with self._vcpu.loaded():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv_lock:
                 self._cv.wait_until(lambda: self._go or self._closing)
@@ -446,6 +457,10 @@ class UnicornVcpu:
                 if self._kicked:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
+            # KVM checks its requests before every entry: a soft-full ring keeps the vCPU
+            # out (a read being finished is not an entry: KVM completes it first)
+            if not self._step and self._vcpu.dirty_ring.check_request():
+                return Exit(ExitKind.DIRTY_RING_FULL)
             held = False
             while True:
                 with self._lock:
@@ -502,6 +517,8 @@ class UnicornVcpu:
                 return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
             if self._step:
                 return _STEPPED
+            if stopped and self._vcpu.dirty_ring.request:
+                continue  # a mark filled the ring: the check above decides
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -626,7 +643,8 @@ class UnicornVcpu:
             bases = [b for s, e in self._pending for b in self._bases(s, e)]
             fence = [b for b in bases if self._regions[b][1] == _RAM and b not in self._fenced]
             self._fenced.update(fence)
-            stop = bool(bases) or self._kicked or bool(self._engine._paused)
+            stop = (bool(bases) or self._kicked or self._vcpu.dirty_ring.request
+                    or bool(self._engine._paused))
             if stop:
                 self._stop_requested = True
         for b in fence:
