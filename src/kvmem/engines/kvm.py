@@ -22,6 +22,18 @@ Rules of this room:
   harvests them after kvmem's own (what kvmem wrote for the vCPU), translated from the
   engine's KVM slots to kvmem's slots and offsets; a reset is kvmem's walk plus
   KVM_RESET_DIRTY_RINGS. KVM keeps no bitmaps then: nothing is folded.
+- Where the user keeps bitmaps, the engine still takes the guest's writes from KVM's rings
+  when KVM has them (its *own* rings, `OWN_RING_BYTES` per vCPU, enabled before the first
+  vCPU): reading a bitmap's worth of KVM_GET_DIRTY_LOG scans the whole slot (1.15 ms per
+  GiB), a ring costs what was written. `_drain` moves every entry into kvmem's bitmap of
+  its slot (where the slot logs) and the restore log (while armed), then resets KVM's
+  rings, which write-protects the pages again; it runs before every read of a bitmap and
+  every mirror change, and when a ring fills (DIRTY_RING_FULL never reaches the user). The
+  entries are moved, never copied: a failure loses nothing a later drain cannot find.
+- With the user's rings on and the restore log armed, a snapshot or restore drains KVM's
+  rings too: the entries go to the restore log and wait in `_pending` for the user's
+  harvest; KVM's reset happens then (their pages are write-protected at once, and
+  `reset_dirty_rings` later counts only kvmem's own entries of them).
 """
 
 from __future__ import annotations
@@ -70,7 +82,10 @@ if TYPE_CHECKING:
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
 
-__all__ = ["KICK_SIGNAL", "KvmEngine", "KvmEngineVcpu", "install_kick_handler"]
+__all__ = ["KICK_SIGNAL", "OWN_RING_BYTES", "KvmEngine", "KvmEngineVcpu",
+           "install_kick_handler"]
+
+OWN_RING_BYTES = 64 << 10  # 4096 entries per vCPU: a DIRTY_RING_FULL drain per ~4000 pages
 
 KICK_SIGNAL = signal.SIGUSR1  # QEMU's SIG_IPI
 _USER_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
@@ -155,6 +170,8 @@ class KvmEngine(AttachedOnce):
         self._next_id = [0] * self._caps.address_spaces
         self._vcpus: list[KvmEngineVcpu] = []
         self._ring_size = 0  # KVM's dirty ring per vCPU, in bytes (0: bitmaps)
+        self._own_ring = 0  # ... enabled by the engine for itself (the user keeps bitmaps)
+        self._reset_owed = False  # a drain harvested entries KVM has not reset yet
         # KVM slot → (kvmem slot, gfn of the piece - base gfn of the kvmem slot): how an
         # entry of KVM's ring reads in kvmem's terms. Kept after a piece goes, as KVM's
         # entries keep the old slot: a reused id reads stale entries anew, as in KVM.
@@ -173,14 +190,21 @@ class KvmEngine(AttachedOnce):
     # -- vCPUs --------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
         vcpu = self.vm.create_vcpu(vcpu_id)
+        if not self._ring_size and not self._own_ring and not self._vcpus and \
+                self._caps.dirty_ring_max_bytes >= OWN_RING_BYTES:
+            self._fd.enable_dirty_ring(OWN_RING_BYTES)
+            self.stats["ioctls"] += 1
+            self._own_ring = OWN_RING_BYTES
         fd = self._fd.create_vcpu(vcpu_id)
+        ring: RingReader | None = None
+        if self._ring_size or self._own_ring:
+            ring = RingReader(fd.map_dirty_ring(self._ring_size or self._own_ring))
         if self._ring_size:
-            reader = RingReader(fd.map_dirty_ring(self._ring_size))
-            vcpu.dirty_ring.attach(lambda: self._ring_entries(reader))
+            vcpu.dirty_ring.attach(lambda: self._ring_entries(cpu))
         # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs of
         # a state taken on another engine (kvm_state.setup_cpuid)
         kvm_state.setup_cpuid(self._kvm, fd)
-        cpu = KvmEngineVcpu(self, vcpu, fd)
+        cpu = KvmEngineVcpu(self, vcpu, fd, ring)
         with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
@@ -337,6 +361,9 @@ class KvmEngine(AttachedOnce):
         (GET_DIRTY_LOG is ENXIO): nothing to fold."""
         bitmap = s.dirty_bitmap
         log = self.vm.memslots.restore_log
+        if self._own_ring or (self._ring_size and log.armed):
+            self._drain()  # every slot's entries at once: what one costs
+            return
         if (bitmap is None and not log.armed) or self._ring_size:
             return
         for p in self._pieces.get((s.as_id, s.id), []):
@@ -372,9 +399,69 @@ class KvmEngine(AttachedOnce):
         self.stats["ioctls"] += 1
         return self._fd.reset_dirty_rings()
 
-    def _ring_entries(self, reader: RingReader) -> list[tuple[int, int]]:
-        """The entries KVM pushed since the last harvest, in kvmem's slots and offsets."""
-        out = reader.harvest()
+    def _drain(self) -> None:
+        """Take every entry of KVM's rings: into kvmem's bitmaps (own rings) or the user's
+        `_pending` entries (the user's rings), and into the restore log while it is armed;
+        then reset KVM's rings (see the rules above)."""
+        self._lock.assert_held()
+        taken = False
+        for cpu in self._vcpus:
+            ring = cpu._ring
+            if ring is None:
+                continue
+            entries = ring.harvest()
+            if not entries:
+                continue
+            taken = True
+            if self._ring_size:
+                cpu._pending += entries
+            self._route(entries, bitmaps=not self._ring_size)
+        if taken or self._reset_owed:
+            # owed until it succeeds: harvested entries KVM has not reset keep their pages
+            # writable, and a later drain would not see them again
+            self._reset_owed = True
+            self.stats["ioctls"] += 1
+            self.stats["dirty_folds"] += 1
+            self._fd.reset_dirty_rings()
+            self._reset_owed = False
+
+    def _route(self, entries: list[tuple[int, int]], bitmaps: bool) -> None:
+        """Mark the pages of KVM ring entries in kvmem's bitmaps (`bitmaps`) and the
+        restore log (while armed). An entry of a slot gone since is skipped, as KVM skips
+        it."""
+        vm = self.vm
+        log = vm.memslots.restore_log
+        armed = log.armed
+        slots: dict[int, MemorySlot | None] = {}
+        ring_slots = self._ring_slots
+        for kvm_slot, offset in entries:
+            where = ring_slots.get(kvm_slot)
+            if where is None:
+                continue
+            value, delta = where
+            if value in slots:
+                s = slots[value]
+            else:
+                s = slots[value] = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
+            if s is None:
+                continue
+            rel = offset + delta
+            if rel >= s.npages:
+                continue
+            if bitmaps and s.dirty_bitmap is not None:
+                s.dirty_bitmap.mark(rel)
+            if armed:
+                log.mark(s.as_id, s.base_gfn + rel, s.hva + (rel << PAGE_SHIFT), 1)
+
+    def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
+        """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
+        user's rings: kept by a drain first, then the ring's)."""
+        assert cpu._ring is not None
+        with self._lock:
+            fresh = cpu._ring.harvest()
+            if fresh:
+                self._route(fresh, bitmaps=False)
+            out, cpu._pending = cpu._pending + fresh, []
         ring_slots = self._ring_slots
         for i, (kvm_slot, offset) in enumerate(out):
             where = ring_slots.get(kvm_slot)
@@ -452,10 +539,13 @@ class KvmEngine(AttachedOnce):
 class KvmEngineVcpu:
     """A KVM vCPU. `run` and friends from one thread; `kick` from any."""
 
-    def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu) -> None:
+    def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu,
+                 ring: RingReader | None = None) -> None:
         self._engine = engine
         self._vcpu = vcpu
         self._fd = fd
+        self._ring = ring  # KVM's dirty ring of this vCPU (the user's or the engine's own)
+        self._pending: list[tuple[int, int]] = []  # drained for the user's harvest
         self._in_run = False
         self._thread = 0
         self._kicked = False
@@ -618,6 +708,10 @@ class KvmEngineVcpu:
         if reason == KVM_EXIT_HLT:
             return Exit(ExitKind.HLT)
         if reason == KVM_EXIT_DIRTY_RING_FULL:
+            if self._engine._own_ring:  # the engine's own ring: drain it and go on
+                with self._engine._lock:
+                    self._engine._drain()
+                return None
             return Exit(ExitKind.DIRTY_RING_FULL)
         if reason == KVM_EXIT_SHUTDOWN:
             return Exit(ExitKind.SHUTDOWN)
