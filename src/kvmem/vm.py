@@ -309,8 +309,7 @@ class Vm:
         self.engine: Engine | None = opened
         # snapshots this VM can be restored to (taken here, or made into it), and what
         # changed since each
-        self._bound: weakref.WeakKeyDictionary[Snapshot, _Binding] = \
-            weakref.WeakKeyDictionary()
+        self._bound: dict[int, _Binding] = {}  # by id(snapshot), until it is collected
         self.host_memory: list[host.HostMemory] = []
         """Host memory the VM made itself (`from_snapshot`): the caller closes it."""
         if opened is not None:
@@ -569,6 +568,16 @@ class Vm:
                 b.ranges += ranges
         return pages, ranges
 
+    def _bind(self, snap: Snapshot, b: _Binding) -> None:
+        """Remember `snap` as one this VM restores to, until the snapshot is collected."""
+        key = id(snap)
+        self._bound[key] = b
+        weakref.finalize(snap, self._bound.pop, key, None)
+        b.generations = self._generations()
+
+    def _generations(self) -> tuple[int, ...]:
+        return tuple(self.generation(a) for a in range(self.address_spaces))
+
     def snapshot(self) -> Snapshot:
         """The whole VM at this point (`kvmem.Snapshot`): the layout of every address
         space, the memory behind it, every engine vCPU's `VcpuState` (and each vCPU's SMM
@@ -623,7 +632,7 @@ class Vm:
                             manual_dirty_log_protect=self._manual_dirty_log_protect,
                             tracked=tracked,
                             engine=self.engine.name if self.engine is not None else None)
-            self._bound[snap] = _Binding(snap, {h: h for h, _ in images})
+            self._bind(snap, _Binding(snap, {h: h for h, _ in images}))
         return snap
 
     def restore(self, snap: Snapshot) -> int:
@@ -639,7 +648,7 @@ class Vm:
         if not isinstance(snap, Snapshot):
             raise TypeError(f"snap must be a kvmem.Snapshot, not {type(snap).__name__}")
         self.memslots.check_process()
-        binding = self._bound.get(snap)
+        binding = self._bound.get(id(snap))
         if binding is None:
             raise KvmError(errno.EINVAL, "the snapshot was not taken from this VM (make a VM "
                                          "from it with Vm.from_snapshot)")
@@ -675,7 +684,8 @@ class Vm:
                 self._manual_dirty_log_protect = snap.manual_dirty_log_protect
             self._restore_tracking(snap)
             for v in snap.vcpus:
-                self._vcpus[v.id].smm = v.smm
+                if self._vcpus[v.id].smm != v.smm:
+                    self._vcpus[v.id].smm = v.smm
                 if v.state is not None:
                     cpus[v.id].set_state(v.state)
             # the pages put back now differ from what every other snapshot saw
@@ -685,11 +695,14 @@ class Vm:
                     other.ranges += binding.ranges
             binding.pages = set()
             binding.ranges = []
+            binding.generations = self._generations()
         return copied
 
     def _layout_requests(self, b: _Binding) -> list[Request]:
         """The requests that turn the current layout into the snapshot's: delete what
         differs, create what is missing (none when the layout is the same)."""
+        if b.generations == self._generations():
+            return []  # no slot change since the layout was the snapshot's
         want = {(r.as_id, r.id): r for r in b.layout}
         have: dict[tuple[int, int], SlotRecord] = {}
         for as_id in range(self.address_spaces):
@@ -823,7 +836,7 @@ class Vm:
             with vm.memslots.slots_lock:
                 vm._arm_restore_log()
                 vm._harvest()
-                vm._bound[snap] = b
+                vm._bind(snap, b)
                 b.pages, b.ranges = set(), []
         except BaseException:
             if vm.engine is not None:
@@ -1041,6 +1054,8 @@ class _Binding:
         self.starts = [start for start, _, _ in self.images]
         self.pages: set[int] = set()
         self.ranges: list[tuple[int, int]] = []
+        # the slot generations when the VM's layout was last known to be the snapshot's
+        self.generations: tuple[int, ...] = ()
 
 
 def _check_gmem_arg(guest_memfd: object) -> None:

@@ -546,6 +546,7 @@ class KvmEngineVcpu:
         self._fd = fd
         self._ring = ring  # KVM's dirty ring of this vCPU (the user's or the engine's own)
         self._pending: list[tuple[int, int]] = []  # drained for the user's harvest
+        self._prepared: kvm_state.Prepared | None = None  # the last state loaded, packed
         self._in_run = False
         self._thread = 0
         self._kicked = False
@@ -620,9 +621,17 @@ class KvmEngineVcpu:
         return kvm_state.get_state(self._fd)
 
     def set_state(self, state: VcpuState) -> None:
-        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        """Load `state`; a pending read is finished on the old state first (as `get_state`).
+        The last state loaded stays packed: loading that same object again (a snapshot's,
+        restored once per fuzz input) skips the packing and KVM's mode check."""
         self._answer_unanswered()
-        kvm_state.set_state(self._fd, state)
+        p = self._prepared
+        if p is not None and p.state is state:
+            kvm_state.load(self._fd, p, checked=True)
+            return
+        p = kvm_state.prepare(self._fd, state)
+        kvm_state.load(self._fd, p)
+        self._prepared = p
 
     def _interrupt(self) -> None:
         """Under the engine's gate: make KVM_RUN return now, or at once when entered."""

@@ -244,6 +244,7 @@ class UnicornVcpu:
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
         self._step = False  # the worker runs one instruction
+        self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
         self._busy = False  # the worker is in _run_guest (engine gate lock)
         self._held = False  # ... and waits at the engine's gate
 
@@ -286,9 +287,16 @@ class UnicornVcpu:
         return uc_state.get_state(self._uc)
 
     def set_state(self, state: VcpuState) -> None:
-        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        """Load `state`; a pending read is finished on the old state first (as `get_state`).
+        The last state loaded is kept as Unicorn's CPU context: loading that same object
+        again (a snapshot's, restored per fuzz input) is one context copy."""
         self._settle()
-        uc_state.set_state(self._uc, state)
+        loaded = self._loaded
+        if loaded is not None and loaded[0] is state:
+            uc_state.load_context(self._uc, loaded[1], state)
+        else:
+            uc_state.set_state(self._uc, state)
+            self._loaded = (state, self._uc.context_save())
         self._uc.ctl_flush_tb()
         self._forget_exit()
 
