@@ -56,7 +56,7 @@ from typing import Protocol
 from . import host, sync
 from .access import MarkDirty, fan_out, mark_bitmap
 from .args import as_bytes, check_range
-from .dirty import DirtyRing, loaded
+from .dirty import DirtyRing, RestoreLog, loaded
 from .errors import KvmError
 from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
@@ -203,6 +203,11 @@ class Mmu:
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
+
+    @property
+    def restore_log(self) -> RestoreLog:
+        """The VM's restore log (its `Memslots`'): what faults mark while it is armed."""
+        return self._log
 
     @property
     def mark(self) -> MarkDirty:

@@ -85,7 +85,11 @@ if TYPE_CHECKING:
 __all__ = ["KICK_SIGNAL", "OWN_RING_BYTES", "KvmEngine", "KvmEngineVcpu",
            "install_kick_handler"]
 
-OWN_RING_BYTES = 64 << 10  # 4096 entries per vCPU: a DIRTY_RING_FULL drain per ~4000 pages
+# 65,536 entries per vCPU (KVM's largest ring): a DIRTY_RING_FULL drain per ~65,000 pages.
+# Large because KVM pushes while it emulates one instruction and checks for a full ring only
+# before the next: a `rep stos` emulated here (kvm_pvm emulates ring-0 code, and logs every
+# write it emulates) may push one entry per byte, and a ring it overflows is wedged.
+OWN_RING_BYTES = 1 << 20
 
 KICK_SIGNAL = signal.SIGUSR1  # QEMU's SIG_IPI
 _USER_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
@@ -190,11 +194,11 @@ class KvmEngine(AttachedOnce):
     # -- vCPUs --------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
         vcpu = self.vm.create_vcpu(vcpu_id)
-        if not self._ring_size and not self._own_ring and not self._vcpus and \
-                self._caps.dirty_ring_max_bytes >= OWN_RING_BYTES:
-            self._fd.enable_dirty_ring(OWN_RING_BYTES)
+        own = min(OWN_RING_BYTES, self._caps.dirty_ring_max_bytes)
+        if not self._ring_size and not self._own_ring and not self._vcpus and own >= 1 << 16:
+            self._fd.enable_dirty_ring(own)
             self.stats["ioctls"] += 1
-            self._own_ring = OWN_RING_BYTES
+            self._own_ring = own
         fd = self._fd.create_vcpu(vcpu_id)
         ring: RingReader | None = None
         if self._ring_size or self._own_ring:
@@ -399,10 +403,10 @@ class KvmEngine(AttachedOnce):
         self.stats["ioctls"] += 1
         return self._fd.reset_dirty_rings()
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
         """Take every entry of KVM's rings: into kvmem's bitmaps (own rings) or the user's
         `_pending` entries (the user's rings), and into the restore log while it is armed;
-        then reset KVM's rings (see the rules above)."""
+        then reset KVM's rings (see the rules above). True if KVM freed any entry."""
         self._lock.assert_held()
         taken = False
         for cpu in self._vcpus:
@@ -422,8 +426,10 @@ class KvmEngine(AttachedOnce):
             self._reset_owed = True
             self.stats["ioctls"] += 1
             self.stats["dirty_folds"] += 1
-            self._fd.reset_dirty_rings()
+            freed = self._fd.reset_dirty_rings()
             self._reset_owed = False
+            return freed > 0
+        return False
 
     def _route(self, entries: list[tuple[int, int]], bitmaps: bool) -> None:
         """Mark the pages of KVM ring entries in kvmem's bitmaps (`bitmaps`) and the
@@ -719,8 +725,12 @@ class KvmEngineVcpu:
         if reason == KVM_EXIT_DIRTY_RING_FULL:
             if self._engine._own_ring:  # the engine's own ring: drain it and go on
                 with self._engine._lock:
-                    self._engine._drain()
-                return None
+                    if self._engine._drain():
+                        return None
+                # full, yet nothing to harvest: KVM overflowed the ring (more entries in
+                # one instruction than it holds) and will not run this vCPU again
+                return Exit(ExitKind.INTERNAL_ERROR, detail="KVM's dirty ring overflowed: "
+                            "one instruction dirtied more pages than the ring holds")
             return Exit(ExitKind.DIRTY_RING_FULL)
         if reason == KVM_EXIT_SHUTDOWN:
             return Exit(ExitKind.SHUTDOWN)
