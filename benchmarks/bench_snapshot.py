@@ -52,7 +52,7 @@ class Guest:
         assert self.vm.engine is not None
         self.vm.set_memory_region(0, flags, 0, size, self.mem.hva)
         self.vm.write(CODE, program("walker"))
-        self.cpu = self.vm.engine.create_vcpu(0)
+        self.cpu = self.vm.create_vcpu(0)
         self.cpu.start(CODE, Regs(esi=DATA, ecx=DIRTY * PAGE, edi=PAGE, ebx=7, ebp=1))
         self.state = self.cpu.get_state()
         self.snap = self.vm.snapshot() if snapshot else None
@@ -99,8 +99,8 @@ def floor_ops(g: Guest) -> tuple[Callable[[], None], Callable[[], None]]:
     from kvmem.cpu import kvm_state
 
     eng: Any = g.vm.engine
-    cpu: Any = g.cpu
-    ring, fd, vfd = cpu._ring, eng._fd, cpu._fd
+    backend: Any = g.cpu.backend
+    ring, fd, vfd = backend._ring, eng._fd, backend._fd
     mv = g.mem.view()
     saved = bytes(mv)
     prepared = kvm_state.prepare(vfd, g.state)

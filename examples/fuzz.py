@@ -31,7 +31,7 @@ def main() -> None:
     assert vm.engine is not None
     vm.set_memory_region(0, 0, 0, mem.size, mem.hva)
     vm.write(CODE, program("fuzzme"))
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
     cpu.start(CODE, Regs(esi=INPUT, ecx=SIZE, edi=SCRATCH))
     snap = vm.snapshot()  # the guest about to parse: every run starts here
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import kvmem
-from kvmem.engines import EngineError, EngineVcpu, Exit, ExitKind, Regs
+from kvmem.engines import EngineError, Exit, ExitKind, Regs
 from kvmem.kvmapi import kvm_available
 
 KVM_REASON = kvm_available()
@@ -96,18 +96,18 @@ TOUR_EXITS = [
 
 
 @pytest.fixture
-def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, EngineVcpu]]]:
+def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]]:
     made: list[tuple[kvmem.Vm, kvmem.HostMemory]] = []
 
     def boot(engine: str, program: bytes, regs: Regs | None = None
-             ) -> tuple[kvmem.Vm, EngineVcpu]:
+             ) -> tuple[kvmem.Vm, kvmem.Vcpu]:
         mem = kvmem.HostMemory.anonymous(RAM)
         vm = kvmem.Vm(engine=engine)
         made.append((vm, mem))
         vm.set_memory_region(0, 0, 0, RAM, mem.hva)
         vm.write(CODE, program)
         assert vm.engine is not None
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE, regs if regs is not None else Regs(esp=0x8000))
         return vm, cpu
 
@@ -123,7 +123,7 @@ def answer(e: Exit) -> bytes:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]
+def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]
                                    ) -> None:
     vm, cpu = boot(engine, code(TOUR))
     vm.write(BUF, b"abcd")
@@ -141,7 +141,7 @@ def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_complete_refuses_data_of_the_wrong_length(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, code(TOUR))
     assert cpu.run() == io(0x80, 1, b"\x11")
     with pytest.raises(EngineError, match="no read exit"):
@@ -170,7 +170,7 @@ def test_complete_refuses_data_of_the_wrong_length(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_unanswered_read_reads_zeros(engine: str,
-                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+                                        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, code(TOUR))
     vm.write(BUF, b"abcd")
     cpu.run()
@@ -201,7 +201,7 @@ SETTERS = [
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_registers_may_be_set_at_every_exit(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     _, cpu = boot(engine, code(SETTERS))
     plan = [(io(0x80, 1, b"\x00"), "eax", 1), (io(0x81, 1), "ebx", 2), (io(0x81, 1), "", 0),
             (mmio(MMIO, 4, b"\x04\x00\x00\x00"), "edx", 8), (mmio(MMIO, 4), "ebp", 16),
@@ -221,7 +221,7 @@ def test_registers_may_be_set_at_every_exit(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_kick_at_an_exit_runs_nothing(engine: str,
-                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+                                        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     _, cpu = boot(engine, bytes.fromhex("e6 80 43 e6 80 eb fb"))  # out; inc ebx; out; jmp
     for _ in range(3):
         assert cpu.run() == io(0x80, 1, b"\x00")

@@ -166,7 +166,7 @@ def test_vcpu_state_is_restored(engine: str | None, make_vm: Callable[..., kvmem
     vm, _ = _vm(make_vm, mems)
     assert vm.engine is not None
     vm.write(WALKER_CODE, program("walker"))
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
     cpu.start(WALKER_CODE, Regs(esi=DATA, ecx=4 * PAGE_SIZE, edi=PAGE_SIZE, ebx=9, ebp=1))
     snap = vm.snapshot()
     first = cpu.run()
@@ -283,7 +283,7 @@ def test_from_snapshot_on_every_engine(engine: str | None, tmp_path: Path) -> No
         src.set_memory_region(0, 0, 0, 1 * MiB, mem.hva)
         src.write(WALKER_CODE, program("walker"))
         assert src.engine is not None
-        cpu = src.engine.create_vcpu(0)
+        cpu = src.create_vcpu(0)
         cpu.start(WALKER_CODE, Regs(esi=DATA, ecx=4 * PAGE_SIZE, edi=PAGE_SIZE, ebx=3,
                                     ebp=1))
         snap = src.snapshot()
@@ -298,7 +298,7 @@ def test_from_snapshot_on_every_engine(engine: str | None, tmp_path: Path) -> No
         assert [s.gpa for s in vm.slots()] == [0]
         if vm.engine is None:
             return
-        run = vm.engine.vcpus[0]
+        run = vm.vcpus[0]
         got = run.run()
         assert (got.kind, got.addr, got.data) == (want.kind, want.addr, want.data)
         assert run.run().kind is ExitKind.HLT

@@ -150,11 +150,10 @@ def _setup(make_vm: Callable[..., kvmem.Vm]) -> Setup:
         vm.write(SLOT0[0] + 2 * PAGE_SIZE, rng.randbytes(SLOT0[1] - 2 * PAGE_SIZE))
         vm.write(SLOT1[0], rng.randbytes(SLOT1[1] // 2))
         cpu = None
+        vcpu = vm.create_vcpu(0)
         if vm.engine is not None:
-            cpu = vm.engine.create_vcpu(0)
+            cpu = vcpu
             cpu.start(CODE, Regs())
-        else:
-            vm.create_vcpu(0)
         vm.get_dirty_log(0)
         vm.write(SLOT0[0] + 3 * PAGE_SIZE, b"dirty before the snapshot")
         snap = vm.snapshot()

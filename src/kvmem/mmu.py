@@ -41,8 +41,10 @@ with the file's errno — or a retry while an invalidation covers the gfn); lock
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
 for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
-writable in a logging slot. `fault_in` is the one retry loop around it: a retry leaves
-the SRCU read section first, as a vCPU re-entering the guest does, so an update can end.
+writable in a logging slot (through `mark`, the VM's one rule: bitmap, or the ring of the
+vCPU loaded on the faulting thread — a vCPU's `Stage2Access` loads its vCPU for a fault).
+`fault_in` is the one retry loop around it: a retry leaves the SRCU read section first, as
+a vCPU re-entering the guest does, so an update can end.
 """
 
 from __future__ import annotations
@@ -730,6 +732,24 @@ class Mmu:
                     for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
         self.write_protect(slot.as_id, gfns)
 
+    def dirty_ring_reprotect(self, batches: Sequence[tuple[MemorySlot, int, int]]) -> None:
+        """KVM_RESET_DIRTY_RINGS' write-protection: for each (slot, offset, mask), pages
+        offset + b (bit b of mask) of the slot; one lock and one flush for them all."""
+        by_as: dict[int, list[int]] = {}
+        for slot, offset, mask in batches:
+            gfns = by_as.setdefault(slot.as_id, [])
+            base = slot.base_gfn + offset
+            while mask:
+                low = mask & -mask
+                gfns.append(base + low.bit_length() - 1)
+                mask ^= low
+        with self.lock:
+            n = 0
+            for as_id, gfns in by_as.items():
+                n += self._write_protect(as_id, gfns)
+            if n:
+                self.flush()
+
 
 class Stage2Access:
     """Guest memory as guest code sees it in one address space: reads and writes through
@@ -753,18 +773,19 @@ class Stage2Access:
     def read(self, gpa: int, n: int) -> bytes:
         if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
             gfn = gpa >> 12
-            tlb = self._tlb
-            i = tlb.index
-            next(tlb.locks[i])
+            r = self._tlb.current
+            r.append(None)
             try:
                 s = self._small.get(gfn)
-                if s is None:
-                    s = self._huge.get(gfn >> 9)
+                if s is not None:  # a 4 KiB mapping of this very gfn
+                    off = gpa & 4095
+                    return bytes(s.view[off:off + n])
+                s = self._huge.get(gfn >> 9)
                 if s is not None:
                     off = ((gfn - s.gfn) << 12) + (gpa & 4095)
                     return bytes(s.view[off:off + n])
             finally:
-                next(tlb.unlocks[i])
+                r.pop()
         gpa, n = check_range(gpa, n)
         parts: list[bytes] = []
         pos = 0
@@ -776,25 +797,28 @@ class Stage2Access:
         return b"".join(parts)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
+        if gpa.__class__ is int:
             gfn = gpa >> 12
-            tlb = self._tlb
-            i = tlb.index
-            next(tlb.locks[i])
+            r = self._tlb.current
+            r.append(None)
             try:
                 s = self._small.get(gfn)
-                if s is None:
+                if s is not None:  # a 4 KiB mapping of this very gfn
+                    off = gpa & 4095
+                else:
                     s = self._huge.get(gfn >> 9)
+                    off = 0 if s is None else ((gfn - s.gfn) << 12) + (gpa & 4095)
                 if s is not None and s.writable:
-                    off = ((gfn - s.gfn) << 12) + (gpa & 4095)
-                    # past the mapping's end the slice is shorter than `data`: ValueError,
-                    # nothing written, and the page walk below takes it
+                    # one slice store, for flat unsigned-byte data that fits the mapping;
+                    # anything else (past its end, not bytes-like, another format or
+                    # shape) raises before a byte is written, and the page walk below
+                    # takes it
                     s.view[off:off + len(data)] = data
                     return
-            except ValueError:
+            except (TypeError, ValueError):
                 pass
             finally:
-                next(tlb.unlocks[i])
+                r.pop()
         gpa, _ = check_range(gpa, 0)
         src = as_bytes("data", data)
         n = src.nbytes

@@ -21,6 +21,12 @@ Rules of this room:
   before the publish that shows the new slots, dropped for deleted slots in that same step
   — after a single DELETE's INVALID window began, inside a transaction's invalidation.
   A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
+- Dirty pages: every mark — accessors, caches, the MMU's write faults — goes through the
+  VM's one `DirtyMarks` (the slot's bitmap, or the ring of the vCPU loaded on the thread).
+  A `Vcpu`'s accessors and guest accesses are made with it loaded; engines load it while
+  it runs. Rings are enabled once, before any vCPU (each vCPU gets its ring at creation);
+  their reset holds `slots_lock`, walks the vCPUs in creation order and write-protects
+  what it freed with one flush.
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
@@ -37,14 +43,15 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import host, sync
 from . import memslots as _memslots
 from .access import DirtyMarks, GuestMemory, HvaCache
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
-from .contract import EngineCapabilities, Exit, Regs
-from .cpu import VcpuState
+from .contract import EngineCapabilities, EngineError, Exit, Regs
+from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, canonical, translate_gva
+from .cpu.paging import INVALID_GPA
 from .dirty import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GuestMemfd
@@ -76,6 +83,7 @@ from .uapi import (
     PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
+    U64_MAX,
 )
 
 __all__ = [
@@ -137,15 +145,11 @@ class SlotsListener:
 
 
 class EngineVcpu(Protocol):
-    """A vCPU of an engine. `run`, `complete`, `regs` and `start` belong to the thread that
-    runs it; `kick` may come from any thread."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def vcpu(self) -> Vcpu:
-        """kvmem's view of this vCPU (its address space, its memory path)."""
+    """The engine's half of a `Vcpu`: what runs its guest code. The `Vm` creates it with the
+    `Vcpu` (`Engine.create_vcpu_backend`) and the `Vcpu` calls it — users never hold one.
+    `run`, `complete`, the registers and the state belong to the thread that runs the vCPU;
+    `kick` may come from any thread. It reaches kvmem only through the `Vcpu`'s and the
+    `Vm`'s public interface."""
 
     def start(self, entry: int, regs: Regs | None = None) -> None:
         """Reset to 32-bit protected mode (flat segments, CPL 0, no paging) at `entry`."""
@@ -173,11 +177,24 @@ class EngineVcpu(Protocol):
     def kick(self) -> None:
         """Make a running (or the next) `run` return `ExitKind.KICKED` promptly."""
 
+    def paging_registers(self) -> tuple[Sregs, int]:
+        """The segment/control registers and RFLAGS as they stand, changing nothing (unlike
+        `get_state`, which finishes a pending read): what a page walk reads."""
+
+    @property
+    def paging_features(self) -> PagingFeatures:
+        """The guest CPUID facts a page walk depends on (MAXPHYADDR, 1 GiB pages, vendor)."""
+
+    def translate(self, gva: int) -> int | None:
+        """The engine's own translation of `gva` as a supervisor read (KVM_TRANSLATE):
+        the gpa, `kvmem.cpu.paging.INVALID_GPA` where it does not translate, or None where
+        the engine has none (kvmem's walker answers)."""
+
 
 class Engine(Protocol):
     """What runs guest code on a Vm (`kvmem.engines`: kvm, unicorn): a `SlotsListener`
-    attached to one Vm that applies slot deltas in commit order, creates vCPUs, runs them,
-    folds its dirty log into kvmem's, and reports its capabilities."""
+    attached to one Vm that applies slot deltas in commit order, gives each `Vcpu` the
+    backend that runs it, folds its dirty log into kvmem's, and reports its capabilities."""
 
     name: str
     stats: dict[str, int]
@@ -188,11 +205,9 @@ class Engine(Protocol):
     def attach(self, vm: Vm) -> None:
         """Mirror `vm`'s current slots and listen to it from now on (called by `Vm`)."""
 
-    def create_vcpu(self, vcpu_id: int) -> EngineVcpu:
-        """`vm.create_vcpu(vcpu_id)` and this engine's vCPU over it."""
-
-    @property
-    def vcpus(self) -> Sequence[EngineVcpu]: ...
+    def create_vcpu_backend(self, vcpu: Vcpu) -> EngineVcpu:
+        """The engine's half of `vcpu`, which `vm.create_vcpu` is creating (called by the
+        `Vm`, with `slots_lock` held; a refusal leaves no trace in the engine)."""
 
     def close(self) -> None:
         """Stop listening, stop every vCPU, release the engine's resources."""
@@ -522,12 +537,16 @@ class Vm:
 
     # -- vCPUs ------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """The vCPU `vcpu_id` (KVM_CREATE_VCPU): kvmem's memory view of it and, with an
+        engine, the CPU that runs its guest code. EEXIST for an id already created."""
         self.memslots.check_process()
         vcpu_id = as_u32("vcpu_id", vcpu_id)
         with self.memslots.slots_lock:
             if vcpu_id in self._vcpus:
                 raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
             vcpu = Vcpu(self, vcpu_id)
+            if self.engine is not None:
+                vcpu._attach(self.engine.create_vcpu_backend(vcpu))
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 
@@ -538,9 +557,6 @@ class Vm:
     # -- snapshots ------------------------------------------------------------------------------
     def _paused(self) -> AbstractContextManager[None]:
         return self.engine.paused() if self.engine is not None else contextlib.nullcontext()
-
-    def _engine_vcpus(self) -> dict[int, EngineVcpu]:
-        return {} if self.engine is None else {c.id: c for c in self.engine.vcpus}
 
     def _arm_restore_log(self) -> None:
         """Every slot is logged from now on (slots_lock held): page views cached before
@@ -624,9 +640,7 @@ class Vm:
             tracked = [(as_id, g, self.mmu.track_count(as_id, g))
                        for as_id in range(self.address_spaces)
                        for g in self.mmu.tracked_gfns(as_id)]
-            cpus = self._engine_vcpus()
-            vcpus = [VcpuRecord(v.id, v.smm, cpus[v.id].get_state() if v.id in cpus else None)
-                     for v in self._vcpus.values()]
+            vcpus = [VcpuRecord(v.id, v.smm, v.get_state()) for v in self._vcpus.values()]
             snap = Snapshot(address_spaces=self.address_spaces, layout=layout, images=images,
                             vcpus=vcpus, dirty=dirty,
                             manual_dirty_log_protect=self._manual_dirty_log_protect,
@@ -652,9 +666,8 @@ class Vm:
         if binding is None:
             raise KvmError(errno.EINVAL, "the snapshot was not taken from this VM (make a VM "
                                          "from it with Vm.from_snapshot)")
-        cpus = self._engine_vcpus()
         for v in snap.vcpus:
-            if v.id not in self._vcpus or (v.state is not None and v.id not in cpus):
+            if v.id not in self._vcpus:
                 raise KvmError(errno.ENOENT, f"the snapshot has vCPU {v.id}, the VM has not")
             if v.smm and self.address_spaces < 2:
                 raise KvmError(errno.EINVAL, "the snapshot has a vCPU in SMM, the VM has no "
@@ -687,7 +700,7 @@ class Vm:
                 if self._vcpus[v.id].smm != v.smm:
                     self._vcpus[v.id].smm = v.smm
                 if v.state is not None:
-                    cpus[v.id].set_state(v.state)
+                    self._vcpus[v.id].set_state(v.state)
             # the pages put back now differ from what every other snapshot saw
             for other in self._bound.values():
                 if other is not binding:
@@ -802,7 +815,7 @@ class Vm:
     def from_snapshot(cls, snap: Snapshot, engine: str | None = None) -> Vm:
         """A new VM that is `snap`: new host memory (anonymous, `vm.host_memory`) holding
         the snapshot's memory, the same layout over it, vCPUs with the same ids and states
-        (on `engine`'s vCPUs: `vm.engine.vcpus`), dirty bitmaps and tracking. `vm.restore
+        (`vm.vcpus`), dirty bitmaps and tracking. `vm.restore
         (snap)` works on it from then on. A snapshot taken on one engine runs on another."""
         if not isinstance(snap, Snapshot):
             raise TypeError(f"snap must be a kvmem.Snapshot, not {type(snap).__name__}")
@@ -826,13 +839,10 @@ class Vm:
                     s.dirty_bitmap.load(raw)
             vm._restore_tracking(snap)
             for v in snap.vcpus:
-                if vm.engine is not None:
-                    cpu = vm.engine.create_vcpu(v.id)
-                    if v.state is not None:
-                        cpu.set_state(v.state)
-                else:
-                    vm.create_vcpu(v.id)
-                vm._vcpus[v.id].smm = v.smm
+                cpu = vm.create_vcpu(v.id)
+                cpu.smm = v.smm
+                if v.state is not None:
+                    cpu.set_state(v.state)
             with vm.memslots.slots_lock:
                 vm._arm_restore_log()
                 vm._harvest()
@@ -938,25 +948,34 @@ class Vm:
             if not self.memslots.dirty_ring_size:
                 raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_RINGS: the dirty ring is off")
             total = 0
+            found: list[tuple[MemorySlot, int, int]] = []
             for vcpu in self._vcpus.values():
                 count, batches = vcpu.dirty_ring.reset()
                 total += count
-                for slot, offset, mask in batches:
-                    self._reset_dirty_gfns(slot, offset, mask)
+                found += self._dirty_gfns(batches)
+            # one flush for all of them, as KVM flushes once after the walk
+            self.mmu.dirty_ring_reprotect(found)
             for listener in self._listeners:
+                for s, offset, mask in found:
+                    listener.dirty_log_reprotect(self, s, offset, [mask])
                 total += listener.dirty_rings_reset(self)
             return min(total, (1 << 31) - 1)
 
-    def _reset_dirty_gfns(self, slot: int, offset: int, mask: int) -> None:
-        """kvm_reset_dirty_gfn: write-protect pages offset + b (bit b of mask) of `slot`
-        again, if the slot still exists and holds them."""
-        as_id, sid = slot >> 16, slot & U16_MAX
-        if as_id >= self.limits.address_spaces or sid >= KVM_USER_MEM_SLOTS:
-            return
-        s = self.memslots.active.load()[as_id].by_id(sid)
-        if s is None or offset + mask.bit_length() - 1 >= s.npages:
-            return
-        self._reprotect(s, offset, [mask])
+    def _dirty_gfns(self, batches: Sequence[tuple[int, int, int]]
+                    ) -> list[tuple[MemorySlot, int, int]]:
+        """kvm_reset_dirty_gfn's checks: the batches whose slot still exists and holds
+        every page of the mask (bit b = page offset + b), with their slot; the others are
+        skipped."""
+        out = []
+        root = self.memslots.active.load()
+        for slot, offset, mask in batches:
+            as_id, sid = slot >> 16, slot & U16_MAX
+            if as_id >= self.limits.address_spaces or sid >= KVM_USER_MEM_SLOTS:
+                continue
+            s = root[as_id].by_id(sid)
+            if s is not None and offset + mask.bit_length() - 1 < s.npages:
+                out.append((s, offset, mask))
+        return out
 
     def _check_bitmap_mode(self, ioctl: str) -> None:
         if self.memslots.dirty_ring_size:
@@ -1090,9 +1109,19 @@ def _binding_moves(changes: Sequence[Change]) -> dict[GmemFile, BindingMoves]:
 
 
 class Vcpu:
-    """A vCPU's view of guest memory: its address space (1 while in SMM), the accessors of
-    that address space (kvm_vcpu_read_guest...) and guest code's memory path through the
-    stage-2 (`guest_read` / `guest_write`)."""
+    """One vCPU: kvmem's per-vCPU view of guest memory and, where the Vm has an engine, the
+    CPU that runs guest code — one object per vCPU id, made by `Vm.create_vcpu`.
+
+    Memory view (every Vm): its address space (1 while in SMM), the accessors of that
+    address space (kvm_vcpu_read_guest...), guest code's memory path through the stage-2
+    (`guest_read` / `guest_write`, `fault_in`), and guest virtual memory through the vCPU's
+    own page tables (`translate_gva`, `read_virt`, `write_virt`).
+
+    CPU (with an engine): `start`, `run`, `complete`, `kick`, registers and the whole state,
+    delegated to the engine's backend for this vCPU. Without an engine, `run`, `start`,
+    `complete`, `kick`, `get_regs` and `set_regs` raise `EngineError(ENODEV)`; `get_state` /
+    `set_state` hold a `VcpuState` (the reset state at first), which the page walks read.
+    """
 
     # bound to the vCPU's address space (again whenever `smm` changes)
     read: Callable[[int, int], bytes]
@@ -1109,6 +1138,19 @@ class Vcpu:
     dirty_ring: DirtyRing
     """This vCPU's dirty ring (`harvest()`); of 0 entries on a VM without rings."""
 
+    # bound to the engine's backend when the Vm has an engine (see `EngineVcpu`)
+    run: Callable[[], Exit]
+    """Run guest code until the next exit (`kvmem.engines` lists them, with KVM's
+    convention on every engine)."""
+    complete: Callable[[bytes], None]
+    """Answer the last read exit with exactly `exit.answer_size` bytes."""
+    kick: Callable[[], None]
+    """From any thread: make a running (or the next) `run` return `ExitKind.KICKED`."""
+    get_regs: Callable[[], Regs]
+    set_regs: Callable[[Regs], None]
+    """At any exit; at a read exit (IN, MMIO read) the read is dropped and the instruction
+    runs again from the registers set."""
+
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
@@ -1120,7 +1162,22 @@ class Vcpu:
                         for as_id in range(vm.address_spaces)]
         self._stage2 = [Stage2Access(vm.mmu, as_id, self.dirty_ring)
                         for as_id in range(vm.address_spaces)]
+        self._backend: EngineVcpu | None = None
+        self._state = VcpuState()  # the state of a vCPU no engine runs
         self._bind()
+        self.run = self.complete = self.kick = self._no_engine
+        self.get_regs = self.set_regs = self._no_engine
+
+    def _attach(self, backend: EngineVcpu) -> None:
+        """The Vm gives the vCPU its engine's backend (once, before anyone else sees it)."""
+        self._backend = backend
+        self.run, self.complete, self.kick = backend.run, backend.complete, backend.kick
+        self.get_regs, self.set_regs = backend.get_regs, backend.set_regs
+
+    def _no_engine(self, *args: object, **kwargs: object) -> Any:
+        raise EngineError(errno.ENODEV, f"vCPU {self.id} cannot run guest code: its Vm has "
+                                        "no engine (create it with Vm(engine='kvm', "
+                                        "'unicorn' or 'auto'))")
 
     def _bind(self) -> None:
         as_id = self.as_id
@@ -1129,6 +1186,40 @@ class Vcpu:
         stage2 = self._stage2[as_id]
         self.guest_read, self.guest_write = stage2.read, stage2.write
 
+    @property
+    def backend(self) -> EngineVcpu | None:
+        """The engine's half of this vCPU (None without an engine): for engines and their
+        tests; everything a VMM needs is on the `Vcpu` itself."""
+        return self._backend
+
+    def start(self, entry: int, regs: Regs | None = None) -> None:
+        """Reset to 32-bit protected mode (flat 4 GiB segments, CPL 0, no paging) at `entry`,
+        with the general registers of `regs` (the mode of the bundled 32-bit guests)."""
+        if self._backend is None:
+            self._no_engine()
+        else:
+            self._backend.start(entry, regs)
+
+    # -- the whole state ----------------------------------------------------------------------
+    def get_state(self) -> VcpuState:
+        """The whole architectural state (canonical, `kvmem.cpu.canonical`). With an engine,
+        at any exit (at a read exit the instruction is finished first, with the answer given,
+        zeros without one); without, the state last set."""
+        if self._backend is not None:
+            return self._backend.get_state()
+        return self._state
+
+    def set_state(self, state: VcpuState) -> None:
+        """Load `state` (taken on any engine, or built by `kvmem.cpu.modes`); the next `run`
+        goes on from it."""
+        if not isinstance(state, VcpuState):
+            raise TypeError(f"state must be a kvmem.cpu.VcpuState, not {type(state).__name__}")
+        if self._backend is not None:
+            self._backend.set_state(state)
+        else:
+            self._state = canonical(state)  # what an engine's get_state would give back
+
+    # -- memory view --------------------------------------------------------------------------
     @property
     def smm(self) -> bool:
         return self._smm
@@ -1171,8 +1262,75 @@ class Vcpu:
         go to its dirty ring. Engines hold it while the vCPU runs."""
         return loaded(self.dirty_ring)
 
+    # -- guest virtual memory -----------------------------------------------------------------
+    def _paging(self) -> tuple[Sregs, int, PagingFeatures]:
+        if self._backend is not None:
+            sregs, rflags = self._backend.paging_registers()
+            return sregs, rflags, self._backend.paging_features
+        state = self._state
+        return state.sregs, state.regs.rflags, PagingFeatures(
+            maxphyaddr=max(32, min(52, self.vm.limits.phys_bits)))
+
+    def translate_gva(self, gva: int) -> int:
+        """gva → gpa through the vCPU's page tables, as KVM_TRANSLATE walks them (a
+        supervisor data read): KVM_TRANSLATE itself on the KVM engine, kvmem's walker
+        (`kvmem.cpu.paging`, KVM's rules) otherwise. Without paging the gva is the gpa.
+        Raises `kvmem.cpu.PageFault` (the gva and the error code a CPU would push) where the
+        address does not translate."""
+        gva = as_u64("gva", gva)
+        gpa = None if self._backend is None else self._backend.translate(gva)
+        if gpa is not None and gpa != INVALID_GPA:
+            return gpa
+        walked = self._walk(gva, False, False)  # no translation: the walker says why
+        if gpa is not None:
+            raise PageFault(gva, 0, f"KVM_TRANSLATE finds no translation; kvmem's walker "
+                                    f"reaches gpa {walked:#x}")
+        return walked
+
+    def _walk(self, gva: int, write: bool, user: bool) -> int:
+        sregs, rflags, features = self._paging()
+        return translate_gva(self.read, sregs, gva, write=write, user=user,
+                             features=features, rflags=rflags)
+
+    def _virt_runs(self, gva: int, n: int, write: bool, user: bool) -> list[tuple[int, int]]:
+        """(gpa, length) of each page piece of [gva, gva + n), every page translated first
+        — so a fault on any page is raised before a byte is copied."""
+        sregs, rflags, features = self._paging()
+        runs = []
+        pos, left = gva, n
+        while left:
+            k = min(left, PAGE_SIZE - (pos & PAGE_MASK))
+            runs.append((translate_gva(self.read, sregs, pos, write=write, user=user,
+                                       features=features, rflags=rflags), k))
+            pos = (pos + k) & U64_MAX
+            left -= k
+        return runs
+
+    def read_virt(self, gva: int, n: int, *, user: bool = False) -> bytes:
+        """`n` bytes (a u32, as KVM's) at guest virtual address `gva`, through the vCPU's
+        page tables, page by page (KVM's kvm_read_guest_virt): a supervisor read, or a CPL-3
+        one with `user`.
+        Raises `kvmem.cpu.PageFault` — the faulting gva and KVM's error-code bits (present,
+        write, user, reserved...) — where a page does not translate or forbids the read."""
+        gva, n, user = as_u64("gva", gva), as_u32("n", n), as_bool("user", user)
+        return b"".join(self.read(gpa, k) for gpa, k in self._virt_runs(gva, n, False, user))
+
+    def write_virt(self, gva: int, data: bytes | bytearray | memoryview, *,
+                   user: bool = False) -> None:
+        """Write `data` at guest virtual address `gva` through the vCPU's page tables
+        (KVM's kvm_write_guest_virt_system; `user` checks as CPL 3 does), marking the pages
+        dirty as the vCPU's accessors do. A page not present or not writable (CR0.WP
+        decides for supervisor writes) raises `kvmem.cpu.PageFault` before anything is
+        written — unlike KVM, which writes the pages before the faulting one."""
+        gva, view, user = as_u64("gva", gva), as_bytes("data", data), as_bool("user", user)
+        done = 0
+        for gpa, k in self._virt_runs(gva, view.nbytes, True, user):
+            self.write(gpa, view[done:done + k])
+            done += k
+
     def __repr__(self) -> str:
-        return f"Vcpu({self.id}, smm={self._smm})"
+        engine = "" if self.vm.engine is None else f", engine={self.vm.engine.name}"
+        return f"Vcpu({self.id}, smm={self._smm}{engine})"
 
 
 class Transaction:

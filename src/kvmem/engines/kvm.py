@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .. import sync
-from ..cpu import VcpuState, kvm_state
+from ..cpu import PagingFeatures, Sregs, VcpuState, kvm_state
+from ..cpu.paging import INVALID_GPA
 from ..dirty import RingReader
 from ..errors import KvmError
 from ..kvmapi import (
@@ -192,30 +193,32 @@ class KvmEngine(AttachedOnce):
         vm.add_listener(self)
 
     # -- vCPUs --------------------------------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
-        vcpu = self.vm.create_vcpu(vcpu_id)
+    def create_vcpu_backend(self, vcpu: Vcpu) -> KvmEngineVcpu:
+        if self._vm is not vcpu.vm:
+            raise EngineError(errno.EINVAL, f"{vcpu!r} is not a vCPU of this engine's Vm")
         own = min(OWN_RING_BYTES, self._caps.dirty_ring_max_bytes)
         if not self._ring_size and not self._own_ring and not self._vcpus and own >= 1 << 16:
+            # before the first vCPU, as KVM requires: the engine's own rings (see the rules)
             self._fd.enable_dirty_ring(own)
             self.stats["ioctls"] += 1
             self._own_ring = own
-        fd = self._fd.create_vcpu(vcpu_id)
-        ring: RingReader | None = None
-        if self._ring_size or self._own_ring:
-            ring = RingReader(fd.map_dirty_ring(self._ring_size or self._own_ring))
+        fd = self._fd.create_vcpu(vcpu.id)
+        try:
+            ring: RingReader | None = None
+            if self._ring_size or self._own_ring:
+                ring = RingReader(fd.map_dirty_ring(self._ring_size or self._own_ring))
+            # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs
+            # of a state taken on another engine (kvm_state.setup_cpuid)
+            cpuid = kvm_state.setup_cpuid(self._kvm, fd)
+        except BaseException:
+            fd.close()
+            raise
+        cpu = KvmEngineVcpu(self, vcpu, fd, kvm_state.paging_features(cpuid), ring)
         if self._ring_size:
             vcpu.dirty_ring.attach(lambda: self._ring_entries(cpu))
-        # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs of
-        # a state taken on another engine (kvm_state.setup_cpuid)
-        kvm_state.setup_cpuid(self._kvm, fd)
-        cpu = KvmEngineVcpu(self, vcpu, fd, ring)
         with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
-
-    @property
-    def vcpus(self) -> list[KvmEngineVcpu]:
-        return list(self._vcpus)
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
@@ -543,13 +546,15 @@ class KvmEngine(AttachedOnce):
 
 
 class KvmEngineVcpu:
-    """A KVM vCPU. `run` and friends from one thread; `kick` from any."""
+    """The KVM half of a `kvmem.Vcpu` (its backend): a /dev/kvm vCPU. `run` and friends
+    from one thread; `kick` from any."""
 
     def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu,
-                 ring: RingReader | None = None) -> None:
+                 features: PagingFeatures, ring: RingReader | None = None) -> None:
         self._engine = engine
         self._vcpu = vcpu
         self._fd = fd
+        self._features = features
         self._ring = ring  # KVM's dirty ring of this vCPU (the user's or the engine's own)
         self._pending: list[tuple[int, int]] = []  # drained for the user's harvest
         self._prepared: kvm_state.Prepared | None = None  # the last state loaded, packed
@@ -559,14 +564,6 @@ class KvmEngineVcpu:
         self._pending_io: KvmIo | None = None
         self._pending_mmio = 0  # length of an MMIO read awaiting its data
         self._last: Exit | None = None
-
-    @property
-    def id(self) -> int:
-        return self._vcpu.id
-
-    @property
-    def vcpu(self) -> Vcpu:
-        return self._vcpu
 
     # -- registers ----------------------------------------------------------------------------
     def start(self, entry: int, regs: Regs | None = None) -> None:
@@ -638,6 +635,19 @@ class KvmEngineVcpu:
         p = kvm_state.prepare(self._fd, state)
         kvm_state.load(self._fd, p)
         self._prepared = p
+
+    # -- page walks ------------------------------------------------------------------------------
+    def paging_registers(self) -> tuple[Sregs, int]:
+        return kvm_state.get_sregs(self._fd), self._fd.get_regs().rflags
+
+    @property
+    def paging_features(self) -> PagingFeatures:
+        return self._features
+
+    def translate(self, gva: int) -> int:
+        """KVM_TRANSLATE (a supervisor read; INVALID_GPA where KVM finds no translation)."""
+        t = self._fd.translate(gva)
+        return t.physical_address if t.valid else INVALID_GPA
 
     def _interrupt(self) -> None:
         """Under the engine's gate: make KVM_RUN return now, or at once when entered."""
