@@ -135,7 +135,8 @@ class UnicornEngine(AttachedOnce):
     def __init__(self) -> None:
         self._caps = EngineCapabilities(name=self.name, address_spaces=2,
                                         max_slots=KVM_USER_MEM_SLOTS, readonly_mem=True,
-                                        dirty_log=True, write_tracking=True)
+                                        dirty_log=True, write_tracking=True,
+                                        guest_memfd=True)
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
         # `paused`: workers wait at this gate between two emu_starts while it is held
@@ -157,6 +158,11 @@ class UnicornEngine(AttachedOnce):
         cpu = UnicornVcpu(self, vcpu)
         self._vcpus.append(cpu)
         return cpu
+
+    def create_guest_memfd(self, size: int, flags: int) -> None:
+        """kvmem's memfd holds the pages: Unicorn maps what kvmem's stage-2 maps, a
+        guest_memfd page through kvmem's direct map."""
+        return None
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
