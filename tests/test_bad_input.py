@@ -402,6 +402,8 @@ ENTRIES: list[Entry] = [
       lambda w, i: w.vm.enable_manual_dirty_log_protect(initially_set=i),
       P("initially_set", "bool", False)),
     E("Vm.disable_manual_dirty_log_protect", lambda w: w.vm.disable_manual_dirty_log_protect()),
+    E("Vm.mark_dirty", lambda w, g, n, a: w.vm.mark_dirty(g, n, a), P("gpa", "u64", 0x5000),
+      P("length", "u64", 0x100), P("as_id", "as_id", 0)),
     E("Vm.enable_cap_manual_dirty_log_protect",
       lambda w, a, f: w.vm.enable_cap_manual_dirty_log_protect(a, f),
       P("args[0]", "u64", 1), P("flags", "u32", 0)),

@@ -24,6 +24,7 @@ def test_demo_passes_its_checks(engine: str) -> None:
     text = out.getvalue()
     assert "all passed" in text
     assert "200 transactional slot updates under a running guest: 0 unexpected MMIO" in text
+    assert "fuzzme's bug found after" in text and "pages restored per reset" in text
 
 
 def test_demo_is_a_cli_command() -> None:

@@ -19,7 +19,9 @@ LAYERS: list[set[str]] = [
     {"memslots"},  # published slot sets, SRCU, slots_lock, lookups
     {"access", "gmem"},  # the accessor path + hva cache; guest_memfd files
     {"mmu"},  # invalidations, stage-2, write-track counters, faults
-    {"pfncache", "pagetrack"},  # given memslots and the mmu
+    # given memslots and the mmu; a VM at one point as a value, and its files (the Vm
+    # makes and uses snapshots)
+    {"pfncache", "pagetrack", "snapshot"},
     {"vm"},  # the public face
     {"engines", "hostcaps"},  # what runs guests on a Vm; probes of /dev/kvm
     {"check", "demo", "difftest"},  # the concurrency checker; the demo; engine vs engine

@@ -20,6 +20,7 @@ from .mmu import MemoryFault, MmioExit, TrackedWrite
 from .pagetrack import PageTrack, TrackNotifier
 from .pfncache import PfnCache
 from .slots import Change, ChangeKind, MemorySlot, SlotSet
+from .snapshot import Snapshot, SnapshotFormatError
 from .uapi import (
     KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
@@ -52,6 +53,8 @@ __all__ = [
     "PfnCache",
     "SlotSet",
     "SlotsListener",
+    "Snapshot",
+    "SnapshotFormatError",
     "TrackNotifier",
     "TrackedWrite",
     "Transaction",

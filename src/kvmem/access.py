@@ -14,7 +14,10 @@ Rules of this room:
   host memory. The result is KVM's: the first page that fails stops the access with
   EFAULT, earlier pages stay written, and written pages of dirty-logging slots are marked
   through the `mark` the owner gives (a VM's `DirtyMarks`: the slot's bitmap, or the
-  ring of the vCPU doing the access).
+  ring of the vCPU doing the access). Every mark goes through `mark_dirty`, the fan-out:
+  the owner's `mark` where the slot logs dirty pages, and the VM's `RestoreLog` (any
+  slot) while it is armed — so a snapshot learns of kvmem's own writes without taking a
+  bit or a ring entry from the user's log.
 - An access within one page takes the memo: the slot set's `read_views` / `write_views`
   (gfn → a view of the host page). An entry is made only under `host.views_lock` and only
   while no host change is in flight, and every host change empties the memos of every
@@ -33,7 +36,7 @@ from collections.abc import Callable
 
 from . import host
 from .args import as_bytes, as_int, check_range, check_span
-from .dirty import DirtyRing, running_ring
+from .dirty import DirtyRing, RestoreLog, running_ring
 from .errors import GuestAccessError, KvmError
 from .memslots import Memslots
 from .slots import MemorySlot, SlotSet
@@ -45,7 +48,7 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["DirtyMarks", "GuestMemory", "HvaCache", "MarkDirty", "mark_bitmap"]
+__all__ = ["DirtyMarks", "GuestMemory", "HvaCache", "MarkDirty", "fan_out", "mark_bitmap"]
 
 # mark(slot, first page, count): pages of a logging slot a write touched (slot-relative)
 MarkDirty = Callable[[MemorySlot, int, int], None]
@@ -105,6 +108,20 @@ class DirtyMarks:
         return mark
 
 
+def fan_out(mark: MarkDirty, log: RestoreLog) -> MarkDirty:
+    """The one marking path: `mark` (a slot's bitmap, a vCPU's ring) where the slot logs
+    dirty pages, and `log` for every slot while it is armed."""
+
+    def mark_dirty(slot: MemorySlot, first: int, count: int) -> None:
+        if slot.dirty_logging:
+            mark(slot, first, count)
+        if log.armed:
+            log.mark(slot.as_id, slot.base_gfn + first, slot.hva + (first << PAGE_SHIFT),
+                     count)
+
+    return mark_dirty
+
+
 def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAccessError:
     if slot is None:
         why = "no memory slot"
@@ -127,7 +144,7 @@ def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
 _Logged = tuple[MemorySlot, int, int, int]
 
 
-def _spans(slots: SlotSet, gpa: int, n: int, write: bool
+def _spans(slots: SlotSet, gpa: int, n: int, write: bool, log_all: bool = False
            ) -> tuple[list[tuple[int, int]], list[_Logged], GuestAccessError | None]:
     """[gpa, gpa+n) as host spans (hva, length), stopping at the first hole: the slot runs
     (the longest stretch of the request one slot backs), merged where they continue each
@@ -153,7 +170,7 @@ def _spans(slots: SlotSet, gpa: int, n: int, write: bool
         else:
             spans.append((hva, length))
         end = hva + length
-        if write and slot.dirty_logging:
+        if write and (slot.dirty_logging or log_all):
             logged.append((slot, hva, length, done))
         done += length
     return spans, logged, None
@@ -163,12 +180,15 @@ class GuestMemory:
     """Reads, writes and clears of one address space's guest memory (KVM's
     `kvm_read_guest` / `kvm_write_guest` / `kvm_clear_guest`, and the `kvm_vcpu_*` twins)."""
 
-    __slots__ = ("_changing", "_epoch", "_guard", "_root", "_views_lock", "as_id", "mark",
-                 "read", "write")
+    __slots__ = ("_changing", "_epoch", "_guard", "_log", "_root", "_views_lock", "as_id",
+                 "mark", "mark_dirty", "read", "write")
 
     def __init__(self, memslots: Memslots, as_id: int, mark: MarkDirty = mark_bitmap) -> None:
         self.as_id = as_id
         self.mark = mark
+        self._log = log = memslots.restore_log
+        self.mark_dirty: MarkDirty = fan_out(mark, log)
+        """The one marking path of this accessor's writes (see the module notes)."""
         self._root = memslots.active
         # bound once: the checker builds its VMs after installing its twins in `host`
         self._guard = host.guard
@@ -201,7 +221,7 @@ class GuestMemory:
         — a cell load is cheaper than an attribute load, and these are the hot paths of
         every small access. Beyond one page, or on a memo miss that cannot be filled, they
         take the general path."""
-        guard, root, as_id, mark = self._guard, self._root, self.as_id, self.mark
+        guard, root, as_id, mark = self._guard, self._root, self.as_id, self.mark_dirty
         fill_read, fill_write = self._fill_read, self._fill_write
         read_runs, write_runs = self._read_runs, self._write_runs
 
@@ -263,7 +283,8 @@ class GuestMemory:
         done = 0
         token = self._guard.read_lock()
         try:
-            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True)
+            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True,
+                                         self._log.armed)
             for hva, length in spans:
                 ok = host.accessible(hva, length, host.PROT_WRITE)
                 if ok:
@@ -316,7 +337,10 @@ class GuestMemory:
             if len(memo) >= _VIEWS_MAX:
                 memo.clear()
             slot = r[0]
-            e = memo[gfn] = (r[1], slot if slot.dirty_logging else None)
+            # an armed restore log makes every slot a logged one; arming clears the view
+            # caches (host.changes_in_flight), so no entry made before it is used after it
+            logged = slot.dirty_logging or self._log.armed
+            e = memo[gfn] = (r[1], slot if logged else None)
             return e
 
     # -- the general path: slot runs ----------------------------------------------------------
@@ -328,7 +352,7 @@ class GuestMemory:
             length = min(length, done - pos)
             first = (hva - slot.hva) >> PAGE_SHIFT
             last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
-            self.mark(slot, first, last - first + 1)
+            self.mark_dirty(slot, first, last - first + 1)
 
     def _read_runs(self, gpa: int, n: int) -> bytes:
         parts: list[memoryview] = []
@@ -358,7 +382,8 @@ class GuestMemory:
         token = self._guard.current  # self._guard.read_lock(), inlined
         token.append(None)
         try:
-            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True)
+            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True,
+                                         self._log.armed)
             for hva, length in spans:
                 segs, ok = host.views(hva, length, host.PROT_WRITE)
                 for seg in segs:
@@ -510,7 +535,6 @@ class HvaCache:
                 return
             start = (self.hva & PAGE_MASK) + offset
             self._page(offset, True)[start:start + n] = src
-            if slot.dirty_logging:
-                memory.mark(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
+            memory.mark_dirty(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
         finally:
             memory.leave(token)

@@ -7,7 +7,11 @@ Phases (under 30 s on KVM here):
    the pages it wrote;
 3. write tracking — a page is write-tracked and the `poker` guest drives MMIO and ports; its
    6 writes to the tracked page must reach the notifier;
-4. atomic reconfiguration — the `loop` guest runs while its slot is split and merged with
+4. fuzzing by snapshot and reset — the `fuzzme` guest's planted bug is searched byte by byte:
+   one snapshot, then restore + write the input + run for every input (the loop of
+   examples/fuzz.py); shown live: resets/s, pages restored per reset, the best prefix, the
+   time to the bug;
+5. atomic reconfiguration — the `loop` guest runs while its slot is split and merged with
    kvmem transactions (no exit may reach the VMM), then with the naive delete-then-create
    sequence (the exits that do are counted).
 
@@ -17,6 +21,7 @@ transaction latency; a summary follows. Exit status 0 when every check held.
 
 from __future__ import annotations
 
+import random
 import statistics
 import threading
 import time
@@ -29,17 +34,36 @@ from rich.panel import Panel
 from rich.table import Table
 
 from .engines import Exit, ExitKind, Regs, atomic, kvm_usable
-from .guests import program
+from .guests import FUZZ_MAGIC, PORT_BUG, PORT_PROGRESS, program
 from .host import HostMemory
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 from .vm import Vm
 
-__all__ = ["DemoState", "run_demo"]
+__all__ = ["DemoState", "FuzzStats", "fuzz", "run_demo"]
 
 RAM = 4 << 20
 CODE = 0x1000
 MMIO = 0x1000_0000
 TRACKED_GFN = 3
+FUZZ_INPUT = 0x2000
+FUZZ_SCRATCH = 0x10000
+
+
+@dataclass
+class FuzzStats:
+    """The fuzz phase so far: runs (one restore each), pages restored, the best input."""
+
+    runs: int = 0
+    pages: int = 0
+    best: bytes = b""
+    started: float = field(default_factory=time.perf_counter)
+    found_after: float | None = None  # seconds from the first reset to the bug
+
+    @property
+    def resets_per_s(self) -> float:
+        took = (self.found_after if self.found_after is not None
+                else time.perf_counter() - self.started)
+        return self.runs / took if took > 0 else 0.0
 
 
 @dataclass
@@ -51,6 +75,7 @@ class DemoState:
     exits: Counter[str] = field(default_factory=Counter)
     dirty_rounds: list[int] = field(default_factory=list)
     tracked: list[tuple[int, bytes]] = field(default_factory=list)
+    fuzz: FuzzStats | None = None
     tx: atomic.Outcome | None = None
     naive: atomic.Outcome | None = None
     started: float = field(default_factory=time.perf_counter)
@@ -150,6 +175,12 @@ def run_demo(engine: str, rounds: int, state: DemoState) -> None:
         vm.engine.close()
         mem.close()
 
+    state.phase = "fuzzing: the fuzzme guest's planted bug, by snapshot and reset"
+    state.fuzz = fuzz(engine, state)
+    state.checks.append((f"fuzzme's bug found by snapshot and reset ({state.fuzz.runs} resets)",
+                         state.fuzz.found_after is not None
+                         and state.fuzz.best == FUZZ_MAGIC))
+
     state.phase = f"atomic reconfiguration: {rounds} splits + merges as transactions"
     state.tx = atomic.Outcome(state.engine, atomic.TRANSACTIONS.name)
     atomic.run(state.engine, rounds, into=state.tx)
@@ -160,6 +191,49 @@ def run_demo(engine: str, rounds: int, state: DemoState) -> None:
     state.naive = atomic.Outcome(state.engine, atomic.NAIVE.name)
     atomic.run(state.engine, naive_rounds, atomic.NAIVE, into=state.naive)
     state.phase = "done"
+
+
+def fuzz(engine: str, state: DemoState, max_runs: int = 20000, seed: int = 1) -> FuzzStats:
+    """examples/fuzz.py's loop, keeping score in `state.fuzz`: snapshot the guest about to
+    parse, then restore + write an input + run it to its halt, mutating the byte after the
+    best prefix so far."""
+    stats = state.fuzz = FuzzStats()
+    mem = HostMemory.anonymous(16 << 20)
+    vm = Vm(engine=engine, address_spaces=1)
+    assert vm.engine is not None
+    try:
+        vm.set_memory_region(0, 0, 0, mem.size, mem.hva)
+        vm.write(CODE, program("fuzzme"))
+        cpu = vm.create_vcpu(0)
+        size = len(FUZZ_MAGIC)
+        cpu.start(CODE, Regs(esi=FUZZ_INPUT, ecx=size, edi=FUZZ_SCRATCH))
+        snap = vm.snapshot()
+        rng = random.Random(seed)
+        best, score = bytes(size), 0
+        stats.started = time.perf_counter()
+        while stats.runs < max_runs:
+            data = bytearray(best)
+            data[min(score, size - 1)] = rng.randrange(256)
+            stats.pages += vm.restore(snap)
+            vm.write(FUZZ_INPUT, bytes(data))
+            stats.runs += 1
+            got = 0
+            while (e := cpu.run()).kind is ExitKind.IO:
+                state.exits["io write"] += 1
+                if e.addr == PORT_BUG:
+                    stats.found_after = time.perf_counter() - stats.started
+                    stats.best = bytes(data)
+                    return stats
+                if e.addr == PORT_PROGRESS:
+                    got = int.from_bytes(e.data, "little")
+            state.exits[e.kind.value] += 1
+            if got > score:
+                best, score = bytes(data), got
+                stats.best = best[:score]
+        return stats
+    finally:
+        vm.engine.close()
+        mem.close()
 
 
 def _render(state: DemoState) -> Group:
@@ -201,8 +275,20 @@ def _render(state: DemoState) -> Group:
                    f"[{style}]{o.unexpected_mmio}[/]", f"[{style}]{o.torn}[/]",
                    str(o.iterations) if o.iterations else "…")
 
+    fz = Table(title="fuzzing by snapshot and reset", title_justify="left")
+    fz.add_column("what")
+    fz.add_column("value", justify="right")
+    f = state.fuzz
+    if f is not None:
+        fz.add_row("resets", str(f.runs))
+        fz.add_row("resets/s", f"{f.resets_per_s:.0f}")
+        fz.add_row("pages restored / reset", f"{f.pages / f.runs:.1f}" if f.runs else "-")
+        fz.add_row("best input", repr(f.best))
+        fz.add_row("time to the bug",
+                   f"{f.found_after:.2f} s" if f.found_after is not None else "…")
+
     row = Table.grid(padding=(0, 2))
-    row.add_row(slots, exits, mem)
+    row.add_row(slots, exits, mem, fz)
     checks = Table.grid(padding=(0, 1))
     for text, ok in state.checks:
         checks.add_row("[green]✓[/]" if ok else "[red]✗[/]", text)
@@ -242,6 +328,10 @@ def main(engine: str = "auto", rounds: int = 1000, console: Console | None = Non
         f"{tx.unexpected_mmio} unexpected MMIO exits, {tx.torn} torn accesses; "
         f"{2 * naive.rounds} naive ones: {naive.unexpected_mmio} unexpected MMIO exits, "
         f"{naive.torn} torn accesses")
+    if state.fuzz is not None and state.fuzz.found_after is not None:
+        summary += (f"\nfuzzme's bug found after {state.fuzz.runs} resets in "
+                    f"{state.fuzz.found_after:.2f} s ({state.fuzz.resets_per_s:.0f} resets/s, "
+                    f"{state.fuzz.pages / state.fuzz.runs:.1f} pages restored per reset)")
     console.print(Panel(summary, title="kvmem demo", border_style="green" if state.ok
                         else "red"))
     return 0 if state.ok else 1

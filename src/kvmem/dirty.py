@@ -31,7 +31,7 @@ import numpy.typing as npt
 from . import sync
 from .errors import KvmError
 
-__all__ = ["DirtyBitmap", "DirtyRing", "RingReader", "loaded", "running_ring"]
+__all__ = ["DirtyBitmap", "DirtyRing", "RestoreLog", "RingReader", "loaded", "running_ring"]
 
 
 class DirtyBitmap:
@@ -91,6 +91,14 @@ class DirtyBitmap:
             self._words[:] = 0
             return out
 
+    def load(self, raw: bytes) -> None:
+        """Make the bitmap exactly `raw` (KVM's layout; shorter is padded with zeros): a
+        restored snapshot's log."""
+        with self._lock:
+            n = min(len(raw), len(self._bits))
+            self._words[:] = 0
+            self._bits[:n] = raw[:n]
+
     def clear(self, first_page: int, num_pages: int, mask: bytes) -> npt.NDArray[np.uint64]:
         """Clear the bits of `mask` (bit i = page first_page+i) within [first_page,
         first_page+num_pages); return, word by word from `first_page`, the bits that were
@@ -136,6 +144,68 @@ class DirtyBitmap:
             dst[dst_first >> 3:(dst_first >> 3) + len(packed)] |= packed
 
 
+class RestoreLog:
+    """What changed in guest memory since a snapshot: the log `Vm.restore` copies back from.
+
+    It is a second consumer of kvmem's one dirty-marking path, beside the slots' bitmaps,
+    and never takes a bit from them: every page marked for a dirty-logging slot's bitmap is
+    *also* marked here, and while the log is `armed` every slot counts as logging (the
+    accessors mark it, the MMU maps nothing writable before a write fault marks it, an
+    engine mirrors every slot with dirty logging on and hands this log its bits).
+
+    Entries are host pages (hva >> 12), because a snapshot's memory is the host memory
+    behind its slots: a write through any slot over a page — an alias, a slot moved or
+    created since — lands on the same entry, and a restore that first puts the layout back
+    finds every changed page by its hva. The gfns written through the stage-2 are kept per
+    address space too: those pages may be mapped writable now, and a restore protects them
+    again. Host invalidations (discard, remap, close, a VMM's own mmap) are kept as hva
+    ranges: the log is a `host.notifiers` listener.
+
+    Marking is O(1) (set insertion); `take` is O(entries): a restore's cost follows what
+    changed, not the memory size."""
+
+    __slots__ = ("_lock", "armed", "gfns", "pages", "ranges")
+
+    def __init__(self, address_spaces: int) -> None:
+        self.armed = False
+        self._lock = sync.Mutex("restore_log")
+        self.pages: set[int] = set()
+        self.gfns: list[set[int]] = [set() for _ in range(address_spaces)]
+        self.ranges: list[tuple[int, int]] = []
+
+    def mark(self, as_id: int, gfn: int, hva: int, count: int) -> None:
+        """`count` pages from `gfn` (backed from `hva` on) were written."""
+        page = hva >> 12
+        if count == 1:
+            self.pages.add(page)
+            self.gfns[as_id].add(gfn)
+            return
+        with self._lock:
+            self.pages.update(range(page, page + count))
+            self.gfns[as_id].update(range(gfn, gfn + count))
+
+    def mark_hva(self, start: int, end: int) -> None:
+        """Host pages of [start, end) changed behind every slot (a host invalidation, or a
+        VMM's write through a raw view it reports)."""
+        with self._lock:
+            self.ranges.append((start, end))
+
+    # host.InvalidationListener
+    def invalidate_range_start(self, start: int, end: int) -> None:
+        if self.armed:
+            self.mark_hva(start, end)
+
+    def invalidate_range_end(self, start: int, end: int) -> None:
+        """The change is recorded at its start."""
+
+    def take(self) -> tuple[set[int], list[set[int]], list[tuple[int, int]]]:
+        """Everything logged so far, and an empty log in its place."""
+        with self._lock:
+            out = (self.pages, self.gfns, self.ranges)
+            self.pages = set()
+            self.gfns = [set() for _ in out[1]]
+            self.ranges = []
+            return out
 # ------------------------------------------------------------------------------------------
 # The dirty ring (kvm-semantics §7.3)
 

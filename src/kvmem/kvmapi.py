@@ -933,6 +933,18 @@ class KvmVm(_FdOwner):
             raise
 
 
+def pack_msrs(entries: Sequence[tuple[int, int]]) -> bytes:
+    """struct kvm_msrs with `entries` (index, value): KVM_SET_MSRS' argument."""
+    return _NENT.pack(_fit("nmsrs", len(entries), 32)) + b"".join(
+        _MSR_ENTRY.pack(_fit(f"entries[{i}].index", m, 32), _fit(f"entries[{i}].data", v, 64))
+        for i, (m, v) in enumerate(entries))
+
+
+def pack_mp_state(mp_state: int) -> bytes:
+    """struct kvm_mp_state: KVM_SET_MP_STATE's argument."""
+    return _MP_STATE.pack(_fit("mp_state", mp_state, 32))
+
+
 class KvmVcpu(_FdOwner):
     """A vCPU fd (made by `KvmVm.create_vcpu`) and its shared `kvm_run` mapping."""
 
@@ -1033,10 +1045,14 @@ class KvmVcpu(_FdOwner):
     def set_msrs(self, entries: Sequence[tuple[int, int]]) -> int:
         """KVM_SET_MSRS: how many of `entries` (index, value) were written; the kernel stops at
         the first one it refuses."""
-        arg = bytearray(_NENT.pack(_fit("nmsrs", len(entries), 32)) + b"".join(
-            _MSR_ENTRY.pack(_fit(f"entries[{i}].index", m, 32), _fit(f"entries[{i}].data", v, 64))
-            for i, (m, v) in enumerate(entries)))
-        return self._ioctl("KVM_SET_MSRS", KVM_SET_MSRS, arg, nmsrs=len(entries))
+        return self._ioctl("KVM_SET_MSRS", KVM_SET_MSRS, bytearray(pack_msrs(entries)),
+                           nmsrs=len(entries))
+
+    def call(self, name: str, request: int, payload: bytes) -> int:
+        """Issue the vCPU ioctl `request` (called `name` in errors) on `payload`, packed
+        already — for a caller that loads the same state many times and packs it once
+        (`kvm_state.Prepared`). Returns the kernel's value (KVM_SET_MSRS: MSRs written)."""
+        return self._ioctl(name, request, bytearray(payload))
 
     def get_vcpu_events(self) -> KvmVcpuEvents:
         arg = bytearray(_VCPU_EVENTS.size)
@@ -1053,7 +1069,7 @@ class KvmVcpu(_FdOwner):
         return int(_MP_STATE.unpack(arg)[0])
 
     def set_mp_state(self, mp_state: int) -> None:
-        arg = bytearray(_MP_STATE.pack(_fit("mp_state", mp_state, 32)))
+        arg = bytearray(pack_mp_state(mp_state))
         self._ioctl("KVM_SET_MP_STATE", KVM_SET_MP_STATE, arg, mp_state=mp_state)
 
     def translate(self, linear_address: int) -> KvmTranslation:

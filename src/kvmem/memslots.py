@@ -3,9 +3,10 @@
 Defines `Memslots` — what KVM keeps in `struct kvm` for memslots: the published root of
 slot sets (one per address space), `slots_lock`, the SRCU that readers enter, the limits a
 request is checked against, `nr_memslot_pages`, the creator process, lookups (gfn → slot,
-gpa → hva, hva → gfn ranges), and the gate that keeps host invalidations and slot swaps
-apart (`mn_active_invalidate_count`). And `carry_dirty_bits`, the part of a transaction's
-commit that keeps unharvested dirty bits of a split or merged slot.
+gpa → hva, hva → gfn ranges), the VM's `RestoreLog`, and the gate that keeps host
+invalidations and slot swaps apart (`mn_active_invalidate_count`). And `carry_dirty_bits`,
+the part of a transaction's commit that keeps unharvested dirty bits of a split or merged
+slot.
 
 Rules of this room:
 - `slots_lock` serialises every change (the update path of `Vm`, the dirty-log ioctls).
@@ -32,7 +33,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from . import host, sync
 from .args import as_int, as_u64
-from .dirty import DirtyBitmap
+from .dirty import DirtyBitmap, RestoreLog
 from .errors import GuestAccessError, KvmError, TransactionError
 from .slots import (
     Change,
@@ -82,6 +83,9 @@ class Memslots:
         self._mn_done = sync.Condition(self.mn_lock)
         self.mn_active: sync.Atomic[int] = sync.Atomic(0)
         self.mn_ranges: sync.Atomic[tuple[tuple[int, int], ...]] = sync.Atomic(())
+        # what changed since a snapshot: marked by the accessors and the MMU below the Vm
+        # (which arms it and takes it); here because every one of them is given this object
+        self.restore_log = RestoreLog(limits.address_spaces)
 
     # -- checks at the door -----------------------------------------------------------------
     def check_process(self) -> None:

@@ -25,6 +25,10 @@ Rules of this room:
   `gmem.GmemInvalidator` of its VM's files and hears them by gfn — the same begin /
   range_add + zap + flush / end, outside the memslots' gate (KVM does not hold swaps
   back for them, §8.5).
+- A slot is *logged* when it has a dirty bitmap or the VM's restore log is armed (every
+  slot, then): nothing logged is mapped writable before a write fault, and that fault
+  marks through `mark_dirty`, the accessors' one fan-out (`access.fan_out`). Arming
+  (`log_all`) write-protects every spte, as turning dirty logging on does for one slot.
 - Memory attributes (private/shared, `memattrs.AttributeMap`) are MMU state too: they
   change only inside the invalidation bracket (`set_attributes`: begin, range_add + zap of
   every slot they touch, store, end), so a fault that read the old attribute retries, and
@@ -54,14 +58,14 @@ from __future__ import annotations
 
 import errno
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import host, sync
-from .access import MarkDirty, mark_bitmap
+from .access import MarkDirty, fan_out, mark_bitmap
 from .args import as_bytes, check_range
-from .dirty import DirtyRing, loaded
+from .dirty import DirtyRing, RestoreLog, loaded
 from .errors import KvmError
 from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
@@ -218,14 +222,30 @@ class Mmu:
         self._mirrors: list[Stage2Mirror] = []
         self._batch_open = False
         self.tracked_write: TrackedWriteHandler | None = None
-        # mark_page_dirty_in_slot for pages installed writable in logging slots (the VM
-        # gives its `DirtyMarks`: the bitmap, or the ring of the vCPU loaded here)
-        self.mark: MarkDirty = mark_bitmap
+        self._log = memslots.restore_log
+        self.mark = mark_bitmap
         self.access = [Stage2Access(self, as_id) for as_id in range(n)]
         self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
+
+    @property
+    def restore_log(self) -> RestoreLog:
+        """The VM's restore log (its `Memslots`'): what faults mark while it is armed."""
+        return self._log
+
+    @property
+    def mark(self) -> MarkDirty:
+        """mark_page_dirty_in_slot for pages installed writable in logging slots (the VM
+        gives its `DirtyMarks`: the bitmap, or the ring of the vCPU loaded here). Faults
+        mark through `mark_dirty`: this, and the restore log while it is armed."""
+        return self._mark
+
+    @mark.setter
+    def mark(self, mark: MarkDirty) -> None:
+        self._mark = mark
+        self.mark_dirty = fan_out(mark, self._log)
 
     # -- invalidation bookkeeping (kvm_mmu_invalidate_begin / range_add / end) -------------
     def begin(self) -> None:
@@ -276,6 +296,8 @@ class Mmu:
     # -- host side --------------------------------------------------------------------------
     def invalidate_range_start(self, start: int, end: int) -> None:
         self._memslots.invalidation_started(start, end)
+        # host pages are about to change under any slot over them: a restore copies them back
+        self._log.invalidate_range_start(start, end)
         # pfn caches first, before in_progress rises and without filtering by slots: an
         # HVA-based cache may point at memory no slot maps
         for gpc in self.gpc_list.load():
@@ -403,7 +425,7 @@ class Mmu:
                 self.end()
         return n
 
-    def write_protect(self, as_id: int, gfns: Sequence[int]) -> int:
+    def write_protect(self, as_id: int, gfns: Iterable[int]) -> int:
         """Make the sptes of `gfns` read-only (huge mappings are dropped)."""
         with self.lock:
             n = self._write_protect(as_id, gfns)
@@ -411,7 +433,7 @@ class Mmu:
                 self.flush()
             return n
 
-    def _write_protect(self, as_id: int, gfns: Sequence[int]) -> int:
+    def _write_protect(self, as_id: int, gfns: Iterable[int]) -> int:
         """`write_protect` for a caller that holds the lock and flushes (if this returns
         non-zero) before releasing it."""
         self.lock.assert_held()
@@ -612,8 +634,6 @@ class Mmu:
             raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "host memory behind the slot is "
                                                            "unmapped or protected against "
                                                            "this access")
-        writable = frame.writable and not slot.readonly and (
-            write or not slot.dirty_logging)
         if huge is not None and not self._huge_backed(frame):
             huge, first = None, gfn
             frame = host.resolve(slot.hva_of(gfn), write)
@@ -625,8 +645,13 @@ class Mmu:
         with self.lock:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
+            # judged under the lock: `log_all` (arming the restore log) write-protects
+            # under it, so no spte made writable without a mark can outlive the arming
+            logged = slot.dirty_logging or self._log.armed
+            writable = frame.writable and not slot.readonly and (write or not logged)
             if huge is not None and (huge // HUGE_PAGES in self._track_blocks[as_id]
-                                     or self._range_busy(huge, huge + HUGE_PAGES)):
+                                     or self._range_busy(huge, huge + HUGE_PAGES)
+                                     or logged):
                 # tracking began in this 2 MiB block, or an invalidation is changing
                 # another page of it (kvmem's host changes a 4 KiB page without first
                 # invalidating the whole 2 MiB, as a THP split would): map only this
@@ -646,8 +671,8 @@ class Mmu:
             else:
                 spte = _spte(gfn, frame, writable)
                 self._small[as_id][gfn] = spte
-            if writable and slot.dirty_logging:
-                self.mark(slot, gfn - slot.base_gfn, 1)
+            if writable and logged:
+                self.mark_dirty(slot, gfn - slot.base_gfn, 1)
             self.stats["installs"] += 1
             return spte
 
@@ -689,15 +714,15 @@ class Mmu:
             self.stats["installs"] += 1
             return spte
 
-    @staticmethod
-    def _huge_base(slot: MemorySlot, gfn: int) -> int | None:
+    def _huge_base(self, slot: MemorySlot, gfn: int) -> int | None:
         """The first gfn of a 2 MiB mapping for `gfn`, if the slot allows one: the 2 MiB
-        range lies inside the slot, gpa and hva agree modulo 2 MiB, and the slot does not
-        log dirty pages."""
+        range lies inside the slot, gpa and hva agree modulo 2 MiB, and the slot is not
+        logged."""
         base = gfn - gfn % HUGE_PAGES
         if base < slot.base_gfn or base + HUGE_PAGES > slot.end_gfn:
             return None
-        if (slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_logging:
+        if ((slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_logging
+                or self._log.armed):
             return None
         return base
 
@@ -748,6 +773,38 @@ class Mmu:
                 self._drop_huge(new)
             else:
                 self.write_protect(new.as_id, range(new.base_gfn, new.end_gfn))
+
+    def log_all(self) -> None:
+        """The restore log was armed: every slot is logged from now on, so no spte stays
+        writable (2 MiB mappings go; 4 KiB ones become read-only and fault on a write)."""
+        with self.lock:
+            n = 0
+            for as_id, small in enumerate(self._small):
+                n += self._write_protect(as_id, [g for g, s in small.items() if s.writable])
+                for h in list(self._huge[as_id]):
+                    del self._huge[as_id][h]
+                    self._unmap_mirrors(as_id, h * HUGE_PAGES, (h + 1) * HUGE_PAGES)
+                    n += 1
+            if n:
+                self.flush()
+
+    def take_restore_log(self) -> tuple[set[int], list[set[int]], list[tuple[int, int]]]:
+        """Everything the restore log holds (host pages, gfns per address space, host
+        ranges), leaving it empty, with every taken gfn write-protected again — so each
+        later guest write faults and is logged anew. The swap and the protection happen
+        under the lock the fault path marks under; accessors mark inside `host.guard`
+        read sections, so a grace period of it lets a mark made on the old sets finish
+        before they are read."""
+        with self.lock:
+            pages, gfns, ranges = self._log.take()
+            n = 0
+            for as_id, taken in enumerate(gfns):
+                if taken:
+                    n += self._write_protect(as_id, taken)
+            if n:
+                self.flush()
+        host.guard.synchronize()
+        return pages, gfns, ranges
 
     def _drop_huge(self, slot: MemorySlot) -> None:
         with self.lock:

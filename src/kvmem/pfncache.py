@@ -287,10 +287,10 @@ class PfnCache:
     # -- use ------------------------------------------------------------------------------
     def mark_dirty(self) -> None:
         """kvm_gpc_mark_dirty_in_slot: mark the cached page dirty in its slot's log (GPA-based
-        caches of logging slots; nothing otherwise). Call while holding the cache (between
+        caches of logged slots; nothing otherwise). Call while holding the cache (between
         `acquire` and `release`, or inside `lock()`)."""
         slot, gpa = self.memslot, self.gpa
-        if slot is not None and gpa is not None and slot.dirty_logging:
+        if slot is not None and gpa is not None:
             self._mark(slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, 1)
 
     def acquire(self, length: int) -> memoryview:

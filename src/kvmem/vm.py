@@ -38,9 +38,13 @@ not move; KVM bumps it twice. kvmem's rule is that a refusal changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
+import weakref
+from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from types import TracebackType
 from typing import Any, Protocol
 
@@ -71,6 +75,7 @@ from .slots import (
     make_request,
     make_request2,
 )
+from .snapshot import SlotRecord, Snapshot, VcpuRecord, image_spans
 from .uapi import (
     DEFAULT_PHYS_BITS,
     KVM_DIRTY_LOG_INITIALLY_SET,
@@ -125,6 +130,13 @@ class SlotsListener:
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         """`gfn` became write-tracked (True) or stopped being tracked (False)."""
 
+    def restore_log_armed(self, vm: Vm) -> None:
+        """The VM's restore log was armed: from now on every slot is logged, and the
+        listener hands the log every page guest code writes (`restore_log_sync`)."""
+
+    def restore_log_sync(self, vm: Vm) -> None:
+        """A snapshot or restore is about to read the restore log: fold the listener's own
+        dirty bits of every slot into it (and into the slot's bitmap where it logs)."""
     def dirty_ring_enable(self, vm: Vm, nbytes: int, acq_rel: bool) -> None:
         """`vm.enable_dirty_ring(nbytes)` passed kvmem's checks: enable the listener's own
         rings (an engine's KVM_CAP_DIRTY_LOG_RING). Raising refuses the call; nothing is
@@ -208,6 +220,11 @@ class Engine(Protocol):
 
     def close(self) -> None:
         """Stop listening, stop every vCPU, release the engine's resources."""
+
+    def paused(self) -> AbstractContextManager[None]:
+        """`with engine.paused():` — no vCPU runs guest code inside the block (each is held
+        out of the guest, as a transaction holds them; a `run` in progress goes on after
+        it, unaware). A vCPU's state may be read and set from any thread meanwhile."""
 
 
 # Engines sit above the Vm: `kvmem.engines` registers its opener here on import, so
@@ -332,6 +349,11 @@ class Vm:
         self.write = self._memory[0].write
         self.clear = self._memory[0].clear
         self.engine: Engine | None = opened
+        # snapshots this VM can be restored to (taken here, or made into it), and what
+        # changed since each
+        self._bound: dict[int, _Binding] = {}  # by id(snapshot), until it is collected
+        self.host_memory: list[host.HostMemory] = []
+        """Host memory the VM made itself (`from_snapshot`): the caller closes it."""
         if opened is not None:
             opened.attach(self)
 
@@ -579,7 +601,7 @@ class Vm:
 
     def pfn_cache(self) -> PfnCache:
         """A new, inactive gfn-to-pfn cache of this VM (`activate` or `activate_hva` it)."""
-        return PfnCache(self.memslots, self.mmu, self._memory[0].mark)
+        return PfnCache(self.memslots, self.mmu, self._memory[0].mark_dirty)
 
     def invalidate_hva_range(self, start: int, end: int) -> None:
         """The VMM changed its own mapping of [start, end) behind kvmem's back (mmap over
@@ -609,6 +631,308 @@ class Vm:
     @property
     def vcpus(self) -> list[Vcpu]:
         return list(self._vcpus.values())
+
+    # -- snapshots ------------------------------------------------------------------------------
+    def _paused(self) -> AbstractContextManager[None]:
+        return self.engine.paused() if self.engine is not None else contextlib.nullcontext()
+
+    def _arm_restore_log(self) -> None:
+        """Every slot is logged from now on (slots_lock held): page views cached before
+        are not trusted after (the host epoch moves), no spte stays writable, engines
+        mirror every slot with dirty logging on."""
+        self.memslots.slots_lock.assert_held()
+        log = self.memslots.restore_log
+        if log.armed:
+            return
+        with host.changes_in_flight():
+            log.armed = True
+        self.mmu.log_all()
+        for listener in self._listeners:
+            listener.restore_log_armed(self)
+
+    def _harvest(self) -> tuple[set[int], list[tuple[int, int]]]:
+        """Move what changed since the last harvest into every bound snapshot's account
+        (slots_lock held, vCPUs held out of the guest)."""
+        for listener in self._listeners:
+            listener.restore_log_sync(self)
+        pages, _gfns, ranges = self.mmu.take_restore_log()
+        if pages or ranges:
+            for b in self._bound.values():
+                b.pages |= pages
+                b.ranges += ranges
+        return pages, ranges
+
+    def _bind(self, snap: Snapshot, b: _Binding) -> None:
+        """Remember `snap` as one this VM restores to, until the snapshot is collected."""
+        key = id(snap)
+        self._bound[key] = b
+        weakref.finalize(snap, self._bound.pop, key, None)
+        b.generations = self._generations()
+
+    def _generations(self) -> tuple[int, ...]:
+        return tuple(self.generation(a) for a in range(self.address_spaces))
+
+    def snapshot(self) -> Snapshot:
+        """The whole VM at this point (`kvmem.Snapshot`): the layout of every address
+        space, the memory behind it, every engine vCPU's `VcpuState` (and each vCPU's SMM
+        flag), the dirty bitmaps and the dirty-log / tracking configuration. vCPUs are held
+        out of the guest meanwhile. From now on the VM logs what changes, so `restore`
+        copies back only that. Slots bound to guest_memfd files are refused (EOPNOTSUPP):
+        their memory has no hva to copy."""
+        self.memslots.check_process()
+        with self._paused(), self.memslots.slots_lock:
+            layout: list[SlotRecord] = []
+            for as_id in range(self.address_spaces):
+                for s in self.slot_set(as_id):
+                    if s.gmem is not None:
+                        raise KvmError(errno.EOPNOTSUPP, f"slot {as_id}:{s.id} is bound to a "
+                                                         "guest_memfd: snapshots do not hold "
+                                                         "guest_memfd memory")
+                    layout.append(SlotRecord(as_id, s.id, s.flags & ~_INTERNAL_FLAGS, s.gpa,
+                                             s.size, s.hva))
+            self._arm_restore_log()
+            self._harvest()
+            images: list[tuple[int, bytearray]] = []
+            token = host.guard.read_lock()
+            try:
+                for start, end in image_spans((r.hva, r.hva + r.size) for r in layout):
+                    segs, ok = host.views(start, end - start, host.PROT_READ)
+                    if ok != end - start:
+                        raise KvmError(errno.EFAULT, f"host memory at {start + ok:#x} behind "
+                                                     "a slot is unmapped or protected")
+                    data = bytearray(end - start)
+                    pos = 0
+                    for seg in segs:
+                        data[pos:pos + len(seg)] = seg
+                        pos += len(seg)
+                    images.append((start, data))
+            finally:
+                host.guard.read_unlock(token)
+            dirty: dict[tuple[int, int], bytes] = {}
+            for as_id in range(self.address_spaces):
+                for s in self.slot_set(as_id):
+                    if s.dirty_bitmap is not None:
+                        for listener in self._listeners:
+                            listener.dirty_log_sync(self, s)
+                        dirty[(as_id, s.id)] = s.dirty_bitmap.snapshot()
+            tracked = [(as_id, g, self.mmu.track_count(as_id, g))
+                       for as_id in range(self.address_spaces)
+                       for g in self.mmu.tracked_gfns(as_id)]
+            vcpus = [VcpuRecord(v.id, v.smm, v.get_state()) for v in self._vcpus.values()]
+            snap = Snapshot(address_spaces=self.address_spaces, layout=layout, images=images,
+                            vcpus=vcpus, dirty=dirty,
+                            manual_dirty_log_protect=self._manual_dirty_log_protect,
+                            tracked=tracked,
+                            engine=self.engine.name if self.engine is not None else None)
+            self._bind(snap, _Binding(snap, {h: h for h, _ in images}))
+        return snap
+
+    def restore(self, snap: Snapshot) -> int:
+        """Bring the VM back to `snap` (taken from this VM, or made into it by
+        `from_snapshot`): the layout (one transaction, only if it changed), the memory —
+        only the host pages changed since: guest writes, kvmem's own writes, host
+        discards and remaps, and what `mark_dirty` reported — every vCPU's state, the dirty
+        bitmaps and tracking. vCPUs are held out of the guest meanwhile. Checked before
+        anything changes: a snapshot of another VM (EINVAL), a vCPU the snapshot has and
+        the VM lacks (ENOENT), host memory no longer mapped read-write (EFAULT), a layout
+        KVM would refuse (its errno); a refused restore changes nothing. Returns the
+        number of pages copied back."""
+        if not isinstance(snap, Snapshot):
+            raise TypeError(f"snap must be a kvmem.Snapshot, not {type(snap).__name__}")
+        self.memslots.check_process()
+        binding = self._bound.get(id(snap))
+        if binding is None:
+            raise KvmError(errno.EINVAL, "the snapshot was not taken from this VM (make a VM "
+                                         "from it with Vm.from_snapshot)")
+        for v in snap.vcpus:
+            if v.id not in self._vcpus:
+                raise KvmError(errno.ENOENT, f"the snapshot has vCPU {v.id}, the VM has not")
+            if v.smm and self.address_spaces < 2:
+                raise KvmError(errno.EINVAL, "the snapshot has a vCPU in SMM, the VM has no "
+                                             "SMM address space")
+        for start, size, _src in binding.images:
+            if host.accessible(start, size, host.PROT_RW) != size:
+                raise KvmError(errno.EFAULT, f"host memory [{start:#x}, {start + size:#x}) of "
+                                             "the snapshot is no longer mapped read-write")
+        with self._paused():
+            with self.memslots.slots_lock:
+                self._harvest()
+                requests = self._layout_requests(binding)
+            if requests:
+                tx = self.transaction()
+                tx._record(requests)
+                tx.commit()  # validates the whole batch first: a refusal changes nothing
+            with self.memslots.slots_lock:
+                copied = self._copy_back(binding)
+                for (as_id, sid), raw in snap.dirty.items():
+                    s = self.slot_set(as_id).by_id(sid)
+                    if s is not None and s.dirty_bitmap is not None:
+                        s.dirty_bitmap.load(raw)
+                for as_id in range(self.address_spaces):
+                    for s in self.slot_set(as_id):
+                        if s.dirty_bitmap is not None and (as_id, s.id) not in snap.dirty:
+                            s.dirty_bitmap.load(b"")
+                self._manual_dirty_log_protect = snap.manual_dirty_log_protect
+            self._restore_tracking(snap)
+            for v in snap.vcpus:
+                if self._vcpus[v.id].smm != v.smm:
+                    self._vcpus[v.id].smm = v.smm
+                if v.state is not None:
+                    self._vcpus[v.id].set_state(v.state)
+            # the pages put back now differ from what every other snapshot saw
+            for other in self._bound.values():
+                if other is not binding:
+                    other.pages |= binding.pages
+                    other.ranges += binding.ranges
+            binding.pages = set()
+            binding.ranges = []
+            binding.generations = self._generations()
+        return copied
+
+    def _layout_requests(self, b: _Binding) -> list[Request]:
+        """The requests that turn the current layout into the snapshot's: delete what
+        differs, create what is missing (none when the layout is the same)."""
+        if b.generations == self._generations():
+            return []  # no slot change since the layout was the snapshot's
+        want = {(r.as_id, r.id): r for r in b.layout}
+        have: dict[tuple[int, int], SlotRecord] = {}
+        for as_id in range(self.address_spaces):
+            for s in self.slot_set(as_id):
+                have[(as_id, s.id)] = SlotRecord(as_id, s.id, s.flags & ~_INTERNAL_FLAGS,
+                                                 s.gpa, s.size, s.hva)
+        if have == want:
+            return []
+        out = [make_request(r.slot, 0, 0, 0, 0) for k, r in have.items() if want.get(k) != r]
+        out += [make_request(r.slot, r.flags, r.gpa, r.size, r.hva)
+                for k, r in want.items() if have.get(k) != r]
+        return out
+
+    def _copy_back(self, b: _Binding) -> int:
+        """Copy the saved bytes of every changed page of `b`'s snapshot back into host
+        memory, one copy per run of adjacent pages (raw host copies: nothing logs them).
+        Returns the number of pages copied."""
+        pages = sorted(b.pages)
+        for lo, hi in b.ranges:
+            for start, size, _src in b.images:
+                a, z = max(lo, start), min(hi, start + size)
+                if a < z:
+                    pages.extend(range(a >> PAGE_SHIFT, (z + PAGE_SIZE - 1) >> PAGE_SHIFT))
+            pages.sort()
+        if not pages:
+            return 0
+        copied = 0
+        token = host.guard.read_lock()
+        try:
+            dst: list[memoryview | None] = []
+            for start, size, _src in b.images:
+                segs, ok = host.views(start, size, host.PROT_WRITE)
+                dst.append(segs[0] if len(segs) == 1 and ok == size else None)
+            starts = b.starts
+            i, n = 0, len(pages)
+            while i < n:
+                first = pages[i]
+                j = i + 1
+                while j < n and pages[j] <= pages[j - 1] + 1:
+                    j += 1
+                hva, end = first << PAGE_SHIFT, (pages[j - 1] + 1) << PAGE_SHIFT
+                i = j
+                k = bisect_right(starts, hva) - 1
+                while k < len(starts) and hva < end:
+                    if k < 0 or hva >= starts[k] + b.images[k][1]:
+                        k += 1  # a page no image holds (memory of a slot made since)
+                        if k < len(starts):
+                            hva = max(hva, starts[k])
+                        continue
+                    start, size, src = b.images[k]
+                    stop = min(end, start + size)
+                    lo_off, hi_off = hva - start, stop - start
+                    copied += (hi_off - lo_off) >> PAGE_SHIFT
+                    view = dst[k]
+                    if view is not None:
+                        view[lo_off:hi_off] = src[lo_off:hi_off]
+                    else:
+                        segs, ok = host.views(hva, stop - hva, host.PROT_WRITE)
+                        pos = lo_off
+                        for seg in segs:
+                            seg[:] = src[pos:pos + len(seg)]
+                            pos += len(seg)
+                    hva = stop
+                    k += 1
+        finally:
+            host.guard.read_unlock(token)
+        return copied
+
+    def _restore_tracking(self, snap: Snapshot) -> None:
+        want = {(a, g): c for a, g, c in snap.tracked}
+        have = {(a, g): self.mmu.track_count(a, g) for a in range(self.address_spaces)
+                for g in self.mmu.tracked_gfns(a)}
+        for (a, g) in set(want) | set(have):
+            delta = want.get((a, g), 0) - have.get((a, g), 0)
+            for _ in range(abs(delta)):
+                if delta > 0:
+                    self.page_track.add_gfn(g, a)
+                else:
+                    self.page_track.remove_gfn(g, a)
+
+    def mark_dirty(self, gpa: int, n: int, as_id: int = 0) -> None:
+        """Tell kvmem that [gpa, gpa + n) of `as_id` changed behind its back — written
+        through a raw host view (`HostMemory.view()`, an hva, a pfn cache's view) — so the
+        next `restore` copies those pages back. Writes through kvmem's accessors, vCPUs and
+        host changes (discard, remap) need no call. Pages no slot maps are skipped."""
+        gpa, n = check_span(gpa, n)
+        as_id = self.memslots.address_space(as_id)
+        log = self.memslots.restore_log
+        if not log.armed or n == 0:
+            return
+        first, last = gpa >> PAGE_SHIFT, (gpa + n - 1) >> PAGE_SHIFT
+        for s in self.slot_set(as_id).overlapping(first, last + 1):
+            lo, hi = max(first, s.base_gfn), min(last + 1, s.end_gfn)
+            log.mark_hva(s.hva_of(lo), s.hva_of(hi - 1) + PAGE_SIZE)
+
+    @classmethod
+    def from_snapshot(cls, snap: Snapshot, engine: str | None = None) -> Vm:
+        """A new VM that is `snap`: new host memory (anonymous, `vm.host_memory`) holding
+        the snapshot's memory, the same layout over it, vCPUs with the same ids and states
+        (`vm.vcpus`), dirty bitmaps and tracking. `vm.restore
+        (snap)` works on it from then on. A snapshot taken on one engine runs on another."""
+        if not isinstance(snap, Snapshot):
+            raise TypeError(f"snap must be a kvmem.Snapshot, not {type(snap).__name__}")
+        vm = cls(address_spaces=snap.address_spaces, engine=engine)
+        try:
+            moved: dict[int, int] = {}
+            for old, data in snap.images:
+                mem = host.HostMemory.anonymous(len(data))
+                vm.host_memory.append(mem)
+                mem.view()[:] = data
+                moved[old] = mem.hva
+            b = _Binding(snap, moved)
+            with vm.transaction() as tx:
+                for r in b.layout:
+                    tx.set_memory_region(r.slot, r.flags, r.gpa, r.size, r.hva)
+            if snap.manual_dirty_log_protect:
+                vm.enable_cap_manual_dirty_log_protect(snap.manual_dirty_log_protect)
+            for (as_id, sid), raw in snap.dirty.items():
+                s = vm.slot_set(as_id).by_id(sid)
+                if s is not None and s.dirty_bitmap is not None:
+                    s.dirty_bitmap.load(raw)
+            vm._restore_tracking(snap)
+            for v in snap.vcpus:
+                cpu = vm.create_vcpu(v.id)
+                cpu.smm = v.smm
+                if v.state is not None:
+                    cpu.set_state(v.state)
+            with vm.memslots.slots_lock:
+                vm._arm_restore_log()
+                vm._harvest()
+                vm._bind(snap, b)
+                b.pages, b.ranges = set(), []
+        except BaseException:
+            if vm.engine is not None:
+                vm.engine.close()
+            for mem in vm.host_memory:
+                mem.close()
+            raise
+        return vm
 
     # -- dirty log ioctls ----------------------------------------------------------------------
     def enable_manual_dirty_log_protect(self, initially_set: bool = False) -> None:
@@ -802,6 +1126,33 @@ class Vm:
         self.mmu.dirty_log_reprotect(slot, first_page, words)
         for listener in self._listeners:
             listener.dirty_log_reprotect(self, slot, first_page, words)
+
+
+# flags kvmem keeps on a slot for itself (KVM_MEMSLOT_INVALID): never part of a layout
+_INTERNAL_FLAGS = ~0xFFFF
+
+
+class _Binding:
+    """A snapshot as one VM sees it: its images at this VM's hvas (identical for a snapshot
+    taken here; new memory for one made into it), its layout at those hvas, and what
+    changed in this VM since (host pages, host ranges) — what a restore copies back."""
+
+    def __init__(self, snap: Snapshot, moved: dict[int, int]) -> None:
+        def at(hva: int) -> int:
+            for old, data in snap.images:
+                if old <= hva < old + len(data):
+                    return moved[old] + (hva - old)
+            raise AssertionError(f"hva {hva:#x} outside the snapshot's images")
+
+        self.layout = [SlotRecord(r.as_id, r.id, r.flags, r.gpa, r.size, at(r.hva))
+                       for r in snap.layout]
+        self.images: list[tuple[int, int, memoryview]] = sorted(
+            (moved[old], len(data), data) for old, data in snap.images)
+        self.starts = [start for start, _, _ in self.images]
+        self.pages: set[int] = set()
+        self.ranges: list[tuple[int, int]] = []
+        # the slot generations when the VM's layout was last known to be the snapshot's
+        self.generations: tuple[int, ...] = ()
 
 
 def _check_gmem_arg(guest_memfd: object) -> None:

@@ -122,6 +122,21 @@ def _harvest_without_reprotect() -> AbstractContextManager[None]:
     return _patched(Mmu, "dirty_log_reprotect", dirty_log_reprotect)
 
 
+def _restore_log_taken_unprotected() -> AbstractContextManager[None]:
+    """A restore that takes the pages written since the snapshot and copies them back but
+    leaves their sptes writable (the re-protection of the taken log left out, as a
+    bitmap harvest without kvm_arch_mmu_enable_log_dirty_pt_masked): the next write to
+    such a page goes straight through, unlogged, and survives every later restore."""
+
+    def take_restore_log(self: Mmu) -> tuple[set[int], list[set[int]], list[tuple[int, int]]]:
+        with self.lock:
+            return self.restore_log.take()
+
+    return _patched(Mmu, "take_restore_log", take_restore_log)
+
+
+
+
 def _ring_reset_without_reprotect() -> AbstractContextManager[None]:
     """KVM_RESET_DIRTY_RINGS frees the harvested entries but leaves their pages writable
     (kvm_reset_dirty_gfn's write-protect left out): the next guest write to such a page
@@ -245,6 +260,8 @@ BUGS: dict[str, Scenario] = dict([
              _tracker_reads_table_unlocked),
     _variant("bug:harvest-without-reprotect", "dirty-log-vs-guest-write",
              _harvest_without_reprotect),
+    _variant("bug:restore-leaves-pages-writable", "restore-vs-vcpu",
+             _restore_log_taken_unprotected),
     _variant("bug:ring-reset-without-reprotect", "ring-reset-vs-guest-write",
              _ring_reset_without_reprotect),
     _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),

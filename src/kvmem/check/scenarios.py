@@ -351,6 +351,41 @@ def split_vs_logged_write() -> Instance:
 
 
 # ---------------------------------------------------------------------------------------
+# snapshots
+
+
+def restore_vs_vcpu() -> Instance:
+    """A vCPU writes a page twice while the VMM restores a snapshot: the restore takes
+    its log and copies the page back, the guest's writes land before or after it. One
+    last restore once all is quiet brings memory back to the snapshot exactly — no write
+    escaped the restore log (a page the restore took is write-protected again before it
+    is copied, so a later write faults and is logged)."""
+    mem = _memory(b"snapshot", pages=2)
+    vm = new_vm()
+    vm.set_memory_region(0, 0, 0, 2 * PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_write(PAGE, b"mapped..")  # the other page: a writable spte before the race
+    snap = vm.snapshot()
+    image = snap.read(0, 2 * PAGE)
+    vcpu.guest_write(0, b"before..")  # mapped writable and logged before the race
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"second..")
+        vcpu.guest_write(0, b"third...")
+
+    def vmm() -> None:
+        vm.restore(snap)
+
+    def check() -> None:
+        vm.restore(snap)
+        got = vm.read(0, 2 * PAGE)
+        assert got == image, f"after a quiet restore page 0 reads {got[:8]!r}: a write " \
+                             "escaped the restore log"
+
+    return Instance([("vcpu0", guest), ("vmm", vmm)], check, lambda: close_memory(mem))
+
+
+# ---------------------------------------------------------------------------------------
 # pfn caches
 
 
@@ -610,6 +645,7 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
     ("ring-reset-vs-guest-write", ring_reset_vs_guest_write),
     ("split-vs-logged-write", split_vs_logged_write),
+    ("restore-vs-vcpu", restore_vs_vcpu),
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
     ("track-vs-write-fault", track_vs_write_fault),

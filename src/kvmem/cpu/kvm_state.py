@@ -58,7 +58,8 @@ from .state import (
     canonical,
 )
 
-__all__ = ["get_sregs", "get_state", "paging_features", "set_state", "settle", "setup_cpuid"]
+__all__ = ["Prepared", "get_sregs", "get_state", "load", "paging_features", "prepare",
+           "set_state", "settle", "setup_cpuid"]
 
 # the exits whose instruction KVM completes on the next KVM_RUN
 _UNFINISHED_EXITS: Final = frozenset({kvmapi.KVM_EXIT_IO, kvmapi.KVM_EXIT_MMIO})
@@ -153,33 +154,38 @@ def get_state(vcpu: KvmVcpu) -> VcpuState:
     return canonical(state)
 
 
-def set_state(vcpu: KvmVcpu, state: VcpuState) -> None:
-    # an exit still owed would finish on the *new* state at the next KVM_RUN (an IN would land
-    # in the new RAX): complete it on the old one first
-    settle(vcpu)
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """A state packed for one vCPU: the ioctl arguments `load` gives KVM, in order. A VMM
+    that loads the same state again and again (a snapshot restored per fuzz input) packs
+    it once. The XSAVE image keeps the components beyond the legacy area as they were at
+    `prepare` (the state does not hold them)."""
+
+    state: VcpuState
+    sregs: bytes
+    regs: bytes
+    xsave: bytes
+    msrs: bytes
+    nmsrs: int
+    mp_state: bytes
+    events: bytes
+
+
+def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
     s = state.sregs
     segs = {n: KvmSegment(**_segment_fields(getattr(s, n))) for n in Sregs.SEGMENTS}
-    vcpu.set_sregs(KvmSregs(
+    sregs = KvmSregs(
         cs=segs["cs"], ds=segs["ds"], es=segs["es"], fs=segs["fs"], gs=segs["gs"],
         ss=segs["ss"], tr=segs["tr"], ldt=segs["ldt"], gdt=(s.gdt.base, s.gdt.limit),
         idt=(s.idt.base, s.idt.limit), cr0=s.cr0, cr2=s.cr2,
         cr3=s.cr3, cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base,
-        interrupt_bitmap=(0, 0, 0, 0)))
-    _check_mode_taken(vcpu, s)
+        interrupt_bitmap=(0, 0, 0, 0)).pack()
     r = state.regs
-    vcpu.set_regs(kvmapi.KvmRegs(*(getattr(r, n) for n in Regs.NAMES)))
-    vcpu.set_xsave(_fpu_into_xsave(vcpu.get_xsave(), state.fpu))
-    # after KVM_SET_SREGS: FS_BASE / GS_BASE equal the bases just set, and EFER (which gates
-    # some MSRs) is in place; the TSC goes last of the MSRs so it drifts least before the run
+    regs = kvmapi.KvmRegs(*(getattr(r, n) for n in Regs.NAMES)).pack()
+    # the TSC goes last of the MSRs so it drifts least before the run
     entries = sorted(state.msrs.items(), key=lambda kv: kv[0] == MSR_IA32_TSC)
-    written = vcpu.set_msrs(entries)
-    if written != len(entries):
-        index, value = entries[written]
-        raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
-    vcpu.set_mp_state(state.mp_state)
-    # events last (as QEMU does): an INIT latched in them may change the mp_state just set
     e = state.events
-    vcpu.set_vcpu_events(KvmVcpuEvents(
+    events = KvmVcpuEvents(
         exception_injected=e.exception.injected, exception_nr=e.exception.nr,
         exception_has_error_code=e.exception.has_error_code,
         exception_pending=e.exception.pending, exception_error_code=e.exception.error_code,
@@ -188,7 +194,37 @@ def set_state(vcpu: KvmVcpu, state: VcpuState) -> None:
         nmi_injected=e.nmi.injected, nmi_pending=e.nmi.pending, nmi_masked=e.nmi.masked,
         sipi_vector=e.sipi_vector, flags=_EVENT_FLAGS, smi_smm=e.smi.smm,
         smi_pending=e.smi.pending, smi_smm_inside_nmi=e.smi.smm_inside_nmi,
-        smi_latched_init=e.smi.latched_init))
+        smi_latched_init=e.smi.latched_init).pack()
+    return Prepared(state, sregs, regs, _fpu_into_xsave(vcpu.get_xsave(), state.fpu),
+                    kvmapi.pack_msrs(entries), len(entries),
+                    kvmapi.pack_mp_state(state.mp_state), events)
+
+
+def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
+    """Load a prepared state. `checked`: this state was loaded on this vCPU before, and
+    KVM took its mode then (it takes the same mode again)."""
+    # an exit still owed would finish on the *new* state at the next KVM_RUN (an IN would land
+    # in the new RAX): complete it on the old one first
+    settle(vcpu)
+    vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
+    if not checked:
+        _check_mode_taken(vcpu, p.state.sregs)
+    vcpu.call("KVM_SET_REGS", kvmapi.KVM_SET_REGS, p.regs)
+    vcpu.set_xsave(p.xsave)
+    # after KVM_SET_SREGS: FS_BASE / GS_BASE equal the bases just set, and EFER (which gates
+    # some MSRs) is in place
+    written = vcpu.call("KVM_SET_MSRS", kvmapi.KVM_SET_MSRS, p.msrs)
+    if written != p.nmsrs:
+        index, value = sorted(p.state.msrs.items(), key=lambda kv: kv[0] == MSR_IA32_TSC
+                              )[written]
+        raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
+    vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
+    # events last (as QEMU does): an INIT latched in them may change the mp_state just set
+    vcpu.call("KVM_SET_VCPU_EVENTS", kvmapi.KVM_SET_VCPU_EVENTS, p.events)
+
+
+def set_state(vcpu: KvmVcpu, state: VcpuState) -> None:
+    load(vcpu, prepare(vcpu, state))
 
 
 def _check_mode_taken(vcpu: KvmVcpu, s: Sregs) -> None:

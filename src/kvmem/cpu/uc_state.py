@@ -86,6 +86,7 @@ __all__ = [
     "code_bits",
     "configure",
     "get_state",
+    "load_context",
     "resume",
     "resume_blockwise",
     "set_state",
@@ -445,6 +446,18 @@ def set_state(uc: Uc, state: VcpuState) -> None:
             (state.msrs[MSR_IA32_TSC] - _the_probe().ticks()) & (1 << 64) - 1)
     env.restore(uc)
     # the soft TLB caches translations made under the old CR3/CR0/CR4 and CPL
+    uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
+
+
+def load_context(uc: Uc, context: Any, state: VcpuState) -> None:
+    """Load `state` again from `context`, Unicorn's CPU context saved right after a
+    `set_state(uc, state)`: one copy instead of the register writes (a snapshot restored per
+    fuzz input). The TSC offset is set anew, so the TSC reads `state`'s value from now."""
+    uc.context_restore(context)
+    env = _Env(uc, _the_probe().layout)
+    env.put(_U64, _the_probe().layout.tsc_offset,
+            (state.msrs[MSR_IA32_TSC] - _the_probe().ticks()) & (1 << 64) - 1)
+    env.restore(uc)
     uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
 
 

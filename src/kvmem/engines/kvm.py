@@ -25,6 +25,18 @@ Rules of this room:
   harvests them after kvmem's own (what kvmem wrote for the vCPU), translated from the
   engine's KVM slots to kvmem's slots and offsets; a reset is kvmem's walk plus
   KVM_RESET_DIRTY_RINGS. KVM keeps no bitmaps then: nothing is folded.
+- Where the user keeps bitmaps, the engine still takes the guest's writes from KVM's rings
+  when KVM has them (its *own* rings, `OWN_RING_BYTES` per vCPU, enabled before the first
+  vCPU): reading a bitmap's worth of KVM_GET_DIRTY_LOG scans the whole slot (1.15 ms per
+  GiB), a ring costs what was written. `_drain` moves every entry into kvmem's bitmap of
+  its slot (where the slot logs) and the restore log (while armed), then resets KVM's
+  rings, which write-protects the pages again; it runs before every read of a bitmap and
+  every mirror change, and when a ring fills (DIRTY_RING_FULL never reaches the user). The
+  entries are moved, never copied: a failure loses nothing a later drain cannot find.
+- With the user's rings on and the restore log armed, a snapshot or restore drains KVM's
+  rings too: the entries go to the restore log and wait in `_pending` for the user's
+  harvest; KVM's reset happens then (their pages are write-protected at once, and
+  `reset_dirty_rings` later counts only kvmem's own entries of them).
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ import signal
 import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
+
+import numpy as np
 
 from .. import sync
 from ..cpu import PagingFeatures, Sregs, VcpuState, kvm_state
@@ -69,12 +83,19 @@ from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONL
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterator, Sequence
 
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
 
-__all__ = ["KICK_SIGNAL", "KvmEngine", "KvmEngineVcpu", "install_kick_handler"]
+__all__ = ["KICK_SIGNAL", "OWN_RING_BYTES", "KvmEngine", "KvmEngineVcpu",
+           "install_kick_handler"]
+
+# 65,536 entries per vCPU (KVM's largest ring): a DIRTY_RING_FULL drain per ~65,000 pages.
+# Large because KVM pushes while it emulates one instruction and checks for a full ring only
+# before the next: a `rep stos` emulated here (kvm_pvm emulates ring-0 code, and logs every
+# write it emulates) may push one entry per byte, and a ring it overflows is wedged.
+OWN_RING_BYTES = 1 << 20
 
 KICK_SIGNAL = signal.SIGUSR1  # QEMU's SIG_IPI
 _USER_FLAGS = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY
@@ -160,6 +181,8 @@ class KvmEngine(AttachedOnce):
         self._next_id = [0] * self._caps.address_spaces
         self._vcpus: list[KvmEngineVcpu] = []
         self._ring_size = 0  # KVM's dirty ring per vCPU, in bytes (0: bitmaps)
+        self._own_ring = 0  # ... enabled by the engine for itself (the user keeps bitmaps)
+        self._reset_owed = False  # a drain harvested entries KVM has not reset yet
         # KVM slot → (kvmem slot, gfn of the piece - base gfn of the kvmem slot): how an
         # entry of KVM's ring reads in kvmem's terms. Kept after a piece goes, as KVM's
         # entries keep the old slot: a reused id reads stale entries anew, as in KVM.
@@ -179,18 +202,26 @@ class KvmEngine(AttachedOnce):
     def create_vcpu_backend(self, vcpu: Vcpu) -> KvmEngineVcpu:
         if self._vm is not vcpu.vm:
             raise EngineError(errno.EINVAL, f"{vcpu!r} is not a vCPU of this engine's Vm")
+        own = min(OWN_RING_BYTES, self._caps.dirty_ring_max_bytes)
+        if not self._ring_size and not self._own_ring and not self._vcpus and own >= 1 << 16:
+            # before the first vCPU, as KVM requires: the engine's own rings (see the rules)
+            self._fd.enable_dirty_ring(own)
+            self.stats["ioctls"] += 1
+            self._own_ring = own
         fd = self._fd.create_vcpu(vcpu.id)
         try:
-            if self._ring_size:
-                reader = RingReader(fd.map_dirty_ring(self._ring_size))
-                vcpu.dirty_ring.attach(lambda: self._ring_entries(reader))
+            ring: RingReader | None = None
+            if self._ring_size or self._own_ring:
+                ring = RingReader(fd.map_dirty_ring(self._ring_size or self._own_ring))
             # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs
             # of a state taken on another engine (kvm_state.setup_cpuid)
             cpuid = kvm_state.setup_cpuid(self._kvm, fd)
         except BaseException:
             fd.close()
             raise
-        cpu = KvmEngineVcpu(self, vcpu, fd, kvm_state.paging_features(cpuid))
+        cpu = KvmEngineVcpu(self, vcpu, fd, kvm_state.paging_features(cpuid), ring)
+        if self._ring_size:
+            vcpu.dirty_ring.attach(lambda: self._ring_entries(cpu))
         with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
@@ -235,6 +266,15 @@ class KvmEngine(AttachedOnce):
             self._paused -= 1
             self._gate.notify_all()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No vCPU is inside KVM_RUN in the block (`Engine.paused`)."""
+        self._pause()
+        try:
+            yield
+        finally:
+            self._resume()
+
     # -- the mirror ---------------------------------------------------------------------------
     def _alloc_id(self, as_id: int) -> int:
         free = self._free_ids[as_id]
@@ -278,6 +318,8 @@ class KvmEngine(AttachedOnce):
         guest_memfd slot, so there they become holes instead: every access exits
         (KVM_EXIT_MMIO) and kvmem performs it (`_decode`)."""
         flags = s.flags & _USER_FLAGS
+        if self.vm.memslots.restore_log.armed and not s.readonly and s.gmem is None:
+            flags |= KVM_MEM_LOG_DIRTY_PAGES  # KVM logs for the restore log too
         tracked = self._tracked_in(s)
         out: list[tuple[int, int, int, int]] = []
         if s.gmem is not None:
@@ -342,6 +384,7 @@ class KvmEngine(AttachedOnce):
         """MOVE / FLAGS_ONLY: one ioctl on the same KVM slot where neither side is split
         (KVM keeps its dirty bitmap across a flags change, as kvmem does)."""
         self._lock.assert_held()
+        self._fold(old)  # bits KVM holds for the restore log alone stay out of a new bitmap
         pieces = self._pieces.get((old.as_id, old.id), [])
         plan = self._plan(new)
         if len(pieces) == 1 and len(plan) == 1:
@@ -367,10 +410,15 @@ class KvmEngine(AttachedOnce):
 
     # -- dirty log ----------------------------------------------------------------------------
     def _fold(self, s: MemorySlot) -> None:
-        """Move KVM's dirty bits of kvmem slot `s` into its bitmap (see the rules above).
-        With rings on KVM keeps no bitmaps (GET_DIRTY_LOG is ENXIO): nothing to fold."""
+        """Move KVM's dirty bits of kvmem slot `s` into its bitmap and, while it is armed,
+        the restore log (see the rules above). With rings on KVM keeps no bitmaps
+        (GET_DIRTY_LOG is ENXIO): nothing to fold."""
         bitmap = s.dirty_bitmap
-        if bitmap is None or self._ring_size:
+        log = self.vm.memslots.restore_log
+        if self._own_ring or (self._ring_size and log.armed):
+            self._drain()  # every slot's entries at once: what one costs
+            return
+        if (bitmap is None and not log.armed) or self._ring_size:
             return
         for p in self._pieces.get((s.as_id, s.id), []):
             if not p.flags & KVM_MEM_LOG_DIRTY_PAGES:
@@ -379,7 +427,12 @@ class KvmEngine(AttachedOnce):
             self.stats["ioctls"] += 1
             if bits.count(0) == len(bits):
                 continue
-            bitmap.merge_bytes(bits, 0, p.gfn - s.base_gfn, p.npages)
+            if bitmap is not None:
+                bitmap.merge_bytes(bits, 0, p.gfn - s.base_gfn, p.npages)
+            if log.armed:
+                for i in np.flatnonzero(np.unpackbits(np.frombuffer(bits, dtype=np.uint8),
+                                                      bitorder="little")[:p.npages]).tolist():
+                    log.mark(s.as_id, p.gfn + i, p.hva + (i << PAGE_SHIFT), 1)
             self.stats["dirty_folds"] += 1
             if self._manual:
                 self._fd.clear_dirty_log(p.kvm_slot, 0, p.npages, bits)
@@ -400,9 +453,71 @@ class KvmEngine(AttachedOnce):
         self.stats["ioctls"] += 1
         return self._fd.reset_dirty_rings()
 
-    def _ring_entries(self, reader: RingReader) -> list[tuple[int, int]]:
-        """The entries KVM pushed since the last harvest, in kvmem's slots and offsets."""
-        out = reader.harvest()
+    def _drain(self) -> bool:
+        """Take every entry of KVM's rings: into kvmem's bitmaps (own rings) or the user's
+        `_pending` entries (the user's rings), and into the restore log while it is armed;
+        then reset KVM's rings (see the rules above). True if KVM freed any entry."""
+        self._lock.assert_held()
+        taken = False
+        for cpu in self._vcpus:
+            ring = cpu._ring
+            if ring is None:
+                continue
+            entries = ring.harvest()
+            if not entries:
+                continue
+            taken = True
+            if self._ring_size:
+                cpu._pending += entries
+            self._route(entries, bitmaps=not self._ring_size)
+        if taken or self._reset_owed:
+            # owed until it succeeds: harvested entries KVM has not reset keep their pages
+            # writable, and a later drain would not see them again
+            self._reset_owed = True
+            self.stats["ioctls"] += 1
+            self.stats["dirty_folds"] += 1
+            freed = self._fd.reset_dirty_rings()
+            self._reset_owed = False
+            return freed > 0
+        return False
+
+    def _route(self, entries: list[tuple[int, int]], bitmaps: bool) -> None:
+        """Mark the pages of KVM ring entries in kvmem's bitmaps (`bitmaps`) and the
+        restore log (while armed). An entry of a slot gone since is skipped, as KVM skips
+        it."""
+        vm = self.vm
+        log = vm.memslots.restore_log
+        armed = log.armed
+        slots: dict[int, MemorySlot | None] = {}
+        ring_slots = self._ring_slots
+        for kvm_slot, offset in entries:
+            where = ring_slots.get(kvm_slot)
+            if where is None:
+                continue
+            value, delta = where
+            if value in slots:
+                s = slots[value]
+            else:
+                s = slots[value] = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
+            if s is None:
+                continue
+            rel = offset + delta
+            if rel >= s.npages:
+                continue
+            if bitmaps and s.dirty_bitmap is not None:
+                s.dirty_bitmap.mark(rel)
+            if armed:
+                log.mark(s.as_id, s.base_gfn + rel, s.hva + (rel << PAGE_SHIFT), 1)
+
+    def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
+        """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
+        user's rings: kept by a drain first, then the ring's)."""
+        assert cpu._ring is not None
+        with self._lock:
+            fresh = cpu._ring.harvest()
+            if fresh:
+                self._route(fresh, bitmaps=False)
+            out, cpu._pending = cpu._pending + fresh, []
         ring_slots = self._ring_slots
         for i, (kvm_slot, offset) in enumerate(out):
             where = ring_slots.get(kvm_slot)
@@ -413,6 +528,20 @@ class KvmEngine(AttachedOnce):
     def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
         with self._lock:
             self._fold(slot)
+
+    def restore_log_sync(self, vm: Vm) -> None:
+        with self._lock:
+            for as_id in range(vm.address_spaces):
+                for s in vm.slot_set(as_id):
+                    self._fold(s)
+
+    def restore_log_armed(self, vm: Vm) -> None:
+        # every writable slot logs in KVM from now on (one FLAGS_ONLY ioctl per KVM slot,
+        # which write-protects it; vCPUs are held out of KVM_RUN by the caller)
+        with self._lock:
+            for as_id in range(vm.address_spaces):
+                for s in vm.slot_set(as_id):
+                    self._replace(s, s)
 
     # -- Vm listener --------------------------------------------------------------------------
     def slots_invalidated(self, vm: Vm, slot: MemorySlot) -> None:
@@ -468,11 +597,14 @@ class KvmEngineVcpu:
     from one thread; `kick` from any."""
 
     def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu,
-                 features: PagingFeatures) -> None:
+                 features: PagingFeatures, ring: RingReader | None = None) -> None:
         self._engine = engine
         self._vcpu = vcpu
         self._fd = fd
         self._features = features
+        self._ring = ring  # KVM's dirty ring of this vCPU (the user's or the engine's own)
+        self._pending: list[tuple[int, int]] = []  # drained for the user's harvest
+        self._prepared: kvm_state.Prepared | None = None  # the last state loaded, packed
         self._in_run = False
         self._thread = 0
         self._kicked = False
@@ -539,9 +671,17 @@ class KvmEngineVcpu:
         return kvm_state.get_state(self._fd)
 
     def set_state(self, state: VcpuState) -> None:
-        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        """Load `state`; a pending read is finished on the old state first (as `get_state`).
+        The last state loaded stays packed: loading that same object again (a snapshot's,
+        restored once per fuzz input) skips the packing and KVM's mode check."""
         self._answer_unanswered()
-        kvm_state.set_state(self._fd, state)
+        p = self._prepared
+        if p is not None and p.state is state:
+            kvm_state.load(self._fd, p, checked=True)
+            return
+        p = kvm_state.prepare(self._fd, state)
+        kvm_state.load(self._fd, p)
+        self._prepared = p
 
     # -- page walks ------------------------------------------------------------------------------
     def paging_registers(self) -> tuple[Sregs, int]:
@@ -645,6 +785,14 @@ class KvmEngineVcpu:
         if reason == KVM_EXIT_HLT:
             return Exit(ExitKind.HLT)
         if reason == KVM_EXIT_DIRTY_RING_FULL:
+            if self._engine._own_ring:  # the engine's own ring: drain it and go on
+                with self._engine._lock:
+                    if self._engine._drain():
+                        return None
+                # full, yet nothing to harvest: KVM overflowed the ring (more entries in
+                # one instruction than it holds) and will not run this vCPU again
+                return Exit(ExitKind.INTERNAL_ERROR, detail="KVM's dirty ring overflowed: "
+                            "one instruction dirtied more pages than the ring holds")
             return Exit(ExitKind.DIRTY_RING_FULL)
         if reason == KVM_EXIT_SHUTDOWN:
             return Exit(ExitKind.SHUTDOWN)

@@ -63,7 +63,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
@@ -147,8 +147,13 @@ class UnicornEngine(AttachedOnce):
                                         guest_memfd=True)
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
+        # `paused`: workers wait at this gate between two emu_starts while it is held
+        self._gate_lock = sync.Mutex("unicorn_engine.gate")
+        self._gate = sync.Condition(self._gate_lock)
+        self._paused = 0
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
-                      "stops": 0, "restarts": 0, "events": 0, "table_maps": 0}
+                      "stops": 0, "restarts": 0, "events": 0, "table_maps": 0,
+                      "pauses": 0}
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
@@ -175,6 +180,23 @@ class UnicornEngine(AttachedOnce):
             vm.mmu.remove_mirror(self)
             with contextlib.suppress(KvmError):
                 vm.remove_listener(self)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No vCPU runs guest code in the block (`Engine.paused`): each running one is
+        stopped between two instructions and its worker waits at the gate; its `run`
+        goes on afterwards as after a zap's stop."""
+        with self._gate_lock:
+            self._paused += 1
+            self.stats["pauses"] += 1
+        try:
+            for cpu in self._vcpus:
+                cpu._hold()
+            yield
+        finally:
+            with self._gate_lock:
+                self._paused -= 1
+                self._gate.notify_all()
 
     # -- the stage-2 mirror ---------------------------------------------------------------------
     def stage2_unmapped(self, as_id: int, start_gfn: int, end_gfn: int) -> None:
@@ -259,6 +281,9 @@ class UnicornVcpu:
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
         self._step = False  # the worker runs one instruction
+        self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
+        self._busy = False  # the worker is in _run_guest (engine gate lock)
+        self._held = False  # ... and waits at the engine's gate
 
     @property
     def id(self) -> int:
@@ -296,9 +321,16 @@ class UnicornVcpu:
         return uc_state.get_state(self._uc)
 
     def set_state(self, state: VcpuState) -> None:
-        """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
+        """Load `state`; a pending read is finished on the old state first (as `get_state`).
+        The last state loaded is kept as Unicorn's CPU context: loading that same object
+        again (a snapshot's, restored per fuzz input) is one context copy."""
         self._settle()
-        uc_state.set_state(self._uc, state)
+        loaded = self._loaded
+        if loaded is not None and loaded[0] is state:
+            uc_state.load_context(self._uc, loaded[1], state)
+        else:
+            uc_state.set_state(self._uc, state)
+            self._loaded = (state, self._uc.context_save())
         self._uc.ctl_flush_tb()
         self._forget_exit()
 
@@ -494,6 +526,15 @@ class UnicornVcpu:
             self._uc.emu_stop()
             self._zcv.wait_until(lambda: not self._inside or self._epoch != epoch, 0.001)
 
+    def _hold(self) -> None:
+        """From the pausing thread, the engine's gate raised: stop the guest if it runs and
+        wait until the worker is out of it — at the gate, or not running at all."""
+        with self._lock:
+            self._stop_guest()
+        eng = self._engine
+        with eng._gate_lock:
+            eng._gate.wait_until(lambda: not self._busy or self._held)
+
     def _close(self) -> None:
         self.kick()
         with self._cv_lock:
@@ -516,6 +557,9 @@ class UnicornVcpu:
                 if self._closing:
                     return
                 self._go = False
+            eng = self._engine
+            with eng._gate_lock:
+                self._busy = True
             try:
                 exit_ = self._run_guest()
             except BaseException as e:  # handed to run(), which raises it
@@ -523,13 +567,25 @@ class UnicornVcpu:
                     self._error = e
                     self._cv.notify_all()
                 continue
+            finally:
+                with eng._gate_lock:
+                    self._busy = False
+                    eng._gate.notify_all()
             with self._cv_lock:
                 self._posted = exit_
                 self._cv.notify_all()
 
     def _run_guest(self) -> Exit:
         uc = self._uc
+        eng = self._engine
         while True:
+            if not self._step:  # a settling step is the pausing thread's own
+                with eng._gate_lock:
+                    if eng._paused:
+                        self._held = True
+                        eng._gate.notify_all()
+                        eng._gate.wait_until(lambda: not eng._paused)
+                        self._held = False
             with self._lock:
                 if self._kicked:
                     self._kicked = False
@@ -538,15 +594,22 @@ class UnicornVcpu:
             # out (a read being finished is not an entry: KVM completes it first)
             if not self._step and self._vcpu.dirty_ring.check_request():
                 return Exit(ExitKind.DIRTY_RING_FULL)
+            held = False
             while True:
                 with self._lock:
-                    # a zap between the unmaps and this store would not wait for us
+                    # a pause raised after the gate above finds us inside (and stops us)
+                    # or is seen here; likewise a zap between the unmaps and this store
+                    held = bool(eng._paused) and not self._step
+                    if held:
+                        break
                     if not self._pending and self._vcpu.as_id == self._mapped_as:
                         self._inside = True
                         self._epoch += 1
                         self._stop_requested = False
                         break
                 self._apply_pending()
+            if held:
+                continue
             error: UcError | None = None
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
             self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
@@ -812,7 +875,8 @@ class UnicornVcpu:
             bases = [b for s, e in self._pending for b in self._bases(s, e)]
             fence = [b for b in bases if self._regions[b][1] == _RAM and b not in self._fenced]
             self._fenced.update(fence)
-            stop = bool(bases) or self._kicked or self._vcpu.dirty_ring.request
+            stop = (bool(bases) or self._kicked or self._vcpu.dirty_ring.request
+                    or bool(self._engine._paused))
             if stop:
                 self._stop_requested = True
         for b in fence:

@@ -15,6 +15,9 @@ Programs:
   RAM; exits: 5 MMIO and 4 port accesses (see poker.S), hlt.
 - `loop` — writes a counter to a page and reads it back, n times or until kicked; exits:
   `out 0x11` with the value read on a torn access, `out 0x10` counter, hlt.
+- `fuzzme` — a parser with a planted bug reachable byte by byte (the fuzzing example's
+  target): compares input bytes with `FUZZ_MAGIC`, writing each into a scratch page;
+  exits: `out 0x20` progress after each match, `out 0x21` 0xBAD when all match, hlt.
 
 Programs for the CPU modes of `kvmem.cpu.modes` (each states its mode, inputs and exits in its
 source; tests/test_cpu_modes.py runs them on both engines and moves them between engines
@@ -48,14 +51,18 @@ from __future__ import annotations
 
 from importlib import resources
 
-__all__ = ["PORT_EXCEPTION", "PORT_RESULT", "PORT_SYSCALL", "PORT_TORN", "PROGRAMS", "program"]
+__all__ = ["FUZZ_MAGIC", "PORT_BUG", "PORT_EXCEPTION", "PORT_PROGRESS", "PORT_RESULT",
+           "PORT_SYSCALL", "PORT_TORN", "PROGRAMS", "program"]
 
 PROGRAMS = ("walker", "poker", "loop", "real16", "prot32", "long64", "user64", "spin64",
-            "user_stub")
+            "user_stub", "fuzzme")
 PORT_RESULT = 0x10  # walker: checksum; loop: final counter; real16/prot32/long64/spin64
 PORT_TORN = 0x11  # loop: a value read back that is not the one just written
 PORT_SYSCALL = 0x12  # user_stub: SYSCALL (eax = number)
 PORT_EXCEPTION = 0x13  # user_stub: vector (edx = error code, rcx = CR2)
+PORT_PROGRESS = 0x20  # fuzzme: how many leading input bytes match so far
+PORT_BUG = 0x21  # fuzzme: the planted bug was reached (0xBAD)
+FUZZ_MAGIC = b"KVMEM!"  # fuzzme: the input that reaches the bug
 
 
 def program(name: str) -> bytes:
