@@ -17,13 +17,30 @@ Rules of this room:
   worker a go and waits for the exit it posts. Between two runs the worker is out of
   emu_start and the vCPU between two instructions, so the caller reads and writes
   registers and state directly.
-- Exits leave emu_start, with KVM's convention (see `kvmem.engines`): Unicorn runs with an
-  instruction count, so a hook's stop takes effect right after its instruction. A write
-  (OUT, MMIO) is done by then. A read cannot wait for its answer inside the hook: the
-  hook saves the context from before the instruction and the worker restores it after the
-  stop; `complete` queues the answer and the next run replays the instruction, whose
-  hooks read it (by gpa, or by port and EDI for the elements of a string IN, so an
-  instruction Unicorn restarts reads the same answers).
+- Exits leave emu_start, with KVM's convention (see `kvmem.engines`), yet the guest runs
+  block-wise at full speed: Unicorn checks for a stop only at block starts, after every load
+  and store (restoring EIP to the instruction of the access) and at a code hook. A stop is
+  made exact where an exit needs it:
+  - MMIO read: the hook posts the exit and stops; Unicorn stops right after the load, EIP at
+    the instruction, nothing of it done — KVM's state. `complete` queues the answer and the
+    next run replays the instruction, whose hooks read it (by gpa, or by port and EDI for
+    the elements of a string IN, so an instruction Unicorn restarts reads the same answers).
+  - a store to a slow page (MMIO, tracked, read-only slot): the block-wise run does not do
+    it but stops (EIP at the instruction) and the worker *steps* the instruction: a code
+    hook over its bytes (over everything for a call or INT, whose next instruction is
+    elsewhere) stops the run at the next instruction boundary. Inside a step no hook stops
+    mid-instruction, so the instruction runs once (a read-modify-write is not redone) and
+    an MMIO write exit leaves EIP past it.
+  - IN / OUT: the port hooks run inside the instruction, and the block would go on past it.
+    A port instruction first met block-wise is rewound (the hook saves the context before
+    it, the run stops, the worker restores it) and *learned*: a code hook on the instruction
+    after it makes every later stop there exact. An OUT then stops after the instruction;
+    an IN (a read) saves the context before it, and the worker restores that after the
+    stop. Until its site is learned (its first run), a port instruction may let the rest of
+    its block run up to the next load or store, which is rewound — but a store that comes
+    first is done early (it is done again, with the same value, on the way).
+  While a rewind or a step is pending every hook does nothing (reads see zeros, nothing is
+  faulted in or posted).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
@@ -55,6 +72,7 @@ from unicorn.unicorn_const import (
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
+    UC_HOOK_CODE,
     UC_HOOK_INSN,
     UC_HOOK_MEM_PROT,
     UC_HOOK_MEM_UNMAPPED,
@@ -83,10 +101,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UnicornEngine", "UnicornVcpu"]
 
-# an instruction count never reached: with a count, Unicorn checks for a stop after every
-# instruction, so an exit's emu_stop leaves the vCPU right after the instruction that exited
-# (uc_state.resume), and hooks read the EIP of their own instruction
-_NO_LIMIT = 1 << 62
 _REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_REG_RCX),
          ("edx", X.UC_X86_REG_RDX), ("esi", X.UC_X86_REG_RSI), ("edi", X.UC_X86_REG_RDI),
          ("esp", X.UC_X86_REG_RSP), ("ebp", X.UC_X86_REG_RBP), ("eip", X.UC_X86_REG_RIP),
@@ -95,6 +109,9 @@ _RAM, _SLOW = "ram", "slow"
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
+_REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else inc/dec)
+# opcodes whose next instruction is not the next bytes and that store (a push): call, INT
+_CALLS = frozenset((0xE8, 0x9A, 0xCC, 0xCD, 0xCE, 0xFF))
 
 
 def _flat(selector: int, type_: int) -> Segment:
@@ -212,12 +229,17 @@ class UnicornVcpu:
         self._answers: dict[tuple[Any, ...], bytes] = {}
         self._used: set[tuple[Any, ...]] = set()  # the answers the replay took
         self._read_rdi = 0  # EDI at the last read exit
-        self._write_at: tuple[int, ...] | None = None  # registers at an MMIO write exit
-        self._swallow: int | None = None  # writes already posted, while finishing
         self._last: Exit | None = None
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
-        self._step = False  # the worker runs one instruction
+        # exact stops (worker-owned): see "Exits" above
+        self._inert = False  # a rewind or a step is pending: hooks do nothing
+        self._rewind: Any = None  # the context before a port instruction not yet learned
+        self._sites: dict[int, int] = {}  # learned port instruction → its next one's hook
+        self._step_at: int | None = None  # EIP of the instruction the next run steps
+        self._settling = False  # the step is _settle's (the run returns _STEPPED)
+        self._stepping = False  # a step is running
+        self._step_hits = 0  # code hook calls in the running step
 
     @property
     def id(self) -> int:
@@ -247,6 +269,7 @@ class UnicornVcpu:
         the read: the instruction runs again from them (as on KVM)."""
         self._answers, self._used = {}, set()
         self._unanswered = self._at_read = False
+        self._step_at = None
         for name, reg in _REGS:
             self._uc.reg_write(reg, getattr(regs, name))
 
@@ -268,6 +291,7 @@ class UnicornVcpu:
         self._answers, self._used = {}, set()
         self._unanswered = self._at_read = False
         self._last = None
+        self._step_at = None
 
     def _settle(self) -> None:
         """At a read exit, run just its instruction (kvm_state.settle's counterpart), so the
@@ -278,10 +302,11 @@ class UnicornVcpu:
             assert self._last is not None
             self._queue_answer(bytes(self._last.answer_size))
         rip = self._uc.reg_read(X.UC_X86_REG_RIP)
-        self._step = True
+        self._settling = True
         try:
             # a string IN takes one step per element answered
             while True:
+                self._step_at = int(self._uc.reg_read(X.UC_X86_REG_RIP))
                 exit_ = self._run_worker()
                 if exit_ is not _STEPPED:
                     self._exits.insert(0, exit_)  # the next run() reports it
@@ -291,7 +316,8 @@ class UnicornVcpu:
                         or self._uc.reg_read(X.UC_X86_REG_RIP) != rip):
                     break
         finally:
-            self._step = False
+            self._settling = False
+            self._step_at = None
             self._at_read = False
             self._answers, self._used = {}, set()
 
@@ -408,10 +434,12 @@ class UnicornVcpu:
                         self._stop_requested = False
                         break
                 self._apply_pending()
+            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+            step = self._step_at == rip
+            hook = self._begin_step(rip) if step else None
             error: UcError | None = None
             try:
-                uc.emu_start(uc.reg_read(X.UC_X86_REG_RIP), 0,
-                             count=1 if self._step else _NO_LIMIT)
+                uc.emu_start(rip, 0)
             except UcError as e:
                 error = e
             finally:
@@ -419,17 +447,31 @@ class UnicornVcpu:
                     self._inside = False
                     stopped, self._stop_requested = self._stop_requested, False
                     self._zcv.notify_all()
+                if hook is not None:
+                    self._end_step(hook)
+            if self._inert:
+                # a port instruction to learn, or a slow store to step: nothing of it was done
+                self._inert = False
+                self._restart = self._fatal = None
+                rewind, self._rewind = self._rewind, None
+                if rewind is not None:
+                    _restore(uc, rewind)
+                    self._learn(int(uc.reg_read(X.UC_X86_REG_RIP)))
+                else:
+                    self._step_at = int(uc.reg_read(X.UC_X86_REG_RIP))
+                continue
+            done = step and self._step_hits > 1  # the step reached the next instruction
+            if done:
+                self._step_at = None
             if self._undo is not None:
                 # a read exited: back to before its instruction, which runs again with the
                 # answer (KVM's RIP at an IN or MMIO read is the instruction's own)
                 undo, self._undo = self._undo, None
-                uc.context_restore(undo)
-            elif self._used and not self._step:
+                _restore(uc, undo)
+            elif self._used and not self._settling:
                 self._answers, self._used = {}, set()  # the replay is done
-            if self._write_at is not None:
-                self._finish_write()
-                self._exits = _join_split_writes(self._exits)
             if self._exits:
+                self._exits = _join_split_writes(self._exits)
                 return self._exits.pop(0)
             if self._fatal is not None:
                 fatal, self._fatal = self._fatal, None
@@ -446,8 +488,10 @@ class UnicornVcpu:
                 if error.errno in (UC_ERR_INSN_INVALID, UC_ERR_EXCEPTION):
                     return Exit(ExitKind.SHUTDOWN, detail=str(error))
                 return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
-            if self._step:
-                return _STEPPED
+            if done:
+                if self._settling:
+                    return _STEPPED
+                continue  # a stepped store that made no exit: run on block-wise
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -455,6 +499,72 @@ class UnicornVcpu:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
             # a zap's stop: unmap what is pending and go on
+
+    # -- exact stops ----------------------------------------------------------------------------
+    def _begin_step(self, rip: int) -> int:
+        """Before a run that steps the instruction at `rip`: a code hook over its bytes stops
+        the run at the next instruction boundary (`_on_step`). A call or INT goes elsewhere:
+        then the hook covers everything, and every translated block is dropped so that the
+        blocks it reaches have it."""
+        self._stepping = True
+        self._step_hits = 0
+        uc = self._uc
+        if self._opcode(rip) in _CALLS:
+            uc.ctl_flush_tb()
+            return uc.hook_add(UC_HOOK_CODE, self._on_step)
+        uc.ctl_remove_cache(rip, rip + 16)  # its block is translated again, with the hook
+        return uc.hook_add(UC_HOOK_CODE, self._on_step, None, rip, rip + 15)
+
+    def _end_step(self, hook: int) -> None:
+        """Unicorn drops the blocks translated with the hook (they run block-wise again)."""
+        self._stepping = False
+        self._uc.hook_del(hook)
+
+    def _on_step(self, uc: Uc, address: int, size: int, data: Any) -> None:
+        self._step_hits += 1
+        if self._step_hits > 1:  # the stepped instruction is done (or one REP element)
+            uc.emu_stop()
+
+    def _learn(self, rip: int) -> None:
+        """The port instruction at `rip` gets a code hook on the instruction after it, so a
+        stop its port hook makes lands there (at a block start for a REP element)."""
+        if rip in self._sites:
+            return
+        end = rip + self._port_insn_length(rip)
+        self._sites[rip] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
+        self._uc.ctl_remove_cache(rip, end + 1)
+
+    def _code(self, rip: int) -> bytes:
+        try:
+            return bytes(self._uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
+        except UcError:
+            return b""
+
+    def _opcode(self, rip: int) -> int:
+        """The first opcode byte of the instruction at `rip` (-1 if unreadable)."""
+        code = self._code(rip)
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        return code[i] if i < len(code) else -1
+
+    def _port_insn_length(self, rip: int) -> int:
+        code = self._code(rip)
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        op = code[i] if i < len(code) else 0
+        return i + (2 if 0xE4 <= op <= 0xE7 else 1)
+
+    def _port_exact(self) -> bool:
+        """At a port hook (EIP is the instruction's): may it stop exactly? If not, rewind it
+        and learn its site."""
+        if self._stepping or int(self._uc.reg_read(X.UC_X86_REG_RIP)) in self._sites:
+            return True
+        self._inert = True
+        self._rewind = self._uc.context_save()
+        self._uc.emu_stop()
+        return False
 
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP
@@ -565,7 +675,8 @@ class UnicornVcpu:
     def _enter(self) -> bool:
         """Back into the guest from a hook. Regions zapped meanwhile are fenced (PROT_NONE)
         and the guest stops at the end of its block, as it does when a kick came meanwhile
-        (the kicker saw the guest out and did not wait). True if the guest must stop."""
+        (the kicker saw the guest out and did not wait); inside a step, at the step's end
+        (a stop inside the instruction would run it again). True if the guest must stop."""
         with self._lock:
             self._inside = True
             self._epoch += 1
@@ -578,7 +689,7 @@ class UnicornVcpu:
         for b in fence:
             self._uc.mem_protect(b << PAGE_SHIFT, self._regions[b][0] << PAGE_SHIFT,
                                  UC_PROT_NONE)
-        if stop:
+        if stop and not self._stepping:
             self._uc.emu_stop()
         return stop
 
@@ -603,6 +714,8 @@ class UnicornVcpu:
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      data: Any) -> bool:
+        if self._inert:
+            return False
         gfn = address >> PAGE_SHIFT
         fetch = access == UC_MEM_FETCH_UNMAPPED
         write = access == UC_MEM_WRITE_UNMAPPED
@@ -616,10 +729,17 @@ class UnicornVcpu:
             self._map_slow(gfn)
         else:
             self._map_ram(gfn, spte)
+        if fetch:
+            # the block being translated keeps wrong EIPs for its instructions (a stop
+            # or a hook would see the EIP of an earlier one): translate it again
+            self._restart = _nothing
+            return False
         return True
 
     def _on_prot(self, uc: Uc, access: int, address: int, size: int, value: int,
                  data: Any) -> bool:
+        if self._inert:
+            return False
         gfn = address >> PAGE_SHIFT
         base = self._page.get(gfn)
         if base is None or base in self._fenced or access != UC_MEM_WRITE_PROT:
@@ -646,36 +766,21 @@ class UnicornVcpu:
         return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
-    # An exit leaves emu_start: the hook posts it and stops Unicorn, which stops right after
-    # the instruction (count mode). A write is done by then, as KVM's is (RIP past it). A
-    # read cannot wait for its answer there, so the hook reads zeros, saves the context
-    # from before the instruction, and `_run_guest` restores it after the stop: the vCPU
-    # is at the instruction, as KVM's is, and runs it again with the answers queued by
-    # `complete`. After a read has exited, the rest of its instruction is discarded.
-
-    def _where(self) -> tuple[int, ...]:
-        return tuple(int(self._uc.reg_read(r)) for r in (
-            X.UC_X86_REG_RIP, X.UC_X86_REG_RCX, X.UC_X86_REG_RSI, X.UC_X86_REG_RDI,
-            X.UC_X86_REG_RSP))
-
-    def _finish_write(self) -> None:
-        """Unicorn stopped inside an MMIO store restarts the instruction: run it once more,
-        the writes already posted swallowed, so the vCPU stops past it as KVM's does."""
-        at, self._write_at = self._write_at, None
-        if at != self._where():
-            return  # the instruction (or a REP element) was done
-        self._swallow = sum(1 for e in self._exits if e.kind is ExitKind.MMIO)
-        try:
-            self._uc.emu_start(int(self._uc.reg_read(X.UC_X86_REG_RIP)), 0, count=1)
-        finally:
-            self._swallow = None
+    # An exit leaves emu_start: the hook posts it and the run stops where KVM's vCPU is at
+    # that exit ("Exits" above). A read cannot wait for its answer inside the hook: it reads
+    # zeros, and the vCPU is put back before its instruction — by Unicorn's own stop after
+    # a load, or from the context the hook saved where the stop lands later (a port read,
+    # a read inside a step) — and runs it again with the answers queued by `complete`.
+    # After a read has exited, the rest of its instruction is discarded.
 
     def _post(self, exit_: Exit) -> None:
         self._exits.append(exit_)
         self._uc.emu_stop()
 
-    def _post_read(self, exit_: Exit) -> None:
-        if not self._exits:
+    def _post_read(self, exit_: Exit, save: bool = True) -> None:
+        """`save`: the stop lands after the instruction, so save the context before it (EIP
+        is the instruction's only at a port hook or inside a step)."""
+        if save and not self._exits:
             self._undo = self._uc.context_save()
         self._post(exit_)
 
@@ -687,7 +792,7 @@ class UnicornVcpu:
 
     def _slow_read(self, gpa: int, size: int) -> int:
         self._engine.stats["slow_accesses"] += 1
-        if self._undo is not None:
+        if self._undo is not None or self._inert:
             return 0
         data = self._replayed(ExitKind.MMIO, gpa)
         if data is not None:
@@ -697,7 +802,9 @@ class UnicornVcpu:
             try:
                 data = self._vcpu.guest_read(gpa, size)
             except MmioExit:
-                self._post_read(Exit(ExitKind.MMIO, gpa, size, False))
+                # block-wise, Unicorn stops right after this load, before the instruction
+                # writes anything, with EIP at it
+                self._post_read(Exit(ExitKind.MMIO, gpa, size, False), self._stepping)
                 data = b""
             except MemoryFault as e:
                 self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, False, detail=str(e))
@@ -710,10 +817,12 @@ class UnicornVcpu:
 
     def _slow_write(self, gpa: int, size: int, value: int) -> None:
         self._engine.stats["slow_accesses"] += 1
-        if self._undo is not None:
+        if self._undo is not None or self._inert:
             return
-        if self._swallow:
-            self._swallow -= 1
+        if not self._stepping:
+            # not done: Unicorn stops right after it, EIP at the instruction, to step it
+            self._inert = True
+            self._uc.emu_stop()
             return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._leave()
@@ -721,13 +830,9 @@ class UnicornVcpu:
             try:
                 self._vcpu.guest_write(gpa, data)
             except MmioExit:
-                exit_ = Exit(ExitKind.MMIO, gpa, size, True, data)
-                if self._swallow is not None:
-                    self._exits.append(exit_)  # the finishing run: no stop
-                else:
-                    if not self._exits:
-                        self._write_at = self._where()
-                    self._post(exit_)
+                # no stop here (Unicorn would run the instruction again): the step's
+                # ends after it
+                self._exits.append(Exit(ExitKind.MMIO, gpa, size, True, data))
             except MemoryFault as e:
                 self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, size, True, detail=str(e))
         finally:
@@ -761,7 +866,7 @@ class UnicornVcpu:
         return max(1, min(in_page, _PIO_READ_AHEAD // size, count))
 
     def _on_in(self, uc: Uc, port: int, size: int, data: Any) -> int:
-        if self._undo is not None:
+        if self._undo is not None or self._inert or not self._port_exact():
             return 0
         rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
         answer = self._replayed(ExitKind.IO, port, rdi)
@@ -773,7 +878,7 @@ class UnicornVcpu:
         return 0
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, data: Any) -> None:
-        if self._undo is not None:
+        if self._undo is not None or self._inert or not self._port_exact():
             return
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._post(Exit(ExitKind.IO, port, size, True, payload))
@@ -794,5 +899,16 @@ def _join_split_writes(exits: list[Exit]) -> list[Exit]:
     return out
 
 
+def _restore(uc: Uc, context: Any) -> None:
+    """Restore a context a hook saved. Its flags are QEMU's lazy ones (the last operation
+    and its operands), which a block run from it may read as clear: write them as flags."""
+    uc.context_restore(context)
+    uc.reg_write(X.UC_X86_REG_RFLAGS, uc.reg_read(X.UC_X86_REG_RFLAGS))
+
+
 def _nothing() -> None:
     """A restart that only needs the pending unmaps, which every restart applies."""
+
+
+def _nothing_at(uc: Uc, address: int, size: int, data: Any) -> None:
+    """A learned port site's code hook: being there makes Unicorn check for a stop."""
