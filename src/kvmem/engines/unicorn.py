@@ -32,13 +32,15 @@ Rules of this room:
     mid-instruction, so the instruction runs once (a read-modify-write is not redone) and
     an MMIO write exit leaves EIP past it.
   - IN / OUT: the port hooks run inside the instruction, and the block would go on past it.
-    A port instruction first met block-wise is rewound (the hook saves the context before
-    it, the run stops, the worker restores it) and *learned*: a code hook on the instruction
-    after it makes every later stop there exact. An OUT then stops after the instruction;
-    an IN (a read) saves the context before it, and the worker restores that after the
-    stop. Until its site is learned (its first run), a port instruction may let the rest of
-    its block run up to the next load or store, which is rewound — but a store that comes
-    first is done early (it is done again, with the same value, on the way).
+    So port instructions are *learned* before they run: every new block whose bytes hold
+    a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
+    hook); the worker gives it a code hook on every instruction (a *scan*), which notes
+    the port instructions it meets, until each instruction was seen once. A learned port
+    instruction has a code hook on the instruction after it, so a stop its port hook makes
+    lands there: an OUT stops after the instruction; an IN (a read) saves the context
+    before it, which the worker restores after the stop. A port instruction met unlearned
+    all the same (in the first block a Uc ever runs, when it was not scanned) is rewound:
+    the hook saves the context, the run stops, the worker restores it and learns the site.
   While a rewind or a step is pending every hook does nothing (reads see zeros, nothing is
   faulted in or posted).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
@@ -73,6 +75,7 @@ from unicorn.unicorn_const import (
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
     UC_HOOK_CODE,
+    UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN,
     UC_HOOK_MEM_PROT,
     UC_HOOK_MEM_UNMAPPED,
@@ -112,6 +115,18 @@ _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB bu
 _REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else inc/dec)
 # opcodes whose next instruction is not the next bytes and that store (a push): call, INT
 _CALLS = frozenset((0xE8, 0x9A, 0xCC, 0xCD, 0xCE, 0xFF))
+_CR0_PG = 1 << 31
+_PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
+
+
+class _Scan:
+    """A block under scan: its instruction count and size, the instructions seen."""
+
+    def __init__(self, icount: int, size: int) -> None:
+        self.icount, self.size = icount, size
+        self.seen: set[int] = set()
+        self.done = False
+        self.hook: int | None = None
 
 
 def _flat(selector: int, type_: int) -> Segment:
@@ -141,7 +156,7 @@ class UnicornEngine(AttachedOnce):
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
-                      "stops": 0, "restarts": 0}
+                      "stops": 0, "restarts": 0, "steps": 0, "scans": 0, "rewinds": 0}
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
@@ -198,6 +213,7 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_MEM_PROT, self._on_prot)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_new_block)
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = sync.Mutex("unicorn_vcpu.mappings")
         self._zcv = sync.Condition(self._lock)
@@ -235,7 +251,11 @@ class UnicornVcpu:
         # exact stops (worker-owned): see "Exits" above
         self._inert = False  # a rewind or a step is pending: hooks do nothing
         self._rewind: Any = None  # the context before a port instruction not yet learned
-        self._sites: dict[int, int] = {}  # learned port instruction → its next one's hook
+        self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
+        self._site_todo: list[int] = []  # noted by a scan, to be hooked between runs
+        self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
+        self._scan_stop = False  # the run stopped before a new block, to scan it
+        self._clean: set[int] = set()  # block pcs whose bytes hold no port opcode
         self._step_at: int | None = None  # EIP of the instruction the next run steps
         self._settling = False  # the step is _settle's (the run returns _STEPPED)
         self._stepping = False  # a step is running
@@ -257,6 +277,7 @@ class UnicornVcpu:
         a DMA-like writer, and kvmem's accessors do not tell engines about writes."""
         self._uc.ctl_flush_tb()
         self._forget_exit()
+        self._forget_code()
         uc_state.set_state(self._uc, _start_state(entry, regs if regs is not None else Regs()))
 
     def get_regs(self) -> Regs:
@@ -286,12 +307,24 @@ class UnicornVcpu:
         uc_state.set_state(self._uc, state)
         self._uc.ctl_flush_tb()
         self._forget_exit()
+        self._forget_code()
 
     def _forget_exit(self) -> None:
         self._answers, self._used = {}, set()
         self._unanswered = self._at_read = False
         self._last = None
         self._step_at = None
+
+    def _forget_code(self) -> None:
+        """Port sites and scans are of the code that was there: the code may be new."""
+        for hook in self._sites.values():
+            if hook is not None:
+                self._uc.hook_del(hook)
+        for scan in self._scans.values():
+            if scan.hook is not None:
+                self._uc.hook_del(scan.hook)
+        self._sites, self._site_todo, self._scans = {}, [], {}
+        self._clean = set()
 
     def _settle(self) -> None:
         """At a read exit, run just its instruction (kvm_state.settle's counterpart), so the
@@ -435,6 +468,7 @@ class UnicornVcpu:
                         break
                 self._apply_pending()
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+            self._between_runs(rip)
             step = self._step_at == rip
             hook = self._begin_step(rip) if step else None
             error: UcError | None = None
@@ -455,11 +489,13 @@ class UnicornVcpu:
                 self._restart = self._fatal = None
                 rewind, self._rewind = self._rewind, None
                 if rewind is not None:
+                    self._engine.stats["rewinds"] += 1
                     _restore(uc, rewind)
                     self._learn(int(uc.reg_read(X.UC_X86_REG_RIP)))
                 else:
                     self._step_at = int(uc.reg_read(X.UC_X86_REG_RIP))
                 continue
+            scan_stop, self._scan_stop = self._scan_stop, False
             done = step and self._step_hits > 1  # the step reached the next instruction
             if done:
                 self._step_at = None
@@ -492,6 +528,8 @@ class UnicornVcpu:
                 if self._settling:
                     return _STEPPED
                 continue  # a stepped store that made no exit: run on block-wise
+            if scan_stop and not stopped:
+                continue  # stopped before a new block only to scan it
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -508,6 +546,7 @@ class UnicornVcpu:
         blocks it reaches have it."""
         self._stepping = True
         self._step_hits = 0
+        self._engine.stats["steps"] += 1
         uc = self._uc
         if self._opcode(rip) in _CALLS:
             uc.ctl_flush_tb()
@@ -528,15 +567,77 @@ class UnicornVcpu:
     def _learn(self, rip: int) -> None:
         """The port instruction at `rip` gets a code hook on the instruction after it, so a
         stop its port hook makes lands there (at a block start for a REP element)."""
-        if rip in self._sites:
+        if self._sites.get(rip) is not None:
             return
         end = rip + self._port_insn_length(rip)
         self._sites[rip] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
         self._uc.ctl_remove_cache(rip, end + 1)
 
-    def _code(self, rip: int) -> bytes:
+    def _between_runs(self, rip: int) -> None:
+        """Hook what scans noted and the blocks to scan; end the scans that are done."""
+        uc = self._uc
+        if (rip not in self._scans and rip not in self._clean
+                and rip >> PAGE_SHIFT in self._page
+                and not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG):
+            # The edge hook does not see the first block of a run while Unicorn has not
+            # yet left a block the ordinary way (its record of the last block is set only
+            # then): look at the block at RIP first. Not with paging on, where translating
+            # it walks page tables that may not be mapped yet, and a guest fault inside
+            # Unicorn's control call has nowhere to go.
+            self._inert = True  # nothing is faulted in while Unicorn translates it
+            try:
+                pc, icount, size = uc.ctl_request_cache(rip)
+                self._note_block(pc, icount, size)
+            except UcError:
+                pass
+            finally:
+                self._inert = False
+                self._restart = None
+        todo, self._site_todo = self._site_todo, []
+        for site in todo:
+            self._learn(site)
+        for pc, scan in self._scans.items():
+            if scan.hook is None and not scan.done:
+                scan.hook = uc.hook_add(UC_HOOK_CODE, self._on_scan, scan, pc,
+                                        pc + scan.size - 1)
+                uc.ctl_remove_cache(pc, pc + scan.size)
+            elif scan.hook is not None and scan.done:
+                uc.hook_del(scan.hook)  # Unicorn drops the blocks it instrumented
+                scan.hook = None
+
+    def _note_block(self, pc: int, icount: int, size: int) -> bool:
+        """A new block: True (and a scan to start) if its bytes may hold a port opcode."""
+        if pc in self._scans or pc in self._clean:
+            return False
+        if not _PORT_OPCODES.intersection(self._code(pc, size)):
+            self._clean.add(pc)
+            return False
+        self._scans[pc] = _Scan(icount, size)
+        self._engine.stats["scans"] += 1
+        return True
+
+    def _on_new_block(self, uc: Uc, cur: Any, prev: Any, data: Any) -> None:
+        """UC_HOOK_EDGE_GENERATED: a block was translated and is about to run. If it may
+        hold a port instruction, stop before it (Unicorn checks at every block start)."""
+        if not self._stepping and self._note_block(cur.pc, cur.icount, cur.size):
+            self._scan_stop = True
+            uc.emu_stop()
+
+    def _on_scan(self, uc: Uc, address: int, size: int, scan: _Scan) -> None:
+        """A scanned block's code hook, before each of its instructions: note port ones."""
+        scan.seen.add(address)
+        if len(scan.seen) >= scan.icount:
+            scan.done = True
+        if address not in self._sites and self._opcode(address) in _PORT_OPCODES:
+            self._sites[address] = None  # exact from now: the scan hook follows it
+            self._site_todo.append(address)
+
+    def _code(self, rip: int, size: int = 15) -> bytes:
+        """Up to `size` code bytes at `rip` (a block's, or an instruction's: not past its
+        page, which may be the last one mapped)."""
         try:
-            return bytes(self._uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
+            return bytes(self._uc.mem_read(rip, size if size != 15 else
+                                           min(15, PAGE_SIZE - rip % PAGE_SIZE)))
         except UcError:
             return b""
 
