@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import kvmem
+from kvmem.cpu import modes
 from kvmem.engines import EngineError, EngineVcpu, Exit, ExitKind, Regs
 from kvmem.kvmapi import kvm_available
 
@@ -297,3 +298,28 @@ def test_a_read_modify_write_runs_once_when_a_stop_lands_in_it(
     assert exits[-1] == io(0x80, 1, b"\x00")
     assert vm.read(BUF, 4) == (42).to_bytes(4, "little")
     assert kicker.writes == [(BUF, (42).to_bytes(4, "little"))]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_nothing_after_a_port_instruction_runs_before_its_exit_in_real_mode(
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+    """The same in real mode, where the code segment's base is not 0 (CS:IP = 0x7c0:0):
+    what names an instruction is its linear address, not IP."""
+    program = bytes.fromhex("b0 11"              # mov al, 0x11
+                            "e6 80"              # out 0x80, al
+                            "c7 06 00 20 34 12"  # mov word [BUF], 0x1234
+                            "e4 81"              # in al, 0x81
+                            "a2 04 20"           # mov [BUF + 4], al
+                            "f4")                # hlt
+    vm, cpu = boot(engine, b"\xf4")
+    vm.write(0x7C00, program)
+    for _ in range(2):
+        vm.write(BUF, bytes(4) + b"\x77")
+        cpu.set_state(modes.real_mode(0x7C00, sp=0x7000))
+        assert cpu.run() == io(0x80, 1, b"\x11")
+        assert (cpu.get_regs().eip, vm.read(BUF, 5)) == (0x4, bytes(4) + b"\x77")
+        assert cpu.run() == io(0x81, 1)
+        assert (cpu.get_regs().eip, vm.read(BUF, 5)) == (0xA, bytes.fromhex("3412000077"))
+        cpu.complete(b"\x99")
+        assert cpu.run() == Exit(ExitKind.HLT)
+        assert vm.read(BUF, 5) == bytes.fromhex("3412000099")

@@ -28,7 +28,8 @@ Rules of this room:
   - a store to a slow page (MMIO, tracked, read-only slot): the block-wise run does not do
     it but stops (EIP at the instruction) and the worker *steps* the instruction: a code
     hook over its bytes (over everything for a call or INT, whose next instruction is
-    elsewhere) stops the run at the next instruction boundary. Inside a step no hook stops
+    elsewhere, and with paging on, where kvmem cannot read the opcode) stops the run at the
+    next instruction boundary. Inside a step no hook stops
     mid-instruction, so the instruction runs once (a read-modify-write is not redone) and
     an MMIO write exit leaves EIP past it.
   - IN / OUT: the port hooks run inside the instruction, and the block would go on past it.
@@ -39,8 +40,14 @@ Rules of this room:
     instruction has a code hook on the instruction after it, so a stop its port hook makes
     lands there: an OUT stops after the instruction; an IN (a read) saves the context
     before it, which the worker restores after the stop. A port instruction met unlearned
-    all the same (in the first block a Uc ever runs, when it was not scanned) is rewound:
-    the hook saves the context, the run stops, the worker restores it and learns the site.
+    all the same is rewound: the hook saves the context, the run stops, the worker
+    restores it and scans the instruction. That happens with paging on, where the bytes
+    kvmem reads at a block's address are a physical page's (right for identity-mapped
+    code), and before the first block a run can see (Unicorn reports new blocks only once
+    one has ended the ordinary way; without paging the worker looks at the block at RIP
+    itself). Until then the rest of its block ran up to the next load or store, which is
+    rewound — a store that came first is in memory early (and done again, the same).
+  Instructions are named by linear address (CS base + RIP), as code hooks name them.
   While a rewind or a step is pending every hook does nothing (reads see zeros, nothing is
   faulted in or posted).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
@@ -115,7 +122,7 @@ _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB bu
 _REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else inc/dec)
 # opcodes whose next instruction is not the next bytes and that store (a push): call, INT
 _CALLS = frozenset((0xE8, 0x9A, 0xCC, 0xCD, 0xCE, 0xFF))
-_CR0_PG = 1 << 31
+_CR0_PE, _CR0_PG = 1, 1 << 31
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
 
 
@@ -252,7 +259,7 @@ class UnicornVcpu:
         self._inert = False  # a rewind or a step is pending: hooks do nothing
         self._rewind: Any = None  # the context before a port instruction not yet learned
         self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
-        self._site_todo: list[int] = []  # noted by a scan, to be hooked between runs
+        self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
         self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
         self._scan_stop = False  # the run stopped before a new block, to scan it
         self._clean: set[int] = set()  # block pcs whose bytes hold no port opcode
@@ -339,7 +346,7 @@ class UnicornVcpu:
         try:
             # a string IN takes one step per element answered
             while True:
-                self._step_at = int(self._uc.reg_read(X.UC_X86_REG_RIP))
+                self._step_at = self._pc()
                 exit_ = self._run_worker()
                 if exit_ is not _STEPPED:
                     self._exits.insert(0, exit_)  # the next run() reports it
@@ -468,9 +475,10 @@ class UnicornVcpu:
                         break
                 self._apply_pending()
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
-            self._between_runs(rip)
-            step = self._step_at == rip
-            hook = self._begin_step(rip) if step else None
+            pc = self._pc(rip)
+            self._between_runs(pc)
+            step = self._step_at == pc
+            hook = self._begin_step(pc) if step else None
             error: UcError | None = None
             try:
                 uc.emu_start(rip, 0)
@@ -491,9 +499,11 @@ class UnicornVcpu:
                 if rewind is not None:
                     self._engine.stats["rewinds"] += 1
                     _restore(uc, rewind)
-                    self._learn(int(uc.reg_read(X.UC_X86_REG_RIP)))
+                    # scan it: the scan's code hook learns the port instruction (Unicorn
+                    # gives its length), exact from then on
+                    self._rescan(self._pc())
                 else:
-                    self._step_at = int(uc.reg_read(X.UC_X86_REG_RIP))
+                    self._step_at = self._pc()
                 continue
             scan_stop, self._scan_stop = self._scan_stop, False
             done = step and self._step_hits > 1  # the step reached the next instruction
@@ -548,7 +558,8 @@ class UnicornVcpu:
         self._step_hits = 0
         self._engine.stats["steps"] += 1
         uc = self._uc
-        if self._opcode(rip) in _CALLS:
+        if self._paging() or self._opcode(rip) in _CALLS:
+            # (with paging on, the code bytes kvmem could read are a physical address's)
             uc.ctl_flush_tb()
             return uc.hook_add(UC_HOOK_CODE, self._on_step)
         uc.ctl_remove_cache(rip, rip + 16)  # its block is translated again, with the hook
@@ -564,14 +575,24 @@ class UnicornVcpu:
         if self._step_hits > 1:  # the stepped instruction is done (or one REP element)
             uc.emu_stop()
 
-    def _learn(self, rip: int) -> None:
-        """The port instruction at `rip` gets a code hook on the instruction after it, so a
-        stop its port hook makes lands there (at a block start for a REP element)."""
-        if self._sites.get(rip) is not None:
+    def _learn(self, pc: int, end: int) -> None:
+        """The port instruction at `pc` (up to `end`) gets a code hook on the instruction
+        after it, so a stop its port hook makes lands there (at a block start for a REP
+        element)."""
+        if self._sites.get(pc) is not None:
             return
-        end = rip + self._port_insn_length(rip)
-        self._sites[rip] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
-        self._uc.ctl_remove_cache(rip, end + 1)
+        self._sites[pc] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
+        self._uc.ctl_remove_cache(pc, end + 1)
+
+    def _rescan(self, pc: int) -> None:
+        """Scan the instruction at `pc` again (a port instruction met unlearned)."""
+        old = self._scans.pop(pc, None)
+        if old is not None and old.hook is not None:
+            self._uc.hook_del(old.hook)
+        self._clean.discard(pc)
+        self._scans[pc] = _Scan(1, 15)
+        self._sites[pc] = None  # a port instruction: exact from now (the scan hook follows)
+        self._engine.stats["scans"] += 1
 
     def _between_runs(self, rip: int) -> None:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
@@ -594,8 +615,8 @@ class UnicornVcpu:
                 self._inert = False
                 self._restart = None
         todo, self._site_todo = self._site_todo, []
-        for site in todo:
-            self._learn(site)
+        for site, end in todo:
+            self._learn(site, end)
         for pc, scan in self._scans.items():
             if scan.hook is None and not scan.done:
                 scan.hook = uc.hook_add(UC_HOOK_CODE, self._on_scan, scan, pc,
@@ -628,9 +649,24 @@ class UnicornVcpu:
         scan.seen.add(address)
         if len(scan.seen) >= scan.icount:
             scan.done = True
-        if address not in self._sites and self._opcode(address) in _PORT_OPCODES:
+        if (self._sites.get(address, 0) is None  # known (a rewind's), length unknown
+                or (address not in self._sites and self._opcode(address) in _PORT_OPCODES)):
             self._sites[address] = None  # exact from now: the scan hook follows it
-            self._site_todo.append(address)
+            self._site_todo.append((address, address + size))
+
+    def _pc(self, rip: int | None = None) -> int:
+        """The linear address of the instruction at CS:RIP (`rip` if read already) — what
+        code hooks and blocks name (CS's base is 0 in every mode kvmem starts guests in
+        but real mode, where it is the selector times 16)."""
+        uc = self._uc
+        if rip is None:
+            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PE:
+            return rip
+        return ((int(uc.reg_read(X.UC_X86_REG_CS)) & 0xFFFF) << 4) + (rip & 0xFFFF)
+
+    def _paging(self) -> bool:
+        return bool(int(self._uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG)
 
     def _code(self, rip: int, size: int = 15) -> bytes:
         """Up to `size` code bytes at `rip` (a block's, or an instruction's: not past its
@@ -649,18 +685,10 @@ class UnicornVcpu:
             i += 1
         return code[i] if i < len(code) else -1
 
-    def _port_insn_length(self, rip: int) -> int:
-        code = self._code(rip)
-        i = 0
-        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
-            i += 1
-        op = code[i] if i < len(code) else 0
-        return i + (2 if 0xE4 <= op <= 0xE7 else 1)
-
     def _port_exact(self) -> bool:
         """At a port hook (EIP is the instruction's): may it stop exactly? If not, rewind it
         and learn its site."""
-        if self._stepping or int(self._uc.reg_read(X.UC_X86_REG_RIP)) in self._sites:
+        if self._stepping or self._pc() in self._sites:
             return True
         self._inert = True
         self._rewind = self._uc.context_save()
@@ -946,7 +974,7 @@ class UnicornVcpu:
         1 for IN; for INS, ECX (if REP) capped by the bytes left in EDI's page — bytes, not
         elements, as KVM compares them — and by its 1 KiB buffer."""
         uc = self._uc
-        rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        rip = self._pc()
         try:
             code = bytes(uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
         except UcError:
