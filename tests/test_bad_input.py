@@ -148,6 +148,9 @@ def fingerprint(vm: kvmem.Vm, extras: Sequence[object] = ()) -> dict[str, object
     whether they are on the VM's list), transactions (recorded requests), paths (exist)."""
     out: dict[str, object] = {
         "manual_dirty_log_protect": vm.manual_dirty_log_protect,
+        "dirty_ring_size": vm.dirty_ring_size,
+        "dirty rings": tuple((c.dirty_ring.entries, c.dirty_ring.dirty_index,
+                              c.dirty_ring.reset_index) for c in vm.vcpus),
         "nr_pages": vm.memslots.nr_pages,
         "vcpus": tuple((c.id, c.smm) for c in vm.vcpus),
         "listeners": vm.listeners,

@@ -6,7 +6,6 @@ import errno
 import random
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -146,7 +145,7 @@ def test_exception_in_block_abandons_the_batch(mem: kvmem.HostMemory,
     assert vm.slots() == []
 
 
-def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, seconds: float, rounds: int,
+def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, rounds: int,
             atomic: bool) -> tuple[int, int, int]:
     """Readers resolve gpas over 8 MiB while a writer splits and merges the slot under
     them. Returns (rounds done, reads, holes seen)."""
@@ -178,9 +177,8 @@ def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, seconds: float, rounds: int,
     for t in threads:
         t.start()
     done = 0
-    deadline = time.monotonic() + seconds
     try:
-        while done < rounds and time.monotonic() < deadline:
+        while done < rounds:
             cut = random.randrange(1, size // 4096) * 4096
             if atomic:
                 with vm.transaction() as tx:
@@ -204,22 +202,47 @@ def _hammer(vm: kvmem.Vm, mem: kvmem.HostMemory, seconds: float, rounds: int,
     return done, reads[0], holes[0]
 
 
+class _Probe(kvmem.SlotsListener):
+    """Reads every 64 KiB of the 8 MiB after each published change: what a reader sees
+    between two publications, deterministically (the threads of `_hammer` add real
+    concurrency; this makes the between-publications view exact)."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.holes = 0
+
+    def slots_committed(self, vm: kvmem.Vm, changes: object) -> None:
+        for gpa in range(0, 8 * MiB, 64 * 1024):
+            self.reads += 1
+            try:
+                vm.read(gpa, 8)
+            except kvmem.GuestAccessError:
+                self.holes += 1
+
+
 def test_readers_never_see_a_hole_during_split_merge(mem: kvmem.HostMemory,
         make_vm: Callable[..., kvmem.Vm]) -> None:
     vm = make_vm()
     vm.set_memory_region(0, 0, 0, 8 * MiB, mem.hva)
-    done, reads, holes = _hammer(vm, mem, seconds=20, rounds=2000, atomic=True)
-    assert done >= 1000, f"only {done} split+merge rounds"
-    assert reads > 1000
+    probe = _Probe()
+    vm.add_listener(probe)
+    done, reads, holes = _hammer(vm, mem, rounds=300, atomic=True)
+    assert done == 300
+    assert probe.reads == 2 * 300 * 128  # two publications per round
+    assert probe.holes == 0, f"{probe.holes} of {probe.reads} probes fell into a hole"
     assert holes == 0, f"{holes} of {reads} reads fell into a hole"
     assert [(s.id, s.size) for s in vm.slots()] == [(0, 8 * MiB)]
 
 
 def test_naive_delete_then_create_does_show_holes(mem: kvmem.HostMemory,
         make_vm: Callable[..., kvmem.Vm]) -> None:
-    """The baseline the transactions fix: KVM's one-slot-at-a-time sequence."""
+    """The baseline the transactions fix: KVM's one-slot-at-a-time sequence. Every round
+    publishes a layout with the whole range missing (after the first delete), so the probe
+    sees holes in every round, whatever the threads' timing."""
     vm = make_vm()
     vm.set_memory_region(0, 0, 0, 8 * MiB, mem.hva)
-    done, reads, holes = _hammer(vm, mem, seconds=10, rounds=300, atomic=False)
-    print(f"naive: {done} rounds, {reads} reads, {holes} holes")
-    assert holes > 0
+    probe = _Probe()
+    vm.add_listener(probe)
+    done, _, _ = _hammer(vm, mem, rounds=20, atomic=False)
+    assert done == 20
+    assert probe.holes >= 20 * 128, (probe.holes, probe.reads)

@@ -13,7 +13,8 @@ Rules of this room:
   request that one slot backs, merged into one copy where runs continue each other in
   host memory. The result is KVM's: the first page that fails stops the access with
   EFAULT, earlier pages stay written, and written pages of dirty-logging slots are marked
-  (through the `mark` the owner gives: a VM marks bitmaps, a vCPU may push to its ring).
+  through the `mark` the owner gives (a VM's `DirtyMarks`: the slot's bitmap, or the
+  ring of the vCPU doing the access).
 - An access within one page takes the memo: the slot set's `read_views` / `write_views`
   (gfn → a view of the host page, tagged with `host.epoch`). An entry is made only while no
   host change is in flight and is used only while the epoch has not moved; a slot change
@@ -31,6 +32,7 @@ from collections.abc import Callable
 
 from . import host
 from .args import as_bytes, as_int, check_range, check_span
+from .dirty import DirtyRing, running_ring
 from .errors import GuestAccessError, KvmError
 from .memslots import Memslots
 from .slots import MemorySlot, SlotSet
@@ -42,7 +44,7 @@ from .uapi import (
     U64_MAX,
 )
 
-__all__ = ["GuestMemory", "HvaCache", "MarkDirty", "mark_bitmap"]
+__all__ = ["DirtyMarks", "GuestMemory", "HvaCache", "MarkDirty", "mark_bitmap"]
 
 # mark(slot, first page, count): pages of a logging slot a write touched (slot-relative)
 MarkDirty = Callable[[MemorySlot, int, int], None]
@@ -54,13 +56,52 @@ _NOT_WRITABLE = KVM_MEMSLOT_INVALID | KVM_MEM_READONLY
 
 
 def mark_bitmap(slot: MemorySlot, first: int, count: int) -> None:
-    """The default `MarkDirty`: the slot's dirty bitmap (mark_page_dirty_in_slot)."""
+    """The default `MarkDirty`, and `DirtyMarks`' bitmap branch: the slot's dirty bitmap."""
     bitmap = slot.dirty_bitmap
     if bitmap is not None:
         if count == 1:
             bitmap.mark(first)
         else:
             bitmap.mark_range(first, count)
+
+
+class DirtyMarks:
+    """A VM's mark_page_dirty_in_slot (kvm-semantics §7.1, §7.3): the one place that decides
+    where a mark goes. Called as a `MarkDirty`, it marks for the vCPU loaded on this thread
+    (`dirty.running_ring`, KVM's kvm_get_running_vcpu); `for_vcpu` gives the `MarkDirty` of
+    one vCPU's own accessors (a vCPU's access is made with that vCPU loaded). The rule, in
+    KVM's order: a loaded vCPU of another VM → nothing (KVM WARNs); rings on and a vCPU
+    loaded → that vCPU's ring, one entry per page, on every call; else the slot's bitmap,
+    if it has one — a ring-only VM's logging slots have none, so a mark with no vCPU
+    loaded is lost, as on x86 KVM (which WARNs). `dropped` counts the pages lost."""
+
+    __slots__ = ("_memslots", "dropped")
+
+    def __init__(self, memslots: Memslots) -> None:
+        self._memslots = memslots
+        self.dropped = 0
+
+    def __call__(self, slot: MemorySlot, first: int, count: int) -> None:
+        self.mark(slot, first, count, running_ring())
+
+    def mark(self, slot: MemorySlot, first: int, count: int, ring: DirtyRing | None) -> None:
+        if ring is not None:
+            if ring.owner is not self._memslots:
+                self.dropped += count
+                return
+            if ring.entries:
+                ring.push(slot.slot, first, count)
+                return
+        if slot.dirty_bitmap is not None:
+            mark_bitmap(slot, first, count)
+        elif self._memslots.dirty_ring_size:
+            self.dropped += count
+
+    def for_vcpu(self, ring: DirtyRing) -> MarkDirty:
+        def mark(slot: MemorySlot, first: int, count: int) -> None:
+            self.mark(slot, first, count, ring)
+
+        return mark
 
 
 def _hole(slot: MemorySlot | None, gpa: int, done: int, write: bool) -> GuestAccessError:
@@ -257,12 +298,12 @@ class GuestMemory:
         if len(memo) >= _VIEWS_MAX:
             memo.clear()
         slot = r[1]
-        e = memo[gfn] = (r[0], r[2], slot if slot.dirty_bitmap is not None else None)
+        e = memo[gfn] = (r[0], r[2], slot if slot.dirty_logging else None)
         return e
 
     # -- the general path: slot runs ----------------------------------------------------------
     def _mark_span(self, slot: MemorySlot, hva: int, length: int) -> None:
-        if slot.dirty_bitmap is not None and length > 0:
+        if slot.dirty_logging and length > 0:
             first = (hva - slot.hva) >> PAGE_SHIFT
             last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
             self.mark(slot, first, last - first + 1)
@@ -450,7 +491,7 @@ class HvaCache:
                 return
             start = (self.hva & PAGE_MASK) + offset
             self._page(offset, True)[start:start + n] = src
-            if slot.dirty_bitmap is not None:
+            if slot.dirty_logging:
                 memory.mark(slot, ((self.gpa + offset) >> PAGE_SHIFT) - slot.base_gfn, 1)
         finally:
             memory.leave(token)

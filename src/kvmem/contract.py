@@ -27,6 +27,7 @@ class ExitKind(Enum):
     SHUTDOWN = "shutdown"
     INTERNAL_ERROR = "internal_error"
     KICKED = "kicked"
+    DIRTY_RING_FULL = "dirty_ring_full"  # KVM_EXIT_DIRTY_RING_FULL: reset the rings first
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +103,7 @@ class EngineCapabilities:
     dirty_log: bool
     write_tracking: bool
     phys_bits: int = 64  # the guest physical address width slots may reach
+    dirty_ring_max_bytes: int = 1 << 20  # KVM_CAP_DIRTY_LOG_RING's answer; 0: no rings
 
 
 class EngineError(KvmError):

@@ -53,6 +53,7 @@ __all__ = [
     "KVM_CAP_CHECK_EXTENSION_VM",
     "KVM_CAP_DIRTY_LOG_RING",
     "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
+    "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
     "KVM_CAP_GUEST_MEMFD",
     "KVM_CAP_IMMEDIATE_EXIT",
     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
@@ -70,7 +71,9 @@ __all__ = [
     "KVM_CREATE_VM",
     "KVM_DIRTY_LOG_INITIALLY_SET",
     "KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE",
+    "KVM_DIRTY_LOG_PAGE_OFFSET",
     "KVM_ENABLE_CAP",
+    "KVM_EXIT_DIRTY_RING_FULL",
     "KVM_EXIT_FAIL_ENTRY",
     "KVM_EXIT_HLT",
     "KVM_EXIT_INTERNAL_ERROR",
@@ -294,6 +297,9 @@ KVM_CAP_DIRTY_LOG_RING: Final = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: Final = 225
+# the dirty ring's pages in a vCPU fd's mmap space (x86, arm64), in pages
+KVM_DIRTY_LOG_PAGE_OFFSET: Final = 64
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
 KVM_CAP_XSAVE2: Final = 208
 
@@ -314,6 +320,7 @@ KVM_EXIT_SHUTDOWN: Final = 8
 KVM_EXIT_FAIL_ENTRY: Final = 9
 KVM_EXIT_INTR: Final = 10
 KVM_EXIT_INTERNAL_ERROR: Final = 17
+KVM_EXIT_DIRTY_RING_FULL: Final = 31
 
 # kvm_vcpu_events.flags: which optional fields KVM_SET_VCPU_EVENTS takes from the struct
 KVM_VCPUEVENT_VALID_NMI_PENDING: Final = 1 << 0
@@ -884,9 +891,11 @@ class KvmVm(_FdOwner):
             mode |= KVM_DIRTY_LOG_INITIALLY_SET
         self.enable_cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, mode)
 
-    def enable_dirty_ring(self, nbytes: int) -> None:
-        """Switch the VM to the dirty ring: `nbytes` per vCPU (power of two, before any vCPU)."""
-        self.enable_cap(KVM_CAP_DIRTY_LOG_RING, nbytes)
+    def enable_dirty_ring(self, nbytes: int, acq_rel: bool = False) -> None:
+        """Switch the VM to the dirty ring: `nbytes` per vCPU (power of two, before any vCPU);
+        `acq_rel` names KVM_CAP_DIRTY_LOG_RING_ACQ_REL instead."""
+        self.enable_cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL if acq_rel else KVM_CAP_DIRTY_LOG_RING,
+                        nbytes)
 
     def reset_dirty_rings(self) -> int:
         """Recycle harvested ring entries of every vCPU; returns how many were reset."""
@@ -919,6 +928,17 @@ class KvmVcpu(_FdOwner):
         self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         super().__init__(fd)
         self.xsave_size = xsave_size
+        self._rings: list[mmap.mmap] = []
+
+    def map_dirty_ring(self, nbytes: int, flags: int = mmap.MAP_SHARED,
+                       prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> mmap.mmap:
+        """mmap the vCPU's dirty ring: `nbytes` (the VM's ring size) from page
+        KVM_DIRTY_LOG_PAGE_OFFSET of the vCPU fd, an array of 16-byte `struct
+        kvm_dirty_gfn {u32 flags; u32 slot; u64 offset}`. Unmapped by `close`."""
+        ring = mmap.mmap(self.fd, nbytes, flags, prot,
+                         offset=KVM_DIRTY_LOG_PAGE_OFFSET << _PAGE_SHIFT)
+        self._rings.append(ring)
+        return ring
 
     @property
     def exit_reason(self) -> int:
@@ -1062,8 +1082,10 @@ class KvmVcpu(_FdOwner):
         return sub, tuple(data[:min(ndata, 16)])
 
     def close(self) -> None:
-        # unmap first: the mapping keeps the vCPU file alive even after its fd is closed
+        # unmap first: the mappings keep the vCPU file alive even after its fd is closed
         self.kvm_run.close()
+        for ring in self._rings:
+            ring.close()
         super().close()
 
 

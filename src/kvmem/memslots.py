@@ -72,6 +72,9 @@ class Memslots:
         self.active: sync.Atomic[Root] = sync.Atomic(
             tuple(SlotSet(as_id, as_id) for as_id in range(limits.address_spaces)))
         self.nr_pages = 0  # nr_memslot_pages, all address spaces (slots_lock)
+        # kvm->dirty_ring_size: bytes per vCPU ring, 0 without rings; set once, before any
+        # vCPU exists. While rings are on, new logging slots get no bitmap.
+        self.dirty_ring_size = 0
         self._pid = os.getpid()
         # host invalidations between start and end (KVM's mn_active_invalidate_count), and
         # their hva ranges; changed under mn_lock, read locklessly
@@ -165,8 +168,10 @@ class Memslots:
             bitmap = None
         elif change.old is not None and change.old.dirty_bitmap is not None:
             bitmap = change.old.dirty_bitmap
-        else:
+        elif self.dirty_ring_size == 0:  # kvm_use_dirty_bitmap
             bitmap = DirtyBitmap(new.npages, initially_set=initially_set)
+        else:
+            bitmap = None
         slot = MemorySlot(new.id, new.as_id, new.base_gfn, new.npages, new.hva, new.flags,
                           bitmap, new.gmem)
         return Change(change.kind, change.as_id, change.old, slot)

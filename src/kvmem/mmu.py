@@ -37,8 +37,10 @@ with the file's errno — or a retry while an invalidation covers the gfn); lock
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
 for a tracked gfn; no 2 MiB mapping over a tracked gfn); mark dirty when installed
-writable in a logging slot. `fault_in` is the one retry loop around it: a retry leaves
-the SRCU read section first, as a vCPU re-entering the guest does, so an update can end.
+writable in a logging slot (through `mark`, the VM's one rule: bitmap, or the ring of the
+vCPU loaded on the faulting thread — a vCPU's `Stage2Access` loads its vCPU for a fault).
+`fault_in` is the one retry loop around it: a retry leaves the SRCU read section first, as
+a vCPU re-entering the guest does, so an update can end.
 """
 
 from __future__ import annotations
@@ -50,7 +52,9 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import host, sync
+from .access import MarkDirty, mark_bitmap
 from .args import as_bytes, check_range
+from .dirty import DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
@@ -190,6 +194,9 @@ class Mmu:
         self._mirrors: list[Stage2Mirror] = []
         self._batch_open = False
         self.tracked_write: TrackedWriteHandler | None = None
+        # mark_page_dirty_in_slot for pages installed writable in logging slots (the VM
+        # gives its `DirtyMarks`: the bitmap, or the ring of the vCPU loaded here)
+        self.mark: MarkDirty = mark_bitmap
         self.access = [Stage2Access(self, as_id) for as_id in range(n)]
         self.stats = {"faults": 0, "fast_faults": 0, "retries": 0, "installs": 0, "zapped": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
@@ -523,7 +530,7 @@ class Mmu:
             raise MemoryFault(gpa, PAGE_SIZE, "host memory behind the slot is unmapped or "
                                               "protected against this access")
         writable = frame.writable and not slot.readonly and (
-            write or slot.dirty_bitmap is None)
+            write or not slot.dirty_logging)
         if huge is not None and not self._huge_backed(frame):
             huge, first = None, gfn
             frame = host.resolve(slot.hva_of(gfn), write)
@@ -553,8 +560,8 @@ class Mmu:
             else:
                 spte = _spte(gfn, frame, writable)
                 self._small[as_id][gfn] = spte
-            if writable and slot.dirty_bitmap is not None:
-                slot.dirty_bitmap.mark(gfn - slot.base_gfn)
+            if writable and slot.dirty_logging:
+                self.mark(slot, gfn - slot.base_gfn, 1)
             self.stats["installs"] += 1
             return spte
 
@@ -574,8 +581,8 @@ class Mmu:
                 return None
             spte = Spte(gfn, s.frame, True, 1, b"", s.view)
             small[gfn] = spte
-            if slot.dirty_bitmap is not None:
-                slot.dirty_bitmap.mark(gfn - slot.base_gfn)
+            if slot.dirty_logging:
+                self.mark(slot, gfn - slot.base_gfn, 1)
             self.stats["fast_faults"] += 1
             return spte
 
@@ -618,7 +625,7 @@ class Mmu:
         base = gfn - gfn % HUGE_PAGES
         if base < slot.base_gfn or base + HUGE_PAGES > slot.end_gfn:
             return None
-        if (slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_bitmap is not None:
+        if (slot.hva_of(base) >> PAGE_SHIFT) % HUGE_PAGES or slot.dirty_logging:
             return None
         return base
 
@@ -663,7 +670,7 @@ class Mmu:
             new, old = c.new, c.old
             if c.kind is not ChangeKind.FLAGS_ONLY or new is None or old is None:
                 continue
-            if new.dirty_bitmap is None or old.dirty_bitmap is not None:
+            if not new.dirty_logging or old.dirty_logging:
                 continue
             if initially_set:
                 self._drop_huge(new)
@@ -701,6 +708,24 @@ class Mmu:
                     for i, w in enumerate(words) if w for b in range(64) if w >> b & 1]
         self.write_protect(slot.as_id, gfns)
 
+    def dirty_ring_reprotect(self, batches: Sequence[tuple[MemorySlot, int, int]]) -> None:
+        """KVM_RESET_DIRTY_RINGS' write-protection: for each (slot, offset, mask), pages
+        offset + b (bit b of mask) of the slot; one lock and one flush for them all."""
+        by_as: dict[int, list[int]] = {}
+        for slot, offset, mask in batches:
+            gfns = by_as.setdefault(slot.as_id, [])
+            base = slot.base_gfn + offset
+            while mask:
+                low = mask & -mask
+                gfns.append(base + low.bit_length() - 1)
+                mask ^= low
+        with self.lock:
+            n = 0
+            for as_id, gfns in by_as.items():
+                n += self._write_protect(as_id, gfns)
+            if n:
+                self.flush()
+
 
 class Stage2Access:
     """Guest memory as guest code sees it in one address space: reads and writes through
@@ -711,11 +736,12 @@ class Stage2Access:
     Hits inline the `tlb` read section (`kvmem.sync.Srcu`'s protocol) and use literals
     for the page geometry (4096, and 512 pages in a 2 MiB mapping)."""
 
-    __slots__ = ("_huge", "_mmu", "_small", "_tlb", "as_id")
+    __slots__ = ("_huge", "_mmu", "_ring", "_small", "_tlb", "as_id")
 
-    def __init__(self, mmu: Mmu, as_id: int) -> None:
+    def __init__(self, mmu: Mmu, as_id: int, ring: DirtyRing | None = None) -> None:
         self._mmu = mmu
         self.as_id = as_id
+        self._ring = ring  # a vCPU's own: its vCPU is loaded while a fault is handled
         self._small = mmu._small[as_id]
         self._huge = mmu._huge[as_id]
         self._tlb = mmu.tlb
@@ -793,14 +819,28 @@ class Stage2Access:
                     return b""
             finally:
                 self._tlb.read_unlock(token)
-            try:
-                self._mmu.fault_in(self.as_id, gpa, write)
-            except MmioExit:
-                raise MmioExit(gpa, k, write, b"" if src is None else src.tobytes()) from None
-            except TrackedWrite:
-                assert src is not None
-                handler = self._mmu.tracked_write
-                if handler is None:
-                    raise
-                handler(self.as_id, gpa, src)
-                return b""
+            ring = self._ring
+            if ring is None:
+                if self._fault(gpa, k, src):
+                    return b""
+            else:
+                with loaded(ring):
+                    if self._fault(gpa, k, src):
+                        return b""
+
+    def _fault(self, gpa: int, k: int, src: memoryview | None) -> bool:
+        """Fault the page of `gpa` in; True when the write was performed instead (a tracked
+        gfn: page tracking wrote it)."""
+        write = src is not None
+        try:
+            self._mmu.fault_in(self.as_id, gpa, write)
+        except MmioExit:
+            raise MmioExit(gpa, k, write, b"" if src is None else src.tobytes()) from None
+        except TrackedWrite:
+            assert src is not None
+            handler = self._mmu.tracked_write
+            if handler is None:
+                raise
+            handler(self.as_id, gpa, src)
+            return True
+        return False

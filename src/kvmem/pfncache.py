@@ -271,7 +271,7 @@ class PfnCache:
         """kvm_gpc_mark_dirty_in_slot: mark the cached page dirty in its slot's log (GPA-based
         caches of logging slots; nothing otherwise). Call inside `lock()`."""
         slot, gpa = self.memslot, self.gpa
-        if slot is not None and gpa is not None and slot.dirty_bitmap is not None:
+        if slot is not None and gpa is not None and slot.dirty_logging:
             self._mark(slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, 1)
 
     def lock(self, length: int, *, dirty: bool = False) -> _Locked:

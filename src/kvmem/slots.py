@@ -328,6 +328,9 @@ class Limits:
     manual_dirty_log_protect: int = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                                      | KVM_DIRTY_LOG_INITIALLY_SET)
     guest_memfd: bool = True  # KVM_CAP_GUEST_MEMFD: KVM_MEM_GUEST_MEMFD slots are valid
+    # KVM_CAP_DIRTY_LOG_RING: the largest ring per vCPU in bytes (KVM_DIRTY_RING_MAX_ENTRIES
+    # entries of 16 bytes); 0 without rings
+    dirty_ring_max_bytes: int = 1 << 20
 
     @property
     def max_gfn(self) -> int:

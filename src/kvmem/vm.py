@@ -21,6 +21,12 @@ Rules of this room:
   before the publish that shows the new slots, dropped for deleted slots in that same step
   — after a single DELETE's INVALID window began, inside a transaction's invalidation.
   A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
+- Dirty pages: every mark — accessors, caches, the MMU's write faults — goes through the
+  VM's one `DirtyMarks` (the slot's bitmap, or the ring of the vCPU loaded on the thread).
+  A `Vcpu`'s accessors and guest accesses are made with it loaded; engines load it while
+  it runs. Rings are enabled once, before any vCPU (each vCPU gets its ring at creation);
+  their reset holds `slots_lock`, walks the vCPUs in creation order and write-protects
+  what it freed with one flush.
 
 Deliberate difference from KVM: a MOVE that x86 `prepare` refuses (max gfn, external
 write tracker) is refused before the INVALID copy is published, so the generation does
@@ -37,14 +43,15 @@ from typing import Protocol
 
 from . import host, sync
 from . import memslots as _memslots
-from .access import GuestMemory, HvaCache, mark_bitmap
+from .access import DirtyMarks, GuestMemory, HvaCache
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, Exit, Regs
 from .cpu import VcpuState
+from .dirty import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GuestMemfd
 from .memslots import Memslots
-from .mmu import MemoryFault, MmioExit, Mmu, Spte, TrackedWrite
+from .mmu import MemoryFault, MmioExit, Mmu, Spte, Stage2Access, TrackedWrite
 from .pagetrack import PageTrack
 from .pfncache import PfnCache
 from .slots import (
@@ -110,6 +117,16 @@ class SlotsListener:
 
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         """`gfn` became write-tracked (True) or stopped being tracked (False)."""
+
+    def dirty_ring_enable(self, vm: Vm, nbytes: int, acq_rel: bool) -> None:
+        """`vm.enable_dirty_ring(nbytes)` passed kvmem's checks: enable the listener's own
+        rings (an engine's KVM_CAP_DIRTY_LOG_RING). Raising refuses the call; nothing is
+        enabled then."""
+
+    def dirty_rings_reset(self, vm: Vm) -> int:
+        """`vm.reset_dirty_rings()`: free the harvested entries of the listener's own rings
+        (and write-protect their pages again); return how many."""
+        return 0
 
 
 class EngineVcpu(Protocol):
@@ -259,10 +276,16 @@ class Vm:
         # guest_memfd slots only where kvmem runs the guest itself: the engines do not
         # mirror them yet
         self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,
-                             guest_memfd=opened is None)
+                             guest_memfd=opened is None,
+                             dirty_ring_max_bytes=1 << 20 if opened is None
+                             else opened.capabilities.dirty_ring_max_bytes)
         self.memslots = Memslots(self.limits)
         self.mmu = Mmu(self.memslots)
-        self._memory = [GuestMemory(self.memslots, as_id) for as_id in range(address_spaces)]
+        # every mark of a dirty page goes through this one rule: bitmap, or a vCPU's ring
+        self._marks = DirtyMarks(self.memslots)
+        self.mmu.mark = self._marks
+        self._memory = [GuestMemory(self.memslots, as_id, self._marks)
+                        for as_id in range(address_spaces)]
         self.page_track = PageTrack(self.memslots, self.mmu, self._memory,
                                     self._track_changed)
         self._manual_dirty_log_protect = 0
@@ -529,6 +552,98 @@ class Vm:
     def _initially_set(self) -> bool:
         return bool(self._manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET)
 
+    # -- dirty rings (§7.3) ------------------------------------------------------------------
+    def enable_dirty_ring(self, size: int, *, acq_rel: bool = False) -> None:
+        """KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING, or _ACQ_REL — the same on x86): every vCPU
+        created from now on logs the pages it dirties in a ring of `size` bytes (16 per
+        entry), harvested with `vcpu.dirty_ring.harvest()` and freed with
+        `reset_dirty_rings()`; GET/CLEAR_DIRTY_LOG answer ENXIO from now on. KVM's checks,
+        in KVM's order: no rings here → EINVAL; `size` (args[0], which KVM takes as a u32)
+        0 or not a power of two → EINVAL; below a page (or the reserved entries) → EINVAL;
+        above the maximum (1 MiB) → E2BIG; rings already on → EINVAL; a vCPU exists →
+        EINVAL. Once on, rings stay on."""
+        self.memslots.check_process()
+        size = as_u64("size", size) & 0xFFFF_FFFF  # kvm_vm_ioctl_enable_dirty_log_ring(u32)
+        acq_rel = as_bool("acq_rel", acq_rel)
+        cap = "KVM_CAP_DIRTY_LOG_RING" + ("_ACQ_REL" if acq_rel else "")
+        max_bytes = self.limits.dirty_ring_max_bytes
+        if max_bytes == 0:
+            raise KvmError(errno.EINVAL, f"{cap}: this VM's engine has no dirty rings")
+        if size == 0 or size & (size - 1):
+            raise KvmError(errno.EINVAL, f"{cap}: {size} bytes is not a power of two")
+        if size < max(KVM_DIRTY_RING_RSVD_ENTRIES * KVM_DIRTY_GFN_SIZE, PAGE_SIZE):
+            raise KvmError(errno.EINVAL, f"{cap}: {size} bytes is less than a page")
+        if size > max_bytes:
+            raise KvmError(errno.E2BIG, f"{cap}: {size} bytes is more than the "
+                                        f"{max_bytes} a ring may have")
+        if self.memslots.dirty_ring_size:
+            raise KvmError(errno.EINVAL, f"{cap}: the dirty ring is already on "
+                                         f"({self.memslots.dirty_ring_size} bytes)")
+        with self.memslots.slots_lock:
+            if self._vcpus:
+                raise KvmError(errno.EINVAL, f"{cap}: the VM has vCPUs already; enable the "
+                                             "ring before creating any")
+            for listener in self._listeners:
+                listener.dirty_ring_enable(self, size, acq_rel)
+            self.memslots.dirty_ring_size = size
+
+    @property
+    def dirty_ring_size(self) -> int:
+        """Bytes of each vCPU's dirty ring; 0 while the VM logs to bitmaps."""
+        return self.memslots.dirty_ring_size
+
+    @property
+    def dirty_marks_dropped(self) -> int:
+        """Pages a write dirtied that no log holds: marked with rings on but no vCPU loaded
+        (a `vm.write`, a pfn or hva cache of the VM outside a vCPU's run), or by a vCPU of
+        another VM. x86 KVM loses these too (and WARNs)."""
+        return self._marks.dropped
+
+    def reset_dirty_rings(self) -> int:
+        """KVM_RESET_DIRTY_RINGS: in every vCPU's ring (in creation order), free the entries
+        harvested since the last reset, in order up to the first one not harvested, and
+        write-protect their pages again, so the next guest write to each is logged anew.
+        Returns how many entries were freed (entries of slots deleted since are counted,
+        and skipped). EINVAL without rings."""
+        self.memslots.check_process()
+        with self.memslots.slots_lock:
+            if not self.memslots.dirty_ring_size:
+                raise KvmError(errno.EINVAL, "KVM_RESET_DIRTY_RINGS: the dirty ring is off")
+            total = 0
+            found: list[tuple[MemorySlot, int, int]] = []
+            for vcpu in self._vcpus.values():
+                count, batches = vcpu.dirty_ring.reset()
+                total += count
+                found += self._dirty_gfns(batches)
+            # one flush for all of them, as KVM flushes once after the walk
+            self.mmu.dirty_ring_reprotect(found)
+            for listener in self._listeners:
+                for s, offset, mask in found:
+                    listener.dirty_log_reprotect(self, s, offset, [mask])
+                total += listener.dirty_rings_reset(self)
+            return min(total, (1 << 31) - 1)
+
+    def _dirty_gfns(self, batches: Sequence[tuple[int, int, int]]
+                    ) -> list[tuple[MemorySlot, int, int]]:
+        """kvm_reset_dirty_gfn's checks: the batches whose slot still exists and holds
+        every page of the mask (bit b = page offset + b), with their slot; the others are
+        skipped."""
+        out = []
+        root = self.memslots.active.load()
+        for slot, offset, mask in batches:
+            as_id, sid = slot >> 16, slot & U16_MAX
+            if as_id >= self.limits.address_spaces or sid >= KVM_USER_MEM_SLOTS:
+                continue
+            s = root[as_id].by_id(sid)
+            if s is not None and offset + mask.bit_length() - 1 < s.npages:
+                out.append((s, offset, mask))
+        return out
+
+    def _check_bitmap_mode(self, ioctl: str) -> None:
+        if self.memslots.dirty_ring_size:
+            raise KvmError(errno.ENXIO, f"{ioctl}: the VM logs dirty pages to rings, not "
+                                        "bitmaps")
+
     def _dirty_slot(self, slot: int) -> MemorySlot:
         self.memslots.slots_lock.assert_held()
         as_id, sid = slot >> 16, slot & U16_MAX
@@ -546,6 +661,7 @@ class Vm:
         self.memslots.check_process()
         slot = as_u32("slot", slot)
         with self.memslots.slots_lock:
+            self._check_bitmap_mode("KVM_GET_DIRTY_LOG")
             s = self._dirty_slot(slot)
             bitmap = s.dirty_bitmap
             assert bitmap is not None
@@ -569,6 +685,7 @@ class Vm:
         num_pages = as_u32("num_pages", num_pages)
         data = as_bytes("bitmap", bitmap).tobytes()
         with self.memslots.slots_lock:
+            self._check_bitmap_mode("KVM_CLEAR_DIRTY_LOG")
             as_id, sid = slot >> 16, slot & U16_MAX
             if as_id >= self.limits.address_spaces or sid >= self.limits.max_slots:
                 raise KvmError(errno.EINVAL, f"slot {as_id}:{sid} is not a user slot")
@@ -643,11 +760,19 @@ class Vcpu:
     in a logging slot); no slot or a read-only slot raises `MmioExit`; a tracked gfn is
     written by page tracking, which notifies."""
 
+    dirty_ring: DirtyRing
+    """This vCPU's dirty ring (`harvest()`); of 0 entries on a VM without rings."""
+
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
         self._smm = False
-        self._memory = [GuestMemory(vm.memslots, as_id, mark_bitmap)
+        self.dirty_ring = DirtyRing(vm.memslots.dirty_ring_size, vcpu_id, vm.memslots)
+        # the vCPU's accesses are made with it loaded: its marks go to its ring
+        mark = vm._marks.for_vcpu(self.dirty_ring)
+        self._memory = [GuestMemory(vm.memslots, as_id, mark)
+                        for as_id in range(vm.address_spaces)]
+        self._stage2 = [Stage2Access(vm.mmu, as_id, self.dirty_ring)
                         for as_id in range(vm.address_spaces)]
         self._bind()
 
@@ -655,7 +780,7 @@ class Vcpu:
         as_id = self.as_id
         memory = self._memory[as_id]
         self.read, self.write, self.clear = memory.read, memory.write, memory.clear
-        stage2 = self.vm.mmu.access[as_id]
+        stage2 = self._stage2[as_id]
         self.guest_read, self.guest_write = stage2.read, stage2.write
 
     @property
@@ -690,7 +815,15 @@ class Vcpu:
         (the one fault-retry loop; engines that map sptes themselves use it). Raises
         `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page."""
         gpa, _ = check_range(gpa, 0)
-        return self.vm.mmu.fault_in(self.as_id, gpa, as_bool("write", write))
+        write = as_bool("write", write)
+        with loaded(self.dirty_ring):
+            return self.vm.mmu.fault_in(self.as_id, gpa, write)
+
+    def loaded(self) -> loaded:
+        """`with vcpu.loaded():` — this vCPU is the one loaded on the thread (KVM's
+        vcpu_load): marks of writes made in the block (`vm.write`, caches, page tracking)
+        go to its dirty ring. Engines hold it while the vCPU runs."""
+        return loaded(self.dirty_ring)
 
     def __repr__(self) -> str:
         return f"Vcpu({self.id}, smm={self._smm})"

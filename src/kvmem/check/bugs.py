@@ -122,6 +122,18 @@ def _harvest_without_reprotect() -> AbstractContextManager[None]:
     return _patched(Mmu, "dirty_log_reprotect", dirty_log_reprotect)
 
 
+def _ring_reset_without_reprotect() -> AbstractContextManager[None]:
+    """KVM_RESET_DIRTY_RINGS frees the harvested entries but leaves their pages writable
+    (kvm_reset_dirty_gfn's write-protect left out): the next guest write to such a page
+    pushes no entry."""
+
+    def dirty_ring_reprotect(self: Mmu, batches: Sequence[tuple[MemorySlot, int, int]]
+                             ) -> None:
+        pass
+
+    return _patched(Mmu, "dirty_ring_reprotect", dirty_ring_reprotect)
+
+
 def _delete_without_zap() -> AbstractContextManager[None]:
     """A DELETE or MOVE that publishes the INVALID slot and the new set but never drops
     the stage-2 mappings of the old range (arch_flush_shadow_memslot left out)."""
@@ -213,6 +225,8 @@ BUGS: dict[str, Scenario] = dict([
              _tracker_reads_table_unlocked),
     _variant("bug:harvest-without-reprotect", "dirty-log-vs-guest-write",
              _harvest_without_reprotect),
+    _variant("bug:ring-reset-without-reprotect", "ring-reset-vs-guest-write",
+             _ring_reset_without_reprotect),
     _variant("bug:delete-without-zap", "delete-vs-vcpu", _delete_without_zap),
     _variant("bug:move-without-zap", "move-vs-vcpu", _delete_without_zap),
     _variant("bug:hva-cache-outside-section", "delete-vs-hva-cache",

@@ -292,6 +292,38 @@ def dirty_log_vs_guest_write() -> Instance:
     return Instance([("vcpu0", guest), ("vmm", migrate)], check, lambda: close_memory(mem))
 
 
+def ring_reset_vs_guest_write() -> Instance:
+    """The same migration with a dirty ring: the VMM harvests the vCPU's ring, resets it
+    (which write-protects the pages again), and only then copies what it harvested, while
+    the vCPU writes the page twice: after one last round once all is quiet, the copy
+    equals guest memory — no write escaped the ring."""
+    mem = _memory(b"initial.")
+    vm = new_vm()
+    vm.enable_dirty_ring(PAGE)
+    vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, PAGE, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    vcpu.guest_write(0, b"first...")  # mapped writable and logged before the race
+    copy = [bytes(mem.view()[:8])]
+    vcpu.dirty_ring.harvest()
+    vm.reset_dirty_rings()  # round 0: the page is write-protected again
+
+    def guest() -> None:
+        vcpu.guest_write(0, b"second..")
+        vcpu.guest_write(0, b"third...")
+
+    def migrate() -> None:
+        got = vcpu.dirty_ring.harvest()
+        vm.reset_dirty_rings()
+        if got:
+            copy.append(bytes(mem.view()[:8]))
+
+    def check() -> None:
+        migrate()
+        assert copy[-1] == b"third...", f"migrated {copy[-1]!r}: a write escaped the ring"
+
+    return Instance([("vcpu0", guest), ("vmm", migrate)], check, lambda: close_memory(mem))
+
+
 def split_vs_logged_write() -> Instance:
     """A vCPU writes a page of a dirty-logging slot while a transaction splits the slot:
     whichever slot the write lands in, the next dirty log of the piece that now maps the
@@ -486,6 +518,7 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("transaction-vs-vcpu", transaction_vs_vcpu),
     ("delete-vs-vcpu", delete_vs_vcpu),
     ("dirty-log-vs-guest-write", dirty_log_vs_guest_write),
+    ("ring-reset-vs-guest-write", ring_reset_vs_guest_write),
     ("split-vs-logged-write", split_vs_logged_write),
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),

@@ -39,6 +39,10 @@ its results are in place; "not done" means EIP is at it and nothing of it has ha
     KICKED           `kick()` was called: the vCPU stops between two instructions, and
                        a kick while it is not running makes the next `run` return KICKED
                        without running any
+    DIRTY_RING_FULL  the vCPU's dirty ring reached its soft limit (KVM_EXIT_DIRTY_RING_FULL):
+                       every `run` returns it, running nothing, until harvest and
+                       `vm.reset_dirty_rings()` bring the ring below the limit; the write
+                       that made the last entry may or may not have landed
 
 At every exit: `get_regs` / `set_regs` / `get_state` / `set_state` may be called. Setting
 registers at a read exit (whose registers are those before the instruction) drops the read:

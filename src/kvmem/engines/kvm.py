@@ -17,6 +17,11 @@ Rules of this room:
   end up in kvmem's bitmap, whose own harvest rules (manual protect or not) apply.
 - A KVM slot that logs is never deleted before its bits are folded into kvmem's bitmap
   (transactions fold in `slots_updating`, single deletes in `slots_invalidated`).
+- Dirty rings: enabled on KVM's VM with kvmem's (`dirty_ring_enable`, before any vCPU).
+  The guest's entries are KVM's, in the ring mapped from each vCPU fd; `vcpu.dirty_ring`
+  harvests them after kvmem's own (what kvmem wrote for the vCPU), translated from the
+  engine's KVM slots to kvmem's slots and offsets; a reset is kvmem's walk plus
+  KVM_RESET_DIRTY_RINGS. KVM keeps no bitmaps then: nothing is folded.
 """
 
 from __future__ import annotations
@@ -30,12 +35,16 @@ from typing import TYPE_CHECKING
 
 from .. import sync
 from ..cpu import VcpuState, kvm_state
+from ..dirty import RingReader
+from ..errors import KvmError
 from ..kvmapi import (
+    KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
     KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_READONLY_MEM,
+    KVM_EXIT_DIRTY_RING_FULL,
     KVM_EXIT_FAIL_ENTRY,
     KVM_EXIT_HLT,
     KVM_EXIT_INTERNAL_ERROR,
@@ -118,6 +127,7 @@ class KvmEngine(AttachedOnce):
                 write_tracking=check(KVM_CAP_READONLY_MEM) > 0,
                 # measured (no capability says it): slot id 0 is still free here
                 phys_bits=probe_phys_bits(self._fd, 0),
+                dirty_ring_max_bytes=check(KVM_CAP_DIRTY_LOG_RING),
             )
             if not check(KVM_CAP_IMMEDIATE_EXIT):
                 raise EngineError(errno.ENOSYS, "KVM lacks KVM_CAP_IMMEDIATE_EXIT: vCPUs "
@@ -142,6 +152,11 @@ class KvmEngine(AttachedOnce):
         self._free_ids: list[list[int]] = [[] for _ in range(self._caps.address_spaces)]
         self._next_id = [0] * self._caps.address_spaces
         self._vcpus: list[KvmEngineVcpu] = []
+        self._ring_size = 0  # KVM's dirty ring per vCPU, in bytes (0: bitmaps)
+        # KVM slot → (kvmem slot, gfn of the piece - base gfn of the kvmem slot): how an
+        # entry of KVM's ring reads in kvmem's terms. Kept after a piece goes, as KVM's
+        # entries keep the old slot: a reused id reads stale entries anew, as in KVM.
+        self._ring_slots: dict[int, tuple[int, int]] = {}
         self.stats = {"ioctls": 0, "pauses": 0, "kicks": 0, "tracked_writes": 0,
                       "dirty_folds": 0, "splits": 0}
 
@@ -157,6 +172,9 @@ class KvmEngine(AttachedOnce):
     def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
         vcpu = self.vm.create_vcpu(vcpu_id)
         fd = self._fd.create_vcpu(vcpu_id)
+        if self._ring_size:
+            reader = RingReader(fd.map_dirty_ring(self._ring_size))
+            vcpu.dirty_ring.attach(lambda: self._ring_entries(reader))
         # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs of
         # a state taken on another engine (kvm_state.setup_cpuid)
         kvm_state.setup_cpuid(self._kvm, fd)
@@ -258,6 +276,7 @@ class KvmEngine(AttachedOnce):
             kvm_slot = (s.as_id << 16) | sid
             self._set(kvm_slot, flags, gfn, npages, hva)
             pieces.append(_Piece(kvm_slot, gfn, npages, hva, flags))
+            self._ring_slots[kvm_slot] = (s.slot, gfn - s.base_gfn)
             if flags & KVM_MEM_READONLY and not s.readonly:
                 self._split[s.as_id].update(range(gfn, gfn + npages))
         self._pieces[(s.as_id, s.id)] = pieces
@@ -280,6 +299,7 @@ class KvmEngine(AttachedOnce):
             gfn, npages, hva, flags = plan[0]
             kvm_slot = pieces[0].kvm_slot
             self._set(kvm_slot, flags, gfn, npages, hva)
+            self._ring_slots[kvm_slot] = (new.slot, gfn - new.base_gfn)
             del self._pieces[(old.as_id, old.id)]
             self._pieces[(new.as_id, new.id)] = [_Piece(kvm_slot, gfn, npages, hva, flags)]
             return
@@ -298,9 +318,10 @@ class KvmEngine(AttachedOnce):
 
     # -- dirty log ----------------------------------------------------------------------------
     def _fold(self, s: MemorySlot) -> None:
-        """Move KVM's dirty bits of kvmem slot `s` into its bitmap (see the rules above)."""
+        """Move KVM's dirty bits of kvmem slot `s` into its bitmap (see the rules above).
+        With rings on KVM keeps no bitmaps (GET_DIRTY_LOG is ENXIO): nothing to fold."""
         bitmap = s.dirty_bitmap
-        if bitmap is None:
+        if bitmap is None or self._ring_size:
             return
         for p in self._pieces.get((s.as_id, s.id), []):
             if not p.flags & KVM_MEM_LOG_DIRTY_PAGES:
@@ -314,6 +335,31 @@ class KvmEngine(AttachedOnce):
             if self._manual:
                 self._fd.clear_dirty_log(p.kvm_slot, 0, p.npages, bits)
                 self.stats["ioctls"] += 1
+
+    # -- dirty rings ----------------------------------------------------------------------------
+    def dirty_ring_enable(self, vm: Vm, nbytes: int, acq_rel: bool) -> None:
+        try:
+            self._fd.enable_dirty_ring(nbytes, acq_rel)
+        except OSError as e:
+            raise KvmError(e.errno or errno.EIO, f"KVM refused the dirty ring: {e}") from None
+        self.stats["ioctls"] += 1
+        self._ring_size = nbytes
+
+    def dirty_rings_reset(self, vm: Vm) -> int:
+        """KVM_RESET_DIRTY_RINGS: KVM frees the entries harvested from its rings and
+        write-protects their pages in its own stage-2."""
+        self.stats["ioctls"] += 1
+        return self._fd.reset_dirty_rings()
+
+    def _ring_entries(self, reader: RingReader) -> list[tuple[int, int]]:
+        """The entries KVM pushed since the last harvest, in kvmem's slots and offsets."""
+        out = reader.harvest()
+        ring_slots = self._ring_slots
+        for i, (kvm_slot, offset) in enumerate(out):
+            where = ring_slots.get(kvm_slot)
+            if where is not None:
+                out[i] = (where[0], offset + where[1])
+        return out
 
     def dirty_log_sync(self, vm: Vm, slot: MemorySlot) -> None:
         with self._lock:
@@ -469,9 +515,19 @@ class KvmEngineVcpu:
             eng._gate.notify_all()
 
     def run(self) -> Exit:
+        # the vCPU is loaded while it runs: what kvmem writes for it (a tracked write) is
+        # marked in its ring
+        with self._vcpu.loaded():
+            return self._run()
+
+    def _run(self) -> Exit:
         self._answer_unanswered()
         eng = self._engine
         while True:
+            # KVM keeps a vCPU with a soft-full ring out of the guest; kvmem's own ring of
+            # the vCPU (its writes for the guest) counts as much as KVM's
+            if self._vcpu.dirty_ring.check_request():
+                return Exit(ExitKind.DIRTY_RING_FULL)
             with eng._gate_lock:
                 eng._gate.wait_until(lambda: not eng._paused or self._kicked
                                    or eng._broken is not None)
@@ -526,6 +582,8 @@ class KvmEngineVcpu:
             return Exit(ExitKind.MMIO, m.phys_addr, m.len, False)
         if reason == KVM_EXIT_HLT:
             return Exit(ExitKind.HLT)
+        if reason == KVM_EXIT_DIRTY_RING_FULL:
+            return Exit(ExitKind.DIRTY_RING_FULL)
         if reason == KVM_EXIT_SHUTDOWN:
             return Exit(ExitKind.SHUTDOWN)
         if reason == KVM_EXIT_INTERNAL_ERROR:

@@ -64,6 +64,13 @@ Rules of this room:
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
+- Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
+  vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
+  access is not done (the instruction runs after the reset, as KVM re-enters a faulting
+  instruction after its requests; a stepped one completes first), and every entry checks
+  the request first:
+  `run` returns DIRTY_RING_FULL, running nothing, until a reset makes room (KVM's
+  kvm_dirty_ring_check_request before each guest entry).
 """
 
 from __future__ import annotations
@@ -267,6 +274,7 @@ class UnicornVcpu:
         self._settling = False  # the step is _settle's (the run returns _STEPPED)
         self._stepping = False  # a step is running
         self._step_hits = 0  # code hook calls in the running step
+        self._fault_stops = False  # the last _hook_fault's _enter asked for a stop
 
     @property
     def id(self) -> int:
@@ -441,6 +449,12 @@ class UnicornVcpu:
 
     # -- the worker -----------------------------------------------------------------------------
     def _worker_main(self) -> None:
+        # the worker runs only this vCPU: it is loaded here for good, so every mark made on
+        # the guest's behalf (faults, slow accesses, tracked writes) goes to its ring
+        with self._vcpu.loaded():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self._cv_lock:
                 self._cv.wait_until(lambda: self._go or self._closing)
@@ -465,6 +479,10 @@ class UnicornVcpu:
                 if self._kicked:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
+            # KVM checks its requests before every entry: a soft-full ring keeps the vCPU
+            # out (a read being finished is not an entry: KVM completes it first)
+            if not self._settling and self._vcpu.dirty_ring.check_request():
+                return Exit(ExitKind.DIRTY_RING_FULL)
             while True:
                 with self._lock:
                     # a zap between the unmaps and this store would not wait for us
@@ -540,6 +558,8 @@ class UnicornVcpu:
                 continue  # a stepped store that made no exit: run on block-wise
             if scan_stop and not stopped:
                 continue  # stopped before a new block only to scan it
+            if stopped and self._vcpu.dirty_ring.request:
+                continue  # a mark filled the ring: the check above decides
             if not stopped or self._halted():
                 return Exit(ExitKind.HLT)
             with self._lock:
@@ -812,7 +832,7 @@ class UnicornVcpu:
             bases = [b for s, e in self._pending for b in self._bases(s, e)]
             fence = [b for b in bases if self._regions[b][1] == _RAM and b not in self._fenced]
             self._fenced.update(fence)
-            stop = bool(bases) or self._kicked
+            stop = bool(bases) or self._kicked or self._vcpu.dirty_ring.request
             if stop:
                 self._stop_requested = True
         for b in fence:
@@ -828,7 +848,8 @@ class UnicornVcpu:
 
     def _hook_fault(self, address: int, size: int, write: bool) -> Spte | None:
         """The fault path for a memory hook, outside the guest: the spte to map, None for
-        the slow path (MMIO, read-only, tracked), or None with `_fatal` set."""
+        the slow path (MMIO, read-only, tracked), or None with `_fatal` set.
+        `_fault_stops`: the guest must stop (a zap, a kick, a full dirty ring meanwhile)."""
         self._leave()
         try:
             self._engine.stats["faults"] += 1
@@ -839,7 +860,7 @@ class UnicornVcpu:
             self._fatal = Exit(ExitKind.INTERNAL_ERROR, address, size, write, detail=str(e))
             return None
         finally:
-            self._enter()
+            self._fault_stops = self._enter()
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      data: Any) -> bool:
@@ -858,9 +879,11 @@ class UnicornVcpu:
             self._map_slow(gfn)
         else:
             self._map_ram(gfn, spte)
-        if fetch:
-            # the block being translated keeps wrong EIPs for its instructions (a stop
-            # or a hook would see the EIP of an earlier one): translate it again
+        if fetch or self._fault_stops:
+            # fetch: the block being translated keeps wrong EIPs for its instructions (a
+            # stop or a hook would see the EIP of an earlier one): translate it again.
+            # A stop: it would land after this access, and the instruction would run
+            # again from its start (a store done twice): run it after the stop instead.
             self._restart = _nothing
             return False
         return True
