@@ -8,6 +8,12 @@ informative — the point is the absolute rates, printed below the table and kep
   loop) in long mode at CPL 0 (`modes.long_mode`) and at CPL 3 (`modes.user_mode`), run to its
   exit on a raw KVM vCPU vs a raw Unicorn CPU (`kvmem.cpu.raw`), per instruction. On kvmem's
   CI host KVM is kvm_pvm: CPL-3 code runs natively, CPL-0 code is emulated.
+- `vm_cpl0_kvm_vs_unicorn` / `vm_cpl3_kvm_vs_unicorn` (throughput): the same, on the vCPU a
+  VMM uses — `kvmem.Vm(engine=...).create_vcpu(0)` over one kvmem slot (kvmem's MMU as
+  Unicorn's stage-2, exits in KVM's convention, events delivered by `kvmem.cpu.events` on
+  Unicorn: spin64 at CPL 3 ends in INT3, which the stub turns into a port exit).
+- `vm_vs_raw_unicorn_cpl3` (throughput): the Unicorn engine's vCPU vs the raw Unicorn CPU at
+  CPL 3 (what kvmem's engine costs per instruction).
 - `unicorn_exact_vs_blockwise` (throughput): Unicorn at CPL 3 with exact exits
   (`uc_state.resume`: an instruction count makes every instruction check for a stop) vs
   without (`resume_blockwise`).
@@ -21,29 +27,32 @@ from __future__ import annotations
 
 import gc
 import sys
+from collections.abc import Callable
 
 import _common as C
 
+import kvmem
 from kvmem import kvmapi
 from kvmem.cpu import modes, raw, uc_state
 from kvmem.cpu.state import VcpuState
+from kvmem.engines import Exit, ExitKind
 from kvmem.guests import PORT_EXCEPTION, PORT_RESULT, program
 
 MEM = 8 << 20
 CODE, TABLES, SYSTEM, STACK = 0x40_0000, 0x10_0000, 0x20_0000, 0x60_0000
 
 
-def states(mem: raw.GuestMemory) -> dict[int, VcpuState]:
-    """CPL → the spin64 state (rcx still to set)."""
-    mem.write(CODE, program("spin64"))
+def states(write: Callable[[int, bytes], None]) -> dict[int, VcpuState]:
+    """CPL → the spin64 state (rcx still to set), its code and tables written by `write`."""
+    write(CODE, program("spin64"))
     return {
-        0: modes.long_mode(CODE, mem.write, TABLES).with_regs(rdx=0),
-        3: modes.user_mode(CODE, mem.write, SYSTEM, rsp=STACK,
-                           identity_size=MEM).with_regs(rdx=1),
+        0: modes.long_mode(CODE, write, TABLES).with_regs(rdx=0),
+        3: modes.user_mode(CODE, write, SYSTEM, rsp=STACK, identity_size=MEM).with_regs(rdx=1),
     }
 
 
-def spinner(cpu: raw.RawCpu, state: VcpuState, iterations: int):  # type: ignore[no-untyped-def]
+def spinner(cpu: raw.RawCpu | kvmem.Vcpu, state: VcpuState,  # type: ignore[no-untyped-def]
+            iterations: int):
     """A batch: load the state, run spin64 to its exit (2 instructions per iteration)."""
     expected = PORT_RESULT if state.regs.rdx == 0 else PORT_EXCEPTION
     loaded = state.with_regs(rcx=iterations)
@@ -51,9 +60,17 @@ def spinner(cpu: raw.RawCpu, state: VcpuState, iterations: int):  # type: ignore
     def run(r: int) -> None:
         cpu.set_state(loaded)
         e = cpu.run()
-        assert e.kind == "io" and e.port == expected, e
+        port = e.addr if isinstance(e, Exit) else e.port
+        assert e.kind in ("io", ExitKind.IO) and port == expected, e
 
     return run
+
+
+def vm_vcpu(engine: str, host: kvmem.HostMemory) -> kvmem.Vcpu:
+    """vCPU 0 of a Vm with `engine` and one slot over `host` (gpa 0)."""
+    vm = kvmem.Vm(engine=engine)
+    vm.set_memory_region(0, 0, 0, MEM, host.hva)
+    return vm.create_vcpu(0)
 
 
 def blockwise(cpu: raw.UcCpu, state: VcpuState, iterations: int):  # type: ignore[no-untyped-def]
@@ -83,9 +100,16 @@ def main(argv: list[str] | None = None) -> int:
          ("unicorn", 3): 500_000 if args.quick else 4_000_000}
     why_not = kvmapi.kvm_available()
     mem = raw.GuestMemory(MEM)
-    spin = states(mem)
+    spin = states(mem.write)
     uc = raw.UcCpu(mem)
     kvm = raw.KvmCpu(mem) if why_not is None else None
+    # the vCPU a VMM uses, one Vm per engine over the same kvmem host memory
+    host = kvmem.HostMemory.anonymous(MEM)
+    vm_spin = states(lambda gpa, data: host.view().__setitem__(slice(gpa, gpa + len(data)),
+                                                               data))
+    vm_cpus = {"unicorn": vm_vcpu("unicorn", host)}
+    if why_not is None:
+        vm_cpus["kvm"] = vm_vcpu("kvm", host)
     minst: dict[str, float] = {}
     C.quiet_gc()
     try:
@@ -94,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                                    2 * n["unicorn", cpl])}
             if kvm is not None:
                 batches["kvm"] = (spinner(kvm, spin[cpl], n["kvm", cpl]), 2 * n["kvm", cpl])
+            for engine, cpu in vm_cpus.items():
+                batches[f"vm_{engine}"] = (spinner(cpu, vm_spin[cpl], n[engine, cpl]),
+                                           2 * n[engine, cpl])
             samples = C.interleave(batches, rounds)
             for engine, s in samples.items():
                 minst[f"{engine}_cpl{cpl}"] = round(rate(s), 2)
@@ -102,6 +129,17 @@ def main(argv: list[str] | None = None) -> int:
                                  samples["kvm"], samples["unicorn"], kind="throughput",
                                  subject_label="raw KVM vCPU", baseline_label="raw Unicorn CPU",
                                  id=f"cpl{cpl}_kvm_vs_unicorn"))
+                rep.add(C.Figure(f"CPL {cpl} spin64 on vm.create_vcpu, per instruction: "
+                                 "KVM / Unicorn engine",
+                                 samples["vm_kvm"], samples["vm_unicorn"], kind="throughput",
+                                 subject_label="Vm(engine='kvm') vCPU",
+                                 baseline_label="Vm(engine='unicorn') vCPU",
+                                 id=f"vm_cpl{cpl}_kvm_vs_unicorn"))
+            if cpl == 3:
+                rep.add(C.Figure("CPL 3 spin64, per instruction: Unicorn engine vCPU / raw "
+                                 "Unicorn CPU", samples["vm_unicorn"], samples["unicorn"],
+                                 kind="throughput", subject_label="Vm(engine='unicorn') vCPU",
+                                 baseline_label="raw Unicorn CPU", id="vm_vs_raw_unicorn_cpl3"))
         # exact exits on Unicorn, and what they cost (resume vs resume_blockwise)
         samples = C.interleave({
             "exact": (spinner(uc, spin[3], n["unicorn", 3]), 2 * n["unicorn", 3]),
@@ -136,6 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         if kvm is not None:
             kvm.close()
         mem.close()
+        for cpu in vm_cpus.values():
+            assert cpu.vm.engine is not None
+            cpu.vm.engine.close()
+        host.close()
     rep.params = {"rounds": rounds, "iterations": {f"{e}_cpl{c}": v for (e, c), v in n.items()},
                   "minst_per_s": minst,
                   "kvm": "yes" if why_not is None else f"skipped: {why_not}"}

@@ -70,7 +70,7 @@ class Guest:
                              self.data.hva)
         vm.write(CODE, program("walker"))
         assert vm.engine is not None
-        self.cpu = vm.engine.create_vcpu(0)
+        self.cpu = vm.create_vcpu(0)
         self.regs = Regs(esi=DATA, ecx=self.data.size, edi=PAGE, ebx=0x5EED, ebp=1)
 
     def run(self) -> None:

@@ -63,7 +63,7 @@ class KvmTx:
         vm.set_memory_region(1, 0, DATA, self.data.size, self.data.hva)
         vm.write(CODE, program("loop"))
         assert vm.engine is not None
-        self.cpu = vm.engine.create_vcpu(0)
+        self.cpu = vm.create_vcpu(0)
         self.cpu.start(CODE, Regs(esi=CUT, ecx=0))
         self.thread = threading.Thread(target=self._guest, daemon=True)
         self.thread.start()
@@ -179,7 +179,7 @@ def bench_unicorn(rep: C.Report, ram: int, rounds: int) -> None:
     vm.set_memory_region(0, 0, 0, ram, mem.hva)
     vm.write(CODE, walker)
     assert vm.engine is not None
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
 
     def kvmem_run(r: int) -> None:
         cpu.start(CODE, regs)

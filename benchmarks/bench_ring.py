@@ -116,7 +116,7 @@ def model_figures(rep: C.Report, rounds: int) -> None:
 
 
 def kvm_figures(rep: C.Report, rounds: int) -> None:
-    engines: dict[str, tuple[kvmem.Vm, kvmem.engines.EngineVcpu, kvmem.HostMemory]] = {}
+    engines: dict[str, tuple[kvmem.Vm, kvmem.Vcpu, kvmem.HostMemory]] = {}
     for name, size in (("1g", GiB), ("16m", 16 * MiB)):
         mem = kvmem.HostMemory.anonymous(size)
         vm = kvmem.Vm(engine="kvm")
@@ -126,9 +126,9 @@ def kvm_figures(rep: C.Report, rounds: int) -> None:
         vm.set_memory_region(1, LOG, DATA, size, mem.hva)
         vm.write(CODE, program("walker"))
         assert vm.engine is not None
-        engines[name] = (vm, vm.engine.create_vcpu(0), mem)
+        engines[name] = (vm, vm.create_vcpu(0), mem)
 
-    def walker(cpu: kvmem.engines.EngineVcpu, size: int) -> Callable[[], None]:
+    def walker(cpu: kvmem.Vcpu, size: int) -> Callable[[], None]:
         def run() -> None:
             cpu.start(CODE, Regs(esi=DATA, ecx=size, edi=size // DIRTY, ebx=1, ebp=1))
             e = cpu.run()
@@ -136,9 +136,9 @@ def kvm_figures(rep: C.Report, rounds: int) -> None:
             assert cpu.run().kind is ExitKind.HLT
         return run
 
-    def harvest_reset(vm: kvmem.Vm, cpu: kvmem.engines.EngineVcpu) -> Callable[[], object]:
+    def harvest_reset(vm: kvmem.Vm, cpu: kvmem.Vcpu) -> Callable[[], object]:
         def go() -> int:
-            got = cpu.vcpu.dirty_ring.harvest()
+            got = cpu.dirty_ring.harvest()
             assert len(got) == DIRTY, got
             return vm.reset_dirty_rings()
         return go
@@ -155,7 +155,7 @@ def kvm_figures(rep: C.Report, rounds: int) -> None:
     kvcpu = kvm_vm.create_vcpu(0)
     reader = RingReader(kvcpu.map_dirty_ring(RING))
     engine_cpu = engines["1g"][1]
-    assert isinstance(engine_cpu, kvmem.engines.kvm.KvmEngineVcpu)
+    assert isinstance(engine_cpu.backend, kvmem.engines.kvm.KvmEngineVcpu)
     sregs = kvcpu.get_sregs()
     flat = KvmSegment(base=0, limit=0xFFFF_FFFF, selector=0x10, type=3, present=1, dpl=0,
                       db=1, s=1, l=0, g=1)

@@ -40,7 +40,7 @@ def pages_written(engine: str, npages: int, seconds: float, period: float
         vm.set_memory_region(1, kvmem.KVM_MEM_LOG_DIRTY_PAGES, DATA, mem.size, mem.hva)
         vm.write(CODE, program("walker"))
         assert vm.engine is not None
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         passes = 1 << 30
         cpu.start(CODE, Regs(esi=DATA, ecx=mem.size, edi=PAGE, ebx=1, ebp=passes))
         stop = threading.Event()

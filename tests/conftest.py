@@ -22,7 +22,7 @@ import pytest
 
 import kvmem
 import kvmem.engines  # registers the engine opener `Vm(engine=...)` uses
-from kvmem.engines import EngineVcpu, ExitKind, Regs
+from kvmem.engines import ExitKind, Regs
 from kvmem.guests import PORT_RESULT, program
 from kvmem.kvmapi import kvm_available
 from kvmem.uapi import PAGE_SIZE
@@ -80,19 +80,16 @@ def guest_writes(engine: str | None) -> GuestWrites:
     So a test asserts one set of observable results (memory, dirty bits, tracked writes)
     for both ways a guest writes. The walker's code is loaded first, by a host write, at
     `WALKER_CODE`, on every engine alike, so memory and dirty logs agree across engines."""
-    vcpus: dict[int, kvmem.Vcpu] = {}  # by id(vm): one vCPU 0 per VM, run again and again
-    cpus: dict[int, EngineVcpu] = {}
-
     def run(vm: kvmem.Vm, gpa: int, npages: int) -> list[tuple[int, bytes]]:
         stores = [(a, ((a ^ WALKER_SEED ^ 1) & 0xFFFF_FFFF).to_bytes(4, "little"))
                   for a in range(gpa, gpa + npages * PAGE_SIZE, PAGE_SIZE)]
         vm.write(WALKER_CODE, program("walker"))
+        # the VM's vCPU 0 (the test's own, if it made one), run again and again
+        cpu = next((v for v in vm.vcpus if v.id == 0), None) or vm.create_vcpu(0)
         if vm.engine is None:
-            vcpu = vcpus.get(id(vm)) or vcpus.setdefault(id(vm), vm.create_vcpu(0))
             for a, data in stores:
-                vcpu.guest_write(a, data)
+                cpu.guest_write(a, data)
             return stores
-        cpu = cpus.get(id(vm)) or cpus.setdefault(id(vm), vm.engine.create_vcpu(0))
         cpu.start(WALKER_CODE, Regs(esi=gpa, ecx=npages * PAGE_SIZE, edi=PAGE_SIZE,
                                     ebx=WALKER_SEED, ebp=1))
         exit_ = cpu.run()

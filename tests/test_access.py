@@ -582,6 +582,28 @@ def test_protected_host_page_stops_writes_at_that_page(
     assert dirty_pages(vm, 0) == {1, 2, 4}
 
 
+def test_small_accesses_after_a_host_change_use_no_remembered_page(
+        host: Callable[..., HostMemory], make_vm: Callable[..., Vm]) -> None:
+    """The small-access paths remember page views (the slot set's memos); every host
+    change empties them, so an 8-byte write after a protect faults like the general path
+    instead of storing through the old view (which would kill the process)."""
+    mem = host(4)
+    vm = make_vm()
+    vm.set_memory_region(0, 0, 0, 4 * PAGE, mem.hva)
+    vm.write(PAGE + 8, b"12345678")
+    assert vm.read(PAGE + 8, 8) == b"12345678"
+    slots = vm.memslots.active.value[0]
+    assert slots.read_views and slots.write_views  # remembered
+    mem.protect(PAGE, PAGE, PROT_READ)
+    assert not slots.read_views and not slots.write_views  # the change emptied them
+    assert vm.read(PAGE + 8, 8) == b"12345678"
+    e = fault(vm.write, PAGE + 8, b"x")
+    assert (e.gpa, e.done) == (PAGE + 8, 0)
+    mem.protect(PAGE, PAGE, PROT_RW)
+    vm.write(PAGE + 8, b"y")
+    assert vm.read(PAGE + 8, 2) == b"y2"
+
+
 def test_unreadable_host_page_stops_reads_at_that_page(host: Callable[..., HostMemory],
         make_vm: Callable[..., Vm]) -> None:
     mem = host(8)

@@ -34,6 +34,7 @@ from kvmem import KVM_MEM_READONLY as RO
 from kvmem import host
 from kvmem.access import HvaCache
 from kvmem.contract import EngineCapabilities
+from kvmem.cpu import VcpuState
 
 PAGE = kvmem.PAGE_SIZE
 U = 256 << 10  # the slot unit of the test VM
@@ -152,7 +153,7 @@ def fingerprint(vm: kvmem.Vm, extras: Sequence[object] = ()) -> dict[str, object
         "dirty rings": tuple((c.dirty_ring.entries, c.dirty_ring.dirty_index,
                               c.dirty_ring.reset_index) for c in vm.vcpus),
         "nr_pages": vm.memslots.nr_pages,
-        "vcpus": tuple((c.id, c.smm) for c in vm.vcpus),
+        "vcpus": tuple((c.id, c.smm, c.get_state()) for c in vm.vcpus),
         "listeners": vm.listeners,
         "notifiers": vm.page_track.notifiers,
         "host epoch": host.epoch.load(),
@@ -236,6 +237,7 @@ CATALOGUE: dict[str, list[Bad]] = {
     "bool": _types(0, 1, None, "yes", "", 1.0, math.nan, b"\x01", [True], Opaque()),
     "bytes": _types("text", 7, None, 1.0, True, [1, 2], Opaque()),
     "listener": _types(None, Opaque(), 5, "listener", Notifier()),
+    "state": _types(None, Opaque(), 5, "state", b"\0" * 64),
     "notifier": _types(None, Opaque(), 5, "notifier", HalfNotifier(), Listener()),
     "gpas": _types(*NOT_SEQUENCES, [1.5], [None], [True], ["0"])
     + _ranges([-1], [1 << 64], [1 << 80]),
@@ -348,6 +350,19 @@ def _lock(w: World, length: object, dirty: object) -> bytes:
         return bytes(view)
 
 
+def _acquire(w: World, length: object) -> bytes:
+    view = w.gpc.acquire(length)  # type: ignore[arg-type]
+    try:
+        return bytes(view)
+    finally:
+        w.gpc.release()
+
+
+def _release(w: World) -> None:
+    w.gpc.acquire(8)
+    w.gpc.release()
+
+
 def _set_smm(w: World, value: object) -> None:
     w.vcpu.smm = value  # type: ignore[assignment]
 
@@ -432,6 +447,12 @@ ENTRIES: list[Entry] = [
     E("Vcpu.fault_in", lambda w, g, x: w.vcpu.fault_in(g, x), P("gpa", "u64", 0x5000),
       P("write", "bool", True)),
     E("Vcpu.smm", _set_smm, P("smm", "bool", True)),
+    E("Vcpu.set_state", lambda w, x: w.vcpu.set_state(x), P("state", "state", VcpuState())),
+    E("Vcpu.translate_gva", lambda w, g: w.vcpu.translate_gva(g), P("gva", "u64", 0x5000)),
+    E("Vcpu.read_virt", lambda w, g, n, u: w.vcpu.read_virt(g, n, user=u),
+      P("gva", "u64", 0x5000), P("n", "u32", 16), P("user", "bool", False)),
+    E("Vcpu.write_virt", lambda w, g, d, u: w.vcpu.write_virt(g, d, user=u),
+      P("gva", "u64", 0x5000), P("data", "bytes", b"v"), P("user", "bool", False)),
     # HvaCache
     E("HvaCache.read", lambda w, o, n: w.hvc.read(o, n), P("offset", "u64", 0),
       P("length", "u64", 16)),
@@ -445,6 +466,8 @@ ENTRIES: list[Entry] = [
     E("PfnCache.refresh", lambda w, n: w.gpc.refresh(n), P("length", "u64", 8)),
     E("PfnCache.check", _check, P("length", "u64", 8)),
     E("PfnCache.lock", _lock, P("length", "u64", 8), P("dirty", "bool", True)),
+    E("PfnCache.acquire", _acquire, P("length", "u64", 8)),
+    E("PfnCache.release", _release),
     E("PfnCache.deactivate", lambda w: w.gpc.deactivate()),
     # PageTrack
     E("PageTrack.register", lambda w, n: w.vm.page_track.register(n),

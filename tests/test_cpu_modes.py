@@ -1,6 +1,8 @@
 """Guests in every mode of `kvmem.cpu.modes`, on both engines, and moving between them.
 
-For each bundled program (`real16`, `prot32`, `long64`, `user64`):
+Every guest runs on the one vCPU object a VMM uses — `kvmem.Vm(engine=...).create_vcpu(0)`
+over kvmem's slots, on KVM and on Unicorn. For each bundled program (`real16`, `prot32`,
+`long64`, `user64`):
 - it runs on KVM and on Unicorn with the exits a Python model of the program predicts, and
   both engines end in the same state with the same memory;
 - stopped after any of its exits on one engine, it finishes on the other — KVM → Unicorn and
@@ -21,9 +23,11 @@ from dataclasses import dataclass
 
 import pytest
 
+import kvmem
 from kvmem import kvmapi
 from kvmem.cpu import events, modes, raw
 from kvmem.cpu.state import MSR_IA32_TSC, ExceptionEvent, VcpuEvents, VcpuState
+from kvmem.engines import ExitKind
 from kvmem.guests import PORT_EXCEPTION, PORT_RESULT, PORT_SYSCALL, program
 
 KVM_MISSING = kvmapi.kvm_available()
@@ -38,8 +42,57 @@ def steady(state: VcpuState) -> VcpuState:
     return state.with_msrs({MSR_IA32_TSC: 0})
 
 
-def new_cpu(engine: str, mem: raw.GuestMemory) -> raw.RawCpu:
-    return raw.KvmCpu(mem) if engine == "kvm" else raw.UcCpu(mem)
+class Memory:
+    """Guest RAM at gpa 0..size in kvmem host memory (what a Vm's slot maps); two Vms may map
+    the same memory, so a guest stopped on one engine goes on on the other."""
+
+    def __init__(self, size: int) -> None:
+        self.host = kvmem.HostMemory.anonymous(size)
+        self.size, self.hva = size, self.host.hva
+
+    def read(self, gpa: int, n: int) -> bytes:
+        return bytes(self.host.view()[gpa:gpa + n])
+
+    def write(self, gpa: int, data: bytes) -> None:
+        self.host.view()[gpa:gpa + len(data)] = data
+
+    def close(self) -> None:
+        self.host.close()
+
+
+_KINDS = {ExitKind.IO: "io", ExitKind.HLT: "hlt", ExitKind.SHUTDOWN: "shutdown"}
+
+
+class Cpu:
+    """vCPU 0 of a Vm with `engine` and one slot over `memory`, its exits as `RawExit`s."""
+
+    def __init__(self, engine: str, memory: Memory) -> None:
+        self.name, self.memory = engine, memory
+        self.vm = kvmem.Vm(engine=engine)
+        self.vm.set_memory_region(0, 0, 0, memory.size, memory.hva)
+        self.vcpu = self.vm.create_vcpu(0)
+
+    def get_state(self) -> VcpuState:
+        return self.vcpu.get_state()
+
+    def set_state(self, state: VcpuState) -> None:
+        self.vcpu.set_state(state)
+
+    def run(self) -> raw.RawExit:
+        e = self.vcpu.run()
+        return raw.RawExit(_KINDS.get(e.kind, "error"), e.addr, e.size, e.is_write, e.data,
+                           detail=e.detail)
+
+    def complete(self, data: bytes) -> None:
+        self.vcpu.complete(data)
+
+    def close(self) -> None:
+        assert self.vm.engine is not None
+        self.vm.engine.close()
+
+
+def new_cpu(engine: str, mem: Memory) -> Cpu:
+    return Cpu(engine, mem)
 
 
 def rol(x: int, bits: int) -> int:
@@ -64,10 +117,10 @@ class Guest:
     state: VcpuState
     exits: list[tuple[str, int, int]]  # (kind, port, value) expected, in order
     last: int  # how many exits make a complete run
-    vmm: Callable[[raw.RawCpu, raw.RawExit], None] = lambda cpu, e: None
+    vmm: Callable[[Cpu, raw.RawExit], None] = lambda cpu, e: None
 
 
-def real16(mem: raw.GuestMemory) -> Guest:
+def real16(mem: Memory) -> Guest:
     si, cx, bx, bp = 0x2000, 37, 0x5EED, 0x3000
     mem.write(0x7C00, program("real16"))
     words = [((si + 2 * i) ^ bx) & 0xFFFF for i in range(cx)]
@@ -78,7 +131,7 @@ def real16(mem: raw.GuestMemory) -> Guest:
                                    ("io", PORT_RESULT, cs), ("hlt", 0, 0)], 4)
 
 
-def prot32(mem: raw.GuestMemory) -> Guest:
+def prot32(mem: Memory) -> Guest:
     esi, ecx, ebx = 0x20_0000, 37, 0x0BAD_5EED
     mem.write(0x1_0000, program("prot32"))
     dwords = [((esi + 4 * i) ^ ebx) & M32 for i in range(ecx)]
@@ -88,7 +141,7 @@ def prot32(mem: raw.GuestMemory) -> Guest:
                                    ("io", PORT_RESULT, fold(dwords, 32)), ("hlt", 0, 0)], 3)
 
 
-def long64(mem: raw.GuestMemory) -> Guest:
+def long64(mem: Memory) -> Guest:
     rsi, pages, seed = 0x20_0000, 40, 0x1234_5678_9ABC_DEF1
     mem.write(0x1_0000, program("long64"))
     qwords = [(rsi + 4096 * i) ^ seed for i in range(pages)]
@@ -104,14 +157,14 @@ USER_SYSTEM, USER_CODE, USER_BUF, USER_STACK, USER_FIXED = (
     0x20_0000, 0x40_0000, 0x50_0000, 0x60_0000, 0x58_0000)
 
 
-def user64(mem: raw.GuestMemory) -> Guest:
+def user64(mem: Memory) -> Guest:
     qwords, seed, passes = 2048, 0x0F0F_5EED, 6
     mem.write(USER_CODE, program("user64"))
     state = modes.user_mode(USER_CODE, mem.write, USER_SYSTEM, rsp=USER_STACK,
                             identity_size=MEM)
     state = state.with_regs(rsi=USER_BUF, rcx=qwords, rbx=seed, rbp=passes,
                             r12=USER_SYSTEM + 0x100)
-    def vmm(cpu: raw.RawCpu, e: raw.RawExit) -> None:
+    def vmm(cpu: Cpu, e: raw.RawExit) -> None:
         if (e.port, e.value) == (PORT_EXCEPTION, 14):  # the guest's store to a kernel page:
             cpu.set_state(cpu.get_state().with_regs(r12=USER_FIXED))  # point it elsewhere
 
@@ -127,7 +180,7 @@ def user64_checksum() -> int:
     return fold([(USER_BUF + 8 * i) ^ seed ^ 1 for i in range(qwords)], 64)
 
 
-def run(cpu: raw.RawCpu, guest: Guest, start: int, stop: int) -> list[tuple[str, int, int]]:
+def run(cpu: Cpu, guest: Guest, start: int, stop: int) -> list[tuple[str, int, int]]:
     """Exits `start` .. `stop - 1` of `guest` on `cpu` (whose state is where exit `start - 1`
     left it), with the VMM's answers."""
     seen = []
@@ -141,8 +194,8 @@ def run(cpu: raw.RawCpu, guest: Guest, start: int, stop: int) -> list[tuple[str,
 
 
 @pytest.fixture
-def memory() -> Iterator[raw.GuestMemory]:
-    mem = raw.GuestMemory(MEM)
+def memory() -> Iterator[Memory]:
+    mem = Memory(MEM)
     yield mem
     mem.close()
 
@@ -153,7 +206,7 @@ def memory() -> Iterator[raw.GuestMemory]:
 @pytest.mark.parametrize("name", list(GUESTS))
 @pytest.mark.parametrize("engine", ENGINES)
 def test_guest_runs_as_its_model_says(engine: str, name: str,
-                                      memory: raw.GuestMemory) -> None:
+                                      memory: Memory) -> None:
     guest = GUESTS[name](memory)
     cpu = new_cpu(engine, memory)
     try:
@@ -172,7 +225,7 @@ def test_guest_runs_as_its_model_says(engine: str, name: str,
 def test_both_engines_end_in_the_same_state(name: str) -> None:
     ends = []
     for engine in ("kvm", "unicorn"):
-        mem = raw.GuestMemory(MEM)
+        mem = Memory(MEM)
         guest = GUESTS[name](mem)
         cpu = new_cpu(engine, mem)
         try:
@@ -197,7 +250,7 @@ def test_guest_stopped_on_one_engine_finishes_on_the_other(name: str, source: st
                                                           after: int) -> None:
     target = "unicorn" if source == "kvm" else "kvm"
     # the reference: the whole run on the target engine
-    mem = raw.GuestMemory(MEM)
+    mem = Memory(MEM)
     guest = GUESTS[name](mem)
     ref = new_cpu(target, mem)
     try:
@@ -207,7 +260,7 @@ def test_guest_stopped_on_one_engine_finishes_on_the_other(name: str, source: st
     finally:
         ref.close()
         mem.close()
-    mem = raw.GuestMemory(MEM)
+    mem = Memory(MEM)
     guest = GUESTS[name](mem)
     first, second = new_cpu(source, mem), new_cpu(target, mem)
     try:
@@ -235,7 +288,7 @@ def test_software_delivery_matches_kvm_injection(vector: int, error_code: int | 
     state through `events.deliver_pending`; both reach the stub's exit identically."""
     results = []
     for engine in ("kvm", "unicorn"):
-        mem = raw.GuestMemory(MEM)
+        mem = Memory(MEM)
         guest = user64(mem)
         pending = dataclasses.replace(guest.state, events=VcpuEvents(exception=ExceptionEvent(
             injected=1, nr=vector, has_error_code=int(error_code is not None),
@@ -267,7 +320,7 @@ INT80_SNIPPET = bytes.fromhex("b805000000" "cd80" "cc")
                                                 (INT80_SNIPPET, (PORT_EXCEPTION, 0x80))])
 def test_syscall_and_int_n_reach_the_stub(engine: str, snippet: bytes,
                                           first: tuple[int, int],
-                                          memory: raw.GuestMemory) -> None:
+                                          memory: Memory) -> None:
     memory.write(USER_CODE, snippet)
     state = modes.user_mode(USER_CODE, memory.write, USER_SYSTEM, rsp=USER_STACK,
                             identity_size=MEM)
@@ -294,7 +347,7 @@ def test_syscall_and_int_n_reach_the_stub(engine: str, snippet: bytes,
 @pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("mode", ["protected", "long"])
 def test_exception_without_idt_is_a_shutdown(engine: str, mode: str,
-                                             memory: raw.GuestMemory) -> None:
+                                             memory: Memory) -> None:
     memory.write(0x1_0000, bytes.fromhex("0f0b"))  # UD2
     state = (modes.long_mode(0x1_0000, memory.write, 0x10_0000) if mode == "long" else
              modes.protected_mode(0x1_0000, memory.write, 0x1000))
@@ -306,13 +359,13 @@ def test_exception_without_idt_is_a_shutdown(engine: str, mode: str,
         cpu.close()
 
 
-def _no_gate_for_ud(mem: raw.GuestMemory, state: VcpuState) -> VcpuState:
+def _no_gate_for_ud(mem: Memory, state: VcpuState) -> VcpuState:
     gate = USER_SYSTEM + 0x1000 + 16 * 6 + 5  # IDT[#UD].attributes: clear P
     mem.write(gate, bytes([mem.read(gate, 1)[0] & 0x7F]))
     return state
 
 
-def _kernel_stack_unmapped(mem: raw.GuestMemory, state: VcpuState) -> VcpuState:
+def _kernel_stack_unmapped(mem: Memory, state: VcpuState) -> VcpuState:
     tss = state.sregs.tr.base
     mem.write(tss + 4, struct.pack("<Q", 0x7F00_0000_0000))  # RSP0: not mapped
     return state
@@ -325,7 +378,7 @@ def _kernel_stack_unmapped(mem: raw.GuestMemory, state: VcpuState) -> VcpuState:
 ])
 def test_faults_while_delivering(engine: str, case: Callable[..., VcpuState],
                                  expect: tuple[str, int, int, int | None],
-                                 memory: raw.GuestMemory) -> None:
+                                 memory: Memory) -> None:
     memory.write(USER_CODE, bytes.fromhex("0f0b"))  # UD2 at CPL 3
     state = modes.user_mode(USER_CODE, memory.write, USER_SYSTEM, rsp=USER_STACK,
                             identity_size=MEM)
@@ -345,7 +398,8 @@ def test_faults_while_delivering(engine: str, case: Callable[..., VcpuState],
         cpu.close()
 
 
-def test_bad_arguments_are_refused(memory: raw.GuestMemory) -> None:
+def test_bad_arguments_are_refused() -> None:
+    memory = raw.GuestMemory(MEM)
     with pytest.raises(ValueError, match="not reachable in real mode"):
         modes.real_mode(0x11_0000)
     with pytest.raises(ValueError, match="16-bit"):
@@ -362,10 +416,12 @@ def test_bad_arguments_are_refused(memory: raw.GuestMemory) -> None:
         memory.read(MEM - 4, 8)
     with pytest.raises(ValueError, match="outside guest memory"):
         memory.write(-1, b"x")
+    memory.close()
 
 
 @needs_kvm
-def test_kvm_vcpu_refuses_an_xsave_image_of_the_wrong_size(memory: raw.GuestMemory) -> None:
+def test_kvm_vcpu_refuses_an_xsave_image_of_the_wrong_size() -> None:
+    memory = raw.GuestMemory(MEM)
     cpu = raw.KvmCpu(memory)
     try:
         image = cpu.vcpu.get_xsave()
@@ -375,3 +431,4 @@ def test_kvm_vcpu_refuses_an_xsave_image_of_the_wrong_size(memory: raw.GuestMemo
         cpu.vcpu.set_xsave(image)
     finally:
         cpu.close()
+        memory.close()

@@ -25,7 +25,7 @@ import kvmem
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmem import HostMemory, KvmError, Vm, dirty
 from kvmem.dirty import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, DirtyRing
-from kvmem.engines import EngineVcpu, ExitKind, Regs
+from kvmem.engines import ExitKind, Regs
 from kvmem.guests import PORT_RESULT, program
 
 PAGE = 4096
@@ -66,9 +66,7 @@ def ring_vm(make_vm: Callable[..., Vm], host: Callable[[int], HostMemory], npage
 
 
 def vcpu0(vm: Vm) -> kvmem.Vcpu:
-    """vCPU 0 of `vm` as kvmem sees it (created through the engine where there is one)."""
-    if vm.engine is not None:
-        return vm.engine.create_vcpu(0).vcpu
+    """vCPU 0 of `vm` (run by the engine where there is one)."""
     return vm.create_vcpu(0)
 
 
@@ -272,7 +270,7 @@ def test_a_slot_made_before_the_ring_keeps_its_bitmap(make_vm: Callable[..., Vm]
 def test_each_vcpu_logs_to_its_own_ring(make_vm: Callable[..., Vm],
                                         host: Callable[[int], HostMemory]) -> None:
     vm = ring_vm(make_vm, host)
-    cpus = [vm.engine.create_vcpu(i).vcpu if vm.engine else vm.create_vcpu(i) for i in (0, 5)]
+    cpus = [vm.create_vcpu(i) for i in (0, 5)]
     cpus[0].write(DATA, b"0")
     cpus[1].write(DATA + PAGE, b"1")
     cpus[1].write(DATA + 2 * PAGE, b"2")
@@ -326,7 +324,7 @@ def test_entries_survive_move_and_delete(make_vm: Callable[..., Vm],
 # the soft limit
 
 
-def run_walker(cpu: EngineVcpu, gpa: int, npages: int) -> None:
+def run_walker(cpu: kvmem.Vcpu, gpa: int, npages: int) -> None:
     cpu.start(WALKER_CODE, Regs(esi=gpa, ecx=npages * PAGE, edi=PAGE, ebx=WALKER_SEED, ebp=1))
 
 
@@ -346,8 +344,8 @@ def test_full_ring_keeps_the_vcpu_out_until_reset(make_vm: Callable[..., Vm],
         assert vm.reset_dirty_rings() == 224
         assert not vcpu.dirty_ring.check_request() and not vcpu.dirty_ring.request
         return
-    cpu = vm.engine.create_vcpu(0)
-    ring = cpu.vcpu.dirty_ring
+    cpu = vm.create_vcpu(0)
+    ring = cpu.dirty_ring
     run_walker(cpu, DATA, 224)
     exits = []
     seen: set[int] = set()
@@ -444,8 +442,8 @@ def test_the_store_that_fills_the_ring_is_not_done_at_the_exit(
     vm.write(WALKER_CODE, guest)
     last = DATA + 191 * PAGE
     vm.write(last, (41).to_bytes(4, "little"))
-    cpu = vm.engine.create_vcpu(0)
-    ring = cpu.vcpu.dirty_ring
+    cpu = vcpu0(vm)
+    ring = cpu.dirty_ring
     cpu.start(WALKER_CODE, Regs(esi=DATA, ecx=191))
     full = []
     while (exit_ := cpu.run()).kind is ExitKind.DIRTY_RING_FULL:

@@ -21,7 +21,7 @@ import pytest
 
 import kvmem
 from kvmem.cpu import modes
-from kvmem.engines import EngineError, EngineVcpu, Exit, ExitKind, Regs
+from kvmem.engines import EngineError, Exit, ExitKind, Regs
 from kvmem.kvmapi import kvm_available
 
 KVM_REASON = kvm_available()
@@ -97,18 +97,18 @@ TOUR_EXITS = [
 
 
 @pytest.fixture
-def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, EngineVcpu]]]:
+def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]]:
     made: list[tuple[kvmem.Vm, kvmem.HostMemory]] = []
 
     def boot(engine: str, program: bytes, regs: Regs | None = None
-             ) -> tuple[kvmem.Vm, EngineVcpu]:
+             ) -> tuple[kvmem.Vm, kvmem.Vcpu]:
         mem = kvmem.HostMemory.anonymous(RAM)
         vm = kvmem.Vm(engine=engine)
         made.append((vm, mem))
         vm.set_memory_region(0, 0, 0, RAM, mem.hva)
         vm.write(CODE, program)
         assert vm.engine is not None
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE, regs if regs is not None else Regs(esp=0x8000))
         return vm, cpu
 
@@ -124,7 +124,7 @@ def answer(e: Exit) -> bytes:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]
+def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]
                                    ) -> None:
     vm, cpu = boot(engine, code(TOUR))
     vm.write(BUF, b"abcd")
@@ -142,7 +142,7 @@ def test_the_tour_makes_kvms_exits(engine: str, boot: Callable[..., tuple[kvmem.
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_complete_refuses_data_of_the_wrong_length(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, code(TOUR))
     assert cpu.run() == io(0x80, 1, b"\x11")
     with pytest.raises(EngineError, match="no read exit"):
@@ -171,7 +171,7 @@ def test_complete_refuses_data_of_the_wrong_length(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_an_unanswered_read_reads_zeros(engine: str,
-                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+                                        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, code(TOUR))
     vm.write(BUF, b"abcd")
     cpu.run()
@@ -202,7 +202,7 @@ SETTERS = [
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_registers_may_be_set_at_every_exit(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     _, cpu = boot(engine, code(SETTERS))
     plan = [(io(0x80, 1, b"\x00"), "eax", 1), (io(0x81, 1), "ebx", 2), (io(0x81, 1), "", 0),
             (mmio(MMIO, 4, b"\x04\x00\x00\x00"), "edx", 8), (mmio(MMIO, 4), "ebp", 16),
@@ -222,7 +222,7 @@ def test_registers_may_be_set_at_every_exit(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_kick_at_an_exit_runs_nothing(engine: str,
-                                        boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+                                        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     _, cpu = boot(engine, bytes.fromhex("e6 80 43 e6 80 eb fb"))  # out; inc ebx; out; jmp
     for _ in range(3):
         assert cpu.run() == io(0x80, 1, b"\x00")
@@ -248,7 +248,7 @@ AFTER_PORTS = [
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_nothing_after_a_port_instruction_runs_before_its_exit(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, code(AFTER_PORTS))
     for _ in range(2):  # the second time from a fresh start: the code may be new
         vm.write(BUF, bytes(4) + b"\x77")
@@ -267,7 +267,7 @@ class Kicker:
     lands while the guest is inside the writing instruction."""
 
     def __init__(self) -> None:
-        self.cpu: EngineVcpu | None = None
+        self.cpu: kvmem.Vcpu | None = None
         self.writes: list[tuple[int, bytes]] = []
 
     def track_write(self, gpa: int, data: bytes) -> None:
@@ -281,7 +281,7 @@ class Kicker:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_read_modify_write_runs_once_when_a_stop_lands_in_it(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     program = bytes.fromhex("bb 00 20 00 00"  # mov ebx, BUF
                             "ff 03"           # inc dword [ebx]
                             "e6 80"           # out 0x80, al
@@ -302,7 +302,7 @@ def test_a_read_modify_write_runs_once_when_a_stop_lands_in_it(
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_nothing_after_a_port_instruction_runs_before_its_exit_in_real_mode(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, EngineVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     """The same in real mode, where the code segment's base is not 0 (CS:IP = 0x7c0:0):
     what names an instruction is its linear address, not IP."""
     program = bytes.fromhex("b0 11"              # mov al, 0x11

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 import kvmem
-from kvmem.engines import EngineVcpu, Exit, ExitKind, Regs
+from kvmem.engines import Exit, ExitKind, Regs
 from kvmem.guests import PORT_RESULT, PORT_TORN, program
 from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
@@ -50,7 +50,7 @@ class Guest:
         if flags & KVM_MEM_LOG_DIRTY_PAGES:
             self.vm.get_dirty_log(0)  # the load itself is not the guest's doing
         assert self.vm.engine is not None
-        self.cpu: EngineVcpu = self.vm.engine.create_vcpu(0)
+        self.cpu = self.vm.create_vcpu(0)
 
     def close(self) -> None:
         assert self.vm.engine is not None

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 import pytest
 
 import kvmem
 from kvmem.cpu import VcpuState
 from kvmem.cpu.state import MSR_IA32_TSC
-from kvmem.engines import EngineVcpu, Exit, ExitKind, Regs
+from kvmem.engines import Exit, ExitKind, Regs
 from kvmem.kvmapi import kvm_available
 
 KVM_REASON = kvm_available()
@@ -27,14 +26,6 @@ NEEDS_KVM = [pytest.mark.kvm, pytest.mark.skipif(KVM_REASON is not None,
 ENGINES = [pytest.param("kvm", marks=NEEDS_KVM), "unicorn"]
 RAM = 1 << 20
 CODE = 0x1000
-
-
-class StateVcpu(EngineVcpu, Protocol):
-    """`EngineVcpu` with the state calls both engines' vCPUs have."""
-
-    def get_state(self) -> VcpuState: ...
-
-    def set_state(self, state: VcpuState) -> None: ...
 
 
 DATA = 0x3000
@@ -69,10 +60,10 @@ def expected_result() -> int:
 
 
 @pytest.fixture
-def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, StateVcpu]]]:
+def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]]:
     made: list[tuple[kvmem.Vm, kvmem.HostMemory]] = []
 
-    def boot(engine: str, program: bytes = PROGRAM) -> tuple[kvmem.Vm, StateVcpu]:
+    def boot(engine: str, program: bytes = PROGRAM) -> tuple[kvmem.Vm, kvmem.Vcpu]:
         mem = kvmem.HostMemory.anonymous(RAM)
         vm = kvmem.Vm(engine=engine)
         made.append((vm, mem))
@@ -80,7 +71,7 @@ def boot() -> Iterator[Callable[..., tuple[kvmem.Vm, StateVcpu]]]:
         vm.write(CODE, program)
         vm.write(DATA, (1000).to_bytes(4, "little"))
         assert vm.engine is not None
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE, Regs(ecx=ROUNDS, esp=0x8000))
         return vm, cpu
 
@@ -101,14 +92,14 @@ def comparable(state: VcpuState) -> VcpuState:
                                                         rflags=state.regs.rflags & ~RFLAGS_RF))
 
 
-def run_to_halt(cpu: StateVcpu, exits: list[Exit]) -> None:
+def run_to_halt(cpu: kvmem.Vcpu, exits: list[Exit]) -> None:
     while (e := cpu.run()).kind is ExitKind.IO:
         exits.append(e)
     exits.append(e)
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_the_guest_result(engine: str, boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]
+def test_the_guest_result(engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]
                           ) -> None:
     _, cpu = boot(engine)
     exits: list[Exit] = []
@@ -120,7 +111,7 @@ def test_the_guest_result(engine: str, boot: Callable[..., tuple[kvmem.Vm, State
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_state_loads_back_into_its_own_engine(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     _, cpu = boot(engine)
     for _ in range(3):
         cpu.run()
@@ -134,7 +125,7 @@ def test_a_state_loads_back_into_its_own_engine(
 @pytest.mark.kvm
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 def test_both_engines_report_the_same_state(
-        boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     cpus = {name: boot(name)[1] for name in ("kvm", "unicorn")}
     assert comparable(cpus["kvm"].get_state()) == comparable(cpus["unicorn"].get_state())
     for _ in range(ROUNDS + 1):
@@ -149,7 +140,7 @@ def test_both_engines_report_the_same_state(
 @pytest.mark.parametrize("pause_after", [1, 4])
 def test_a_guest_paused_on_one_engine_finishes_on_the_other(
         first: str, second: str, pause_after: int,
-        boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     ref_vm, ref = boot(first)
     ref_exits: list[Exit] = []
     run_to_halt(ref, ref_exits)
@@ -172,7 +163,7 @@ def test_a_guest_paused_on_one_engine_finishes_on_the_other(
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 @pytest.mark.parametrize("order", [("kvm", "unicorn"), ("unicorn", "kvm")])
 def test_a_set_state_reads_back_the_same_on_both(
-        order: tuple[str, str], boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        order: tuple[str, str], boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     """Every part of the state (x87 stack, XMM, MXCSR, MSRs, segments) crosses both ways."""
     first, second = (boot(name)[1] for name in order)
     base = first.get_state()
@@ -211,7 +202,7 @@ READ_STATES = [
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_state_taken_at_a_read_has_the_read_done(
-        engine: str, boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     vm, cpu = boot(engine, READS)
     for want, where in READ_STATES:
         e = cpu.run()
@@ -226,7 +217,7 @@ def test_a_state_taken_at_a_read_has_the_read_done(
 @pytest.mark.kvm
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 def test_a_state_taken_at_an_unanswered_read_is_the_same_on_both(
-        boot: Callable[..., tuple[kvmem.Vm, StateVcpu]]) -> None:
+        boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
     cpus = {name: boot(name, READS)[1] for name in ("kvm", "unicorn")}
     for _ in READ_STATES:
         exits = {name: cpu.run() for name, cpu in cpus.items()}

@@ -86,7 +86,7 @@ def drive(vm: kvmem.Vm, name: str, regs: Regs, answer: Callable[[int, Exit], byt
     assert vm.engine is not None
     vm.write(CODE, program(name))
     vm.get_dirty_log(0)  # the load itself is not the guest's doing
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
     cpu.start(CODE, regs)
     run = Run()
     for i in range(max_exits):
@@ -220,7 +220,7 @@ def test_undeliverable_exception_is_shutdown(engine: str,
     vm = make_vm(engine)
     assert vm.engine is not None
     vm.write(CODE, b"\x0f\x0b")  # ud2 with no IDT: triple fault
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
     cpu.start(CODE)
     assert cpu.run().kind is ExitKind.SHUTDOWN
 
@@ -230,7 +230,7 @@ def test_kick_stops_a_running_guest(engine: str, make_vm: Callable[..., kvmem.Vm
     vm = make_vm(engine)
     assert vm.engine is not None
     vm.write(CODE, program("loop"))
-    cpu = vm.engine.create_vcpu(0)
+    cpu = vm.create_vcpu(0)
     cpu.start(CODE, Regs(esi=0x200000, ecx=0, ebx=0))
     got: list[Exit] = []
     t = threading.Thread(target=lambda: got.append(cpu.run()))
@@ -258,9 +258,9 @@ def test_smm_vcpu_sees_address_space_1() -> None:
         vm.set_memory_region((1 << 16) | 1, 0, 0x200000, smram.size, smram.hva)
         vm.write(CODE, program("loop"))
         smram.view()[:4] = b"\x00\x10\x00\x00"
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE, Regs(esi=0x200000, ecx=1, ebx=0x99))
-        cpu.vcpu.smm = True
+        cpu.smm = True
         assert str(cpu.run()) == "io 0x10/4 out 9a000000"
         assert bytes(smram.view()[:4]) == b"\x9a\x00\x00\x00"
         assert vm.read(0x200000, 4) == bytes(4)  # address space 0 untouched
@@ -278,7 +278,7 @@ def test_kvm_dirty_log_survives_a_failed_harvest(make_vm: Callable[..., kvmem.Vm
     run_loop(vm)  # harvests once: pages 0x200 (data) were dirty
     engine = vm.engine
     assert engine is not None
-    cpu = engine.vcpus[0]
+    cpu = vm.vcpus[0]
     cpu.start(CODE, Regs(esi=0x200000, ecx=10, ebx=0))
     assert cpu.run().kind is ExitKind.IO
     fd = engine._fd  # type: ignore[attr-defined]
@@ -321,7 +321,7 @@ def test_kvm_write_exit_of_a_split_merged_back_meanwhile_is_not_lost(
     from kvmem.kvmapi import KVM_EXIT_MMIO, KvmMmio
     vm = make_vm("kvm")
     assert vm.engine is not None and vm.engine.name == "kvm"
-    cpu = cast("KvmEngineVcpu", vm.engine.create_vcpu(0))  # reaches into its exit decoding
+    cpu = cast("KvmEngineVcpu", vm.create_vcpu(0).backend)  # reaches into its exit decoding
     vm.page_track.add_gfn(0x200)
     vm.page_track.remove_gfn(0x200)  # merged back before the exit is looked at
     assert not vm.engine.split_covers(0, 0x200)  # type: ignore[attr-defined]

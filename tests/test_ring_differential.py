@@ -222,7 +222,7 @@ def test_full_ring_exit_agrees(kvm: Kvm, anon: Callable[[int], int]) -> None:
             vm.set_memory_region(1, LOG, 1 << 20, 256 * PAGE, anon(256))
             vm.write(0x1000, program("walker"))
             assert vm.engine is not None
-            cpu = vm.engine.create_vcpu(0)
+            cpu = vm.create_vcpu(0)
             cpu.start(0x1000, Regs(esi=1 << 20, ecx=npages * PAGE, edi=PAGE, ebx=1, ebp=1))
 
             def run() -> str:
@@ -231,7 +231,7 @@ def test_full_ring_exit_agrees(kvm: Kvm, anon: Callable[[int], int]) -> None:
                     if kind is not ExitKind.IO:  # the walker's checksum
                         return "full" if kind is ExitKind.DIRTY_RING_FULL else kind.value
 
-            return drive(run, cpu.vcpu.dirty_ring.harvest, vm.reset_dirty_rings)
+            return drive(run, cpu.dirty_ring.harvest, vm.reset_dirty_rings)
         finally:
             if vm.engine is not None:
                 vm.engine.close()

@@ -16,10 +16,11 @@ Rules of this room:
   through the `mark` the owner gives (a VM's `DirtyMarks`: the slot's bitmap, or the
   ring of the vCPU doing the access).
 - An access within one page takes the memo: the slot set's `read_views` / `write_views`
-  (gfn → a view of the host page, tagged with `host.epoch`). An entry is made only while no
-  host change is in flight and is used only while the epoch has not moved; a slot change
-  publishes a new set with empty memos. So the memo never answers differently from the
-  general path — it only skips the lookups.
+  (gfn → a view of the host page). An entry is made only under `host.views_lock` and only
+  while no host change is in flight, and every host change empties the memos of every
+  set that has entries (`host.register_view_cache`); a slot change publishes a new set
+  with empty memos. So the memo never answers differently from the general path — it
+  only skips the lookups.
 - Only `host` dereferences an hva: a run whose host memory is unmapped or protected fails
   like a faulting `copy_{from,to}_user` at the first inaccessible page.
 """
@@ -122,43 +123,48 @@ def _host_fault(gpa: int, done: int, write: bool) -> GuestAccessError:
                             f"unmapped or protected ({done} bytes done)", gpa, done)
 
 
-def _runs(slots: SlotSet, gpa: int, n: int, write: bool
-          ) -> tuple[list[tuple[MemorySlot, int, int]], GuestAccessError | None]:
-    """Split [gpa, gpa+n) into (slot, hva, length) runs, stopping at the first hole."""
-    runs: list[tuple[MemorySlot, int, int]] = []
+# a run of a dirty-logging slot that a write covers: (slot, hva, length, offset in the write)
+_Logged = tuple[MemorySlot, int, int, int]
+
+
+def _spans(slots: SlotSet, gpa: int, n: int, write: bool
+           ) -> tuple[list[tuple[int, int]], list[_Logged], GuestAccessError | None]:
+    """[gpa, gpa+n) as host spans (hva, length), stopping at the first hole: the slot runs
+    (the longest stretch of the request one slot backs), merged where they continue each
+    other in host memory (adjacent slots over one mapping, e.g. the pieces of a split) —
+    one copy per span. For a write, also the runs of dirty-logging slots, to mark."""
+    spans: list[tuple[int, int]] = []
+    logged: list[_Logged] = []
     done = 0
+    end = -1  # host address where the last span ends
     bad = _NOT_WRITABLE if write else _NOT_READABLE
     while done < n:
         cur = gpa + done
         if cur > U64_MAX:
-            return runs, _hole(None, cur, done, write)
+            return spans, logged, _hole(None, cur, done, write)
         slot = slots.search(cur >> PAGE_SHIFT)
         if slot is None or slot.flags & bad:
-            return runs, _hole(slot, cur, done, write)
+            return spans, logged, _hole(slot, cur, done, write)
         avail = (slot.end_gfn << PAGE_SHIFT) - cur
         length = avail if avail < n - done else n - done
-        runs.append((slot, slot.hva + (cur - (slot.base_gfn << PAGE_SHIFT)), length))
-        done += length
-    return runs, None
-
-
-def _spans(runs: list[tuple[MemorySlot, int, int]]) -> list[tuple[int, int]]:
-    """Slot runs merged where they continue each other in host memory (adjacent slots over
-    one mapping, e.g. the pieces of a split): one copy per span."""
-    spans: list[tuple[int, int]] = []
-    for _slot, hva, length in runs:
-        if spans and spans[-1][0] + spans[-1][1] == hva:
+        hva = slot.hva + (cur - (slot.base_gfn << PAGE_SHIFT))
+        if hva == end:
             spans[-1] = (spans[-1][0], spans[-1][1] + length)
         else:
             spans.append((hva, length))
-    return spans
+        end = hva + length
+        if write and slot.dirty_logging:
+            logged.append((slot, hva, length, done))
+        done += length
+    return spans, logged, None
 
 
 class GuestMemory:
     """Reads, writes and clears of one address space's guest memory (KVM's
     `kvm_read_guest` / `kvm_write_guest` / `kvm_clear_guest`, and the `kvm_vcpu_*` twins)."""
 
-    __slots__ = ("_changing", "_epoch", "_guard", "_root", "as_id", "mark", "read", "write")
+    __slots__ = ("_changing", "_epoch", "_guard", "_root", "_views_lock", "as_id", "mark",
+                 "read", "write")
 
     def __init__(self, memslots: Memslots, as_id: int, mark: MarkDirty = mark_bitmap) -> None:
         self.as_id = as_id
@@ -168,15 +174,16 @@ class GuestMemory:
         self._guard = host.guard
         self._epoch = host.epoch
         self._changing = host.changing
+        self._views_lock = host.views_lock
         self._bind_small_paths()
 
     # -- the section --------------------------------------------------------------------------
-    def enter(self) -> int:
+    def enter(self) -> list[None]:
         """Begin an accessor section (a read section of the host guard); returns the token
         `leave` takes."""
         return self._guard.read_lock()
 
-    def leave(self, token: int) -> None:
+    def leave(self, token: list[None]) -> None:
         self._guard.read_unlock(token)
 
     # -- public accessors --------------------------------------------------------------------
@@ -190,56 +197,61 @@ class GuestMemory:
     """Write `data` at gpa, marking written pages of logging slots."""
 
     def _bind_small_paths(self) -> None:
-        """`read` and `write`: closures over this accessor's guard, root, address space and
-        epoch — a cell load is cheaper than an attribute load, and these are the hot paths
-        of every small access. Beyond one page, or on a memo miss that cannot be filled,
-        they take the general path."""
-        guard, root, as_id, epoch, mark = self._guard, self._root, self.as_id, self._epoch, \
-            self.mark
+        """`read` and `write`: closures over this accessor's guard, root and address space
+        — a cell load is cheaper than an attribute load, and these are the hot paths of
+        every small access. Beyond one page, or on a memo miss that cannot be filled, they
+        take the general path."""
+        guard, root, as_id, mark = self._guard, self._root, self.as_id, self.mark
         fill_read, fill_write = self._fill_read, self._fill_write
         read_runs, write_runs = self._read_runs, self._write_runs
 
         def read(gpa: int, n: int) -> bytes:
-            if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
-                i = guard.index
-                next(guard.locks[i])
-                try:
-                    slots = root.value[as_id]
-                    e = slots.read_views.get(gpa >> 12)
-                    if e is None or e[0] != epoch.value:
-                        e = fill_read(slots, gpa >> 12)
-                    if e is not None:
-                        off = gpa & 4095
-                        return bytes(e[1][off:off + n])
-                finally:
-                    next(guard.unlocks[i])
-            gpa, n = check_range(gpa, n)
+            if gpa.__class__ is int and n.__class__ is int and n >= 0:
+                off = gpa & 4095
+                end = off + n
+                if end <= 4096:
+                    r = guard.current
+                    r.append(None)
+                    try:
+                        view = root.value[as_id].read_views.get(gpa >> 12)
+                        if view is not None or \
+                                (view := fill_read(root.value[as_id], gpa >> 12)) is not None:
+                            return bytes(view[off:end])
+                    finally:
+                        r.pop()
+            if gpa.__class__ is not int or n.__class__ is not int or \
+                    not 0 <= gpa <= U64_MAX or not 0 <= n <= U64_MAX:
+                gpa, n = check_range(gpa, n)
             return read_runs(gpa, n)
 
         def write(gpa: int, data: bytes | bytearray | memoryview) -> None:
-            if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
-                i = guard.index
-                next(guard.locks[i])
+            if gpa.__class__ is int:
+                r = guard.current
+                r.append(None)
                 try:
-                    slots = root.value[as_id]
-                    gfn = gpa >> 12
-                    e = slots.write_views.get(gfn)
-                    if e is None or e[0] != epoch.value:
-                        e = fill_write(slots, gfn)
-                    if e is not None:
+                    e = root.value[as_id].write_views.get(gpa >> 12)
+                    if e is not None or \
+                            (e := fill_write(root.value[as_id], gpa >> 12)) is not None:
                         off = gpa & 4095
-                        # past the page end the slice is shorter than `data`: ValueError,
-                        # and nothing was written (the general path below takes it)
-                        e[1][off:off + len(data)] = data
-                        if e[2] is not None and data:
-                            mark(e[2], gfn - e[2].base_gfn, 1)
-                        return
-                except ValueError:
-                    pass
+                        try:
+                            end = off + len(data)
+                            # one slice store, for flat unsigned-byte data that fits the
+                            # page; data past the page end goes to the general path, and
+                            # any other (not bytes-like, another format or shape) raises
+                            # before a byte is written and goes there too
+                            if end <= 4096:
+                                e[0][off:end] = data
+                                if e[1] is not None and end > off:
+                                    mark(e[1], (gpa >> 12) - e[1].base_gfn, 1)
+                                return
+                        except (TypeError, ValueError):
+                            pass
                 finally:
-                    next(guard.unlocks[i])
-            gpa, _ = check_range(gpa, 0)
-            write_runs(gpa, as_bytes("data", data))
+                    r.pop()
+            if gpa.__class__ is not int or not 0 <= gpa <= U64_MAX:
+                gpa, _ = check_range(gpa, 0)
+            write_runs(gpa, memoryview(data) if data.__class__ is bytes else
+                       as_bytes("data", data))
 
         self.read = read
         self.write = write
@@ -248,18 +260,19 @@ class GuestMemory:
         """Zero guest [gpa, gpa+n), marking pages dirty. A range past 2^64 is refused
         before any page is zeroed (EINVAL); a hole below it stops the clear with EFAULT."""
         gpa, n = check_span(gpa, n)
+        done = 0
         token = self._guard.read_lock()
         try:
-            runs, hole = _runs(self._root.value[self.as_id], gpa, n, True)
-            done = 0
-            for slot, hva, length in runs:
+            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True)
+            for hva, length in spans:
                 ok = host.accessible(hva, length, host.PROT_WRITE)
                 if ok:
                     _memset(hva, 0, ok)
-                    self._mark_span(slot, hva, ok)
+                done += ok
                 if ok != length:
-                    raise _host_fault(gpa + done + ok, done + ok, True)
-                done += length
+                    hole = _host_fault(gpa + done, done, True)
+                    break
+            self._mark_written(logged, done)
         finally:
             self._guard.read_unlock(token)
         if hole is not None:
@@ -267,43 +280,52 @@ class GuestMemory:
 
     # -- the memo (caller inside the section) ------------------------------------------------
     def _resolve(self, slots: SlotSet, gfn: int, bad: int, prot: int
-                 ) -> tuple[int, MemorySlot, memoryview] | None:
-        """(epoch, slot, page view) for a memo entry of `gfn`, or None when none may be
-        made: a host change in flight, no usable slot, or host memory not accessible."""
-        epoch = self._epoch.value  # read before `changing`: see host's `epoch`
+                 ) -> tuple[MemorySlot, memoryview] | None:
+        """(slot, page view) for a memo entry of `gfn`, or None when none may be made: a
+        host change in flight, no usable slot, or host memory not accessible. Caller
+        holds `views_lock` (see `host.register_view_cache`)."""
         if self._changing.value:
             return None
         slot = slots.search(gfn)
         if slot is None or slot.flags & bad:
             return None
         view = host.page(slot.hva_of(gfn), prot)
-        return None if view is None else (epoch, slot, view)
-
-    def _fill_read(self, slots: SlotSet, gfn: int) -> tuple[int, memoryview] | None:
-        r = self._resolve(slots, gfn, _NOT_READABLE, host.PROT_READ)
-        if r is None:
+        if view is None:
             return None
-        memo = slots.read_views
-        if len(memo) >= _VIEWS_MAX:
-            memo.clear()
-        e = memo[gfn] = (r[0], r[2])
-        return e
+        host.register_view_cache(slots)
+        return slot, view
+
+    def _fill_read(self, slots: SlotSet, gfn: int) -> memoryview | None:
+        with self._views_lock:
+            r = self._resolve(slots, gfn, _NOT_READABLE, host.PROT_READ)
+            if r is None:
+                return None
+            memo = slots.read_views
+            if len(memo) >= _VIEWS_MAX:
+                memo.clear()
+            memo[gfn] = r[1]
+            return r[1]
 
     def _fill_write(self, slots: SlotSet, gfn: int
-                    ) -> tuple[int, memoryview, MemorySlot | None] | None:
-        r = self._resolve(slots, gfn, _NOT_WRITABLE, host.PROT_WRITE)
-        if r is None:
-            return None
-        memo = slots.write_views
-        if len(memo) >= _VIEWS_MAX:
-            memo.clear()
-        slot = r[1]
-        e = memo[gfn] = (r[0], r[2], slot if slot.dirty_logging else None)
-        return e
+                    ) -> tuple[memoryview, MemorySlot | None] | None:
+        with self._views_lock:
+            r = self._resolve(slots, gfn, _NOT_WRITABLE, host.PROT_WRITE)
+            if r is None:
+                return None
+            memo = slots.write_views
+            if len(memo) >= _VIEWS_MAX:
+                memo.clear()
+            slot = r[0]
+            e = memo[gfn] = (r[1], slot if slot.dirty_logging else None)
+            return e
 
     # -- the general path: slot runs ----------------------------------------------------------
-    def _mark_span(self, slot: MemorySlot, hva: int, length: int) -> None:
-        if slot.dirty_logging and length > 0:
+    def _mark_written(self, logged: list[_Logged], done: int) -> None:
+        """Mark the pages of logging slots that the first `done` bytes of a write cover."""
+        for slot, hva, length, pos in logged:
+            if pos >= done:
+                break
+            length = min(length, done - pos)
             first = (hva - slot.hva) >> PAGE_SHIFT
             last = (hva - slot.hva + length - 1) >> PAGE_SHIFT
             self.mark(slot, first, last - first + 1)
@@ -311,10 +333,11 @@ class GuestMemory:
     def _read_runs(self, gpa: int, n: int) -> bytes:
         parts: list[memoryview] = []
         done = 0
-        token = self._guard.read_lock()
+        token = self._guard.current  # self._guard.read_lock(), inlined
+        token.append(None)
         try:
-            runs, hole = _runs(self._root.value[self.as_id], gpa, n, False)
-            for hva, length in _spans(runs):
+            spans, _, hole = _spans(self._root.value[self.as_id], gpa, n, False)
+            for hva, length in spans:
                 segs, ok = host.views(hva, length, host.PROT_READ)
                 parts += segs
                 if ok != length:
@@ -323,7 +346,7 @@ class GuestMemory:
                 done += length
             out = bytes(parts[0]) if len(parts) == 1 else b"".join(parts)
         finally:
-            self._guard.read_unlock(token)
+            token.pop()
         if hole is not None:
             hole.partial = out
             raise hole
@@ -332,26 +355,23 @@ class GuestMemory:
     def _write_runs(self, gpa: int, src: memoryview) -> None:
         n = src.nbytes
         done = 0
-        token = self._guard.read_lock()
+        token = self._guard.current  # self._guard.read_lock(), inlined
+        token.append(None)
         try:
-            runs, hole = _runs(self._root.value[self.as_id], gpa, n, True)
-            for hva, length in _spans(runs):
+            spans, logged, hole = _spans(self._root.value[self.as_id], gpa, n, True)
+            for hva, length in spans:
                 segs, ok = host.views(hva, length, host.PROT_WRITE)
                 for seg in segs:
                     k = len(seg)
-                    seg[:] = src[done:done + k]
+                    seg[:] = src if k == n else src[done:done + k]
                     done += k
                 if ok != length:
                     hole = _host_fault(gpa + done, done, True)
                     break
-            pos = 0
-            for slot, hva, length in runs:
-                if pos >= done:
-                    break
-                self._mark_span(slot, hva, min(length, done - pos))
-                pos += length
+            if logged:
+                self._mark_written(logged, done)
         finally:
-            self._guard.read_unlock(token)
+            token.pop()
         if hole is not None:
             raise hole
 
@@ -455,9 +475,8 @@ class HvaCache:
         if offset.__class__ is int and n.__class__ is int and offset >= 0 and \
                 0 <= n <= self.len - offset:
             # a cached page still good: same slot generation, no host change since
-            guard = memory._guard
-            i = guard.index
-            next(guard.locks[i])
+            r = memory._guard.current
+            r.append(None)
             try:
                 v = self._view
                 if v is not None and v[0] == memory._epoch.value and self.memslot is not None \
@@ -465,7 +484,7 @@ class HvaCache:
                     start = (self.hva & 4095) + offset
                     return bytes(v[1][start:start + n])
             finally:
-                next(guard.unlocks[i])
+                r.pop()
         n = as_int("length", n)
         if n < 0:
             raise KvmError(errno.EINVAL, f"length {n} is negative")

@@ -72,7 +72,7 @@ def as_bool(name: str, v: object) -> bool:
 
 def as_bytes(name: str, data: object) -> memoryview:
     """Any bytes-like object as a flat, C-contiguous memoryview of bytes."""
-    if isinstance(data, bytes | bytearray):
+    if data.__class__ is bytes or data.__class__ is bytearray:  # the common case, first
         return memoryview(data)
     if not isinstance(data, memoryview):
         try:

@@ -32,7 +32,7 @@ class ExitKind(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Exit:
-    """One exit of `EngineVcpu.run`, with KVM's fields and conventions on every engine (the
+    """One exit of `Vcpu.run`, with KVM's fields and conventions on every engine (the
     table is in `kvmem.engines`). `addr` is the port (IO) or the gpa (MMIO); `size` the bytes
     of one access; `count` the accesses of a string IN (KVM_EXIT_IO's count: `rep insb`
     reads up to a page or 1 KiB ahead in one exit; every other exit has 1); `data` the bytes

@@ -89,7 +89,7 @@ def _slots(vm: Vm) -> list[tuple[str, str, str, str]]:
 
 def _drive(vm: Vm, state: DemoState, name: str, regs: Regs) -> list[Exit]:
     assert vm.engine is not None
-    cpu = vm.engine.vcpus[0]
+    cpu = vm.vcpus[0]
     vm.write(CODE, program(name))
     cpu.start(CODE, regs)
     exits = []
@@ -118,7 +118,7 @@ def run_demo(engine: str, rounds: int, state: DemoState) -> None:
     state.engine = vm.engine.name
     try:
         vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, mem.hva)
-        vm.engine.create_vcpu(0)
+        vm.create_vcpu(0)
         state.slots = _slots(vm)
 
         state.phase = "boot: walker writes every page and reports a checksum"

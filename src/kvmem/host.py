@@ -13,9 +13,14 @@ Defines:
   section, so an unmapped or protected range fails like a faulting `copy_{from,to}_user`
   (EFAULT) instead of crashing the process.
 - `epoch` / `changing` — every change bumps `epoch` when it begins and when it ends, and
-  counts itself in `changing` meanwhile. A cache of page views (the accessors' per-slot-set
-  memo) remembers the epoch it was filled at, fills only while nothing is changing, and
-  trusts an entry only while the epoch is the same: no cached view outlives a change.
+  counts itself in `changing` meanwhile. A cache of page views remembers the epoch it was
+  filled at, fills only while nothing is changing, and trusts an entry only while the
+  epoch is the same: no cached view outlives a change.
+- `register_view_cache` / `views_lock` — the same guarantee without an epoch check on
+  every use (the accessors' per-slot-set memos): a registered cache is filled only under
+  `views_lock` and only while nothing is changing, and every change empties every
+  registered cache under `views_lock` once it counts in `changing`. So an entry made
+  before a change is gone when the change proceeds, and none is made during one.
 
 Theory: the mapping table is an immutable sorted tuple republished on every change, and
 copies run inside a read section of `guard` (an `Srcu`). Unmapping and protecting first
@@ -30,6 +35,7 @@ import ctypes.util
 import errno
 import mmap
 import os
+import weakref
 from bisect import bisect_right as _bisect_right
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -46,6 +52,7 @@ from .uapi import PAGE_MASK, PAGE_SHIFT
 __all__ = [
     "HostMemory",
     "InvalidationListener",
+    "ViewCache",
     "accessible",
     "changing",
     "epoch",
@@ -54,7 +61,9 @@ __all__ = [
     "notifiers",
     "page",
     "rebuild_shared_state",
+    "register_view_cache",
     "restore_shared_state",
+    "views_lock",
 ]
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -133,6 +142,30 @@ changing: sync.Atomic[int] = sync.Atomic(0)
 page_replaced: Callable[[], None] | None = None
 
 
+class ViewCache(Protocol):
+    """A cache of page views above this layer that every host change empties."""
+
+    def clear_views(self) -> None: ...
+
+
+# the caches `register_view_cache` was given (while they live) and the lock of their fills
+views_lock = sync.Mutex("host.views")
+_view_caches: weakref.WeakSet[ViewCache] = weakref.WeakSet()
+
+
+def register_view_cache(cache: ViewCache) -> None:
+    """Have every host change empty `cache` (see `views_lock` in the module notes). Call
+    with `views_lock` held, as every fill of the cache must be."""
+    views_lock.assert_held()
+    _view_caches.add(cache)
+
+
+def _clear_view_caches() -> None:
+    with views_lock:
+        for cache in list(_view_caches):
+            cache.clear_views()
+
+
 @contextmanager
 def changes_in_flight() -> Iterator[None]:
     """Bracket a change to host mappings (every `HostMemory` change, or one made behind
@@ -140,6 +173,7 @@ def changes_in_flight() -> Iterator[None]:
     trusted across it."""
     changing.add(1)
     epoch.add(1)
+    _clear_view_caches()
     try:
         yield
     finally:
@@ -170,25 +204,28 @@ def rebuild_shared_state() -> SharedState:
     table's contents; returns the previous ones for `restore_shared_state`. For a
     concurrency checker that swaps `kvmem.sync` for scheduler-aware twins: objects built
     at import are not twins, and a cut-short schedule must not leave its locks held."""
-    global notifiers, guard, epoch, changing, _table, _table_lock
-    saved: SharedState = (notifiers, guard, epoch, changing, _table, _table_lock)
+    global notifiers, guard, epoch, changing, _table, _table_lock, views_lock
+    saved: SharedState = (notifiers, guard, epoch, changing, _table, _table_lock, views_lock)
     notifiers = _Notifiers()
     guard = sync.Srcu("host.guard")
     epoch = sync.Atomic(epoch.load())
     changing = sync.Atomic(0)
     _table = sync.Atomic(_table.load())
     _table_lock = sync.Mutex("host.table")
+    views_lock = sync.Mutex("host.views")
     return saved
 
 
 def restore_shared_state(saved: SharedState) -> None:
     """Put back what `rebuild_shared_state` replaced; the mapping table keeps what was
     mapped and unmapped meanwhile."""
-    global notifiers, guard, epoch, changing, _table, _table_lock
+    global notifiers, guard, epoch, changing, _table, _table_lock, views_lock
     table, moved = _table.load(), epoch.load()
-    notifiers, guard, epoch, changing, _table, _table_lock = saved  # type: ignore[assignment]
+    (notifiers, guard, epoch, changing, _table, _table_lock,
+     views_lock) = saved  # type: ignore[assignment]
     _table.store(table)
     epoch.store(max(epoch.load(), moved) + 2)  # no page view cached meanwhile is trusted
+    _clear_view_caches()
 
 
 def _republish(drop: HostMemory | None, add: Iterable[_Region]) -> None:

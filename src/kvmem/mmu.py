@@ -749,18 +749,19 @@ class Stage2Access:
     def read(self, gpa: int, n: int) -> bytes:
         if gpa.__class__ is int and n.__class__ is int and 0 <= n <= 4096 - (gpa & 4095):
             gfn = gpa >> 12
-            tlb = self._tlb
-            i = tlb.index
-            next(tlb.locks[i])
+            r = self._tlb.current
+            r.append(None)
             try:
                 s = self._small.get(gfn)
-                if s is None:
-                    s = self._huge.get(gfn >> 9)
+                if s is not None:  # a 4 KiB mapping of this very gfn
+                    off = gpa & 4095
+                    return bytes(s.view[off:off + n])
+                s = self._huge.get(gfn >> 9)
                 if s is not None:
                     off = ((gfn - s.gfn) << 12) + (gpa & 4095)
                     return bytes(s.view[off:off + n])
             finally:
-                next(tlb.unlocks[i])
+                r.pop()
         gpa, n = check_range(gpa, n)
         parts: list[bytes] = []
         pos = 0
@@ -772,25 +773,28 @@ class Stage2Access:
         return b"".join(parts)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        if gpa.__class__ is int and (data.__class__ is bytes or data.__class__ is bytearray):
+        if gpa.__class__ is int:
             gfn = gpa >> 12
-            tlb = self._tlb
-            i = tlb.index
-            next(tlb.locks[i])
+            r = self._tlb.current
+            r.append(None)
             try:
                 s = self._small.get(gfn)
-                if s is None:
+                if s is not None:  # a 4 KiB mapping of this very gfn
+                    off = gpa & 4095
+                else:
                     s = self._huge.get(gfn >> 9)
+                    off = 0 if s is None else ((gfn - s.gfn) << 12) + (gpa & 4095)
                 if s is not None and s.writable:
-                    off = ((gfn - s.gfn) << 12) + (gpa & 4095)
-                    # past the mapping's end the slice is shorter than `data`: ValueError,
-                    # nothing written, and the page walk below takes it
+                    # one slice store, for flat unsigned-byte data that fits the mapping;
+                    # anything else (past its end, not bytes-like, another format or
+                    # shape) raises before a byte is written, and the page walk below
+                    # takes it
                     s.view[off:off + len(data)] = data
                     return
-            except ValueError:
+            except (TypeError, ValueError):
                 pass
             finally:
-                next(tlb.unlocks[i])
+                r.pop()
         gpa, _ = check_range(gpa, 0)
         src = as_bytes("data", data)
         n = src.nbytes

@@ -32,12 +32,14 @@ Deliberate differences from KVM:
   invalidation is retried, not EFAULT: it may be the transient hole of a remap.
 - `activate` refuses a page-crossing length before it activates anything (KVM leaves the
   cache active with EINVAL); kvmem's rule is that a refused call changes nothing.
-- `lock()` is the lock/unlock API proposed for KVM in 2022 and never merged.
+- `acquire()` / `release()` (and their `with` form, `lock()`) are the lock/unlock API
+  proposed for KVM in 2022 and never merged.
 """
 
 from __future__ import annotations
 
 import errno
+from contextlib import suppress
 from types import TracebackType
 
 from . import host, sync
@@ -85,6 +87,11 @@ class PfnCache:
         self.memslot: MemorySlot | None = None
         self.frame: Frame | None = None  # the pfn; None: an error pfn
         self._page: memoryview | None = None  # a view of the frame's page, while valid
+        # what `acquire` hands out (KVM's khva): length → a view of [uhva, uhva + length)
+        # on `_page`, and the last one used as (view, length, generation or None for an
+        # HVA-based cache). Dropped — the views released — with the page or on refresh.
+        self._views: dict[int, memoryview] = {}
+        self._hot: tuple[memoryview, int, int | None] | None = None
         self.active = False
         self.valid = False
         # set before refresh drops the lock; an invalidation covering uhva clears it
@@ -134,9 +141,7 @@ class PfnCache:
                 return
             with self.rwlock.write():
                 self.active = False
-                self.valid = False
-                self.frame = None
-                self._page = None
+                self._forget_page()
             with self._mmu.gpc_lock:
                 self._mmu.gpc_list.store(
                     tuple(c for c in self._mmu.gpc_list.load() if c is not self))
@@ -172,6 +177,7 @@ class PfnCache:
             if not self.active:
                 raise KvmError(errno.EINVAL, "pfn cache is not active")
             self.stats["refreshes"] += 1
+            self._drop_views()  # the offset may move, and a length may stop fitting
             old_page = None if self.uhva is None else self.uhva & ~PAGE_MASK
             try:
                 if gpa is None:
@@ -185,9 +191,7 @@ class PfnCache:
                     self._hva_to_pfn_retry()
             except BaseException:
                 # the named safe state: not valid, no page; gpa/uhva/generation as set
-                self.valid = False
-                self.frame = None
-                self._page = None
+                self._forget_page()
                 raise
 
     def _translate(self, gpa: int) -> None:
@@ -220,9 +224,7 @@ class PfnCache:
         ms = self._memslots
         uhva = self.uhva
         assert uhva is not None
-        self.valid = False
-        self.frame = None
-        self._page = None
+        self._forget_page()
         while True:
             # snapshot under the lock: an invalidation of uhva that starts after this
             # clears `_untouched` (the cache is on the list); one that started before is
@@ -261,30 +263,99 @@ class PfnCache:
             if uhva is not None and start <= uhva < end:
                 if self.valid:
                     self.stats["invalidations"] += 1
-                self.valid = False
-                self.frame = None
-                self._page = None
+                self._forget_page()
                 self._untouched = False
+
+    def _forget_page(self) -> None:
+        """Not valid, no page, no views (rwlock held for write)."""
+        self.valid = False
+        self.frame = None
+        self._page = None
+        self._drop_views()
+
+    def _drop_views(self) -> None:
+        """Forget the views `acquire` handed out, releasing them (rwlock held for write,
+        so no holder is using one): a view kept past its `release` raises ValueError from
+        now on instead of reaching a page the cache no longer holds. A view something
+        else exports (numpy, say) cannot be released; it is only forgotten."""
+        self._hot = None
+        views, self._views = self._views, {}
+        for view in views.values():
+            with suppress(BufferError):
+                view.release()
 
     # -- use ------------------------------------------------------------------------------
     def mark_dirty(self) -> None:
         """kvm_gpc_mark_dirty_in_slot: mark the cached page dirty in its slot's log (GPA-based
-        caches of logging slots; nothing otherwise). Call inside `lock()`."""
+        caches of logging slots; nothing otherwise). Call while holding the cache (between
+        `acquire` and `release`, or inside `lock()`)."""
         slot, gpa = self.memslot, self.gpa
         if slot is not None and gpa is not None and slot.dirty_logging:
             self._mark(slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, 1)
 
+    def acquire(self, length: int) -> memoryview:
+        """Hold the cache valid for `length` bytes and return a live, writable view of them
+        (KVM's `read_lock(&gpc->lock)` + the `kvm_gpc_check` / `kvm_gpc_refresh` loop;
+        the view is KVM's khva): the read lock is held on return, and a failed refresh
+        raises with nothing held. End the hold with `release`; call `mark_dirty` before it
+        if you wrote. Use the view only while holding: it stays the cache's until the page
+        goes (an invalidation, a refresh, `deactivate`), and from then on it raises
+        ValueError. Keep the hold short, as in KVM where it cannot sleep: a host change to
+        this page waits for it, and a slot update waits for that host change — so do not
+        change host memory or slots while holding it. `with gpc.lock(length):` is the
+        same pair with a view of the block's own."""
+        rwlock = self.rwlock
+        r = rwlock.readers  # rwlock.acquire_read(), inlined (see RwLock)
+        r.append(None)
+        if rwlock.busy:
+            rwlock.read_contended()
+        # kvm_gpc_check, inline, on the last view handed out: valid (a view), the same
+        # length, the same slot generation (GPA-based)
+        hot = self._hot
+        if hot is not None and length.__class__ is int and hot[1] == length and (
+                hot[2] is None or hot[2] == self._memslots.active.value[0].generation):
+            return hot[0]
+        return self._acquire_slow(length)
+
+    def _acquire_slow(self, length: object) -> memoryview:
+        """`acquire` past its fast check (rwlock held for read; released on error)."""
+        rwlock = self.rwlock
+        try:
+            n = as_u64("length", length)
+            # kvm_gpc_check: valid (a page), same slot generation (GPA-based), in the page
+            page, uhva = self._page, self.uhva
+            while page is None or uhva is None or (uhva & 4095) + n > 4096 or (
+                    self.gpa is not None and
+                    self.generation != self._memslots.active.value[0].generation):
+                rwlock.release_read()
+                try:
+                    self.refresh(n)
+                finally:
+                    rwlock.acquire_read()
+                page, uhva = self._page, self.uhva
+            view = self._views.get(n)
+            if view is None:
+                off = uhva & 4095
+                view = self._views.setdefault(n, page[off:off + n])
+            self._hot = (view, n, None if self.gpa is None else self.generation)
+            return view
+        except BaseException:
+            rwlock.release_read()
+            raise
+
+    def release(self) -> None:
+        """End a hold that `acquire` began (the read lock)."""
+        rwlock = self.rwlock
+        rwlock.readers.pop()  # rwlock.release_read(), inlined (see RwLock)
+        if rwlock.busy:
+            rwlock.wake_writer()
+
     def lock(self, length: int, *, dirty: bool = False) -> _Locked:
-        """`with gpc.lock(length, dirty=False) as view:` — hold the cache valid for `length`
-        bytes and get a live, writable view of them: check, and refresh until the check
-        passes (errors of `refresh` propagate). With `dirty=True` the page is marked dirty
-        when the block ends. The view is released on exit. Keep the block short, as in KVM
-        where it cannot sleep: a host change to this page waits for it to end, and a slot
-        update waits for that host change — so do not change host memory or slots from
-        inside the block."""
-        if type(length) is not int or not 0 <= length <= U64_MAX:
+        """`with gpc.lock(length, dirty=False) as view:` — `acquire` on entry, `release`
+        on exit; with `dirty=True` the page is marked dirty when the block ends."""
+        if length.__class__ is not int or not 0 <= length <= U64_MAX:
             length = as_u64("length", length)
-        if type(dirty) is not bool:
+        if dirty.__class__ is not bool:
             dirty = as_bool("dirty", dirty)
         return _Locked(self, length, dirty)
 
@@ -295,7 +366,8 @@ class PfnCache:
 
 
 class _Locked:
-    """What `PfnCache.lock` returns: the check/refresh loop on entry, the unlock on exit."""
+    """What `PfnCache.lock` returns: `acquire` on entry, `release` on exit, and a view of
+    the block's own in between (released on exit: using it afterwards raises)."""
 
     __slots__ = ("_dirty", "_gpc", "_length", "_view")
 
@@ -306,37 +378,14 @@ class _Locked:
         self._view: memoryview | None = None
 
     def __enter__(self) -> memoryview:
-        gpc, length = self._gpc, self._length
-        rwlock = gpc.rwlock
-        rwlock.acquire_read()
-        try:
-            # kvm_gpc_check, inline: valid, same slot generation (GPA-based), in the page
-            page, uhva = gpc._page, gpc.uhva
-            while not (gpc.valid and page is not None and uhva is not None and (
-                    gpc.gpa is None
-                    or gpc.generation == gpc._memslots.active.value[0].generation)
-                    and (uhva & 4095) + length <= 4096):
-                rwlock.release_read()
-                try:
-                    gpc.refresh(length)
-                finally:
-                    rwlock.acquire_read()
-                page, uhva = gpc._page, gpc.uhva
-            off = uhva & 4095
-            view = self._view = page[off:off + length]
-        except BaseException:
-            rwlock.release_read()
-            raise
+        view = self._view = self._gpc.acquire(self._length)[:]
         return view
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        gpc = self._gpc
-        try:
-            if self._view is not None:
-                self._view.release()
-                self._view = None
-            if self._dirty:
-                gpc.mark_dirty()
-        finally:
-            gpc.rwlock.release_read()
+        view, self._view = self._view, None
+        assert view is not None
+        view.release()
+        if self._dirty:
+            self._gpc.mark_dirty()
+        self._gpc.release()

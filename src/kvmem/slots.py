@@ -181,12 +181,12 @@ class SlotSet:
     only exist to make lookups cheap and are not observable.
 
     `read_views` / `write_views` are the accessor layer's memos (`kvmem.access` fills and
-    reads them): gfn → the host page's view, tagged with the host epoch it was filled at;
-    the set only owns their lifetime.
+    reads them, and registers the set with `host`, whose changes empty them through
+    `clear_views`): gfn → a view of the host page; the set only owns their lifetime.
     """
 
-    __slots__ = ("_by_gfn", "_by_hva", "_by_id", "_deltas", "_memo", "as_id", "generation",
-                 "npages", "read_views", "write_views")
+    __slots__ = ("__weakref__", "_by_gfn", "_by_hva", "_by_id", "_deltas", "_memo", "as_id",
+                 "generation", "npages", "read_views", "write_views")
 
     def __init__(
         self,
@@ -205,10 +205,15 @@ class SlotSet:
         self.npages = npages
         self._memo: dict[int, MemorySlot] = {}
         self._deltas: dict[int, int] = {}  # gfn → hva - gpa of a usable slot (translate)
-        # (epoch, view of the page)
-        self.read_views: dict[int, tuple[int, memoryview]] = {}
-        # (epoch, view of the page, the slot if it logs dirty pages else None)
-        self.write_views: dict[int, tuple[int, memoryview, MemorySlot | None]] = {}
+        # a view of the page
+        self.read_views: dict[int, memoryview] = {}
+        # (view of the page, the slot if it logs dirty pages else None)
+        self.write_views: dict[int, tuple[memoryview, MemorySlot | None]] = {}
+
+    def clear_views(self) -> None:
+        """Empty the accessor memos (a host change: see `kvmem.host.register_view_cache`)."""
+        self.read_views.clear()
+        self.write_views.clear()
 
     # -- lookups ----------------------------------------------------------------------------
     def __len__(self) -> int:

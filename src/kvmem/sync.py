@@ -5,7 +5,7 @@ Rules of this room:
   The concurrency checker replaces this module's classes with scheduler-aware twins, so
   every operation below is a place where another thread may run.
 - The normal implementations are thin wrappers over `threading` and must stay cheap:
-  an SRCU read section is two counter increments, `Atomic.load` is one attribute read.
+  an SRCU read section is one list append and one pop, `Atomic.load` is one attribute read.
   `benchmarks/bench_sync.py` measures each against the raw `threading` object or plain
   attribute access it stands for.
 - A hot path may read `Atomic.value` directly (a plain attribute: no call). It means
@@ -13,22 +13,20 @@ Rules of this room:
   lost by it; writes always go through `store`/`add`.
 - `read()`/`write()`/`with` need no generator: they return small guard objects.
 
-Theory of operation of `Srcu` (sleepable RCU, Linux's srcu_struct in miniature): two
-pairs of counters, `locks[i]` and `unlocks[i]`, and an index. `read_lock` reads the index,
-counts itself in `locks[index]` and returns the index, *before* the reader loads any
-published pointer; `read_unlock(index)` counts in `unlocks[index]`. `synchronize` flips
-the index, then waits until `unlocks[old]` (read first) equals `locks[old]` (read second):
-every exit it read follows an entry it read, so equality means no reader was inside under
-the old index. A reader that counts itself in the old index only after that check loaded
-its pointer after the flip, hence after the new value was published — so once
-`synchronize` returns, nobody uses the old value. Sections nest (each has its own token).
-The counters are `itertools.count`s: `next()` on one is a single atomic step under
-CPython's GIL, which this module relies on.
+Theory of operation of `Srcu` (sleepable RCU, Linux's srcu_struct in miniature): a reader
+registers in the list `current` — one entry per open section — *before* it loads any
+published pointer, and takes its entry out of the same list when it leaves (the list is its
+token). `synchronize` replaces `current` with a fresh list, then waits until the old one is
+empty. A reader that registered in the old list before that check is waited for; one that
+registered in it only after the check loaded its pointer after the swap, hence after the
+new value was published — so once `synchronize` returns, nobody uses the old value.
+Sections nest (each has its own entry). `list.append`, `list.pop` and the emptiness test
+are single atomic steps under CPython's GIL, which this module relies on; no integer is
+allocated on the read side, which is why this is cheaper than a pair of counters.
 """
 
 from __future__ import annotations
 
-import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -107,17 +105,28 @@ class _Guard:
 
 class RwLock:
     """Many readers or one writer; writers are not starved (new readers wait for a
-    waiting writer)."""
+    waiting writer).
 
-    __slots__ = ("_cond", "_lock", "_read", "_readers", "_sleepers", "_write", "_writer",
-                 "_writers_waiting", "name")
+    The read side takes no lock while no writer holds or waits: a reader registers in the
+    list `readers` (one entry per hold) and then looks at `busy` (a writer holds or waits);
+    a writer sets `busy` and then waits until `readers` is empty. Under the GIL each of
+    these steps is atomic and they are seen in program order, so either the reader sees
+    `busy` (and steps back: `read_contended`) or the writer sees the reader (and waits for
+    it). A hot path may inline the read side — `r = rw.readers; r.append(None)`, then
+    `if rw.busy: rw.read_contended()` … `r.pop()`, then `if rw.busy: rw.wake_writer()` —
+    which is exactly what `acquire_read` / `release_read` do; the concurrency checker's
+    twin honours the same protocol."""
+
+    __slots__ = ("_cond", "_lock", "_read", "_sleepers", "_write", "_writer",
+                 "_writers_waiting", "busy", "name", "readers")
 
     def __init__(self, name: str = "rwlock") -> None:
-        self._lock = threading.Lock()  # guards the counts; uncontended paths take only it
-        self._cond = threading.Condition(self._lock)
-        self._readers = 0
+        self._lock = threading.Lock()  # guards the writer fields; readers take it only
+        self._cond = threading.Condition(self._lock)  # when a writer holds or waits
+        self.readers: list[None] = []
         self._writer: int | None = None
         self._writers_waiting = 0
+        self.busy = False  # a writer holds or waits (changed under _lock)
         self._sleepers = 0  # threads in _cond.wait(): notify only if there are any
         self.name = name
         self._read = _Guard(self.acquire_read, self.release_read)
@@ -131,36 +140,52 @@ class RwLock:
             self._sleepers -= 1
 
     def acquire_read(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        try:
-            while self._writer is not None or self._writers_waiting:
+        self.readers.append(None)
+        if self.busy:
+            self.read_contended()
+
+    def read_contended(self) -> None:
+        """The reader's entry met a writer: take it back (waking the writer if it waits
+        for it), wait until no writer holds or waits, and register again."""
+        self.readers.pop()
+        with self._lock:
+            if self._sleepers:
+                self._cond.notify_all()
+            while self.busy:
                 self._sleep()
-            self._readers += 1
-        finally:
-            lock.release()
+            self.readers.append(None)  # under the lock: a writer sees it when it checks
 
     def release_read(self) -> None:
-        lock = self._lock
-        lock.acquire()
-        self._readers -= 1
-        if self._readers == 0 and self._sleepers:
-            self._cond.notify_all()
-        lock.release()
+        self.readers.pop()
+        if self.busy:
+            self.wake_writer()
+
+    def wake_writer(self) -> None:
+        """A reader left while a writer holds or waits: wake it if it sleeps."""
+        with self._lock:
+            if self._sleepers:
+                self._cond.notify_all()
 
     def acquire_write(self) -> None:
         with self._lock:
             self._writers_waiting += 1
+            self.busy = True  # before looking at `readers`: see the class notes
             try:
-                while self._writer is not None or self._readers:
+                while self._writer is not None or self.readers:
                     self._sleep()
-            finally:
+            except BaseException:  # interrupted while waiting: leave no trace
                 self._writers_waiting -= 1
+                self.busy = self._writer is not None or self._writers_waiting > 0
+                if self._sleepers:
+                    self._cond.notify_all()
+                raise
+            self._writers_waiting -= 1
             self._writer = _get_ident()
 
     def release_write(self) -> None:
         with self._lock:
             self._writer = None
+            self.busy = self._writers_waiting > 0
             if self._sleepers:
                 self._cond.notify_all()
 
@@ -233,11 +258,6 @@ class Condition:
         self._cond.notify_all()
 
 
-def _count_of(counter: itertools.count[int]) -> int:
-    """The next value `counter` would return, without taking it."""
-    return int(repr(counter)[6:-1])  # "count(N)"
-
-
 class _Section:
     """`with srcu.read():` — one read section, holding its token."""
 
@@ -245,7 +265,7 @@ class _Section:
 
     def __init__(self, srcu: Srcu) -> None:
         self._srcu = srcu
-        self._token = 0
+        self._token: list[None] = []
 
     def __enter__(self) -> None:
         self._token = self._srcu.read_lock()
@@ -258,25 +278,24 @@ class Srcu:
     """Sleepable RCU: cheap read sections, `synchronize` waits for readers of old data.
 
     `token = srcu.read_lock()` … `srcu.read_unlock(token)`, or `with srcu.read():`. A hot
-    path may inline the two steps — `i = srcu.index; next(srcu.locks[i])` … then
-    `next(srcu.unlocks[i])` — which is exactly what the methods do; the concurrency
-    checker's twin honours the same protocol (and makes both steps scheduling points)."""
+    path may inline the two steps — `r = srcu.current; r.append(None)` … then `r.pop()` —
+    which is exactly what the methods do; the concurrency checker's twin honours the same
+    protocol (and makes both steps scheduling points)."""
 
     def __init__(self, name: str = "srcu") -> None:
         self.name = name
-        self.index = 0
-        self.locks = (itertools.count(), itertools.count())
-        self.unlocks = (itertools.count(), itertools.count())
+        # the readers of the current phase: one entry per open section
+        self.current: list[None] = []
         self._gp_lock = threading.Lock()  # one grace period at a time
         self.grace_periods = 0
 
-    def read_lock(self) -> int:
-        i = self.index
-        next(self.locks[i])  # before the caller loads any published pointer
-        return i
+    def read_lock(self) -> list[None]:
+        r = self.current
+        r.append(None)  # before the caller loads any published pointer
+        return r
 
-    def read_unlock(self, token: int) -> None:
-        next(self.unlocks[token])
+    def read_unlock(self, token: list[None]) -> None:
+        token.pop()
 
     def read(self) -> AbstractContextManager[None]:
         """`with srcu.read():` — a read section."""
@@ -286,14 +305,10 @@ class Srcu:
         """Return once every read section that began before this call has ended. Never
         call it inside a read section of the same Srcu: it would wait for itself."""
         with self._gp_lock:
-            old = self.index
-            self.index = old ^ 1
-            locks, unlocks = self.locks[old], self.unlocks[old]
+            old = self.current
+            self.current = []
             delay = 0.0
-            while True:
-                done = _count_of(unlocks)
-                if done == _count_of(locks):
-                    break
+            while old:
                 time.sleep(delay)
                 delay = min(0.001, delay + 0.00005)
             self.grace_periods += 1

@@ -39,14 +39,15 @@ import errno
 import itertools
 from collections.abc import Callable, Iterator, Sequence
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 from . import host, sync
 from . import memslots as _memslots
 from .access import DirtyMarks, GuestMemory, HvaCache
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
-from .contract import EngineCapabilities, Exit, Regs
-from .cpu import VcpuState
+from .contract import EngineCapabilities, EngineError, Exit, Regs
+from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, canonical, translate_gva
+from .cpu.paging import INVALID_GPA
 from .dirty import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GuestMemfd
@@ -76,6 +77,7 @@ from .uapi import (
     PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
+    U64_MAX,
 )
 
 __all__ = [
@@ -130,15 +132,11 @@ class SlotsListener:
 
 
 class EngineVcpu(Protocol):
-    """A vCPU of an engine. `run`, `complete`, `regs` and `start` belong to the thread that
-    runs it; `kick` may come from any thread."""
-
-    @property
-    def id(self) -> int: ...
-
-    @property
-    def vcpu(self) -> Vcpu:
-        """kvmem's view of this vCPU (its address space, its memory path)."""
+    """The engine's half of a `Vcpu`: what runs its guest code. The `Vm` creates it with the
+    `Vcpu` (`Engine.create_vcpu_backend`) and the `Vcpu` calls it — users never hold one.
+    `run`, `complete`, the registers and the state belong to the thread that runs the vCPU;
+    `kick` may come from any thread. It reaches kvmem only through the `Vcpu`'s and the
+    `Vm`'s public interface."""
 
     def start(self, entry: int, regs: Regs | None = None) -> None:
         """Reset to 32-bit protected mode (flat segments, CPL 0, no paging) at `entry`."""
@@ -166,11 +164,24 @@ class EngineVcpu(Protocol):
     def kick(self) -> None:
         """Make a running (or the next) `run` return `ExitKind.KICKED` promptly."""
 
+    def paging_registers(self) -> tuple[Sregs, int]:
+        """The segment/control registers and RFLAGS as they stand, changing nothing (unlike
+        `get_state`, which finishes a pending read): what a page walk reads."""
+
+    @property
+    def paging_features(self) -> PagingFeatures:
+        """The guest CPUID facts a page walk depends on (MAXPHYADDR, 1 GiB pages, vendor)."""
+
+    def translate(self, gva: int) -> int | None:
+        """The engine's own translation of `gva` as a supervisor read (KVM_TRANSLATE):
+        the gpa, `kvmem.cpu.paging.INVALID_GPA` where it does not translate, or None where
+        the engine has none (kvmem's walker answers)."""
+
 
 class Engine(Protocol):
     """What runs guest code on a Vm (`kvmem.engines`: kvm, unicorn): a `SlotsListener`
-    attached to one Vm that applies slot deltas in commit order, creates vCPUs, runs them,
-    folds its dirty log into kvmem's, and reports its capabilities."""
+    attached to one Vm that applies slot deltas in commit order, gives each `Vcpu` the
+    backend that runs it, folds its dirty log into kvmem's, and reports its capabilities."""
 
     name: str
     stats: dict[str, int]
@@ -181,11 +192,9 @@ class Engine(Protocol):
     def attach(self, vm: Vm) -> None:
         """Mirror `vm`'s current slots and listen to it from now on (called by `Vm`)."""
 
-    def create_vcpu(self, vcpu_id: int) -> EngineVcpu:
-        """`vm.create_vcpu(vcpu_id)` and this engine's vCPU over it."""
-
-    @property
-    def vcpus(self) -> Sequence[EngineVcpu]: ...
+    def create_vcpu_backend(self, vcpu: Vcpu) -> EngineVcpu:
+        """The engine's half of `vcpu`, which `vm.create_vcpu` is creating (called by the
+        `Vm`, with `slots_lock` held; a refusal leaves no trace in the engine)."""
 
     def close(self) -> None:
         """Stop listening, stop every vCPU, release the engine's resources."""
@@ -505,12 +514,16 @@ class Vm:
 
     # -- vCPUs ------------------------------------------------------------------------------------
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        """The vCPU `vcpu_id` (KVM_CREATE_VCPU): kvmem's memory view of it and, with an
+        engine, the CPU that runs its guest code. EEXIST for an id already created."""
         self.memslots.check_process()
         vcpu_id = as_u32("vcpu_id", vcpu_id)
         with self.memslots.slots_lock:
             if vcpu_id in self._vcpus:
                 raise KvmError(errno.EEXIST, f"vCPU {vcpu_id} already exists")
             vcpu = Vcpu(self, vcpu_id)
+            if self.engine is not None:
+                vcpu._attach(self.engine.create_vcpu_backend(vcpu))
             self._vcpus[vcpu_id] = vcpu
             return vcpu
 
@@ -744,9 +757,19 @@ def _binding_moves(changes: Sequence[Change]) -> dict[GmemFile, BindingMoves]:
 
 
 class Vcpu:
-    """A vCPU's view of guest memory: its address space (1 while in SMM), the accessors of
-    that address space (kvm_vcpu_read_guest...) and guest code's memory path through the
-    stage-2 (`guest_read` / `guest_write`)."""
+    """One vCPU: kvmem's per-vCPU view of guest memory and, where the Vm has an engine, the
+    CPU that runs guest code — one object per vCPU id, made by `Vm.create_vcpu`.
+
+    Memory view (every Vm): its address space (1 while in SMM), the accessors of that
+    address space (kvm_vcpu_read_guest...), guest code's memory path through the stage-2
+    (`guest_read` / `guest_write`, `fault_in`), and guest virtual memory through the vCPU's
+    own page tables (`translate_gva`, `read_virt`, `write_virt`).
+
+    CPU (with an engine): `start`, `run`, `complete`, `kick`, registers and the whole state,
+    delegated to the engine's backend for this vCPU. Without an engine, `run`, `start`,
+    `complete`, `kick`, `get_regs` and `set_regs` raise `EngineError(ENODEV)`; `get_state` /
+    `set_state` hold a `VcpuState` (the reset state at first), which the page walks read.
+    """
 
     # bound to the vCPU's address space (again whenever `smm` changes)
     read: Callable[[int, int], bytes]
@@ -763,6 +786,19 @@ class Vcpu:
     dirty_ring: DirtyRing
     """This vCPU's dirty ring (`harvest()`); of 0 entries on a VM without rings."""
 
+    # bound to the engine's backend when the Vm has an engine (see `EngineVcpu`)
+    run: Callable[[], Exit]
+    """Run guest code until the next exit (`kvmem.engines` lists them, with KVM's
+    convention on every engine)."""
+    complete: Callable[[bytes], None]
+    """Answer the last read exit with exactly `exit.answer_size` bytes."""
+    kick: Callable[[], None]
+    """From any thread: make a running (or the next) `run` return `ExitKind.KICKED`."""
+    get_regs: Callable[[], Regs]
+    set_regs: Callable[[Regs], None]
+    """At any exit; at a read exit (IN, MMIO read) the read is dropped and the instruction
+    runs again from the registers set."""
+
     def __init__(self, vm: Vm, vcpu_id: int) -> None:
         self.vm = vm
         self.id = vcpu_id
@@ -774,7 +810,22 @@ class Vcpu:
                         for as_id in range(vm.address_spaces)]
         self._stage2 = [Stage2Access(vm.mmu, as_id, self.dirty_ring)
                         for as_id in range(vm.address_spaces)]
+        self._backend: EngineVcpu | None = None
+        self._state = VcpuState()  # the state of a vCPU no engine runs
         self._bind()
+        self.run = self.complete = self.kick = self._no_engine
+        self.get_regs = self.set_regs = self._no_engine
+
+    def _attach(self, backend: EngineVcpu) -> None:
+        """The Vm gives the vCPU its engine's backend (once, before anyone else sees it)."""
+        self._backend = backend
+        self.run, self.complete, self.kick = backend.run, backend.complete, backend.kick
+        self.get_regs, self.set_regs = backend.get_regs, backend.set_regs
+
+    def _no_engine(self, *args: object, **kwargs: object) -> Any:
+        raise EngineError(errno.ENODEV, f"vCPU {self.id} cannot run guest code: its Vm has "
+                                        "no engine (create it with Vm(engine='kvm', "
+                                        "'unicorn' or 'auto'))")
 
     def _bind(self) -> None:
         as_id = self.as_id
@@ -783,6 +834,40 @@ class Vcpu:
         stage2 = self._stage2[as_id]
         self.guest_read, self.guest_write = stage2.read, stage2.write
 
+    @property
+    def backend(self) -> EngineVcpu | None:
+        """The engine's half of this vCPU (None without an engine): for engines and their
+        tests; everything a VMM needs is on the `Vcpu` itself."""
+        return self._backend
+
+    def start(self, entry: int, regs: Regs | None = None) -> None:
+        """Reset to 32-bit protected mode (flat 4 GiB segments, CPL 0, no paging) at `entry`,
+        with the general registers of `regs` (the mode of the bundled 32-bit guests)."""
+        if self._backend is None:
+            self._no_engine()
+        else:
+            self._backend.start(entry, regs)
+
+    # -- the whole state ----------------------------------------------------------------------
+    def get_state(self) -> VcpuState:
+        """The whole architectural state (canonical, `kvmem.cpu.canonical`). With an engine,
+        at any exit (at a read exit the instruction is finished first, with the answer given,
+        zeros without one); without, the state last set."""
+        if self._backend is not None:
+            return self._backend.get_state()
+        return self._state
+
+    def set_state(self, state: VcpuState) -> None:
+        """Load `state` (taken on any engine, or built by `kvmem.cpu.modes`); the next `run`
+        goes on from it."""
+        if not isinstance(state, VcpuState):
+            raise TypeError(f"state must be a kvmem.cpu.VcpuState, not {type(state).__name__}")
+        if self._backend is not None:
+            self._backend.set_state(state)
+        else:
+            self._state = canonical(state)  # what an engine's get_state would give back
+
+    # -- memory view --------------------------------------------------------------------------
     @property
     def smm(self) -> bool:
         return self._smm
@@ -825,8 +910,75 @@ class Vcpu:
         go to its dirty ring. Engines hold it while the vCPU runs."""
         return loaded(self.dirty_ring)
 
+    # -- guest virtual memory -----------------------------------------------------------------
+    def _paging(self) -> tuple[Sregs, int, PagingFeatures]:
+        if self._backend is not None:
+            sregs, rflags = self._backend.paging_registers()
+            return sregs, rflags, self._backend.paging_features
+        state = self._state
+        return state.sregs, state.regs.rflags, PagingFeatures(
+            maxphyaddr=max(32, min(52, self.vm.limits.phys_bits)))
+
+    def translate_gva(self, gva: int) -> int:
+        """gva → gpa through the vCPU's page tables, as KVM_TRANSLATE walks them (a
+        supervisor data read): KVM_TRANSLATE itself on the KVM engine, kvmem's walker
+        (`kvmem.cpu.paging`, KVM's rules) otherwise. Without paging the gva is the gpa.
+        Raises `kvmem.cpu.PageFault` (the gva and the error code a CPU would push) where the
+        address does not translate."""
+        gva = as_u64("gva", gva)
+        gpa = None if self._backend is None else self._backend.translate(gva)
+        if gpa is not None and gpa != INVALID_GPA:
+            return gpa
+        walked = self._walk(gva, False, False)  # no translation: the walker says why
+        if gpa is not None:
+            raise PageFault(gva, 0, f"KVM_TRANSLATE finds no translation; kvmem's walker "
+                                    f"reaches gpa {walked:#x}")
+        return walked
+
+    def _walk(self, gva: int, write: bool, user: bool) -> int:
+        sregs, rflags, features = self._paging()
+        return translate_gva(self.read, sregs, gva, write=write, user=user,
+                             features=features, rflags=rflags)
+
+    def _virt_runs(self, gva: int, n: int, write: bool, user: bool) -> list[tuple[int, int]]:
+        """(gpa, length) of each page piece of [gva, gva + n), every page translated first
+        — so a fault on any page is raised before a byte is copied."""
+        sregs, rflags, features = self._paging()
+        runs = []
+        pos, left = gva, n
+        while left:
+            k = min(left, PAGE_SIZE - (pos & PAGE_MASK))
+            runs.append((translate_gva(self.read, sregs, pos, write=write, user=user,
+                                       features=features, rflags=rflags), k))
+            pos = (pos + k) & U64_MAX
+            left -= k
+        return runs
+
+    def read_virt(self, gva: int, n: int, *, user: bool = False) -> bytes:
+        """`n` bytes (a u32, as KVM's) at guest virtual address `gva`, through the vCPU's
+        page tables, page by page (KVM's kvm_read_guest_virt): a supervisor read, or a CPL-3
+        one with `user`.
+        Raises `kvmem.cpu.PageFault` — the faulting gva and KVM's error-code bits (present,
+        write, user, reserved...) — where a page does not translate or forbids the read."""
+        gva, n, user = as_u64("gva", gva), as_u32("n", n), as_bool("user", user)
+        return b"".join(self.read(gpa, k) for gpa, k in self._virt_runs(gva, n, False, user))
+
+    def write_virt(self, gva: int, data: bytes | bytearray | memoryview, *,
+                   user: bool = False) -> None:
+        """Write `data` at guest virtual address `gva` through the vCPU's page tables
+        (KVM's kvm_write_guest_virt_system; `user` checks as CPL 3 does), marking the pages
+        dirty as the vCPU's accessors do. A page not present or not writable (CR0.WP
+        decides for supervisor writes) raises `kvmem.cpu.PageFault` before anything is
+        written — unlike KVM, which writes the pages before the faulting one."""
+        gva, view, user = as_u64("gva", gva), as_bytes("data", data), as_bool("user", user)
+        done = 0
+        for gpa, k in self._virt_runs(gva, view.nbytes, True, user):
+            self.write(gpa, view[done:done + k])
+            done += k
+
     def __repr__(self) -> str:
-        return f"Vcpu({self.id}, smm={self._smm})"
+        engine = "" if self.vm.engine is None else f", engine={self.vm.engine.name}"
+        return f"Vcpu({self.id}, smm={self._smm}{engine})"
 
 
 class Transaction:

@@ -387,14 +387,43 @@ class Mutex:
             raise sync.LockNotHeld(f"{self.name} must be held here")
 
 
+class _ReadHolds:
+    """What a twin RwLock's `readers` gives: `append` and `pop` are the two steps of the
+    inlined read side (`r = rw.readers; r.append(None)` … `r.pop()`); the twin's `busy`
+    is never true, since `append` itself waits for writers."""
+
+    __slots__ = ("_rw",)
+
+    def __init__(self, rw: RwLock) -> None:
+        self._rw = rw
+
+    def append(self, _entry: None) -> None:
+        self._rw.acquire_read()
+
+    def pop(self) -> None:
+        self._rw.release_read()
+
+
 class RwLock:
     __slots__ = ("_readers", "_writer", "_writers_waiting", "name")
+
+    busy = False  # the inlined read side never takes the real lock's slow path here
 
     def __init__(self, name: str = "rwlock") -> None:
         self._readers: list[int] = []
         self._writer: int | None = None
         self._writers_waiting = 0
         self.name = name
+
+    @property
+    def readers(self) -> _ReadHolds:
+        return _ReadHolds(self)
+
+    def read_contended(self) -> None:
+        raise AssertionError("the twin's busy is never true")
+
+    def wake_writer(self) -> None:
+        raise AssertionError("the twin's busy is never true")
 
     def acquire_read(self) -> None:
         ctx = _current()
@@ -528,17 +557,21 @@ class _Record:
     phase: int = 0
 
 
-class _Step:
-    """What `next()` on a twin Srcu's counter does: one step of the read-side protocol."""
+class _Readers:
+    """What a twin Srcu's `current` gives: `append` and `pop` are the two steps of the
+    inlined read-side protocol (`r = srcu.current; r.append(None)` … `r.pop()`)."""
 
-    __slots__ = ("_do",)
+    __slots__ = ("_srcu",)
 
-    def __init__(self, do: Callable[[], None]) -> None:
-        self._do = do
+    def __init__(self, srcu: Srcu) -> None:
+        self._srcu = srcu
 
-    def __next__(self) -> int:
-        self._do()
-        return 0
+    def append(self, _entry: None) -> None:
+        self._srcu._enter()
+
+    def pop(self) -> None:
+        _point("read_unlock", self._srcu.name)
+        self._srcu._exit()
 
 
 @dataclass
@@ -558,12 +591,12 @@ class Srcu:
             rec = self._records[me] = _Record()
         return rec
 
-    def read_lock(self) -> int:
+    def read_lock(self) -> _Readers:
         _point("read_lock", self.name)
         self._enter()
-        return 0  # a token, as the real one returns (unused here)
+        return _Readers(self)  # a token, as the real one returns (unused here)
 
-    def read_unlock(self, token: int) -> None:
+    def read_unlock(self, token: object) -> None:
         _point("read_unlock", self.name)
         self._exit()
 
@@ -579,23 +612,12 @@ class Srcu:
             raise RuntimeError(f"{self.name}: read_unlock without read_lock")
         rec.nesting -= 1
 
-    # the inlined read side of `kvmem.sync.Srcu`: `i = srcu.index; next(srcu.locks[i])` …
-    # `next(srcu.unlocks[i])`, with the same scheduling points as the two methods
+    # the inlined read side of `kvmem.sync.Srcu`: `r = srcu.current; r.append(None)` …
+    # `r.pop()`, with the same scheduling points as the two methods
     @property
-    def index(self) -> int:
+    def current(self) -> _Readers:
         _point("read_lock", self.name)
-        return 0
-
-    @property
-    def locks(self) -> tuple[_Step, _Step]:
-        step = _Step(self._enter)
-        return step, step
-
-    @property
-    def unlocks(self) -> tuple[_Step, _Step]:
-        _point("read_unlock", self.name)
-        step = _Step(self._exit)
-        return step, step
+        return _Readers(self)
 
     @contextmanager
     def read(self) -> Iterator[None]:

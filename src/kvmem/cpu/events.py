@@ -198,10 +198,7 @@ class _Delivery:
         if self.state.regs.rflags & _RFLAGS_VM:
             raise UnmodelledEvent("event delivery in virtual-8086 mode is not modelled")
         if not s.efer & _EFER_LMA:
-            if self.event.vector * 8 + 7 > s.idt.limit:
-                raise _Fault(_GP, self.event.vector * 8 + 2 + self.ext)  # (all modes agree)
-            raise UnmodelledEvent("event delivery through a 16/32-bit protected-mode IDT "
-                                      "gate is not modelled")
+            return self.legacy_gate()
         return self.long_mode()
 
     # -- memory by linear address ---------------------------------------------------------------
@@ -241,6 +238,26 @@ class _Delivery:
         state = st.with_segment("cs", selector=cs, base=cs << 4)
         return state.with_regs(rip=ip, rflags=rflags,
                                rsp=(st.regs.rsp & ~0xFFFF) | sp)
+
+    # -- 16/32-bit protected mode: the gate's checks, not the delivery ---------------------------
+    def legacy_gate(self) -> VcpuState:
+        """The checks on a protected-mode IDT gate that fail before any delivery (the IDT
+        limit, the gate type, a software event's DPL, the present bit: SDM vol. 3 §6.12.1) —
+        so an empty or zeroed IDT ends in a triple fault as on a CPU; a good gate is
+        `UnmodelledEvent`."""
+        s, ev = self.state.sregs, self.event
+        idt_error = ev.vector * 8 + 2 + self.ext
+        if ev.vector * 8 + 7 > s.idt.limit:
+            raise _Fault(_GP, idt_error)
+        attr = self.read_linear(s.idt.base + ev.vector * 8 + 5, 1)[0]
+        if attr & 0x1F not in (0x05, 0x06, 0x07, 0x0E, 0x0F):  # task, 16/32-bit int/trap
+            raise _Fault(_GP, idt_error)
+        if ev.software and (attr >> 5) & 3 < s.cs.dpl:
+            raise _Fault(_GP, ev.vector * 8 + 2)
+        if not attr & 0x80:
+            raise _Fault(_NP, idt_error)
+        raise UnmodelledEvent("event delivery through a 16/32-bit protected-mode IDT gate is "
+                              "not modelled")
 
     # -- long mode: a 64-bit IDT -----------------------------------------------------------------
     def long_mode(self) -> VcpuState:

@@ -7,6 +7,7 @@ Defines:
   NX, EFER.SCE without SYSCALL — and a vCPU starts with an empty CPUID;
 - `paging_features(cpuid)` — the `PagingFeatures` of a vCPU with that CPUID;
 - `settle(vcpu)` — finish the instruction of the last exit (see below);
+- `get_sregs(vcpu)` — the segment and control registers alone, changing nothing;
 - `get_state(vcpu)` / `set_state(vcpu, state)` — the whole state, through KVM_GET/SET_REGS,
   _SREGS, _XSAVE, _MSRS, _VCPU_EVENTS and _MP_STATE.
 
@@ -57,7 +58,7 @@ from .state import (
     canonical,
 )
 
-__all__ = ["get_state", "paging_features", "set_state", "settle", "setup_cpuid"]
+__all__ = ["get_sregs", "get_state", "paging_features", "set_state", "settle", "setup_cpuid"]
 
 # the exits whose instruction KVM completes on the next KVM_RUN
 _UNFINISHED_EXITS: Final = frozenset({kvmapi.KVM_EXIT_IO, kvmapi.KVM_EXIT_MMIO})
@@ -116,10 +117,18 @@ def settle(vcpu: KvmVcpu) -> None:
                                 "answer it and settle again")
 
 
+def get_sregs(vcpu: KvmVcpu) -> Sregs:
+    """KVM_GET_SREGS as `Sregs`, as the registers stand (no `settle`: a read only)."""
+    s = vcpu.get_sregs()
+    return Sregs(**{n: Segment(**vars(getattr(s, n))) for n in Sregs.SEGMENTS},
+                 gdt=DTable(*s.gdt), idt=DTable(*s.idt), cr0=s.cr0, cr2=s.cr2, cr3=s.cr3,
+                 cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base)
+
+
 def get_state(vcpu: KvmVcpu) -> VcpuState:
     settle(vcpu)
     r = vcpu.get_regs()
-    s = vcpu.get_sregs()
+    sregs = get_sregs(vcpu)
     fpu = _fpu_from_xsave(vcpu.get_xsave())
     values = vcpu.get_msrs(SUPPORTED_MSRS)
     if len(values) != len(SUPPORTED_MSRS):
@@ -128,10 +137,7 @@ def get_state(vcpu: KvmVcpu) -> VcpuState:
     e = vcpu.get_vcpu_events()
     state = VcpuState(
         regs=Regs(**vars(r)),
-        sregs=Sregs(
-            **{n: Segment(**vars(getattr(s, n))) for n in Sregs.SEGMENTS},
-            gdt=DTable(*s.gdt), idt=DTable(*s.idt), cr0=s.cr0, cr2=s.cr2, cr3=s.cr3,
-            cr4=s.cr4, cr8=s.cr8, efer=s.efer, apic_base=s.apic_base),
+        sregs=sregs,
         fpu=fpu,
         msrs=Msrs(values),
         events=VcpuEvents(

@@ -132,15 +132,15 @@ def paging_mode(sregs: Sregs) -> str:
 
 def translate_gva(read: Read, state_or_sregs: VcpuState | Sregs, gva: int, *,
                   write: bool = False, user: bool = False, fetch: bool = False,
-                  features: PagingFeatures = DEFAULT_FEATURES) -> int:
+                  features: PagingFeatures = DEFAULT_FEATURES, rflags: int = 0) -> int:
     """The gpa that an access to linear address `gva` reaches: a data read by default,
     `write`, or instruction `fetch`; by supervisor code, or `user` (CPL 3). Raises
     `PageFault` with the error code a CPU would push. With a whole `VcpuState`, SMAP honours
-    RFLAGS.AC; with `Sregs` alone AC counts as clear."""
+    its RFLAGS.AC; with `Sregs` alone, that of `rflags`."""
     if isinstance(state_or_sregs, VcpuState):
         sregs, ac = state_or_sregs.sregs, bool(state_or_sregs.regs.rflags & _RFLAGS_AC)
     elif isinstance(state_or_sregs, Sregs):
-        sregs, ac = state_or_sregs, False
+        sregs, ac = state_or_sregs, bool(rflags & _RFLAGS_AC)
     else:
         raise TypeError(f"translate_gva needs a VcpuState or Sregs, got "
                         f"{type(state_or_sregs).__name__}")

@@ -32,7 +32,6 @@ from unicorn.unicorn_py3 import Uc, UcError
 from .. import kvmapi
 from . import kvm_state, uc_state
 from .events import TripleFault, UnmodelledEvent, deliver
-from .paging import PagingFeatures
 from .state import VcpuState
 
 __all__ = ["GuestMemory", "KvmCpu", "RawCpu", "RawExit", "UcCpu"]
@@ -157,7 +156,7 @@ class UcCpu:
     """A Unicorn CPU (UC_MODE_64, any mode by its state) with `memory` mapped at gpa 0."""
 
     name = "unicorn"
-    features = PagingFeatures(maxphyaddr=40, gbpages=False, amd=False)  # QEMU's "qemu64"
+    features = uc_state.PAGING_FEATURES
 
     def __init__(self, memory: GuestMemory) -> None:
         self.memory = memory

@@ -54,6 +54,7 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import Uc, UcContext
 
 from .events import Event, Interrupt, Syscall
+from .paging import PagingFeatures
 from .state import (
     MP_STATE_RUNNABLE,
     MSR_CSTAR,
@@ -80,6 +81,7 @@ from .state import (
 
 __all__ = [
     "APIC_BASE_DEFAULT",
+    "PAGING_FEATURES",
     "UcTrap",
     "configure",
     "get_state",
@@ -130,6 +132,8 @@ _EFER_SVME: Final = 1 << 12
 _RFLAGS_VM: Final = 1 << 17
 
 # exceptions that push an error code (SDM vol. 3 table 6-1)
+PAGING_FEATURES: Final = PagingFeatures(maxphyaddr=40, gbpages=False, amd=False)
+"""What Unicorn's CPU (QEMU's "qemu64") tells a page walk."""
 _HAS_ERROR_CODE: Final = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 
 _GPRS: Final = (
@@ -576,6 +580,15 @@ class UcTrap:
     def take(self) -> Event | None:
         event, self._event = self._event, None
         return event
+
+    def retry(self, uc: Uc, cr2: int) -> None:
+        """Forget the fault just taken, which the caller does not deliver (the instruction
+        runs again): CR2 back to `cr2`, and no exception in flight in QEMU — which would
+        make the next fault a double fault."""
+        uc.reg_write(X.UC_X86_REG_CR2, cr2)
+        env = _Env(uc, self._layout)
+        env.put(_I32, self._layout.old_exception, -1)
+        env.restore(uc)
 
     @staticmethod
     def invalid_opcode() -> Event:

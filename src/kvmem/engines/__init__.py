@@ -10,6 +10,11 @@ guest, the mode every engine starts a vCPU in: flat 4 GiB segments, CPL 0, no pa
 IDT), `EngineCapabilities`, `EngineError` (`kvmem.contract`) and the protocols `Engine` /
 `EngineVcpu` (`kvmem.vm`, the layer that calls them).
 
+One vCPU object: `vm.create_vcpu(i)` returns the `kvmem.Vcpu`, and the Vm asks its engine
+for the backend that runs it (`Engine.create_vcpu_backend`); the `Vcpu`'s `run`, `start`,
+`complete`, `kick`, registers and state are the backend's. Engines have no `create_vcpu`
+of their own.
+
 Rules: engines sit above the `Vm`. They hear about it only as a `SlotsListener` (slot
 changes, tracking changes, dirty-log syncs) and, for Unicorn, as a stage-2 mirror of the
 MMU; they use only public interfaces. The `Vm` never imports this package — it calls the
@@ -43,6 +48,11 @@ its results are in place; "not done" means EIP is at it and nothing of it has ha
                        every `run` returns it, running nothing, until harvest and
                        `vm.reset_dirty_rings()` bring the ring below the limit; the write
                        that made the last entry may or may not have landed
+
+Events: both engines deliver exceptions, INT n and SYSCALL as the CPU does (KVM itself;
+Unicorn, which stops at each, through `kvmem.cpu.events`), so guests in every mode of
+`kvmem.cpu.modes` — real, 32-bit protected, 64-bit, CPL 3 under the ring-0 stub — run on
+both. An exception nothing can deliver is SHUTDOWN (a triple fault) on both.
 
 At every exit: `get_regs` / `set_regs` / `get_state` / `set_state` may be called. Setting
 registers at a read exit (whose registers are those before the instruction) drops the read:

@@ -78,7 +78,7 @@ def run(engine: str, rounds: int, surgery: Surgery | None = None,
         vm.set_memory_region(0, 0, 0, code.size, code.hva)
         vm.set_memory_region(1, 0, DATA_GPA, data.size, data.hva)
         vm.write(CODE_GPA, program("loop"))
-        cpu = vm.engine.create_vcpu(0)
+        cpu = vm.create_vcpu(0)
         cpu.start(CODE_GPA, Regs(esi=CUT, ecx=0, ebx=0))
         started = threading.Event()
         failure: list[BaseException] = []

@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .. import sync
-from ..cpu import VcpuState, kvm_state
+from ..cpu import PagingFeatures, Sregs, VcpuState, kvm_state
+from ..cpu.paging import INVALID_GPA
 from ..dirty import RingReader
 from ..errors import KvmError
 from ..kvmapi import (
@@ -169,23 +170,24 @@ class KvmEngine(AttachedOnce):
         vm.add_listener(self)
 
     # -- vCPUs --------------------------------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int) -> KvmEngineVcpu:
-        vcpu = self.vm.create_vcpu(vcpu_id)
-        fd = self._fd.create_vcpu(vcpu_id)
-        if self._ring_size:
-            reader = RingReader(fd.map_dirty_ring(self._ring_size))
-            vcpu.dirty_ring.attach(lambda: self._ring_entries(reader))
-        # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs of
-        # a state taken on another engine (kvm_state.setup_cpuid)
-        kvm_state.setup_cpuid(self._kvm, fd)
-        cpu = KvmEngineVcpu(self, vcpu, fd)
+    def create_vcpu_backend(self, vcpu: Vcpu) -> KvmEngineVcpu:
+        if self._vm is not vcpu.vm:
+            raise EngineError(errno.EINVAL, f"{vcpu!r} is not a vCPU of this engine's Vm")
+        fd = self._fd.create_vcpu(vcpu.id)
+        try:
+            if self._ring_size:
+                reader = RingReader(fd.map_dirty_ring(self._ring_size))
+                vcpu.dirty_ring.attach(lambda: self._ring_entries(reader))
+            # every CPUID leaf KVM offers: without them KVM refuses the EFER bits and MSRs
+            # of a state taken on another engine (kvm_state.setup_cpuid)
+            cpuid = kvm_state.setup_cpuid(self._kvm, fd)
+        except BaseException:
+            fd.close()
+            raise
+        cpu = KvmEngineVcpu(self, vcpu, fd, kvm_state.paging_features(cpuid))
         with self._gate_lock:
             self._vcpus.append(cpu)
         return cpu
-
-    @property
-    def vcpus(self) -> list[KvmEngineVcpu]:
-        return list(self._vcpus)
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
@@ -415,26 +417,21 @@ class KvmEngine(AttachedOnce):
 
 
 class KvmEngineVcpu:
-    """A KVM vCPU. `run` and friends from one thread; `kick` from any."""
+    """The KVM half of a `kvmem.Vcpu` (its backend): a /dev/kvm vCPU. `run` and friends
+    from one thread; `kick` from any."""
 
-    def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu) -> None:
+    def __init__(self, engine: KvmEngine, vcpu: Vcpu, fd: KvmVcpu,
+                 features: PagingFeatures) -> None:
         self._engine = engine
         self._vcpu = vcpu
         self._fd = fd
+        self._features = features
         self._in_run = False
         self._thread = 0
         self._kicked = False
         self._pending_io: KvmIo | None = None
         self._pending_mmio = 0  # length of an MMIO read awaiting its data
         self._last: Exit | None = None
-
-    @property
-    def id(self) -> int:
-        return self._vcpu.id
-
-    @property
-    def vcpu(self) -> Vcpu:
-        return self._vcpu
 
     # -- registers ----------------------------------------------------------------------------
     def start(self, entry: int, regs: Regs | None = None) -> None:
@@ -498,6 +495,19 @@ class KvmEngineVcpu:
         """Load `state`; a pending read is finished on the old state first (as `get_state`)."""
         self._answer_unanswered()
         kvm_state.set_state(self._fd, state)
+
+    # -- page walks ------------------------------------------------------------------------------
+    def paging_registers(self) -> tuple[Sregs, int]:
+        return kvm_state.get_sregs(self._fd), self._fd.get_regs().rflags
+
+    @property
+    def paging_features(self) -> PagingFeatures:
+        return self._features
+
+    def translate(self, gva: int) -> int:
+        """KVM_TRANSLATE (a supervisor read; INVALID_GPA where KVM finds no translation)."""
+        t = self._fd.translate(gva)
+        return t.physical_address if t.valid else INVALID_GPA
 
     def _interrupt(self) -> None:
         """Under the engine's gate: make KVM_RUN return now, or at once when entered."""

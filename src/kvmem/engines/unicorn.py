@@ -63,6 +63,13 @@ Rules of this room:
   instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
+- Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
+  delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
+  accessors) and goes on, or exits SHUTDOWN for what cannot be delivered. The event of an
+  instruction that exited or is run again is dropped with it. QEMU walks page tables in
+  guest physical memory without hooks, so a table page not mapped yet reads as zeros and
+  faults: a #PF whose walk (kvmem's walker) touches such a page maps it and runs the
+  instruction again, with CR2 and QEMU's exception-in-flight put back (`UcTrap.retry`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 - Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
   vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
@@ -105,8 +112,10 @@ from unicorn.unicorn_const import (
 from unicorn.unicorn_py3 import Uc, UcError
 
 from .. import sync
+from ..cpu import PageFault, PagingFeatures, Segment, Sregs, VcpuState, events, uc_state
 from ..cpu import Regs as KvmRegs
-from ..cpu import Segment, Sregs, VcpuState, uc_state
+from ..cpu.events import Event, Interrupt
+from ..cpu.paging import PFERR_FETCH, PFERR_USER, PFERR_WRITE, translate_gva
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -130,6 +139,7 @@ _REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else i
 # opcodes whose next instruction is not the next bytes and that store (a push): call, INT
 _CALLS = frozenset((0xE8, 0x9A, 0xCC, 0xCD, 0xCE, 0xFF))
 _CR0_PE, _CR0_PG = 1, 1 << 31
+_PF = 14
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
 
 
@@ -170,21 +180,20 @@ class UnicornEngine(AttachedOnce):
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
-                      "stops": 0, "restarts": 0, "steps": 0, "scans": 0, "rewinds": 0}
+                      "stops": 0, "restarts": 0, "steps": 0, "scans": 0, "rewinds": 0,
+                      "events": 0, "table_maps": 0}
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
         vm.mmu.add_mirror(self)
         vm.add_listener(self)
 
-    def create_vcpu(self, vcpu_id: int) -> UnicornVcpu:
-        cpu = UnicornVcpu(self, self.vm.create_vcpu(vcpu_id))
+    def create_vcpu_backend(self, vcpu: Vcpu) -> UnicornVcpu:
+        if self._vm is not vcpu.vm:
+            raise EngineError(errno.EINVAL, f"{vcpu!r} is not a vCPU of this engine's Vm")
+        cpu = UnicornVcpu(self, vcpu)
         self._vcpus.append(cpu)
         return cpu
-
-    @property
-    def vcpus(self) -> list[UnicornVcpu]:
-        return list(self._vcpus)
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
@@ -215,7 +224,8 @@ class UnicornEngine(AttachedOnce):
 
 
 class UnicornVcpu:
-    """A Unicorn vCPU: a `Uc` driven by its own worker thread."""
+    """The Unicorn half of a `kvmem.Vcpu` (its backend): a `Uc` driven by its own worker
+    thread."""
 
     def __init__(self, engine: UnicornEngine, vcpu: Vcpu) -> None:
         self._engine = engine
@@ -228,6 +238,9 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_new_block)
+        # exceptions, INT n and SYSCALL: caught here, delivered by `_deliver`
+        self._trap = uc_state.UcTrap(uc)
+        self._cr2 = 0  # CR2 when the guest last entered (a spurious #PF puts it back)
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = sync.Mutex("unicorn_vcpu.mappings")
         self._zcv = sync.Condition(self._lock)
@@ -280,10 +293,6 @@ class UnicornVcpu:
     def id(self) -> int:
         return self._vcpu.id
 
-    @property
-    def vcpu(self) -> Vcpu:
-        return self._vcpu
-
     # -- registers ------------------------------------------------------------------------------
     def start(self, entry: int, regs: Regs | None = None) -> None:
         """Also forgets every translated block: code the host wrote into guest memory since
@@ -323,6 +332,19 @@ class UnicornVcpu:
         self._uc.ctl_flush_tb()
         self._forget_exit()
         self._forget_code()
+
+    # -- page walks ------------------------------------------------------------------------------
+    def paging_registers(self) -> tuple[Sregs, int]:
+        state = uc_state.get_state(self._uc)
+        return state.sregs, state.regs.rflags
+
+    @property
+    def paging_features(self) -> PagingFeatures:
+        return uc_state.PAGING_FEATURES
+
+    def translate(self, gva: int) -> None:
+        """Unicorn offers no translation of its own: kvmem's walker answers."""
+        return None
 
     def _forget_exit(self) -> None:
         self._answers, self._used = {}, set()
@@ -498,6 +520,7 @@ class UnicornVcpu:
             step = self._step_at == pc
             hook = self._begin_step(pc) if step else None
             error: UcError | None = None
+            self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             try:
                 uc.emu_start(rip, 0)
             except UcError as e:
@@ -509,6 +532,8 @@ class UnicornVcpu:
                     self._zcv.notify_all()
                 if hook is not None:
                     self._end_step(hook)
+            # an event of an instruction that exited, or that runs again, is not delivered
+            event = self._trap.take()
             if self._inert:
                 # a port instruction to learn, or a slow store to step: nothing of it was done
                 self._inert = False
@@ -549,9 +574,21 @@ class UnicornVcpu:
                 if error.errno in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                     return Exit(ExitKind.INTERNAL_ERROR, detail=f"instruction fetch failed "
                                 f"at {uc.reg_read(X.UC_X86_REG_RIP):#x}: {error}")
-                if error.errno in (UC_ERR_INSN_INVALID, UC_ERR_EXCEPTION):
+                if error.errno == UC_ERR_INSN_INVALID:
+                    event = uc_state.UcTrap.invalid_opcode()  # RIP at the instruction
+                elif error.errno == UC_ERR_EXCEPTION:
                     return Exit(ExitKind.SHUTDOWN, detail=str(error))
-                return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
+                else:
+                    return Exit(ExitKind.INTERNAL_ERROR, detail=str(error))
+            if event is not None:
+                exit_ = self._deliver(event)
+                if exit_ is not None:
+                    return exit_
+                if step:
+                    self._step_at = None  # the instruction ended in the event
+                    if self._settling:
+                        return _STEPPED
+                continue
             if done:
                 if self._settling:
                     return _STEPPED
@@ -714,6 +751,59 @@ class UnicornVcpu:
         self._rewind = self._uc.context_save()
         self._uc.emu_stop()
         return False
+
+    # -- events: what Unicorn leaves to its user --------------------------------------------------
+    def _deliver(self, event: Event) -> Exit | None:
+        """Between two emu_starts: take the guest to the handler of `event` as the CPU does
+        (`kvmem.cpu.events`, through the vCPU's accessors), or say why it cannot go on."""
+        uc = self._uc
+        if (isinstance(event, Interrupt) and event.vector == _PF and not event.software
+                and self._map_page_tables(event.error_code or 0)):
+            self._trap.retry(uc, self._cr2)  # not the guest's fault: run it again
+            return None
+        self._engine.stats["events"] += 1
+        try:
+            state = events.deliver(uc_state.get_state(uc), event, self._vcpu.read,
+                                   self._vcpu.write, features=uc_state.PAGING_FEATURES)
+        except events.TripleFault as e:
+            return Exit(ExitKind.SHUTDOWN, detail=str(e))
+        except events.UnmodelledEvent as e:
+            return Exit(ExitKind.INTERNAL_ERROR, detail=f"cannot deliver {event}: {e}")
+        uc_state.set_state(uc, state)
+        return None
+
+    def _map_page_tables(self, error_code: int) -> bool:
+        """A #PF may be Unicorn's, not the guest's: QEMU walks the page tables in guest
+        physical memory, where pages are mapped only once an access faulted them in, and an
+        unmapped one reads as zeros (no hook sees it). Walk the same tables with kvmem's
+        walker over the vCPU's accessors; map, through the fault path, each table page
+        Unicorn lacks. True if one was mapped: the instruction runs again. (QEMU also sets
+        accessed/dirty bits by physical stores, which no dirty log sees; the tables of
+        `kvmem.cpu.modes` have them set already.)"""
+        uc = self._uc
+        touched: list[int] = []
+
+        def read(gpa: int, n: int) -> bytes:
+            touched.append(gpa >> PAGE_SHIFT)
+            return self._vcpu.read(gpa, n)
+
+        sregs = uc_state.get_state(uc).sregs
+        with contextlib.suppress(PageFault):
+            translate_gva(read, sregs, int(uc.reg_read(X.UC_X86_REG_CR2)),
+                          write=bool(error_code & PFERR_WRITE), user=bool(error_code & PFERR_USER),
+                          fetch=bool(error_code & PFERR_FETCH), features=uc_state.PAGING_FEATURES)
+        mapped = False
+        for gfn in dict.fromkeys(touched):
+            if gfn in self._page:
+                continue
+            try:
+                spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
+            except (MmioExit, MemoryFault, TrackedWrite):
+                continue  # no RAM there: the walk fails as KVM's does
+            self._map_ram(gfn, spte)
+            self._engine.stats["table_maps"] += 1
+            mapped = True
+        return mapped
 
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP

@@ -1,7 +1,7 @@
 """Guest programs bundled with kvmem, and the CPU mode they run in.
 
 CPU mode of `walker`, `poker`, `loop`: 32-bit protected mode, flat 4 GiB code and data
-segments, CPL 0, no paging, no IDT, interrupts off — what `EngineVcpu.start(entry, regs)`
+segments, CPL 0, no paging, no IDT, interrupts off — what `Vcpu.start(entry, regs)`
 sets up on every engine. It is the smallest mode in which one binary behaves identically on
 KVM and on Unicorn with no page tables to build. On this project's hosts KVM emulates ring-0
 code (~0.5 M instructions/s), so the programs touch one word per page where they walk
