@@ -158,6 +158,7 @@ def fingerprint(vm: kvmem.Vm, extras: Sequence[object] = ()) -> dict[str, object
         "notifiers": vm.page_track.notifiers,
         "host epoch": host.epoch.load(),
         "mmu seq": vm.mmu.seq.load(),
+        "memory attributes": vm.mmu.attributes.load(),
     }
     for a in range(vm.address_spaces):
         out[f"as{a} generation"] = vm.generation(a)
@@ -267,6 +268,9 @@ CATALOGUE: dict[str, list[Bad]] = {
     "vm.user_va_end": _ranges(-1, -PAGE, 0, PAGE + 1, (1 << 64) + PAGE, 1 << 80)
     + _types(*NOT_INTS),
     "vm.engine": _types(5, 1.0, True, b"kvm", ["kvm"], Opaque()),
+    # with an engine (VM_PARAMS has one) a private-memory type is refused too
+    "vm.vm_type": _types(None, 0, 1, True, b"default", ["default"], Opaque())
+    + _ranges("", "bogus", "DEFAULT", "sw_protected"),
 }
 CATALOGUE["gfn"] = CATALOGUE["u64"]
 # None is `merge`'s default slot id (the first slot's)
@@ -413,6 +417,8 @@ ENTRIES: list[Entry] = [
       *REGION_ARGS, P("guest_memfd_offset", "u64", 0)),
     E("Vm.create_guest_memfd", lambda w, n, f: w.vm.create_guest_memfd(n, f),
       P("size", "u64", 2 * U), P("flags", "u64", 0)),
+    E("Vm.get_memory_attributes", lambda w, g: w.vm.get_memory_attributes(g),
+      P("gpa", "u64", 0x5000)),
     # Transaction
     E("Transaction.set_memory_region", lambda w, *a: w.tx.set_memory_region(*a), *REGION_ARGS),
     E("Transaction.set_memory_region2",
@@ -650,7 +656,8 @@ class FakeEngine:
 
 VM_PARAMS = (P("address_spaces", "vm.address_spaces", 2), P("max_slots", "vm.max_slots", 100),
              P("readonly_mem", "bool", False), P("phys_bits", "vm.phys_bits", 48),
-             P("user_va_end", "vm.user_va_end", 1 << 40), P("engine", "vm.engine", "fake"))
+             P("user_va_end", "vm.user_va_end", 1 << 40), P("engine", "vm.engine", "fake"),
+             P("vm_type", "vm.vm_type", "default"))
 
 
 @pytest.fixture

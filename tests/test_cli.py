@@ -35,6 +35,8 @@ KVM_KEYS = {
     "dirty_ring_max_bytes",
     "user_memory2",
     "guest_memfd",
+    "memory_attributes",
+    "vm_types",
     "max_gfn",
     "user_va_end",
     "limits_note",
@@ -48,6 +50,8 @@ SOFTWARE_KEYS = {
     "manual_dirty_log_protect",
     "user_memory2",
     "guest_memfd",
+    "memory_attributes",
+    "vm_types",
     "phys_bits",
     "max_gfn",
     "user_va_end",
@@ -95,6 +99,8 @@ def test_kvm_facts_agree_with_kvmapi(capsys: pytest.CaptureFixture[str]) -> None
     assert kvm["dirty_ring_max_bytes"] == caps.dirty_ring_max_bytes
     assert kvm["user_memory2"] is caps.user_memory2
     assert kvm["guest_memfd"] is caps.guest_memfd
+    assert kvm["memory_attributes"] == caps.memory_attributes
+    assert "default" in kvm["vm_types"] and len(kvm["vm_types"]) == caps.vm_types.bit_count()
 
 
 def test_auto_engine_follows_kvm(capsys: pytest.CaptureFixture[str]) -> None:
@@ -137,6 +143,10 @@ def test_software_model_is_a_default_vm(capsys: pytest.CaptureFixture[str]) -> N
     assert sw["user_va_end"] == vm.limits.user_va_end
     assert sw["guest_memfd"] is caps.guest_memfd is True
     assert sw["user_memory2"] is True
+    # modelled: PRIVATE on a sw_protected VM (KVM_MEMORY_ATTRIBUTE_PRIVATE), both VM types
+    assert sw["memory_attributes"] == kvmem.Vm(vm_type="sw_protected"
+                                                ).supported_memory_attributes == 1 << 3
+    assert sw["vm_types"] == ["default", "sw_protected"]
     # the documented x86-with-SMM defaults
     assert (sw["address_spaces"], sw["smm"], sw["max_slots"], sw["readonly_mem"]) == (
         2,
@@ -240,6 +250,8 @@ def test_python_m_kvmem_info() -> None:
         "dirty ring",
         "USER_MEMORY2",
         "guest_memfd",
+        "memory attributes",
+        "VM types",
     ):
         assert words in out, f"{words!r} missing from:\n{out}"
     engine = "kvm" if kvm_available() is None else "software"

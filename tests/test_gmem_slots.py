@@ -92,18 +92,27 @@ def test_create_guest_memfd_refuses_as_kvm(vm: Vm, size: int, flags: int) -> Non
     refused(errno.EINVAL, vm.create_guest_memfd, size, flags)
 
 
-def test_a_vm_with_an_engine_has_no_guest_memfd() -> None:
-    """The engines do not mirror guest_memfd slots yet: the VM says so as a kernel without
-    guest_memfd would (ENOTTY to create, EINVAL for the flag)."""
-    vm = Vm(engine="unicorn")
-    try:
-        refused(errno.ENOTTY, vm.create_guest_memfd, MiB, 0)
-        other = Vm().create_guest_memfd(MiB, 0)
-        refused(errno.EINVAL, vm.set_memory_region2, 1, GMEM, GPA, PAGE, HVA, other, 0)
-        other.close()
-    finally:
-        assert vm.engine is not None
-        vm.engine.close()
+def test_an_engine_without_guest_memfd_makes_the_vm_refuse_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine that does not mirror guest_memfd slots (its capabilities say so): the VM
+    answers as a kernel without guest_memfd would (ENOTTY to create, EINVAL for the flag).
+    The bundled engines mirror them (tests/test_gmem_engines.py)."""
+    from kvmem import vm as vm_module
+    from kvmem.contract import EngineCapabilities
+
+    class Plain:
+        name = "plain"
+        capabilities = EngineCapabilities("plain", 2, 32764, True, True, True)
+
+        def attach(self, vm: Vm) -> None:
+            pass
+
+    monkeypatch.setattr(vm_module, "_engine_opener", lambda name: Plain())
+    vm = Vm(engine="plain")
+    refused(errno.ENOTTY, vm.create_guest_memfd, MiB, 0)
+    other = Vm().create_guest_memfd(MiB, 0)
+    refused(errno.EINVAL, vm.set_memory_region2, 1, GMEM, GPA, PAGE, HVA, other, 0)
+    other.close()
 
 
 # -- REGION2: the checks before the slot set --------------------------------------------------

@@ -13,7 +13,8 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "kvmem"
 LAYERS: list[set[str]] = [
     {"uapi", "errors", "sync", "_pindex", "kvmapi", "guests"},  # no kvmem imports
     {"args", "contract", "cpu"},  # argument checks; the engine data; x86 vCPU state
-    {"host", "dirty"},  # host mappings and their invalidations; dirty bitmaps
+    {"host", "dirty", "memattrs"},  # host mappings and their invalidations; dirty bitmaps;
+    # memory attributes of gfns
     {"slots"},  # MemorySlot, SlotSet, KVM's rules, the change-kind table
     {"memslots"},  # published slot sets, SRCU, slots_lock, lookups
     {"access", "gmem"},  # the accessor path + hva cache; guest_memfd files

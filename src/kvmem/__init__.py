@@ -13,12 +13,15 @@ changes are reported as MMU-notifier invalidations.
 
 from . import engines as engines  # registers the opener behind Vm(engine=...)
 from .errors import GuestAccessError, KvmError, TransactionError
+from .gmem import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd
 from .host import HostMemory
+from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE
 from .mmu import MemoryFault, MmioExit, TrackedWrite
 from .pagetrack import PageTrack, TrackNotifier
 from .pfncache import PfnCache
 from .slots import Change, ChangeKind, MemorySlot, SlotSet
 from .uapi import (
+    KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES,
     KVM_MEM_READONLY,
     KVM_MEMSLOT_INVALID,
@@ -27,13 +30,19 @@ from .uapi import (
 from .vm import SlotsListener, Transaction, Vcpu, Vm
 
 __all__ = [
+    "GUEST_MEMFD_FLAG_INIT_SHARED",
+    "GUEST_MEMFD_FLAG_MMAP",
+    "KVM_MEMORY_ATTRIBUTE_PRIVATE",
+    "KVM_MEMORY_EXIT_FLAG_PRIVATE",
     "KVM_MEMSLOT_INVALID",
+    "KVM_MEM_GUEST_MEMFD",
     "KVM_MEM_LOG_DIRTY_PAGES",
     "KVM_MEM_READONLY",
     "PAGE_SIZE",
     "Change",
     "ChangeKind",
     "GuestAccessError",
+    "GuestMemfd",
     "HostMemory",
     "KvmError",
     "MemoryFault",

@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import __version__, kvmapi
+from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
 from .vm import Vm
 
 __all__ = ["HostKvm", "Info", "SoftwareModel", "collect_info", "main"]
@@ -43,6 +44,8 @@ Handler = Callable[[argparse.Namespace], int]
 _HOSTCAPS: Final = "kvmem.hostcaps"
 _MIB: Final = 1 << 20
 _PAGE_SHIFT: Final = 12
+# KVM_X86_*_VM by number (bit n of KVM_CAP_VM_TYPES)
+_X86_VM_TYPES: Final = ("default", "sw_protected", "sev", "sev_es", "snp", "tdx")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class HostKvm:
     dirty_ring_max_bytes: int | None = None  # 0: no dirty ring
     user_memory2: bool | None = None
     guest_memfd: bool | None = None
+    memory_attributes: int | None = None  # KVM_CAP_MEMORY_ATTRIBUTES on /dev/kvm (0: none)
+    vm_types: list[str] | None = None  # KVM_CAP_VM_TYPES
     max_gfn: int | None = None
     user_va_end: int | None = None
     limits_note: str | None = None
@@ -79,6 +84,8 @@ class SoftwareModel:
     manual_dirty_log_protect: int
     user_memory2: bool  # `Vm.set_memory_region2` (KVM_SET_USER_MEMORY_REGION2)
     guest_memfd: bool  # `Vm.create_guest_memfd` and KVM_MEM_GUEST_MEMFD slots
+    memory_attributes: int  # `Vm.set_memory_attributes` on a VM of a private-memory type
+    vm_types: list[str]  # `Vm(vm_type=...)`
     phys_bits: int
     max_gfn: int
     user_va_end: int
@@ -153,6 +160,8 @@ def _host_kvm() -> HostKvm:
         dirty_ring_max_bytes=caps.dirty_ring_max_bytes,
         user_memory2=caps.user_memory2,
         guest_memfd=caps.guest_memfd,
+        memory_attributes=caps.memory_attributes,
+        vm_types=[name for bit, name in enumerate(_X86_VM_TYPES) if caps.vm_types >> bit & 1],
         max_gfn=max_gfn,
         user_va_end=user_va_end,
         limits_note=note,
@@ -170,6 +179,8 @@ def _software_model() -> SoftwareModel:
         manual_dirty_log_protect=caps.manual_dirty_log_protect,
         user_memory2=callable(getattr(vm, "set_memory_region2", None)),
         guest_memfd=caps.guest_memfd,
+        memory_attributes=max(Vm(vm_type=t).supported_memory_attributes for t in VM_TYPES),
+        vm_types=list(VM_TYPES),
         phys_bits=caps.phys_bits,
         max_gfn=vm.limits.max_gfn,
         user_va_end=vm.limits.user_va_end,
@@ -236,6 +247,18 @@ def _ring(nbytes: int | None) -> str:
     return f"up to {size} per vCPU"
 
 
+def _attributes(mask: int | None) -> str:
+    if mask is None:
+        return _NA
+    if mask == 0:
+        return "[red]no[/red]"
+    return "PRIVATE" if mask == KVM_MEMORY_ATTRIBUTE_PRIVATE else f"{mask:#x}"
+
+
+def _names(names: list[str] | None) -> str:
+    return _NA if names is None else ", ".join(names)
+
+
 def _render(info: Info, console: Console) -> None:
     kvm, sw = info.kvm, info.software
     table = Table(
@@ -262,6 +285,9 @@ def _render(info: Info, console: Console) -> None:
         ("dirty ring", _ring(kvm.dirty_ring_max_bytes), _NA),
         ("USER_MEMORY2", _yes_no(kvm.user_memory2), _yes_no(sw.user_memory2)),
         ("guest_memfd", _yes_no(kvm.guest_memfd), _yes_no(sw.guest_memfd)),
+        ("memory attributes", _attributes(kvm.memory_attributes),
+         _attributes(sw.memory_attributes) + " (sw_protected)"),
+        ("VM types", _names(kvm.vm_types), _names(sw.vm_types)),
         ("max gfn", _gfn(kvm.max_gfn), _gfn(sw.max_gfn)),
         ("user VA end", _hex(kvm.user_va_end), _hex(sw.user_va_end)),
     ]

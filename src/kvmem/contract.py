@@ -103,6 +103,7 @@ class EngineCapabilities:
     dirty_log: bool
     write_tracking: bool
     phys_bits: int = 64  # the guest physical address width slots may reach
+    guest_memfd: bool = False  # mirrors KVM_MEM_GUEST_MEMFD slots (`Engine.create_guest_memfd`)
     dirty_ring_max_bytes: int = 1 << 20  # KVM_CAP_DIRTY_LOG_RING's answer; 0: no rings
 
 

@@ -523,13 +523,16 @@ class GuestMemfd:
     @classmethod
     def create(cls, size: int, flags: int, owner: object, *, private_memory: bool = False,
                invalidator: GmemInvalidator | None = None,
-               backing_fd: int | None = None) -> GuestMemfd:
+               backing_fd: int | None = None,
+               make_backing: Callable[[int, int], int | None] | None = None) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD for the VM `owner` (any object; the file belongs to it
         alone). `private_memory`: the VM has private memory (then INIT_SHARED is refused).
         `invalidator` hears about invalidations of bound pages; `bind` needs one.
         `backing_fd`: the file holding the pages (e.g. a real guest_memfd of the same size
         and flags); it becomes the file's own and is closed at release. Without it kvmem
-        creates a memfd of `size` bytes. Refused with EINVAL as KVM refuses."""
+        creates a memfd of `size` bytes — or asks `make_backing(size, flags)`, once every
+        check passed, for the fd to take over (None: the memfd after all). Refused with
+        EINVAL as KVM refuses."""
         size_word, flags_word = _word("size", size), _word("flags", flags)
         if not isinstance(private_memory, bool):
             raise TypeError(f"private_memory must be a bool, not {type(private_memory).__name__}")
@@ -537,6 +540,8 @@ class GuestMemfd:
             raise ValueError(f"backing_fd={backing_fd} is not a file descriptor")
         args = _Create(_signed(size_word), flags_word, supported_flags(private_memory))
         _check(_CREATE_RULES, args)
+        if backing_fd is None and make_backing is not None:
+            backing_fd = make_backing(args.size, flags_word)
         if backing_fd is None:
             fd = os.memfd_create("kvmem-gmem", os.MFD_CLOEXEC)
             try:
@@ -547,6 +552,8 @@ class GuestMemfd:
             return cls(args.size, flags_word, owner, fd, True, invalidator)
         actual = os.fstat(backing_fd).st_size
         if actual != args.size:
+            if make_backing is not None:
+                os.close(backing_fd)
             raise ValueError(f"backing_fd has {actual:#x} bytes, not size {args.size:#x}")
         return cls(args.size, flags_word, owner, backing_fd, False, invalidator)
 

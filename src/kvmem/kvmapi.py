@@ -55,13 +55,16 @@ __all__ = [
     "KVM_CAP_DIRTY_LOG_RING_ACQ_REL",
     "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP",
     "KVM_CAP_GUEST_MEMFD",
+    "KVM_CAP_GUEST_MEMFD_FLAGS",
     "KVM_CAP_IMMEDIATE_EXIT",
     "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2",
+    "KVM_CAP_MEMORY_ATTRIBUTES",
     "KVM_CAP_MULTI_ADDRESS_SPACE",
     "KVM_CAP_NR_MEMSLOTS",
     "KVM_CAP_READONLY_MEM",
     "KVM_CAP_SYNC_MMU",
     "KVM_CAP_USER_MEMORY2",
+    "KVM_CAP_VM_TYPES",
     "KVM_CAP_X86_SMM",
     "KVM_CAP_XSAVE2",
     "KVM_CHECK_EXTENSION",
@@ -297,6 +300,9 @@ KVM_CAP_DIRTY_LOG_RING: Final = 192
 KVM_CAP_DIRTY_LOG_RING_ACQ_REL: Final = 223
 KVM_CAP_USER_MEMORY2: Final = 231
 KVM_CAP_GUEST_MEMFD: Final = 234
+KVM_CAP_MEMORY_ATTRIBUTES: Final = 233
+KVM_CAP_VM_TYPES: Final = 235
+KVM_CAP_GUEST_MEMFD_FLAGS: Final = 244
 KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: Final = 225
 # the dirty ring's pages in a vCPU fd's mmap space (x86, arm64), in pages
 KVM_DIRTY_LOG_PAGE_OFFSET: Final = 64
@@ -669,6 +675,11 @@ class KvmCaps:
     user_memory2: bool
     guest_memfd: bool
     smm: bool
+    # on /dev/kvm: the attributes KVM_SET_MEMORY_ATTRIBUTES could take (0: no such ioctl),
+    # the x86 VM types KVM_CREATE_VM takes (bit n = type n) and the guest_memfd flags
+    memory_attributes: int = 0
+    vm_types: int = 1
+    guest_memfd_flags: int = 0
 
 
 class Kvm(_FdOwner):
@@ -745,6 +756,9 @@ class Kvm(_FdOwner):
                 user_memory2=check(KVM_CAP_USER_MEMORY2) > 0,
                 guest_memfd=check(KVM_CAP_GUEST_MEMFD) > 0,
                 smm=check(KVM_CAP_X86_SMM) > 0,
+                memory_attributes=self.check_extension(KVM_CAP_MEMORY_ATTRIBUTES),
+                vm_types=self.check_extension(KVM_CAP_VM_TYPES),
+                guest_memfd_flags=self.check_extension(KVM_CAP_GUEST_MEMFD_FLAGS),
             )
 
 

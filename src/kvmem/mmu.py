@@ -25,14 +25,21 @@ Rules of this room:
   `gmem.GmemInvalidator` of its VM's files and hears them by gfn — the same begin /
   range_add + zap + flush / end, outside the memslots' gate (KVM does not hold swaps
   back for them, §8.5).
+- Memory attributes (private/shared, `memattrs.AttributeMap`) are MMU state too: they
+  change only inside the invalidation bracket (`set_attributes`: begin, range_add + zap of
+  every slot they touch, store, end), so a fault that read the old attribute retries, and
+  no spte of the wrong kind survives (`stale_sptes` checks the kind).
 - Nothing here knows the `Vm`: slot updates reach the MMU as calls from the update path
   above (`slot_invalidated`, `slots_updating`, `slots_committed`, `dirty_log_reprotect`);
   the tracked-write performer (page tracking) registers itself in `tracked_write`.
 
-Theory of the fault (DESIGN path 3): look the gfn up in the address space; no slot →
-`MmioExit`; INVALID slot → retry; snapshot `seq`; resolve gfn → hva → frame without the
-lock (a gmem-only slot: gfn → the file's page, `get_pfn`; its refusal is a `MemoryFault`
-with the file's errno — or a retry while an invalidation covers the gfn); lock;
+Theory of the fault (DESIGN path 3): look the gfn up in the address space; the access's
+kind (private iff the gfn is PRIVATE at entry on a private-memory VM, or as the caller
+says); snapshot `seq`; a kind that is not the gfn's attribute → `MemoryFault`; no slot →
+`MmioExit` (private: `MemoryFault`); INVALID slot → retry; resolve gfn → hva → frame
+without the lock (a private access or a gmem-only slot: gfn → the file's page, `get_pfn`;
+its refusal is a `MemoryFault` with the file's errno — or a retry while an invalidation
+covers the gfn); lock;
 `retry_gfn(seq, gfn)` → retry; a write to a write-tracked gfn → `TrackedWrite`
 (performed by page tracking, never mapped writable); install the spte (writable only for
 a write, or a read of a writable page in a slot that does not log dirty pages, and never
@@ -58,6 +65,7 @@ from .dirty import DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GmemFrame, GuestMemfd
 from .host import Frame
+from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_MEMORY_EXIT_FLAG_PRIVATE, AttributeMap
 from .memslots import Memslots
 from .slots import Change, ChangeKind, MemorySlot
 from .uapi import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -92,20 +100,31 @@ class TrackedWrite(Exception):
 
 
 class MemoryFault(KvmError):
-    """KVM_EXIT_MEMORY_FAULT: the slot's memory cannot be had. KVM_RUN's errno: EFAULT,
-    or what guest_memfd answered (EIO: the gfn's page is not bound to the slot)."""
+    """KVM_EXIT_MEMORY_FAULT with `run->memory_fault`'s fields: `gpa` (page-aligned),
+    `size` (4096) and `flags` (`KVM_MEMORY_EXIT_FLAG_PRIVATE` iff the *access* was private).
+    KVM_RUN's errno: EFAULT (no memory for the access, or its kind is not the gfn's
+    attribute — userspace converts and re-enters), or what guest_memfd answered (EIO: the
+    gfn's page is not bound to the slot)."""
 
-    def __init__(self, gpa: int, size: int, why: str, err: int = errno.EFAULT) -> None:
-        super().__init__(err, f"memory fault at gpa {gpa:#x}: {why}")
+    def __init__(self, gpa: int, size: int, why: str, err: int = errno.EFAULT,
+                 flags: int = 0) -> None:
+        kind = "private" if flags & KVM_MEMORY_EXIT_FLAG_PRIVATE else "shared"
+        super().__init__(err, f"memory fault on a {kind} access at gpa {gpa:#x}: {why}")
         self.gpa = gpa
         self.size = size
+        self.flags = flags
+
+    @property
+    def private(self) -> bool:
+        return bool(self.flags & KVM_MEMORY_EXIT_FLAG_PRIVATE)
 
 
 @dataclass(frozen=True, slots=True)
 class Spte:
     """A stage-2 mapping of `npages` gfns from `gfn` (1, or 512 for a 2 MiB mapping) to the
     pages starting at `frame` — host pages, or one guest_memfd page (a `GmemFrame`, always
-    4 KiB); `view` is a memoryview over those pages."""
+    4 KiB); `view` is a memoryview over those pages. `private`: installed by a private
+    access (always a guest_memfd page); it must agree with the gfn's attribute."""
 
     gfn: int
     frame: Frame | GmemFrame
@@ -113,6 +132,7 @@ class Spte:
     npages: int = 1
     incarnations: bytes = b""  # 2 MiB mappings: each host page's incarnation at install
     view: memoryview = field(default=memoryview(b""), compare=False, repr=False)
+    private: bool = False
 
     def current(self, gfn: int) -> bool:
         """The host page this spte maps for `gfn` is still the one it was built on (a
@@ -175,8 +195,12 @@ class _Notifier:
 class Mmu:
     """A VM's MMU: see the module notes."""
 
-    def __init__(self, memslots: Memslots) -> None:
+    def __init__(self, memslots: Memslots, private_memory: bool = False) -> None:
         self._memslots = memslots
+        # a VM type with private memory (KVM_X86_SW_PROTECTED_VM): a gfn whose attribute is
+        # PRIVATE is faulted from its slot's guest_memfd; others never have private accesses
+        self.private_memory = private_memory
+        self.attributes: sync.Atomic[AttributeMap] = sync.Atomic(AttributeMap())
         self.lock = sync.Mutex("mmu_lock")
         self.tlb = sync.Srcu("mmu.tlb")
         self.seq: sync.Atomic[int] = sync.Atomic(0)
@@ -295,6 +319,45 @@ class Mmu:
         with self.lock:
             self.end()
 
+    # -- memory attributes (KVM_SET_MEMORY_ATTRIBUTES, §8.6 steps 8-10) ------------------------
+    def mem_is_private(self, gfn: int) -> bool:
+        """kvm_mem_is_private: the gfn's stored attribute has PRIVATE (lockless)."""
+        return bool(self.attributes.value.get(gfn) & KVM_MEMORY_ATTRIBUTE_PRIVATE)
+
+    def set_attributes(self, start: int, end: int, value: int) -> bool:
+        """Store `value` for gfns [start, end) inside the invalidation bracket (the caller
+        holds slots_lock and checked the request): every address space's slots that
+        intersect get their clipped range added and zapped before the store, so a fault
+        that read the old attribute retries; end after it. No intersecting slot → no
+        begin and no end. False (nothing done, seq unchanged) when every gfn has `value`
+        already."""
+        old = self.attributes.load()
+        if old.has(start, end, ~0, value):
+            return False
+        hits = [(s, max(start, s.base_gfn), min(end, s.end_gfn))
+                for slots in self._memslots.active.load()
+                for s in slots.overlapping(start, end)]
+        with self.lock:
+            if hits:
+                self.begin()
+            try:
+                for slot, lo, hi in hits:
+                    self.range_add(lo, hi)
+                    # x86 pre: a 2 MiB page straddling either end, wholly in the slot and
+                    # not mixed, may be mapped whole: its gfns retry too (fix 9129633d)
+                    for block in {lo - lo % HUGE_PAGES, (hi - 1) - (hi - 1) % HUGE_PAGES}:
+                        if (slot.base_gfn <= block and block + HUGE_PAGES <= slot.end_gfn
+                                and old.uniform(block, block + HUGE_PAGES)):
+                            self.range_add(block, block + HUGE_PAGES)
+                    self._zap(slot.as_id, lo, hi)
+                if hits:
+                    self.flush()
+                self.attributes.store(old.with_range(start, end, value))
+            finally:
+                if hits:
+                    self.end()
+        return True
+
     # -- stage-2 -----------------------------------------------------------------------------
     def flush(self) -> None:
         """Remote TLB flush: wait until no guest access uses a removed spte."""
@@ -359,7 +422,7 @@ class Mmu:
         for g in gfns:
             s = small.get(g)
             if s is not None and s.writable:
-                small[g] = Spte(g, s.frame, False, 1, b"", s.view)
+                small[g] = Spte(g, s.frame, False, 1, b"", s.view, s.private)
                 n += 1
                 if g != run_end:
                     if run_end > run_start:
@@ -408,16 +471,20 @@ class Mmu:
         return len(self._small[as_id]) + HUGE_PAGES * len(self._huge[as_id])
 
     def stale_sptes(self) -> list[tuple[int, int]]:
-        """(as_id, gfn) of every spte whose host page was replaced since it was installed.
-        Always empty when the protocol holds (an invalidation zaps before the host
-        changes a page, and no fault installs what it resolved before the change): the
-        oracle of the stress tests and the concurrency checker."""
+        """(as_id, gfn) of every spte whose host page was replaced since it was installed,
+        or whose kind (private or shared) is no longer the gfn's attribute. Always empty
+        when the protocol holds (an invalidation zaps before the host changes a page or an
+        attribute, and no fault installs what it resolved before the change): the oracle
+        of the stress tests and the concurrency checker."""
         with self.lock:
             out = []
+            private = self.mem_is_private
             for as_id, (small, huge) in enumerate(zip(self._small, self._huge, strict=True)):
-                out += [(as_id, g) for g, s in small.items() if not s.current(g)]
+                out += [(as_id, g) for g, s in small.items()
+                        if not s.current(g) or s.private != private(g)]
                 out += [(as_id, s.gfn + i) for s in huge.values()
-                        for i in range(HUGE_PAGES) if not s.current(s.gfn + i)]
+                        for i in range(HUGE_PAGES)
+                        if not s.current(s.gfn + i) or private(s.gfn + i)]
             return out
 
     # -- write tracking (the counters of page tracking) ---------------------------------------
@@ -477,65 +544,89 @@ class Mmu:
             return sorted(self._track[as_id])
 
     # -- the fault path ----------------------------------------------------------------------
-    def fault(self, as_id: int, gpa: int, write: bool) -> Spte | None:
+    def fault(self, as_id: int, gpa: int, write: bool, private: bool | None = None
+              ) -> Spte | None:
         """Resolve a guest access that found no (or no writable) spte, inside the VM's SRCU
         read section. None means RET_PF_RETRY: the caller leaves the read section and tries
         again (`fault_in` does). Raises `MmioExit` or `MemoryFault` where KVM would exit to
-        userspace, and `TrackedWrite` for a write page tracking must perform."""
+        userspace, and `TrackedWrite` for a write page tracking must perform. `private`:
+        the access's kind as the hardware says it (SNP's C-bit, TDX's shared bit); None is
+        the SW_PROTECTED rule — private iff the gfn is PRIVATE at fault entry (never on a
+        VM without private memory)."""
         self.stats["faults"] += 1
         try:
-            return self._fault_once(as_id, gpa, gpa >> PAGE_SHIFT, write)
+            return self._fault_once(as_id, gpa, gpa >> PAGE_SHIFT, write, private)
         except _Retry:
             self.stats["retries"] += 1
             return None
 
-    def fault_in(self, as_id: int, gpa: int, write: bool) -> Spte:
+    def fault_in(self, as_id: int, gpa: int, write: bool, private: bool | None = None
+                 ) -> Spte:
         """The spte for a guest access at `gpa`: the one there, or one faulted in, retrying
-        as a vCPU re-entering the guest does. Raises what `fault` raises."""
+        as a vCPU re-entering the guest does. Raises what `fault` raises. An access of a
+        given kind (`private` not None) always takes the fault path, which checks the kind."""
         srcu = self._memslots.srcu
         gfn = gpa >> PAGE_SHIFT
         while True:
             token = srcu.read_lock()
             try:
                 spte = self.spte(as_id, gfn)
-                if spte is None or (write and not spte.writable):
-                    spte = self.fault(as_id, gpa, write)
+                if spte is None or (write and not spte.writable) or (
+                        private is not None and spte.private != private):
+                    spte = self.fault(as_id, gpa, write, private)
             finally:
                 srcu.read_unlock(token)
             if spte is not None:
                 return spte
             sync.pause()  # out of the read section: an update may be waiting for it
 
-    def _fault_once(self, as_id: int, gpa: int, gfn: int, write: bool) -> Spte:
+    def _fault_once(self, as_id: int, gpa: int, gfn: int, write: bool,
+                    private: bool | None) -> Spte:
         slot = self._memslots.active.value[as_id].search(gfn)
-        if slot is None:
-            raise MmioExit(gpa, 0, write)
+        if private is None:  # SW_PROTECTED: the access is what the gfn is at fault entry
+            private = self.private_memory and self.mem_is_private(gfn)
+        flags = KVM_MEMORY_EXIT_FLAG_PRIVATE if private else 0
         seq = self.seq.load()
+        # kvm_mmu_faultin_pfn: after the seq snapshot (a conversion since then bumps seq,
+        # so a stale answer here is caught under the lock), before any slot test
+        if private != self.mem_is_private(gfn):
+            raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "the access's kind is not the "
+                              "gfn's memory attribute", flags=flags)
+        if slot is None:
+            if private:
+                raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "no slot for a private access",
+                                  flags=flags)
+            raise MmioExit(gpa, 0, write)
         if slot.invalid:
             raise _Retry
-        if write and slot.readonly:
-            raise MmioExit(gpa, 0, True)
         if self.retry_gfn_unsafe(seq, gfn):
             raise _Retry
-        if slot.gmem_only:
-            return self._gmem_fault(as_id, slot, gpa, gfn, write, seq)
+        if private or slot.gmem_only:
+            return self._gmem_fault(as_id, slot, gpa, gfn, write, seq, flags)
+        if write and slot.readonly:
+            raise MmioExit(gpa, 0, True)
         if write:
             spte = self._fast_write_fault(as_id, slot, gfn, seq)
             if spte is not None:
                 return spte
         huge = self._huge_base(slot, gfn)
+        if huge is not None and self.private_memory and \
+                not self.attributes.value.uniform(huge, huge + HUGE_PAGES):
+            huge = None  # KVM_LPAGE_MIXED_FLAG: no 2 MiB mapping over mixed attributes
         first = huge if huge is not None else gfn
         frame = host.resolve(slot.hva_of(first), write)
         if frame is None:
-            raise MemoryFault(gpa, PAGE_SIZE, "host memory behind the slot is unmapped or "
-                                              "protected against this access")
+            raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "host memory behind the slot is "
+                                                           "unmapped or protected against "
+                                                           "this access")
         writable = frame.writable and not slot.readonly and (
             write or not slot.dirty_logging)
         if huge is not None and not self._huge_backed(frame):
             huge, first = None, gfn
             frame = host.resolve(slot.hva_of(gfn), write)
             if frame is None:
-                raise MemoryFault(gpa, PAGE_SIZE, "host memory changed under the fault")
+                raise MemoryFault(gpa & ~PAGE_MASK, PAGE_SIZE, "host memory changed under "
+                                                               "the fault")
         with self.lock:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
@@ -587,10 +678,14 @@ class Mmu:
             return spte
 
     def _gmem_fault(self, as_id: int, slot: MemorySlot, gpa: int, gfn: int, write: bool,
-                    seq: int) -> Spte:
-        """The rest of a fault on a gmem-only slot: the page comes from the file
-        (kvm_gmem_get_pfn), never from the hva, and is mapped 4 KiB."""
-        assert slot.gmem is not None
+                    seq: int, flags: int) -> Spte:
+        """The rest of a private fault, or of any fault on a gmem-only slot: the page comes
+        from the file (kvm_gmem_get_pfn), never from the hva, and is mapped 4 KiB."""
+        private = bool(flags)
+        page = gpa & ~PAGE_MASK
+        if slot.gmem is None:  # kvm_mmu_faultin_pfn_private: a private access needs a file
+            raise MemoryFault(page, PAGE_SIZE, f"slot {slot.as_id}:{slot.id} has no "
+                              "guest_memfd for a private access", flags=flags)
         file = slot.gmem.file
         assert isinstance(file, GuestMemfd)
         try:
@@ -601,18 +696,21 @@ class Mmu:
             # file's bindings, a punch, a release) is retried, like a page resolved then
             if self.retry_gfn_unsafe(seq, gfn):
                 raise _Retry from None
-            raise MemoryFault(gpa, PAGE_SIZE, f"guest_memfd: {e.message}",
-                              e.errno or errno.EFAULT) from None
+            raise MemoryFault(page, PAGE_SIZE, f"guest_memfd: {e.message}",
+                              e.errno or errno.EFAULT, flags) from None
         with self.lock:
             if self.retry_gfn(seq, gfn):
                 raise _Retry
             writable = True
             if self.tracked(as_id, gfn):
                 if write:
+                    if private:  # private memory cannot be emulated
+                        raise MemoryFault(page, PAGE_SIZE, "a private write to a "
+                                          "write-tracked gfn needs emulation", flags=flags)
                     self.stats["tracked_faults"] += 1
                     raise TrackedWrite(gpa)
                 writable = False
-            spte = Spte(gfn, frame, writable, 1, b"", view)
+            spte = Spte(gfn, frame, writable, 1, b"", view, private)
             self._small[as_id][gfn] = spte
             self.stats["installs"] += 1
             return spte

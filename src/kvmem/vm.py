@@ -21,6 +21,9 @@ Rules of this room:
   before the publish that shows the new slots, dropped for deleted slots in that same step
   — after a single DELETE's INVALID window began, inside a transaction's invalidation.
   A refused request binds nothing. (A `GuestMemfd.bind` behind the VM's back breaks this.)
+- Memory attributes exist on a VM of a private-memory type (`vm_type="sw_protected"`):
+  `set_memory_attributes` checks as KVM does, then the MMU changes them inside its
+  invalidation bracket under slots_lock. Host accessors and caches ignore them (§8.7).
 - Dirty pages: every mark — accessors, caches, the MMU's write faults — goes through the
   VM's one `DirtyMarks` (the slot's bitmap, or the ring of the vCPU loaded on the thread).
   A `Vcpu`'s accessors and guest accesses are made with it loaded; engines load it while
@@ -51,6 +54,7 @@ from .cpu.paging import INVALID_GPA
 from .dirty import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing, loaded
 from .errors import KvmError
 from .gmem import GuestMemfd
+from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
 from .memslots import Memslots
 from .mmu import MemoryFault, MmioExit, Mmu, Spte, Stage2Access, TrackedWrite
 from .pagetrack import PageTrack
@@ -74,6 +78,7 @@ from .uapi import (
     KVM_MEM_READONLY,
     KVM_USER_MEM_SLOTS,
     PAGE_MASK,
+    PAGE_SHIFT,
     PAGE_SIZE,
     TASK_SIZE_MAX,
     U16_MAX,
@@ -196,6 +201,11 @@ class Engine(Protocol):
         """The engine's half of `vcpu`, which `vm.create_vcpu` is creating (called by the
         `Vm`, with `slots_lock` held; a refusal leaves no trace in the engine)."""
 
+    def create_guest_memfd(self, size: int, flags: int) -> int | None:
+        """The fd of a file to hold the pages of a guest_memfd of the attached Vm that
+        kvmem's checks accepted (it becomes the file's own), or None for kvmem's memfd.
+        Called only where `capabilities.guest_memfd`; a refusal raises `KvmError`."""
+
     def close(self) -> None:
         """Stop listening, stop every vCPU, release the engine's resources."""
 
@@ -232,11 +242,14 @@ class Vm:
         phys_bits: int | None = None,
         user_va_end: int = TASK_SIZE_MAX,
         engine: str | None = None,
+        vm_type: str = "default",
     ) -> None:
         """`engine`: None (kvmem alone), "kvm", "unicorn" or "auto" (see `kvmem.engines`);
         `address_spaces` defaults to 2, or to what the engine offers; `phys_bits` to 52, or
         to the engine's width where that is less. Asking an engine for more than it offers
-        is EINVAL."""
+        is EINVAL. `vm_type` (KVM_CREATE_VM's type): "default", or "sw_protected"
+        (KVM_X86_SW_PROTECTED_VM: private memory, one address space, kvmem alone — no
+        engine offers it, as this host's KVM does not); another name is EINVAL."""
         if address_spaces is not None:
             address_spaces = as_int("address_spaces", address_spaces)
             if not 1 <= address_spaces <= 2:
@@ -257,6 +270,21 @@ class Vm:
                                          "address in (0, 2^64]")
         if engine is not None and not isinstance(engine, str):
             raise TypeError(f"engine must be a str or None, not {type(engine).__name__}")
+        if not isinstance(vm_type, str):
+            raise TypeError(f"vm_type must be a str, not {type(vm_type).__name__}")
+        if vm_type not in VM_TYPES:
+            raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: unknown vm_type {vm_type!r} "
+                                         f"(known: {', '.join(VM_TYPES)})")
+        private_memory = VM_TYPES[vm_type][1]
+        if private_memory:
+            # kvm_arch_has_private_mem: no SMM address space, and no engine runs it
+            if engine is not None:
+                raise KvmError(errno.EINVAL, f"KVM_CREATE_VM: engines offer only the default "
+                                             f"vm_type, not {vm_type!r}")
+            if address_spaces not in (None, 1):
+                raise KvmError(errno.EINVAL, f"a vm_type {vm_type!r} VM has one address "
+                                             f"space, not address_spaces={address_spaces}")
+            address_spaces = 1
         # the engine is opened only once every argument of kvmem's own is known to be good,
         # so a refusal leaves no file descriptor behind
         opened: Engine | None = None
@@ -282,14 +310,14 @@ class Vm:
             address_spaces = 2
         if phys_bits is None:
             phys_bits = DEFAULT_PHYS_BITS
-        # guest_memfd slots only where kvmem runs the guest itself: the engines do not
-        # mirror them yet
+        # guest_memfd slots only where the engine (if any) mirrors them
         self.limits = Limits(address_spaces, max_slots, readonly_mem, phys_bits, user_va_end,
-                             guest_memfd=opened is None,
+                             guest_memfd=opened is None or opened.capabilities.guest_memfd,
                              dirty_ring_max_bytes=1 << 20 if opened is None
                              else opened.capabilities.dirty_ring_max_bytes)
         self.memslots = Memslots(self.limits)
-        self.mmu = Mmu(self.memslots)
+        self.vm_type = vm_type
+        self.mmu = Mmu(self.memslots, private_memory)
         # every mark of a dirty page goes through this one rule: bitmap, or a vCPU's ring
         self._marks = DirtyMarks(self.memslots)
         self.mmu.mark = self._marks
@@ -372,19 +400,70 @@ class Vm:
         for listener in self._listeners:
             listener.track_changed(self, as_id, gfn, tracked)
 
+    @property
+    def private_memory(self) -> bool:
+        """kvm_arch_has_private_mem: the VM type has private memory ("sw_protected")."""
+        return self.mmu.private_memory
+
+    @property
+    def supported_memory_attributes(self) -> int:
+        """KVM_CAP_MEMORY_ATTRIBUTES on this VM: PRIVATE for a private-memory VM, else 0."""
+        return KVM_MEMORY_ATTRIBUTE_PRIVATE if self.private_memory else 0
+
     # -- guest_memfd ----------------------------------------------------------------------------
     def create_guest_memfd(self, size: int, flags: int = 0) -> GuestMemfd:
         """KVM_CREATE_GUEST_MEMFD: a guest_memfd file of `size` bytes owned by this VM (flags:
         `gmem.GUEST_MEMFD_FLAG_MMAP`, `..._INIT_SHARED`), which `set_memory_region2` binds to
-        slots; this VM's MMU hears its invalidations. ENOTTY on a VM with an engine (the
-        engines do not mirror guest_memfd slots yet); else KVM's checks (§8.2). The pages
-        live in a memfd kvmem creates."""
+        slots; this VM's MMU hears its invalidations. KVM's checks (§8.2); ENOTTY on a VM
+        whose engine does not mirror guest_memfd slots. The pages live in a memfd kvmem
+        creates, or in the engine's own file (the KVM engine: a real guest_memfd of its VM,
+        which KVM maps for the guest itself)."""
         self.memslots.check_process()
         if not self.limits.guest_memfd:
             raise KvmError(errno.ENOTTY, "KVM_CREATE_GUEST_MEMFD: this VM's engine does not "
                                          "mirror guest_memfd slots")
-        # a VM without private memory (no protected VM types here): INIT_SHARED is allowed
-        return GuestMemfd.create(size, flags, self, private_memory=False, invalidator=self.mmu)
+        engine = self.engine
+        # INIT_SHARED only where no memory can be private
+        return GuestMemfd.create(size, flags, self, private_memory=self.private_memory,
+                                 invalidator=self.mmu,
+                                 make_backing=None if engine is None
+                                 else engine.create_guest_memfd)
+
+    # -- memory attributes (§8.6) ----------------------------------------------------------------
+    def set_memory_attributes(self, gpa: int, size: int, attributes: int, flags: int = 0
+                              ) -> None:
+        """KVM_SET_MEMORY_ATTRIBUTES: give gfns [gpa, gpa + size) `attributes`
+        (`KVM_MEMORY_ATTRIBUTE_PRIVATE`, or 0 for shared). All or nothing: the ioctl never
+        writes its struct back, and a refusal changes nothing. Attributes belong to gfns,
+        not slots (they may be set where no slot is, and outlive slot changes). Every slot
+        mapping part of the range is invalidated around the change (its faults retry, its
+        sptes go), unless every gfn has `attributes` already. ENOTTY on a VM type without
+        private memory, for every input (this host's KVM has no such ioctl); else EINVAL
+        for flags, attributes outside `supported_memory_attributes`, an empty or wrapping
+        range, or an unaligned one, in that order."""
+        self.memslots.check_process()
+        gpa, size = as_u64("gpa", gpa), as_u64("size", size)
+        attributes, flags = as_u64("attributes", attributes), as_u64("flags", flags)
+        if not self.private_memory:
+            raise KvmError(errno.ENOTTY, "KVM_SET_MEMORY_ATTRIBUTES: not available for a "
+                                         f"{self.vm_type} VM")
+        supported = self.supported_memory_attributes
+        for refused, message in (
+                (flags != 0, f"flags {flags:#x} must be 0"),
+                (bool(attributes & ~supported),
+                 f"attributes {attributes:#x} outside the supported {supported:#x}"),
+                (size == 0 or gpa + size > U64_MAX, f"range {gpa:#x}+{size:#x} is empty or "
+                                                    "wraps"),
+                (bool((gpa | size) & PAGE_MASK), f"range {gpa:#x}+{size:#x} is not "
+                                                 "page-aligned")):
+            if refused:
+                raise KvmError(errno.EINVAL, f"KVM_SET_MEMORY_ATTRIBUTES: {message}")
+        with self.memslots.slots_lock:
+            self.mmu.set_attributes(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT, attributes)
+
+    def get_memory_attributes(self, gpa: int) -> int:
+        """kvm_get_memory_attributes: the attributes of the gfn of `gpa` (0 = shared)."""
+        return self.mmu.attributes.value.get(as_u64("gpa", gpa) >> PAGE_SHIFT)
 
     # -- the update path ----------------------------------------------------------------------
     def set_memory_region(self, slot: int, flags: int, gpa: int, size: int, hva: int) -> None:
@@ -895,14 +974,18 @@ class Vcpu:
         """gpa → hva in the vCPU's address space; EFAULT where no usable slot is."""
         return self.vm.memslots.translate(gpa, self.as_id)
 
-    def fault_in(self, gpa: int, write: bool) -> Spte:
+    def fault_in(self, gpa: int, write: bool, private: bool | None = None) -> Spte:
         """The stage-2 mapping for an access of guest code at `gpa`, faulted in if missing
         (the one fault-retry loop; engines that map sptes themselves use it). Raises
-        `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page."""
+        `MmioExit`, `MemoryFault` or `TrackedWrite` where KVM would not map the page.
+        `private`: the access's kind (None: private iff the gfn is PRIVATE, the
+        SW_PROTECTED rule); one that is not the gfn's attribute is a `MemoryFault`."""
         gpa, _ = check_range(gpa, 0)
         write = as_bool("write", write)
+        if private is not None:
+            private = as_bool("private", private)
         with loaded(self.dirty_ring):
-            return self.vm.mmu.fault_in(self.as_id, gpa, write)
+            return self.vm.mmu.fault_in(self.as_id, gpa, write, private)
 
     def loaded(self) -> loaded:
         """`with vcpu.loaded():` — this vCPU is the one loaded on the thread (KVM's
@@ -1186,26 +1269,37 @@ class Transaction:
                       self._like(s, s.slot, flags, s.gpa, s.size, s.hva)])
         return self
 
-    def replace_layout(self, as_id: int, regions: Sequence[tuple[int, int, int, int, int]]
+    def replace_layout(self, as_id: int, regions: Sequence[tuple[object, ...]]
                        ) -> Transaction:
         """Replace every slot of `as_id` by `regions`: (id, flags, gpa, size, hva) tuples
-        without the address space; KVM's proposed KVM_SET_ALL_USER_MEMORY_REGIONS."""
+        without the address space, or (id, flags, gpa, size, hva, guest_memfd,
+        guest_memfd_offset) for a REGION2 request (a KVM_MEM_GUEST_MEMFD slot); KVM's
+        proposed KVM_SET_ALL_USER_MEMORY_REGIONS. A guest_memfd range an old slot bound may
+        be bound again by a new one: the old slots are deleted first."""
         self._check_open()
         as_id = self.vm.memslots.address_space(as_id)
         if isinstance(regions, str | bytes) or not isinstance(regions, Sequence):
-            raise TypeError(f"regions must be a sequence of (id, flags, gpa, size, hva), not "
-                            f"{type(regions).__name__}")
+            raise TypeError(f"regions must be a sequence of (id, flags, gpa, size, hva) tuples, "
+                            f"not {type(regions).__name__}")
         requests = [make_request(s.slot, 0, 0, 0, 0) for s in self.vm.slot_set(as_id)]
         seen: set[int] = set()
         for i, region in enumerate(regions):
-            if not isinstance(region, tuple) or len(region) != 5:
-                raise TypeError(f"regions[{i}] must be an (id, flags, gpa, size, hva) tuple, "
-                                f"not {region!r:.60}")
-            sid, flags, gpa, size, hva = region
+            if not isinstance(region, tuple) or len(region) not in (5, 7):
+                raise TypeError(f"regions[{i}] must be an (id, flags, gpa, size, hva) or an (id, "
+                                f"flags, gpa, size, hva, guest_memfd, guest_memfd_offset) "
+                                f"tuple, not {region!r:.60}")
+            sid, flags, gpa, size, hva = region[:5]
             sid = as_u16(f"regions[{i}] id", sid)
             if sid in seen:
                 raise KvmError(errno.EINVAL, f"regions name slot id {sid} twice")
             seen.add(sid)
-            requests.append(make_request((as_id << 16) | sid, flags, gpa, size, hva))
+            if len(region) == 5:
+                requests.append(make_request((as_id << 16) | sid, flags, gpa, size, hva))
+                continue
+            file, offset = region[5:]
+            _check_gmem_arg(file)
+            assert file is None or isinstance(file, GuestMemfd | host.HostMemory)
+            requests.append(make_request2((as_id << 16) | sid, flags, gpa, size, hva, file,
+                                          offset))
         self._record(requests)
         return self

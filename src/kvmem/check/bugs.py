@@ -203,6 +203,26 @@ def _split_drops_dirty_bits() -> AbstractContextManager[None]:
     return _patched(memslots_module, "carry_dirty_bits", carry_dirty_bits)
 
 
+def _conversion_without_bracket() -> AbstractContextManager[None]:
+    """KVM_SET_MEMORY_ATTRIBUTES that stores the new attribute and zaps the range, but not
+    inside an invalidation (no begin, range_add or end; the sequence never moves): a fault
+    that resolved the page of the old kind before the change installs it after the zap."""
+
+    def set_attributes(self: Mmu, start: int, end: int, value: int) -> bool:
+        old = self.attributes.load()
+        if old.has(start, end, ~0, value):
+            return False
+        with self.lock:
+            self.attributes.store(old.with_range(start, end, value))
+            for slots in self._memslots.active.load():
+                for s in slots.overlapping(start, end):
+                    self._zap(s.as_id, max(start, s.base_gfn), min(end, s.end_gfn))
+            self.flush()
+        return True
+
+    return _patched(Mmu, "set_attributes", set_attributes)
+
+
 def _variant(name: str, base: str, patch: Callable[[], AbstractContextManager[None]]
              ) -> tuple[str, Scenario]:
     scenario = SCENARIOS[base]
@@ -233,4 +253,7 @@ BUGS: dict[str, Scenario] = dict([
              _hva_cache_outside_section),
     _variant("bug:fault-reads-tracking-unlocked", "track-vs-write-fault",
              _fault_reads_tracking_unlocked),
+    _variant("bug:gmem-range-add-keeps-last", "gmem-punch-vs-faults", _range_add_last_only),
+    _variant("bug:conversion-without-bracket", "conversion-vs-fault",
+             _conversion_without_bracket),
 ])

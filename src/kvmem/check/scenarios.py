@@ -18,9 +18,11 @@ import contextlib
 from collections.abc import Callable
 
 from ..errors import GuestAccessError
+from ..gmem import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd
 from ..host import HostMemory
-from ..mmu import MmioExit
-from ..uapi import KVM_MEM_LOG_DIRTY_PAGES
+from ..memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE
+from ..mmu import MemoryFault, MmioExit
+from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES
 from ..vm import Vm
 from . import sched
 from .explore import Instance, Scenario
@@ -500,6 +502,94 @@ def track_vs_write_fault() -> Instance:
                     lambda: close_memory(mem))
 
 
+# ---------------------------------------------------------------------------------------
+# guest_memfd
+
+
+def _close_file(f: GuestMemfd) -> None:
+    """Release a scenario's guest_memfd, even after an execution was cut short (then its
+    release may wait for a reader that will never leave; the file is left to the GC)."""
+    with contextlib.suppress(Exception):
+        f.close()
+
+
+def gmem_punch_vs_faults() -> Instance:
+    """One guest_memfd backs two slots (page 0 at gfn 0, page 1 at gfn 16) and a hole is
+    punched over both pages while a vCPU faults a page of each slot in turn: the punch adds
+    each binding's gfns to the in-progress range, so neither fault maps a page the punch
+    frees, and each guest read gets the old bytes or zeros."""
+    vm = new_vm()
+    f = vm.create_guest_memfd(2 * PAGE, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED)
+    label(f, "gmem")
+    for i in range(2):
+        f.page_view(i)[:8] = b"original"
+    vm.set_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, PAGE, 0, f, 0)
+    vm.set_memory_region2(1, KVM_MEM_GUEST_MEMFD, 16 * PAGE, PAGE, 0, f, PAGE)
+    vcpu = vm.create_vcpu(0)
+    got: list[bytes] = []
+
+    def guest() -> None:
+        # one vCPU thread for both slots (a second thread would multiply the schedules
+        # without a new interleaving of the punch's steps)
+        got.append(vcpu.guest_read(0, 8))
+        got.append(vcpu.guest_read(16 * PAGE, 8))
+
+    def punch() -> None:
+        f.punch_hole(0, 2 * PAGE)
+
+    def check() -> None:
+        _check_stage2(vm)
+        assert len(got) == 2 and all(g in (b"original", bytes(8)) for g in got), \
+            f"guest read {got}"
+
+    return Instance([("punch", punch), ("vcpu0", guest)], check, lambda: _close_file(f))
+
+
+def conversion_vs_fault() -> Instance:
+    """On a sw_protected VM a vCPU reads gfn 0 while the VMM converts it to private: the
+    fault maps the shared page (hva) or the private one (guest_memfd), never a page of the
+    kind the gfn no longer has; a read that starts after the conversion returned reads the
+    private page. A read that raced the conversion may exit with a memory fault (its kind
+    went stale); the vCPU re-enters, as a VMM does."""
+    mem = _memory(b"shared..")
+    vm = Vm(vm_type="sw_protected")
+    label(vm.memslots, "memslots")
+    label(vm.mmu, "mmu")
+    f = vm.create_guest_memfd(PAGE)
+    f.page_view(0)[:8] = b"private."
+    vm.set_memory_region2(0, KVM_MEM_GUEST_MEMFD, 0, PAGE, mem.hva, f, 0)
+    vcpu = vm.create_vcpu(0)
+    converted = sync_atomic(False)
+    converted.name = "converted"
+
+    def convert() -> None:
+        vm.set_memory_attributes(0, PAGE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+        converted.store(True)
+
+    def guest() -> None:
+        after = converted.load()
+        for _ in range(3):
+            try:
+                data = vcpu.guest_read(0, 8)
+                break
+            except MemoryFault as e:
+                assert not after and not e.private, f"unexpected memory fault: {e}"
+        else:
+            raise AssertionError("the vCPU kept exiting with memory faults")
+        assert data == b"private." or (not after and data == b"shared.."), \
+            f"vCPU read {data!r}" + (" after the conversion returned" if after else "")
+
+    def check() -> None:
+        _check_stage2(vm)
+        assert vcpu.guest_read(0, 8) == b"private."
+
+    def close() -> None:
+        _close_file(f)
+        close_memory(mem)
+
+    return Instance([("vcpu0", guest), ("vmm", convert)], check, close)
+
+
 def _scenarios(*items: tuple[str, Callable[[], Instance]]) -> dict[str, Scenario]:
     out = {}
     for name, build in items:
@@ -523,4 +613,6 @@ SCENARIOS: dict[str, Scenario] = _scenarios(
     ("gpc-refresh-vs-invalidation", gpc_refresh_vs_invalidation),
     ("pagetrack-write-vs-removal", pagetrack_write_vs_removal),
     ("track-vs-write-fault", track_vs_write_fault),
+    ("gmem-punch-vs-faults", gmem_punch_vs_faults),
+    ("conversion-vs-fault", conversion_vs_fault),
 )

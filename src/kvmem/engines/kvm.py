@@ -11,6 +11,9 @@ Rules of this room:
   and signals each vCPU thread (QEMU's kick), waits until none is inside KVM_RUN, and
   holds them at the gate until `_resume`. KVM's own single-ioctl semantics cover a single
   `set_memory_region`, which is applied as it is: the naive baseline of the demo.
+- guest_memfd slots are bound with KVM_SET_USER_MEMORY_REGION2 to the real guest_memfd
+  behind kvmem's file; KVM refuses them read-only, so a tracked gfn there is a hole
+  (no KVM slot) whose reads and writes exit and kvmem performs.
 - Dirty log = KVM's bits ∪ kvmem's bitmap. KVM's bits are moved, never copied: read them
   (KVM_GET_DIRTY_LOG), OR them into kvmem's bitmap, only then clear them in KVM
   (KVM_CLEAR_DIRTY_LOG with manual protect). A failure at any step loses nothing; bits
@@ -38,8 +41,10 @@ from ..cpu import PagingFeatures, Sregs, VcpuState, kvm_state
 from ..cpu.paging import INVALID_GPA
 from ..dirty import RingReader
 from ..errors import KvmError
+from ..gmem import GuestMemfd
 from ..kvmapi import (
     KVM_CAP_DIRTY_LOG_RING,
+    KVM_CAP_GUEST_MEMFD,
     KVM_CAP_IMMEDIATE_EXIT,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_MULTI_ADDRESS_SPACE,
@@ -60,7 +65,7 @@ from ..kvmapi import (
     KvmVcpu,
     probe_phys_bits,
 )
-from ..uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
@@ -128,6 +133,7 @@ class KvmEngine(AttachedOnce):
                 write_tracking=check(KVM_CAP_READONLY_MEM) > 0,
                 # measured (no capability says it): slot id 0 is still free here
                 phys_bits=probe_phys_bits(self._fd, 0),
+                guest_memfd=check(KVM_CAP_GUEST_MEMFD) > 0,
                 dirty_ring_max_bytes=check(KVM_CAP_DIRTY_LOG_RING),
             )
             if not check(KVM_CAP_IMMEDIATE_EXIT):
@@ -189,6 +195,14 @@ class KvmEngine(AttachedOnce):
             self._vcpus.append(cpu)
         return cpu
 
+    def create_guest_memfd(self, size: int, flags: int) -> int:
+        """A real guest_memfd of this engine's VM (KVM_CREATE_GUEST_MEMFD): kvmem's file
+        keeps its pages there, so KVM's slots can bind it and KVM's own stage-2 maps them."""
+        try:
+            return self._fd.create_guest_memfd(size, flags)
+        except OSError as e:
+            raise KvmError(e.errno or errno.EIO, f"KVM_CREATE_GUEST_MEMFD: {e}") from None
+
     def close(self) -> None:
         vm, self._vm = self._vm, None
         if vm is not None:
@@ -233,10 +247,17 @@ class KvmEngine(AttachedOnce):
         self._next_id[as_id] = sid + 1
         return sid
 
-    def _set(self, kvm_slot: int, flags: int, gfn: int, npages: int, hva: int) -> None:
+    def _set(self, kvm_slot: int, flags: int, gfn: int, npages: int, hva: int,
+             gmem: tuple[int, int] | None = None) -> None:
+        """One slot ioctl; `gmem` = (guest_memfd fd, offset) for a KVM_MEM_GUEST_MEMFD slot,
+        which only KVM_SET_USER_MEMORY_REGION2 can create."""
         try:
-            self._fd.set_user_memory_region(kvm_slot, flags, gfn << PAGE_SHIFT,
-                                            npages << PAGE_SHIFT, hva)
+            if gmem is None:
+                self._fd.set_user_memory_region(kvm_slot, flags, gfn << PAGE_SHIFT,
+                                                npages << PAGE_SHIFT, hva)
+            else:
+                self._fd.set_user_memory_region2(kvm_slot, flags, gfn << PAGE_SHIFT,
+                                                 npages << PAGE_SHIFT, hva, gmem[1], gmem[0])
         except OSError as e:
             self._broken = f"KVM refused slot {kvm_slot:#x} gfn {gfn:#x}+{npages}: {e}"
             with self._gate_lock:
@@ -244,15 +265,28 @@ class KvmEngine(AttachedOnce):
             raise EngineError(e.errno or errno.EIO, self._broken) from None
         self.stats["ioctls"] += 1
 
+    def _tracked_in(self, s: MemorySlot) -> list[int]:
+        """The write-tracked gfns of `s` that its KVM slots must not map writable."""
+        if s.readonly:
+            return []
+        return [g for g in self.vm.page_track.tracked_gfns(s.as_id)
+                if s.base_gfn <= g < s.end_gfn]
+
     def _plan(self, s: MemorySlot) -> list[tuple[int, int, int, int]]:
         """(gfn, npages, hva, flags) of the KVM slots for kvmem slot `s`: tracked gfns of a
-        writable slot become read-only pieces of their own."""
+        writable slot become read-only pieces of their own. KVM refuses a read-only
+        guest_memfd slot, so there they become holes instead: every access exits
+        (KVM_EXIT_MMIO) and kvmem performs it (`_decode`)."""
         flags = s.flags & _USER_FLAGS
-        tracked: list[int] = []
-        if not s.readonly:
-            tracked = [g for g in self.vm.page_track.tracked_gfns(s.as_id)
-                       if s.base_gfn <= g < s.end_gfn]
+        tracked = self._tracked_in(s)
         out: list[tuple[int, int, int, int]] = []
+        if s.gmem is not None:
+            pos = s.base_gfn
+            for g in [*tracked, s.end_gfn]:
+                if g > pos:
+                    out.append((pos, g - pos, s.hva_of(pos), flags | KVM_MEM_GUEST_MEMFD))
+                pos = g + 1
+            return out
         pos = s.base_gfn
         i = 0
         while i < len(tracked):
@@ -273,10 +307,20 @@ class KvmEngine(AttachedOnce):
     def _install(self, s: MemorySlot) -> None:
         self._lock.assert_held()
         pieces = []
+        fd = None
+        if s.gmem is not None:
+            file = s.gmem.file
+            assert isinstance(file, GuestMemfd)
+            fd = file.fd
+            # the holes of tracked gfns (see `_plan`)
+            self._split[s.as_id].update(self._tracked_in(s))
         for gfn, npages, hva, flags in self._plan(s):
             sid = self._alloc_id(s.as_id)
             kvm_slot = (s.as_id << 16) | sid
-            self._set(kvm_slot, flags, gfn, npages, hva)
+            gmem = None
+            if s.gmem is not None and fd is not None:
+                gmem = (fd, s.gmem.offset + ((gfn - s.base_gfn) << PAGE_SHIFT))
+            self._set(kvm_slot, flags, gfn, npages, hva, gmem)
             pieces.append(_Piece(kvm_slot, gfn, npages, hva, flags))
             self._ring_slots[kvm_slot] = (s.slot, gfn - s.base_gfn)
             if flags & KVM_MEM_READONLY and not s.readonly:
@@ -290,6 +334,9 @@ class KvmEngine(AttachedOnce):
             self._free_ids[s.as_id].append(p.kvm_slot & 0xFFFF)
             if p.flags & KVM_MEM_READONLY:
                 self._split[s.as_id].difference_update(range(p.gfn, p.gfn + p.npages))
+        if s.gmem is not None:  # its holes
+            split = self._split[s.as_id]
+            split.difference_update([g for g in split if s.base_gfn <= g < s.end_gfn])
 
     def _replace(self, old: MemorySlot, new: MemorySlot) -> None:
         """MOVE / FLAGS_ONLY: one ioctl on the same KVM slot where neither side is split
@@ -588,6 +635,11 @@ class KvmEngineVcpu:
                 return None
             if m.is_write:
                 return Exit(ExitKind.MMIO, m.phys_addr, m.len, True, m.data)
+            if self._engine.split_covers(as_id, gfn):
+                # a read of a tracked gfn of a guest_memfd slot (a hole in KVM's slots):
+                # KVM's emulator would read it through the accessors, so kvmem does
+                fd.set_mmio_data(self._vcpu.read(m.phys_addr, m.len))
+                return None
             self._pending_mmio = m.len
             return Exit(ExitKind.MMIO, m.phys_addr, m.len, False)
         if reason == KVM_EXIT_HLT:

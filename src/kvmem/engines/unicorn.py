@@ -176,7 +176,8 @@ class UnicornEngine(AttachedOnce):
     def __init__(self) -> None:
         self._caps = EngineCapabilities(name=self.name, address_spaces=2,
                                         max_slots=KVM_USER_MEM_SLOTS, readonly_mem=True,
-                                        dirty_log=True, write_tracking=True)
+                                        dirty_log=True, write_tracking=True,
+                                        guest_memfd=True)
         self._vm: Vm | None = None
         self._vcpus: list[UnicornVcpu] = []
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
@@ -194,6 +195,11 @@ class UnicornEngine(AttachedOnce):
         cpu = UnicornVcpu(self, vcpu)
         self._vcpus.append(cpu)
         return cpu
+
+    def create_guest_memfd(self, size: int, flags: int) -> None:
+        """kvmem's memfd holds the pages: Unicorn maps what kvmem's stage-2 maps, a
+        guest_memfd page through kvmem's direct map."""
+        return None
 
     def close(self) -> None:
         vm, self._vm = self._vm, None
