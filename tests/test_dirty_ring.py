@@ -421,6 +421,41 @@ def test_reset_stops_at_the_first_unharvested_entry() -> None:
     assert ring.harvest() == [(1, 3), (1, 4)]
 
 
+def test_the_store_that_fills_the_ring_is_not_done_at_the_exit(
+        make_vm: Callable[..., Vm], engine: str | None,
+        host: Callable[[int], HostMemory]) -> None:
+    """The store whose mark fills the ring to its soft limit (the 192nd of a 4 KiB ring),
+    to a page not yet mapped, leaves the guest with DIRTY_RING_FULL before it is done —
+    EIP at it, the page unchanged — as KVM re-enters a faulting instruction only after its
+    requests; after the reset it runs once. (KVM here emulates the guest's ring-0 writes
+    and looks at the ring only at its next exit, the OUT.)"""
+    vm = ring_vm(make_vm, host, 256, PAGE)
+    if vm.engine is None:
+        pytest.skip("no engine: no guest instruction to run")
+    guest = bytes.fromhex("c7 06 01 00 00 00"  # L: mov dword [esi], 1
+                          "81 c6 00 10 00 00"  #    add esi, 4096
+                          "e2 f2"              #    loop L
+                          "c7 06 07 00 00 00"  #    mov dword [esi], 7  (the 192nd page)
+                          "ff 06"              #    inc dword [esi]
+                          "e6 80"              #    out 0x80, al
+                          "f4")                #    hlt
+    vm.write(WALKER_CODE, guest)
+    last = DATA + 191 * PAGE
+    vm.write(last, (41).to_bytes(4, "little"))
+    cpu = vcpu0(vm)
+    ring = cpu.dirty_ring
+    cpu.start(WALKER_CODE, Regs(esi=DATA, ecx=191))
+    full = []
+    while (exit_ := cpu.run()).kind is ExitKind.DIRTY_RING_FULL:
+        full.append((cpu.get_regs().eip, vm.read(last, 4)))
+        ring.harvest()
+        vm.reset_dirty_rings()
+    assert exit_.kind is ExitKind.IO, (full, exit_)
+    if engine == "unicorn":
+        assert full == [(WALKER_CODE + 14, (41).to_bytes(4, "little"))]
+    assert vm.read(last, 4) == (8).to_bytes(4, "little")
+
+
 def test_soft_limit_request_and_hard_full_overwrite() -> None:
     ring = DirtyRing(PAGE, 0, None)  # 256 entries, soft limit 192
     ring.push(1, 0, 191)

@@ -313,6 +313,61 @@ def test_get_and_clear_reprotect_exactly_the_harvested_pages(mem: kvmem.HostMemo
     assert vm.get_dirty_log(0)[0] == 0b110000
 
 
+def test_a_write_after_a_harvest_is_made_writable_in_place(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    """KVM's fast page fault: a write to a page that only dirty logging write-protected
+    makes its spte writable again over the same host page and marks the page dirty,
+    without resolving the host page again. A tracked gfn still takes the full path (a
+    tracked write; the spte stays read-only), and so does a read-only slot (an exit)."""
+    vm = make_vm()
+    vm.set_memory_region(0, LOG, 0, MiB, mem.hva)
+    vm.set_memory_region(1, LOG | RO, MiB, MiB, mem.hva + MiB)
+    vcpu = vm.create_vcpu(0)
+    for g in (1, 2, 3):
+        vcpu.guest_write(g * PAGE, b"a")
+    vcpu.guest_read(MiB, 1)
+    assert vm.get_dirty_log(0)[0] == 0b1110
+    frames = [mapped(vm, g).frame for g in (1, 2, 3)]
+    vm.page_track.add_gfn(3)
+    fast = vm.mmu.stats["fast_faults"]
+    vcpu.guest_write(1 * PAGE, b"b")
+    vcpu.guest_write(2 * PAGE, b"c")
+    assert vm.mmu.stats["fast_faults"] == fast + 2
+    assert _writable(vm, range(4)) == [1, 2]
+    assert [mapped(vm, g).frame for g in (1, 2)] == frames[:2]
+    vcpu.guest_write(3 * PAGE, b"d")  # tracked
+    with pytest.raises(MmioExit):
+        vcpu.guest_write(MiB, b"e")  # read-only slot
+    assert vm.mmu.stats["fast_faults"] == fast + 2
+    assert _writable(vm, range(4)) == [1, 2] and mapped(vm, 3).frame == frames[2]
+    assert vm.read(PAGE, 1) + vm.read(2 * PAGE, 1) + vm.read(3 * PAGE, 1) == b"bcd"
+    assert vm.get_dirty_log(0)[0] == 0b1110
+
+
+def test_mirrors_hear_of_a_harvest_once_per_run_of_pages(mem: kvmem.HostMemory,
+        make_vm: Callable[..., kvmem.Vm]) -> None:
+    """A harvest write-protects pages by the thousand: a stage-2 mirror (the Unicorn
+    engine) is told once per run of consecutive gfns, not once per gfn."""
+    vm = make_vm()
+    vm.set_memory_region(0, LOG, 0, MiB, mem.hva)
+    vcpu = vm.create_vcpu(0)
+    for g in (1, 2, 3, 5, 6, 9):
+        vcpu.guest_write(g * PAGE, b"w")
+    heard: list[tuple[int, int, int]] = []
+
+    class Mirror:
+        def stage2_unmapped(self, as_id: int, start_gfn: int, end_gfn: int) -> None:
+            heard.append((as_id, start_gfn, end_gfn))
+
+    mirror = Mirror()
+    vm.mmu.add_mirror(mirror)
+    try:
+        vm.get_dirty_log(0)
+    finally:
+        vm.mmu.remove_mirror(mirror)
+    assert heard == [(0, 1, 4), (0, 5, 7), (0, 9, 10)]
+
+
 def test_initially_set_protects_lazily(mem: kvmem.HostMemory,
         make_vm: Callable[..., kvmem.Vm]) -> None:
     vm = make_vm()

@@ -225,7 +225,7 @@ class Mmu:
         self._log = memslots.restore_log
         self.mark = mark_bitmap
         self.access = [Stage2Access(self, as_id) for as_id in range(n)]
-        self.stats = {"faults": 0, "retries": 0, "installs": 0, "zapped": 0,
+        self.stats = {"faults": 0, "fast_faults": 0, "retries": 0, "installs": 0, "zapped": 0,
                       "invalidations": 0, "broken_huge": 0, "tracked_faults": 0}
         self._notifier = _Notifier(self)
         host.notifiers.register(self._notifier)
@@ -439,16 +439,24 @@ class Mmu:
         self.lock.assert_held()
         small, huge = self._small[as_id], self._huge[as_id]
         n = 0
+        # mirrors hear of each run of consecutive gfns once (a harvest protects thousands)
+        run_start = run_end = -1
         for g in gfns:
             s = small.get(g)
             if s is not None and s.writable:
                 small[g] = Spte(g, s.frame, False, 1, b"", s.view, s.private)
                 n += 1
-                self._unmap_mirrors(as_id, g, g + 1)
+                if g != run_end:
+                    if run_end > run_start:
+                        self._unmap_mirrors(as_id, run_start, run_end)
+                    run_start = g
+                run_end = g + 1
             if g // HUGE_PAGES in huge:
                 del huge[g // HUGE_PAGES]
                 n += 1
                 self._unmap_mirrors(as_id, g - g % HUGE_PAGES, g - g % HUGE_PAGES + HUGE_PAGES)
+        if run_end > run_start:
+            self._unmap_mirrors(as_id, run_start, run_end)
         return n
 
     def _unmap_mirrors(self, as_id: int, start: int, end: int) -> None:
@@ -619,6 +627,10 @@ class Mmu:
             return self._gmem_fault(as_id, slot, gpa, gfn, write, seq, flags)
         if write and slot.readonly:
             raise MmioExit(gpa, 0, True)
+        if write:
+            spte = self._fast_write_fault(as_id, slot, gfn, seq)
+            if spte is not None:
+                return spte
         huge = self._huge_base(slot, gfn)
         if huge is not None and self.private_memory and \
                 not self.attributes.value.uniform(huge, huge + HUGE_PAGES):
@@ -674,6 +686,27 @@ class Mmu:
             if writable and logged:
                 self.mark_dirty(slot, gfn - slot.base_gfn, 1)
             self.stats["installs"] += 1
+            return spte
+
+    def _fast_write_fault(self, as_id: int, slot: MemorySlot, gfn: int, seq: int
+                          ) -> Spte | None:
+        """KVM's fast_page_fault: a write to a present 4 KiB spte that is read-only only
+        because dirty logging (or tracking, since ended) protected it — its host page is
+        writable and current, the slot writable, the gfn untracked — is made writable in
+        place and the page marked dirty, without resolving the host page again. None: take
+        the full path."""
+        with self.lock:
+            small = self._small[as_id]
+            s = small.get(gfn)
+            if (s is None or s.writable or not isinstance(s.frame, Frame)
+                    or not s.frame.writable or self.retry_gfn(seq, gfn)
+                    or self.tracked(as_id, gfn) or not s.frame.current()):
+                return None
+            spte = Spte(gfn, s.frame, True, 1, b"", s.view)
+            small[gfn] = spte
+            if slot.dirty_logging:
+                self.mark(slot, gfn - slot.base_gfn, 1)
+            self.stats["fast_faults"] += 1
             return spte
 
     def _gmem_fault(self, as_id: int, slot: MemorySlot, gpa: int, gfn: int, write: bool,

@@ -17,19 +17,32 @@ Rules of this room:
   worker a go and waits for the exit it posts. Between two runs the worker is out of
   emu_start and the vCPU between two instructions, so the caller reads and writes
   registers and state directly.
-- Exits leave emu_start, with KVM's convention (see `kvmem.engines`): Unicorn runs with an
-  instruction count, so a hook's stop takes effect right after its instruction. A write
-  (OUT, MMIO) is done by then. A read cannot wait for its answer inside the hook: the
-  hook saves the context from before the instruction and the worker restores it after the
-  stop; `complete` queues the answer and the next run replays the instruction, whose
-  hooks read it (by gpa, or by port and EDI for the elements of a string IN, so an
-  instruction Unicorn restarts reads the same answers; answers belong to the RIP of their
-  instruction). A REP INS going up is finished between runs as KVM's emulator finishes
-  it (`_string_in_writeback`).
-- Slow pages are done access by access as KVM's emulator does them, in exact steps: a slow
-  page's callback only asks for one, and the instruction runs again alone with memory
-  hooks on, which see each access whole (see "exact steps" below). A context saved in a
-  hook carries the EFLAGS read then (`_save` / `_restore`).
+- Exits leave emu_start, with KVM's convention (see `kvmem.engines`), yet the guest runs
+  block-wise (no instruction count): Unicorn checks for a stop only at block starts, after
+  every load and store (EIP put back at the instruction of the access) and at a code hook.
+  A stop is made exact where an exit needs it:
+  - a slow page (MMIO, tracked, read-only slot, hole): its callback only asks for an
+    *exact step* and stops; the run ends at the instruction, nothing of it done, and the
+    worker runs just it again (count=1) with memory hooks on, which see each access whole
+    and do it as KVM's emulator does (see "exact steps" below). Inside a step no stop lands
+    mid-instruction (a zap or a kick waits for its end), so it runs once.
+  - IN / OUT: the port hooks run inside the instruction and the block would go on past it.
+    So port instructions are *learned* before they run: every new block whose bytes hold
+    a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
+    hook); the worker gives it a code hook on every instruction (a *scan*), which notes
+    the port instructions it meets, until each was seen once. A learned port instruction
+    has a code hook on the instruction after it, so a stop its port hook makes lands there.
+    One met unlearned all the same (paging on, or the first block of a run, which Unicorn
+    reports to no edge hook; without paging the worker looks at the block at RIP itself)
+    is rewound to the context its hook saved, and scanned; meanwhile hooks do nothing.
+  Instructions are named by linear address (CS base + RIP), as code hooks name them.
+  A read cannot wait for its answer inside the hook: the hook saves the context from
+  before the instruction and the worker restores it after the stop; `complete` queues the
+  answer and the next run replays the instruction, whose hooks read it (by gpa, or by port
+  and EDI for the elements of a string IN, so an instruction Unicorn restarts reads the
+  same answers; answers belong to the RIP of their instruction). A REP INS going up is
+  finished between runs as KVM's emulator finishes it (`_string_in_writeback`). A context
+  saved in a hook carries the EFLAGS read then (`_save` / `_restore`).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
@@ -52,8 +65,10 @@ Rules of this room:
   instruction again, with CR2 and QEMU's exception-in-flight put back (`UcTrap.retry`).
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 - Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
-  vCPU's ring. A mark that raises the ring's soft-full request stops the guest at the next
-  hook's return (the instruction completes), and every entry checks the request first:
+  vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
+  access is not done (the instruction runs after the reset, as KVM re-enters a faulting
+  instruction after its requests; an exact step completes first), and every entry checks
+  the request first:
   `run` returns DIRTY_RING_FULL, running nothing, until a reset makes room (KVM's
   kvm_dirty_ring_check_request before each guest entry).
 """
@@ -73,6 +88,8 @@ from unicorn.unicorn_const import (
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
     UC_ERR_INSN_INVALID,
+    UC_HOOK_CODE,
+    UC_HOOK_EDGE_GENERATED,
     UC_HOOK_INSN,
     UC_HOOK_MEM_PROT,
     UC_HOOK_MEM_READ,
@@ -105,10 +122,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UnicornEngine", "UnicornVcpu"]
 
-# an instruction count never reached: with a count, Unicorn checks for a stop after every
-# instruction, so an exit's emu_stop leaves the vCPU right after the instruction that exited
-# (uc_state.resume), and hooks read the EIP of their own instruction
-_NO_LIMIT = 1 << 62
 _REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_REG_RCX),
          ("edx", X.UC_X86_REG_RDX), ("esi", X.UC_X86_REG_RSI), ("edi", X.UC_X86_REG_RDI),
          ("esp", X.UC_X86_REG_RSP), ("ebp", X.UC_X86_REG_RBP), ("eip", X.UC_X86_REG_RIP),
@@ -117,7 +130,23 @@ _RAM, _SLOW = "ram", "slow"
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
+_REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else inc/dec)
+_CR0_PE, _CR0_PG = 1, 1 << 31
 _PF = 14
+_AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
+_PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
+
+
+class _Scan:
+    """A block under scan: its instruction count and size, the instructions seen."""
+
+    def __init__(self, icount: int, size: int) -> None:
+        self.icount, self.size = icount, size
+        self.seen: set[int] = set()
+        self.done = False
+        self.hook: int | None = None
+
+
 
 
 def _flat(selector: int, type_: int) -> Segment:
@@ -152,8 +181,8 @@ class UnicornEngine(AttachedOnce):
         self._gate = sync.Condition(self._gate_lock)
         self._paused = 0
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
-                      "stops": 0, "restarts": 0, "events": 0, "table_maps": 0,
-                      "pauses": 0}
+                      "stops": 0, "restarts": 0, "steps": 0, "scans": 0, "rewinds": 0,
+                      "events": 0, "table_maps": 0, "pauses": 0}
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
@@ -231,6 +260,7 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_MEM_PROT, self._on_prot)
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
+        uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_new_block)
         # exceptions, INT n and SYSCALL: caught here, delivered by `_deliver`
         self._trap = uc_state.UcTrap(uc)
         self._cr2 = 0  # CR2 when the guest last entered (a spurious #PF puts it back)
@@ -280,7 +310,17 @@ class UnicornVcpu:
         self._last: Exit | None = None
         self._unanswered = False
         self._at_read = False  # the vCPU is at a read's instruction (see _settle)
-        self._step = False  # the worker runs one instruction
+        self._step = False  # the worker runs one instruction (_settle's)
+        # port instructions learned before they run, steps (worker-owned): see "Exits" above
+        self._inert = False  # a rewind is pending: hooks do nothing
+        self._rewind: Any = None  # the context before a port instruction not yet learned
+        self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
+        self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
+        self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
+        self._scan_stop = False  # the run stopped before a new block, to scan it
+        self._clean: set[int] = set()  # block pcs whose bytes hold no port opcode
+        self._stepping = False  # a one-instruction run (count=1) is running
+        self._fault_stops = False  # the last _hook_fault's _enter asked for a stop
         self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
         self._busy = False  # the worker is in _run_guest (engine gate lock)
         self._held = False  # ... and waits at the engine's gate
@@ -297,6 +337,7 @@ class UnicornVcpu:
         a DMA-like writer, and kvmem's accessors do not tell engines about writes."""
         self._uc.ctl_flush_tb()
         self._forget_exit()
+        self._forget_code()
         uc_state.set_state(self._uc, _start_state(entry, regs if regs is not None else Regs()))
 
     def get_regs(self) -> Regs:
@@ -333,6 +374,7 @@ class UnicornVcpu:
             self._loaded = (state, self._uc.context_save())
         self._uc.ctl_flush_tb()
         self._forget_exit()
+        self._forget_code()
 
     # -- page walks ------------------------------------------------------------------------------
     def paging_registers(self) -> tuple[Sregs, int]:
@@ -352,6 +394,17 @@ class UnicornVcpu:
         self._rip_after = None
         self._unanswered = self._at_read = False
         self._last = None
+
+    def _forget_code(self) -> None:
+        """Port sites and scans are of the code that was there: the code may be new."""
+        for hook in self._sites.values():
+            if hook is not None:
+                self._uc.hook_del(hook)
+        for scan in self._scans.values():
+            if scan.hook is not None:
+                self._uc.hook_del(scan.hook)
+        self._sites, self._site_todo, self._scans = {}, [], {}
+        self._clean = set()
 
     def _settle(self) -> None:
         """At a read exit, run just its instruction (kvm_state.settle's counterpart), so the
@@ -612,11 +665,18 @@ class UnicornVcpu:
                 continue
             error: UcError | None = None
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+            pc = self._pc(rip)
+            self._between_runs(pc)
             self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             exact = self._exact_step
-            hooks = self._exact_hooks(rip) if exact else []
+            hooks = self._exact_hooks(pc) if exact else []
             try:
-                uc.emu_start(rip, 0, count=1 if self._step or exact else _NO_LIMIT)
+                if self._step or exact:
+                    self._stepping = True
+                    self._engine.stats["steps"] += 1
+                    uc.emu_start(rip, 0, count=1)
+                else:
+                    uc.emu_start(rip, 0)
             except UcError as e:
                 error = e
             finally:
@@ -624,12 +684,25 @@ class UnicornVcpu:
                     self._inside = False
                     stopped, self._stop_requested = self._stop_requested, False
                     self._zcv.notify_all()
+                self._stepping = False
                 for h in hooks:
                     uc.hook_del(h)
                 if hooks:
-                    uc.ctl_remove_cache(rip, rip + 1)  # the step's code calls the hooks
+                    uc.ctl_remove_cache(pc, pc + 1)  # the step's code calls the hooks
             # an event of an instruction that exited, or that runs again, is not delivered
             event = self._trap.take()
+            if self._inert:
+                # a port instruction not learned yet: nothing of it was done; rewind it
+                # and scan it (the scan's code hook learns it: exact from then on)
+                self._inert = False
+                self._restart = self._fatal = None
+                self._exact, self._undo = None, None
+                rewind, self._rewind = self._rewind, None
+                self._engine.stats["rewinds"] += 1
+                self._restore(rewind)
+                self._rescan(self._pc())
+                continue
+            scan_stop, self._scan_stop = self._scan_stop, False
             self._exact_in = False
             if exact and error is not None and self._restart is not None and \
                     self._undo is None:
@@ -648,7 +721,11 @@ class UnicornVcpu:
             if self._exact is not None and self._undo is None:
                 # a slow page was touched: the instruction again, exactly (_want_exact)
                 ctx, self._exact = self._exact, None
-                self._restore(ctx)
+                if ctx is _AT_STOP:
+                    # QEMU's lazy flags, as flags (a run started from them reads them right)
+                    uc.reg_write(X.UC_X86_REG_EFLAGS, uc.reg_read(X.UC_X86_REG_EFLAGS))
+                else:
+                    self._restore(ctx)
                 self._exact_step = True
                 self._exits = []
                 pending, self._restart = self._restart, None
@@ -696,6 +773,8 @@ class UnicornVcpu:
                 return _STEPPED
             if exact:
                 continue  # the instruction is done: on, block-wise
+            if scan_stop and not stopped:
+                continue  # stopped before a new block only to scan it
             if stopped and self._vcpu.dirty_ring.request:
                 continue  # a mark filled the ring: the check above decides
             if not stopped or self._halted():
@@ -705,6 +784,124 @@ class UnicornVcpu:
                     self._kicked = False
                     return Exit(ExitKind.KICKED)
             # a zap's stop: unmap what is pending and go on
+
+    # -- exact stops ----------------------------------------------------------------------------
+    def _learn(self, pc: int, end: int) -> None:
+        """The port instruction at `pc` (up to `end`) gets a code hook on the instruction
+        after it, so a stop its port hook makes lands there (at a block start for a REP
+        element)."""
+        if self._sites.get(pc) is not None:
+            return
+        self._sites[pc] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
+        self._uc.ctl_remove_cache(pc, end + 1)
+
+    def _rescan(self, pc: int) -> None:
+        """Scan the instruction at `pc` again (a port instruction met unlearned)."""
+        old = self._scans.pop(pc, None)
+        if old is not None and old.hook is not None:
+            self._uc.hook_del(old.hook)
+        self._clean.discard(pc)
+        self._scans[pc] = _Scan(1, 15)
+        self._sites[pc] = None  # a port instruction: exact from now (the scan hook follows)
+        self._engine.stats["scans"] += 1
+
+    def _between_runs(self, rip: int) -> None:
+        """Hook what scans noted and the blocks to scan; end the scans that are done."""
+        uc = self._uc
+        if (rip not in self._scans and rip not in self._clean
+                and rip >> PAGE_SHIFT in self._page
+                and not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG):
+            # The edge hook does not see the first block of a run while Unicorn has not
+            # yet left a block the ordinary way (its record of the last block is set only
+            # then): look at the block at RIP first. Not with paging on, where translating
+            # it walks page tables that may not be mapped yet, and a guest fault inside
+            # Unicorn's control call has nowhere to go.
+            self._inert = True  # nothing is faulted in while Unicorn translates it
+            try:
+                pc, icount, size = uc.ctl_request_cache(rip)
+                self._note_block(pc, icount, size)
+            except UcError:
+                pass
+            finally:
+                self._inert = False
+                self._restart = None
+        todo, self._site_todo = self._site_todo, []
+        for site, end in todo:
+            self._learn(site, end)
+        for pc, scan in self._scans.items():
+            if scan.hook is None and not scan.done:
+                scan.hook = uc.hook_add(UC_HOOK_CODE, self._on_scan, scan, pc,
+                                        pc + scan.size - 1)
+                uc.ctl_remove_cache(pc, pc + scan.size)
+            elif scan.hook is not None and scan.done:
+                uc.hook_del(scan.hook)  # Unicorn drops the blocks it instrumented
+                scan.hook = None
+
+    def _note_block(self, pc: int, icount: int, size: int) -> bool:
+        """A new block: True (and a scan to start) if its bytes may hold a port opcode."""
+        if pc in self._scans or pc in self._clean:
+            return False
+        if not _PORT_OPCODES.intersection(self._code(pc, size)):
+            self._clean.add(pc)
+            return False
+        self._scans[pc] = _Scan(icount, size)
+        self._engine.stats["scans"] += 1
+        return True
+
+    def _on_new_block(self, uc: Uc, cur: Any, prev: Any, data: Any) -> None:
+        """UC_HOOK_EDGE_GENERATED: a block was translated and is about to run. If it may
+        hold a port instruction, stop before it (Unicorn checks at every block start)."""
+        if not self._stepping and self._note_block(cur.pc, cur.icount, cur.size):
+            self._scan_stop = True
+            uc.emu_stop()
+
+    def _on_scan(self, uc: Uc, address: int, size: int, scan: _Scan) -> None:
+        """A scanned block's code hook, before each of its instructions: note port ones."""
+        scan.seen.add(address)
+        if len(scan.seen) >= scan.icount:
+            scan.done = True
+        if (self._sites.get(address, 0) is None  # known (a rewind's), length unknown
+                or (address not in self._sites and self._opcode(address) in _PORT_OPCODES)):
+            self._sites[address] = None  # exact from now: the scan hook follows it
+            self._site_todo.append((address, address + size))
+
+    def _pc(self, rip: int | None = None) -> int:
+        """The linear address of the instruction at CS:RIP (`rip` if read already) — what
+        code hooks and blocks name (CS's base is 0 in every mode kvmem starts guests in
+        but real mode, where it is the selector times 16)."""
+        uc = self._uc
+        if rip is None:
+            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PE:
+            return rip
+        return ((int(uc.reg_read(X.UC_X86_REG_CS)) & 0xFFFF) << 4) + (rip & 0xFFFF)
+
+    def _code(self, rip: int, size: int = 15) -> bytes:
+        """Up to `size` code bytes at `rip` (a block's, or an instruction's: not past its
+        page, which may be the last one mapped)."""
+        try:
+            return bytes(self._uc.mem_read(rip, size if size != 15 else
+                                           min(15, PAGE_SIZE - rip % PAGE_SIZE)))
+        except UcError:
+            return b""
+
+    def _opcode(self, rip: int) -> int:
+        """The first opcode byte of the instruction at `rip` (-1 if unreadable)."""
+        code = self._code(rip)
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        return code[i] if i < len(code) else -1
+
+    def _port_exact(self) -> bool:
+        """At a port hook (EIP is the instruction's): may it stop exactly? If not, rewind it
+        and learn its site."""
+        if self._stepping or self._pc() in self._sites:
+            return True
+        self._inert = True
+        self._rewind = self._save()
+        self._uc.emu_stop()
+        return False
 
     # -- events: what Unicorn leaves to its user --------------------------------------------------
     def _deliver(self, event: Event) -> Exit | None:
@@ -882,7 +1079,7 @@ class UnicornVcpu:
         for b in fence:
             self._uc.mem_protect(b << PAGE_SHIFT, self._regions[b][0] << PAGE_SHIFT,
                                  UC_PROT_NONE)
-        if stop:
+        if stop and not self._stepping:
             self._uc.emu_stop()
         return stop
 
@@ -903,10 +1100,12 @@ class UnicornVcpu:
             self._fatal = Exit(ExitKind.INTERNAL_ERROR, address, size, write, detail=str(e))
             return None
         finally:
-            self._enter()
+            self._fault_stops = self._enter()
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      data: Any) -> bool:
+        if self._inert:
+            return False
         gfn = address >> PAGE_SHIFT
         fetch = access == UC_MEM_FETCH_UNMAPPED
         write = access == UC_MEM_WRITE_UNMAPPED
@@ -922,6 +1121,13 @@ class UnicornVcpu:
             self._map_slow(gfn)
         else:
             self._map_ram(gfn, spte)
+        if fetch or self._fault_stops:
+            # fetch: the block being translated keeps wrong EIPs for its instructions (a
+            # stop or a hook would see the EIP of an earlier one): translate it again.
+            # A stop: it would land after this access, and the instruction would run
+            # again from its start (a store done twice): run it after the stop instead.
+            self._restart = _nothing
+            return False
         return True
 
     def _ins_dummy(self) -> bool:
@@ -950,6 +1156,8 @@ class UnicornVcpu:
 
     def _on_prot(self, uc: Uc, access: int, address: int, size: int, value: int,
                  data: Any) -> bool:
+        if self._inert:
+            return False
         gfn = address >> PAGE_SHIFT
         base = self._page.get(gfn)
         if base is None or base in self._fenced or access != UC_MEM_WRITE_PROT:
@@ -1032,7 +1240,11 @@ class UnicornVcpu:
 
     def _want_exact(self) -> None:
         if self._exact is None:
-            self._exact = self._save()  # nothing of the instruction done yet
+            # nothing of the instruction done yet. Block-wise, EIP inside a hook is stale,
+            # but Unicorn stops right after this access with EIP at the instruction: the
+            # worker takes the state there (_AT_STOP); in a one-instruction run the context
+            # saved here is the instruction's
+            self._exact = self._save() if self._stepping else _AT_STOP
             self._uc.emu_stop()
 
     def _exact_hooks(self, rip: int) -> list[int]:
@@ -1123,7 +1335,7 @@ class UnicornVcpu:
 
     def _slow_read(self, gpa: int, size: int) -> int:
         self._engine.stats["slow_accesses"] += 1
-        if self._undo is not None or self._exact is not None:
+        if self._undo is not None or self._exact is not None or self._inert:
             return 0
         if not self._exact_step:
             self._want_exact()
@@ -1145,7 +1357,7 @@ class UnicornVcpu:
 
     def _slow_write(self, gpa: int, size: int, value: int) -> None:
         self._engine.stats["slow_accesses"] += 1
-        if self._undo is None and not self._exact_step:
+        if self._undo is None and not self._exact_step and not self._inert:
             self._want_exact()
         # in an exact step the write hook did it
 
@@ -1180,7 +1392,8 @@ class UnicornVcpu:
         return max(1, min(in_page, _PIO_READ_AHEAD // size, count))
 
     def _on_in(self, uc: Uc, port: int, size: int, data: Any) -> int:
-        if self._undo is not None or self._exact is not None:
+        if (self._undo is not None or self._exact is not None or self._inert
+                or not self._port_exact()):
             return 0
         rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
         self._exact_in = self._exact_step
@@ -1193,7 +1406,8 @@ class UnicornVcpu:
         return 0
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, data: Any) -> None:
-        if self._undo is not None or self._exact is not None:
+        if (self._undo is not None or self._exact is not None or self._inert
+                or not self._port_exact()):
             return  # (OUTS from a slow page: the exact step posts it, with the right data)
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._post(Exit(ExitKind.IO, port, size, True, payload))
@@ -1207,3 +1421,7 @@ def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
 
 def _nothing() -> None:
     """A restart that only needs the pending unmaps, which every restart applies."""
+
+
+def _nothing_at(uc: Uc, address: int, size: int, data: Any) -> None:
+    """A learned port site's code hook: being there makes Unicorn check for a stop."""
