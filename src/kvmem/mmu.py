@@ -704,8 +704,8 @@ class Mmu:
                 return None
             spte = Spte(gfn, s.frame, True, 1, b"", s.view)
             small[gfn] = spte
-            if slot.dirty_logging:
-                self.mark(slot, gfn - slot.base_gfn, 1)
+            if slot.dirty_logging or self._log.armed:  # as the full path: the restore log too
+                self.mark_dirty(slot, gfn - slot.base_gfn, 1)
             self.stats["fast_faults"] += 1
             return spte
 
