@@ -25,7 +25,7 @@ import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -55,11 +55,18 @@ class Base:
     runner: difftest.Runner
     snap: kvmem.Snapshot
     logging: set[int]
-    image: tuple[object, ...]
+    image: Image
     state: VcpuState
 
 
-def _image(r: difftest.Runner, logging: set[int]) -> tuple[object, ...]:
+class Image(NamedTuple):
+    layout: tuple[tuple[int, int, int, int, int], ...]
+    memory: bytes
+    dirty: tuple[tuple[int, bytes], ...]
+    tracked: tuple[int, ...]
+
+
+def _image(r: difftest.Runner, logging: set[int]) -> Image:
     """Everything a restore brings back that the VM shows: layout, all the guest memory
     (every slot's), the dirty bitmaps of the slots that logged at the snapshot, tracked
     gfns. (Host memory behind no slot — the window's pages under its holes — is not the
@@ -69,7 +76,7 @@ def _image(r: difftest.Runner, logging: set[int]) -> tuple[object, ...]:
     layout = tuple((s.id, s.flags, s.gpa, s.size, s.hva) for s in slots)
     memory = b"".join(vm.read(s.gpa, s.size) for s in slots)
     dirty = tuple((sid, vm.get_dirty_log(sid)) for sid in sorted(logging))
-    return layout, memory, dirty, tuple(vm.page_track.tracked_gfns())
+    return Image(layout, memory, dirty, tuple(vm.page_track.tracked_gfns()))
 
 
 def _base(engine: str | None, mode: str, manual: bool) -> Base:
@@ -147,11 +154,13 @@ def _case(engine: str | None, bases: dict[tuple[str, bool], Base], seed: int, mo
     got = _image(r, b.logging)
     context = f"seed {seed}, {mode}, manual={manual}; steps:\n" + "\n".join(r.events)
     r.events.clear()
-    assert got[0] == b.image[0], f"layout differs: {context}"
-    if got[1] != b.image[1]:
-        at = next(i for i, (x, y) in enumerate(zip(got[1], b.image[1], strict=True)) if x != y)
+    assert got.layout == b.image.layout, f"layout differs: {context}"
+    if got.memory != b.image.memory:
+        at = next(i for i, (x, y) in enumerate(zip(got.memory, b.image.memory, strict=True))
+                  if x != y)
         pytest.fail(f"memory differs at byte {at:#x} (of the slots' in order): {context}")
-    assert got[2:] == b.image[2:], f"dirty logs or tracking differ: {context}"
+    assert got.dirty == b.image.dirty, f"dirty logs differ: {context}"
+    assert got.tracked == b.image.tracked, f"tracked gfns differ: {context}"
     assert _no_clock(r.cpu.get_state()) == _no_clock(b.state), f"vCPU state: {context}"
 
 
