@@ -182,6 +182,7 @@ def test_nothing_leaks_through_a_reset(engine: str | None,
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("KVMEM_SLOW") != "1", reason="set KVMEM_SLOW=1")
 @settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
 @given(**_CASES)
 def test_nothing_leaks_through_a_reset_many(engine: str | None,
