@@ -10,7 +10,9 @@ Figures:
   (the cost follows the dirty pages, not the memory size);
 - floor (KVM): a reset vs the floor — harvesting the 16 entries from KVM's dirty ring by
   hand, KVM_RESET_DIRTY_RINGS, and a memcpy of the 16 pages back — target ≤ 3; beside it
-  (info) the floor plus the vCPU state's six KVM_SET_* ioctls, packed in advance;
+  (info) the floor plus the vCPU state loaded as a reset loads it, packed in advance
+  (KVM_SET_SREGS, _XSAVE, _MSRS, _MP_STATE; regs and events staged in kvm_run for
+  the next KVM_RUN where KVM_CAP_SYNC_REGS allows, else two more ioctls);
 - full copy (KVM; Unicorn): resets per second vs a full-copy reset (all of guest memory
   copied back, and the vCPU state) at 256 MiB — target ≥ 30;
 - Unicorn's own (info): a reset on the Unicorn engine vs Unicorn 2's context_restore of a
@@ -95,7 +97,7 @@ def floor_ops(g: Guest) -> tuple[Callable[[], None], Callable[[], None]]:
     """The least a reset of the KVM engine's guest can do: the ring's entries read by hand,
     KVM_RESET_DIRTY_RINGS, the pages copied back (the engine's own ring and fd, reached
     past its interface: this is the floor, not a user of kvmem); and the same plus the
-    vCPU state's ioctls, packed in advance."""
+    vCPU state's load, packed in advance."""
     from kvmem.cpu import kvm_state
 
     eng: Any = g.vm.engine
@@ -176,7 +178,7 @@ def floor_figures(g: Guest, size: int, rounds: int) -> list[C.Figure]:
                          id="kvm_floor"),
                 C.Figure("kvm: reset vs floor + vCPU state ioctls",
                          s["reset"], s["floor+state"], "time", None, "vm.restore",
-                         "the floor + 6 KVM_SET_* ioctls packed in advance",
+                         "the floor + the state's KVM_SET_* ioctls, packed",
                          id="kvm_floor_state")]
     finally:
         floor.close()

@@ -9,6 +9,7 @@ asserted where the capability read back says the host has them.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import errno
 import mmap
 import os
@@ -466,3 +467,31 @@ def test_closed_vm_refuses_calls(kvm: Kvm) -> None:
     with pytest.raises(ValueError, match="closed"):
         vm.check_extension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
     expect_errno(errno.EBADF, os.fstat, fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# registers staged in kvm_run (KVM_CAP_SYNC_REGS)
+
+
+@pytest.mark.parametrize("by", ["KVM_RUN", "another ioctl"])
+def test_staged_registers_are_what_kvm_loads(vm: KvmVm, by: str) -> None:
+    """`stage` writes kvm_regs and kvm_vcpu_events where KVM_RUN reads them (the kernel
+    takes them and clears their kvm_dirty_regs bits, even when it then returns EINTR for
+    immediate_exit), and any other ioctl of the vCPU loads them first."""
+    with vm.create_vcpu(0) as vcpu:
+        if vcpu.sync_regs & 5 != 5:
+            pytest.skip("this KVM has no KVM_CAP_SYNC_REGS for regs and events")
+        regs = dataclasses.replace(vcpu.get_regs(), rbx=0x1234_5678_9ABC, rsi=7,
+                                   r15=0xFEED, rip=0xFFF3, rflags=0x202)
+        events = dataclasses.replace(vcpu.get_vcpu_events(), nmi_masked=1)
+        assert vcpu.get_regs() != regs and vcpu.get_vcpu_events() != events
+        assert vcpu.stage(regs.pack(), events.pack())
+        assert vcpu.staged == 5
+        if by == "KVM_RUN":
+            vcpu.immediate_exit = True
+            expect_errno(errno.EINTR, vcpu.run)
+            vcpu.immediate_exit = False
+            assert vcpu.staged == 0  # the kernel took both
+        assert vcpu.get_regs() == regs
+        assert vcpu.staged == 0
+        assert vcpu.get_vcpu_events() == events

@@ -2,7 +2,9 @@
 with the same host actions in between, must leave the same trace on both.
 
 Defines `Plan` (a program, the VM's layout and the schedule of steps, all decided by one
-seed), `plan(seed, mode)`, `trace(plan, engine)` (what one engine does under the plan: a list
+seed), `plan(seed, mode)`, `schedule(rng, slots)` (the steps alone, for a layout),
+`Runner(plan, engine)` (one VM under a plan: its host actions and runs, also used by the
+snapshot property test), `trace(plan, engine)` (what one engine does under the plan: a list
 of events) and `compare(seed, mode)` → `Divergence | None`; `main()` runs many seeds and
 prints the divergences by kind (`python -m kvmem.difftest --programs 200`).
 
@@ -59,7 +61,8 @@ from .slots import MemorySlot
 from .uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
 from .vm import Vcpu
 
-__all__ = ["Divergence", "Plan", "Slot", "compare", "main", "plan", "trace"]
+__all__ = ["Divergence", "Plan", "Runner", "Slot", "compare", "main", "plan", "schedule",
+           "trace"]
 
 LOW_SIZE = 1 << 20
 CODE = 0x10000
@@ -228,17 +231,27 @@ def plan(seed: int, mode: str | None = None, *, runs: int | None = None) -> Plan
     program = randprog.generate(rng.getrandbits(32), mode, (DATA, WINDOW_PAGES),
                                 (MMIO, MMIO_PAGES))
     p = Plan(seed, mode, manual, low_flags, slots, fill, program)
+    p.steps = schedule(rng, slots, runs)
+    return p
+
+
+def schedule(rng: random.Random, slots: dict[int, Slot], runs: int | None = None
+             ) -> list[tuple[str, Any]]:
+    """The steps of a plan whose window starts as `slots`: `runs` runs (default 2-4, by
+    `rng`) with host actions at some of their exits, 1-3 host actions after each, and a
+    last harvest of everything; only `rng` and the model of the layout decide."""
+    steps: list[tuple[str, Any]] = []
     model = _Model(rng, slots)
     nruns = runs if runs is not None else rng.randint(2, 4)
     for r in range(nruns):
         mid: dict[int, list[Action]] = {}
         for _ in range(rng.randint(0, 3)):
             mid.setdefault(rng.randrange(12), []).append(model.action())
-        p.steps.append(("run", (r + 1, mid)))
+        steps.append(("run", (r + 1, mid)))
         for _ in range(rng.randint(1, 3)):
-            p.steps.append(("act", model.action()))
-    p.steps.append(("act", ("harvest", 0xFFFF)))
-    return p
+            steps.append(("act", model.action()))
+    steps.append(("act", ("harvest", 0xFFFF)))
+    return steps
 
 
 class _Recorder:
@@ -266,10 +279,14 @@ def _regs(cpu: Vcpu) -> str:
             f"edi={r.edi:x} eip={r.eip:x} fl={r.eflags & _EFLAGS_DEFINED:x}")
 
 
-class _Run:
-    """One engine under a plan."""
+class Runner:
+    """One engine under a plan: its VM laid out as the plan says (window filled, program
+    and the mode's tables loaded, vCPU 0 made), `act(action)` for a host action, `run(pass,
+    mid)` for a run with actions at its exits, `events` for what happened. With `engine`
+    None the VM is kvmem alone: host actions work, runs do not. `logging` is the set of
+    slots the harvests read (the ones that log dirty pages, as the actions left them)."""
 
-    def __init__(self, p: Plan, engine: str) -> None:
+    def __init__(self, p: Plan, engine: str | None) -> None:
         self.p = p
         self.events: list[str] = []
         self.low = HostMemory.anonymous(LOW_SIZE)
@@ -423,7 +440,7 @@ def _show(x: object) -> str:
 
 def trace(p: Plan, engine: str) -> tuple[list[str], bytes]:
     """The events of `engine` under `p`, and its memory at the end (low slot + window)."""
-    run = _Run(p, engine)
+    run = Runner(p, engine)
     try:
         for kind, arg in p.steps:
             if kind == "run":

@@ -184,6 +184,13 @@ class RestoreLog:
             self.pages.update(range(page, page + count))
             self.gfns[as_id].update(range(gfn, gfn + count))
 
+    def mark_pages(self, as_id: int, base_gfn: int, base_page: int, rels: list[int]) -> None:
+        """Pages `base_gfn + r` (host page `base_page + r`) for every r of `rels` were
+        written: `mark` of one page each, in bulk (an engine's harvested ring entries)."""
+        with self._lock:
+            self.pages.update([base_page + r for r in rels])
+            self.gfns[as_id].update([base_gfn + r for r in rels])
+
     def mark_hva(self, start: int, end: int) -> None:
         """Host pages of [start, end) changed behind every slot (a host invalidation, or a
         VMM's write through a raw view it reports)."""

@@ -207,6 +207,17 @@ _EXIT_REASON: Final = struct.Struct("=I")
 _EXIT_REASON_OFFSET: Final = 8
 _IMMEDIATE_EXIT_OFFSET: Final = 1
 _RUN_UNION_OFFSET: Final = 32  # after ready_for_interrupt_injection, if_flag, flags, cr8, apic_base
+# kvm_run after its 256-byte exit union: kvm_valid_regs u64, kvm_dirty_regs u64, then the
+# sync area `s` (x86: struct kvm_sync_regs {kvm_regs regs; kvm_sregs sregs;
+# kvm_vcpu_events events}), which KVM_RUN loads for every bit set in kvm_dirty_regs before
+# it enters the guest (KVM_CAP_SYNC_REGS)
+_DIRTY_REGS: Final = struct.Struct("=Q")
+_DIRTY_REGS_OFFSET: Final = _RUN_UNION_OFFSET + 256 + 8
+_SYNC_REGS_OFFSET: Final = _RUN_UNION_OFFSET + 256 + 16
+_SYNC_EVENTS_OFFSET: Final = _SYNC_REGS_OFFSET + _KVM_REGS_SIZE + _KVM_SREGS_SIZE
+KVM_SYNC_X86_REGS: Final = 1 << 0
+KVM_SYNC_X86_SREGS: Final = 1 << 1
+KVM_SYNC_X86_EVENTS: Final = 1 << 2
 # kvm_run.io: direction u8 (0 in, 1 out), size u8, port u16, count u32, data_offset u64
 _RUN_IO: Final = struct.Struct("=BBHIQ")
 # kvm_run.mmio: phys_addr u64, data[8], len u32, is_write u8
@@ -307,6 +318,7 @@ KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: Final = 225
 # the dirty ring's pages in a vCPU fd's mmap space (x86, arm64), in pages
 KVM_DIRTY_LOG_PAGE_OFFSET: Final = 64
 KVM_CAP_IMMEDIATE_EXIT: Final = 136
+KVM_CAP_SYNC_REGS: Final = 74
 KVM_CAP_XSAVE2: Final = 208
 
 # kvm_userspace_memory_region(2).flags
@@ -926,8 +938,9 @@ class KvmVm(_FdOwner):
         # the size of this VM's XSAVE image: KVM_SET_XSAVE reads that many bytes
         xsave_size = max(_XSAVE_SIZE, self.check_extension(KVM_CAP_XSAVE2))
         fd = self._ioctl("KVM_CREATE_VCPU", KVM_CREATE_VCPU, _int_arg("id", id), id=id)
+        sync = self.check_extension(KVM_CAP_SYNC_REGS)
         try:
-            return KvmVcpu(fd, self._vcpu_mmap_size, xsave_size)
+            return KvmVcpu(fd, self._vcpu_mmap_size, xsave_size, sync)
         except BaseException:
             os.close(fd)
             raise
@@ -950,11 +963,66 @@ class KvmVcpu(_FdOwner):
 
     _kind = "KVM vCPU fd"
 
-    def __init__(self, fd: int, mmap_size: int, xsave_size: int = _XSAVE_SIZE) -> None:
+    def __init__(self, fd: int, mmap_size: int, xsave_size: int = _XSAVE_SIZE,
+                 sync_regs: int = 0) -> None:
         self.kvm_run = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         super().__init__(fd)
         self.xsave_size = xsave_size
+        # the KVM_SYNC_X86_* sets KVM_RUN can load from kvm_run (KVM_CAP_SYNC_REGS)
+        self.sync_regs = sync_regs
         self._rings: list[mmap.mmap] = []
+
+    # -- staged registers (KVM_CAP_SYNC_REGS) ----------------------------------------------
+    # `stage` puts packed kvm_regs / kvm_vcpu_events into kvm_run's sync area and sets their
+    # kvm_dirty_regs bits: the next KVM_RUN loads them (regs, then events, as KVM_SET_REGS
+    # then KVM_SET_VCPU_EVENTS would) with no ioctl of their own. Every other ioctl of this
+    # vCPU first loads what is still staged by those very ioctls (`flush`), so a read sees
+    # the staged state and a write lands after it: staging is invisible but for its cost.
+    def stage(self, regs: bytes, events: bytes) -> bool:
+        """Stage `regs` (packed kvm_regs) and `events` (packed kvm_vcpu_events) for the
+        next KVM_RUN; False (nothing staged) where KVM cannot sync them."""
+        want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS
+        if self.sync_regs & want != want:
+            return False
+        run = self.kvm_run
+        run[_SYNC_REGS_OFFSET:_SYNC_REGS_OFFSET + _KVM_REGS_SIZE] = regs
+        run[_SYNC_EVENTS_OFFSET:_SYNC_EVENTS_OFFSET + _VCPU_EVENTS.size] = events
+        _DIRTY_REGS.pack_into(run, _DIRTY_REGS_OFFSET,
+                              _DIRTY_REGS.unpack_from(run, _DIRTY_REGS_OFFSET)[0] | want)
+        return True
+
+    @property
+    def staged(self) -> int:
+        """The KVM_SYNC_X86_* sets staged and not yet loaded (kvm_dirty_regs)."""
+        return int(_DIRTY_REGS.unpack_from(self.kvm_run, _DIRTY_REGS_OFFSET)[0])
+
+    def flush(self) -> None:
+        """Load what is staged now, by KVM_SET_REGS / KVM_SET_VCPU_EVENTS (in KVM_RUN's
+        order), and clear it."""
+        run = self.kvm_run
+        dirty = _DIRTY_REGS.unpack_from(run, _DIRTY_REGS_OFFSET)[0]
+        if not dirty:
+            return
+        if dirty & KVM_SYNC_X86_REGS:
+            self._ioctl_now("KVM_SET_REGS", KVM_SET_REGS, bytearray(
+                run[_SYNC_REGS_OFFSET:_SYNC_REGS_OFFSET + _KVM_REGS_SIZE]))
+            dirty &= ~KVM_SYNC_X86_REGS
+            _DIRTY_REGS.pack_into(run, _DIRTY_REGS_OFFSET, dirty)
+        if dirty & KVM_SYNC_X86_EVENTS:
+            self._ioctl_now("KVM_SET_VCPU_EVENTS", KVM_SET_VCPU_EVENTS, bytearray(
+                run[_SYNC_EVENTS_OFFSET:_SYNC_EVENTS_OFFSET + _VCPU_EVENTS.size]))
+            dirty &= ~KVM_SYNC_X86_EVENTS
+            _DIRTY_REGS.pack_into(run, _DIRTY_REGS_OFFSET, dirty)
+
+    def _ioctl(self, name: str, request: int, arg: int | bytearray = 0, **fields: int) -> int:
+        if request != KVM_RUN and not self.closed and \
+                _DIRTY_REGS.unpack_from(self.kvm_run, _DIRTY_REGS_OFFSET)[0]:
+            self.flush()
+        return self._ioctl_now(name, request, arg, **fields)
+
+    def _ioctl_now(self, name: str, request: int, arg: int | bytearray = 0,
+                   **fields: int) -> int:
+        return super()._ioctl(name, request, arg, **fields)
 
     def map_dirty_ring(self, nbytes: int, flags: int = mmap.MAP_SHARED,
                        prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> mmap.mmap:

@@ -832,7 +832,8 @@ class Mmu:
             pages, gfns, ranges = self._log.take()
             n = 0
             for as_id, taken in enumerate(gfns):
-                if taken:
+                # nothing mapped in kvmem's stage-2 (an engine's guest): nothing to protect
+                if taken and (self._small[as_id] or self._huge[as_id]):
                     n += self._write_protect(as_id, taken)
             if n:
                 self.flush()

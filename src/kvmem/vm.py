@@ -670,7 +670,7 @@ class Vm:
         b.generations = self._generations()
 
     def _generations(self) -> tuple[int, ...]:
-        return tuple(self.generation(a) for a in range(self.address_spaces))
+        return tuple([s.generation for s in self.memslots.active.load()])
 
     def snapshot(self) -> Snapshot:
         """The whole VM at this point (`kvmem.Snapshot`): the layout of every address

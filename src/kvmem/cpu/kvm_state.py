@@ -209,7 +209,13 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
     vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
     if not checked:
         _check_mode_taken(vcpu, p.state.sregs)
-    vcpu.call("KVM_SET_REGS", kvmapi.KVM_SET_REGS, p.regs)
+    # a state loaded before (a snapshot's, once per reset): the registers and the events
+    # go into kvm_run's sync area for the next KVM_RUN instead of two ioctls (applied
+    # there regs then events, after the MSRs and the mp_state: the general registers
+    # depend on neither); any other ioctl of the vCPU loads them first (`KvmVcpu.stage`)
+    staged = checked and vcpu.sync_regs != 0
+    if not staged:
+        vcpu.call("KVM_SET_REGS", kvmapi.KVM_SET_REGS, p.regs)
     vcpu.set_xsave(p.xsave)
     # after KVM_SET_SREGS: FS_BASE / GS_BASE equal the bases just set, and EFER (which gates
     # some MSRs) is in place
@@ -220,7 +226,10 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
         raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
     vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
     # events last (as QEMU does): an INIT latched in them may change the mp_state just set
-    vcpu.call("KVM_SET_VCPU_EVENTS", kvmapi.KVM_SET_VCPU_EVENTS, p.events)
+    if not (staged and vcpu.stage(p.regs, p.events)):
+        if staged:
+            vcpu.call("KVM_SET_REGS", kvmapi.KVM_SET_REGS, p.regs)
+        vcpu.call("KVM_SET_VCPU_EVENTS", kvmapi.KVM_SET_VCPU_EVENTS, p.events)
 
 
 def set_state(vcpu: KvmVcpu, state: VcpuState) -> None:

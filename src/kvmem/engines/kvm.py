@@ -488,26 +488,32 @@ class KvmEngine(AttachedOnce):
         vm = self.vm
         log = vm.memslots.restore_log
         armed = log.armed
-        slots: dict[int, MemorySlot | None] = {}
-        ring_slots = self._ring_slots
+        # grouped by KVM slot first (a reset's few dozen entries fall in one or two): one
+        # slot lookup and one bulk mark per group, not per entry
+        groups: dict[int, list[int]] = {}
         for kvm_slot, offset in entries:
+            group = groups.get(kvm_slot)
+            if group is None:
+                groups[kvm_slot] = [offset]
+            else:
+                group.append(offset)
+        ring_slots = self._ring_slots
+        for kvm_slot, offsets in groups.items():
             where = ring_slots.get(kvm_slot)
             if where is None:
                 continue
             value, delta = where
-            if value in slots:
-                s = slots[value]
-            else:
-                s = slots[value] = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
+            s = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
             if s is None:
                 continue
-            rel = offset + delta
-            if rel >= s.npages:
-                continue
+            npages = s.npages
+            rels = [o + delta for o in offsets if o + delta < npages]
             if bitmaps and s.dirty_bitmap is not None:
-                s.dirty_bitmap.mark(rel)
+                mark = s.dirty_bitmap.mark
+                for rel in rels:
+                    mark(rel)
             if armed:
-                log.mark(s.as_id, s.base_gfn + rel, s.hva + (rel << PAGE_SHIFT), 1)
+                log.mark_pages(s.as_id, s.base_gfn, s.hva >> PAGE_SHIFT, rels)
 
     def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
         """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
