@@ -118,3 +118,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             if name == callspec.params["engine"]:
                 item.add_marker(pytest.mark.xfail(strict=True,
                                                   reason=f"{name} engine bug: {reason}"))
+
+
+@pytest.fixture
+def host() -> Iterator[Callable[[int], kvmem.HostMemory]]:
+    """`host(npages)`: anonymous host memory of `npages` pages, closed at teardown."""
+    made: list[kvmem.HostMemory] = []
+
+    def make(npages: int) -> kvmem.HostMemory:
+        m = kvmem.HostMemory.anonymous(npages * PAGE_SIZE)
+        made.append(m)
+        return m
+
+    yield make
+    for m in made:
+        m.close()

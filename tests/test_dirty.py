@@ -15,36 +15,16 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import refused
 
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmem import KVM_MEM_READONLY as RO
-from kvmem import HostMemory, KvmError, Vm
+from kvmem import HostMemory, Vm
 
 PAGE = 4096
 AS1 = 1 << 16
 GiB = 1 << 30
 UNMAPPED_HVA = 0x100_0000_0000
-
-
-@pytest.fixture
-def host() -> Iterator[Callable[[int], HostMemory]]:
-    made: list[HostMemory] = []
-
-    def make(npages: int) -> HostMemory:
-        m = HostMemory.anonymous(npages * PAGE)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-
-
-def refused(err: int, fn: Callable[..., object], *args: object) -> KvmError:
-    with pytest.raises(KvmError) as info:
-        fn(*args)
-    assert info.value.errno == err, str(info.value)
-    return info.value
 
 
 def bits(bitmap: bytes) -> set[int]:

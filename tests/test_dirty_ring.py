@@ -16,14 +16,15 @@ is the stage-2) and KVM (the kernel's rings, mapped from the vCPU fds).
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 from conftest import WALKER_CODE, WALKER_SEED, GuestWrites
+from expect import refused
 
 import kvmem
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
-from kvmem import HostMemory, KvmError, Vm, dirty
+from kvmem import HostMemory, Vm, dirty
 from kvmem.dirty import KVM_DIRTY_GFN_F_DIRTY, KVM_DIRTY_GFN_F_RESET, DirtyRing
 from kvmem.engines import ExitKind, Regs
 from kvmem.guests import PORT_RESULT, program
@@ -31,27 +32,6 @@ from kvmem.guests import PORT_RESULT, program
 PAGE = 4096
 MiB = 1 << 20
 DATA = 1 << 20  # the logging slot's gpa (slot 1); code lives in slot 0, which does not log
-
-
-@pytest.fixture
-def host() -> Iterator[Callable[[int], HostMemory]]:
-    made: list[HostMemory] = []
-
-    def make(npages: int) -> HostMemory:
-        m = HostMemory.anonymous(npages * PAGE)
-        made.append(m)
-        return m
-
-    yield make
-    for m in made:
-        m.close()
-
-
-def refused(err: int, fn: Callable[..., object], *args: object) -> KvmError:
-    with pytest.raises(KvmError) as info:
-        fn(*args)
-    assert info.value.errno == err, str(info.value)
-    return info.value
 
 
 def ring_vm(make_vm: Callable[..., Vm], host: Callable[[int], HostMemory], npages: int = 256,

@@ -16,6 +16,7 @@ import errno
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import refused
 
 from kvmem import HostMemory, KvmError, Vm
 from kvmem.gmem import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GuestMemfd
@@ -53,13 +54,6 @@ def gmem(vm: Vm) -> Iterator[Callable[..., GuestMemfd]]:
     yield make
     for f in made:
         f.close()
-
-
-def refused(err: int, fn: Callable[..., object], *args: object) -> KvmError:
-    with pytest.raises(KvmError) as info:
-        fn(*args)
-    assert info.value.errno == err, str(info.value)
-    return info.value
 
 
 # -- dirty logging and read-only ----------------------------------------------------------------

@@ -15,10 +15,11 @@ import random
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import refused
 
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmem import KVM_MEM_READONLY as RO
-from kvmem import GuestAccessError, HostMemory, KvmError, Vm
+from kvmem import GuestAccessError, HostMemory, Vm
 from kvmem.host import PROT_NONE, PROT_READ, PROT_RW
 
 PAGE = 4096
@@ -38,13 +39,6 @@ def host() -> Iterator[Callable[[int], HostMemory]]:
     yield make
     for m in made:
         m.close()
-
-
-def refused(err: int, fn: Callable[..., object], *args: object) -> KvmError:
-    with pytest.raises(KvmError) as info:
-        fn(*args)
-    assert info.value.errno == err, str(info.value)
-    return info.value
 
 
 def dirty_pages(vm: Vm, slot: int) -> set[int]:

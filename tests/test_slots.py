@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from expect import refused
 
 import kvmem
 from kvmem import KVM_MEM_LOG_DIRTY_PAGES as LOG
 from kvmem import KVM_MEM_READONLY as RO
-from kvmem import ChangeKind, KvmError
+from kvmem import ChangeKind
 from kvmem.uapi import KVM_MEMSLOT_GEN_UPDATE_IN_PROGRESS as IN_PROGRESS
 
 MiB = 1 << 20
@@ -21,13 +22,6 @@ def mem() -> Iterator[kvmem.HostMemory]:
     m = kvmem.HostMemory.anonymous(16 * MiB)
     yield m
     m.close()
-
-
-def refused(err: int, fn: Callable[..., object], *args: object) -> KvmError:
-    with pytest.raises(KvmError) as info:
-        fn(*args)
-    assert info.value.errno == err, str(info.value)
-    return info.value
 
 
 def layout(vm: kvmem.Vm, as_id: int = 0) -> list[tuple[int, int, int, int, int]]:
