@@ -20,8 +20,9 @@ Rules:
   the pending operation and returns EINTR without running guest code. After an IN or MMIO read,
   put the answer in the run page (`vcpu.set_io_data` / `set_mmio_data`) before either.
 - `get_state` returns `canonical` states; `set_state` writes whatever it is given, in the order
-  below. What KVM does not take is an `OSError(EINVAL)` naming it: an MSR it refuses, and a
-  paging mode it silently drops (kvm_pvm accepts CR0.PG without EFER.LME and keeps it clear).
+  below (`load` leaves out KVM_SET_SREGS where KVM holds those very registers: see there).
+  What KVM does not take is an `OSError(EINVAL)` naming it: an MSR it refuses, and a paging
+  mode it silently drops (kvm_pvm accepts CR0.PG without EFER.LME and keeps it clear).
 - The x87/SSE registers go through the XSAVE image (as QEMU does), not KVM_GET/SET_FPU:
   KVM_GET_FPU does not report MXCSR, and KVM_SET_FPU writes the FXSAVE area without marking
   x87/SSE in XSTATE_BV, so the next XRSTOR puts them back in their init state (on the host
@@ -78,6 +79,9 @@ _XFEATURE_X87_SSE: Final = 0x3
 _CR0_MODE: Final = (1 << 0) | (1 << 16) | (1 << 31)  # PE, WP, PG
 _CR4_MODE: Final = (1 << 4) | (1 << 5) | (1 << 12) | (1 << 20) | (1 << 21)  # PSE PAE LA57 SMEP SMAP
 _EFER_MODE: Final = (1 << 8) | (1 << 10) | (1 << 11)  # LME, LMA, NXE
+_CR0_PG: Final = 1 << 31
+_CR4_PAE: Final = 1 << 5
+_EFER_LMA: Final = 1 << 10
 _VENDOR_AMD: Final = frozenset({0x6874_7541, 0x6F67_7948})  # "Auth"enticAMD, "Hygo"nGenuine
 
 
@@ -169,6 +173,9 @@ class Prepared:
     nmsrs: int
     mp_state: bytes
     events: bytes
+    # PAE paging: KVM_SET_SREGS also loads the PDPTRs from guest memory, which the guest may
+    # have changed since; setting the same registers again is then not a no-op
+    pdptrs: bool = False
 
 
 def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
@@ -195,9 +202,10 @@ def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
         sipi_vector=e.sipi_vector, flags=_EVENT_FLAGS, smi_smm=e.smi.smm,
         smi_pending=e.smi.pending, smi_smm_inside_nmi=e.smi.smm_inside_nmi,
         smi_latched_init=e.smi.latched_init).pack()
+    pae = bool(s.cr0 & _CR0_PG and s.cr4 & _CR4_PAE and not s.efer & _EFER_LMA)
     return Prepared(state, sregs, regs, _fpu_into_xsave(vcpu.get_xsave(), state.fpu),
                     kvmapi.pack_msrs(entries), len(entries),
-                    kvmapi.pack_mp_state(state.mp_state), events)
+                    kvmapi.pack_mp_state(state.mp_state), events, pae)
 
 
 def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
@@ -206,9 +214,15 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
     # an exit still owed would finish on the *new* state at the next KVM_RUN (an IN would land
     # in the new RAX): complete it on the old one first
     settle(vcpu)
-    vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
-    if not checked:
-        _check_mode_taken(vcpu, p.state.sregs)
+    # segment and control registers KVM holds already (a reset's, most often: guests seldom
+    # change them) are not set again: KVM_SET_SREGS of exactly what KVM_GET_SREGS reads
+    # changes nothing (no MMU reset; no interrupt queued, or the bitmaps would differ) but
+    # for PAE paging's PDPTR load from memory. Where they differ they are set here, before
+    # the MSRs, as always
+    if p.pdptrs or not vcpu.sregs_are(p.sregs):
+        vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
+        if not checked:
+            _check_mode_taken(vcpu, p.state.sregs)
     # a state loaded before (a snapshot's, once per reset): the registers and the events
     # go into kvm_run's sync area for the next KVM_RUN instead of two ioctls (applied
     # there regs then events, after the MSRs and the mp_state: the general registers
