@@ -758,10 +758,12 @@ class Vm:
                     raise KvmError(errno.EINVAL, "the snapshot has a vCPU in SMM, the VM has "
                                                  "no SMM address space")
             binding.vcpus_checked = True
-        for start, size, _src in binding.images:
-            if host.accessible(start, size, host.PROT_RW) != size:
-                raise KvmError(errno.EFAULT, f"host memory [{start:#x}, {start + size:#x}) of "
-                                             "the snapshot is no longer mapped read-write")
+        if binding.dst is None:  # else no host change since they were read-write
+            for start, size, _src in binding.images:
+                if host.accessible(start, size, host.PROT_RW) != size:
+                    raise KvmError(errno.EFAULT, f"host memory [{start:#x}, "
+                                                 f"{start + size:#x}) of the snapshot is no "
+                                                 "longer mapped read-write")
         slots_lock = self.memslots.slots_lock
         with self._paused():
             with slots_lock:
@@ -848,10 +850,9 @@ class Vm:
         copied = 0
         token = host.guard.read_lock()
         try:
-            dst: list[memoryview | None] = []
-            for start, size, _src in b.images:
-                segs, ok = host.views(start, size, host.PROT_WRITE)
-                dst.append(segs[0] if len(segs) == 1 and ok == size else None)
+            dst = b.dst  # read inside the section: a change that empties it waits for us
+            if dst is None:
+                dst = self._image_views(b)
             starts = b.starts
             i = 0
             while i < n:
@@ -876,7 +877,7 @@ class Vm:
                     if view is not None:
                         view[lo_off:hi_off] = src[lo_off:hi_off]
                     else:
-                        segs, ok = host.views(hva, stop - hva, host.PROT_WRITE)
+                        segs, _ok = host.views(hva, stop - hva, host.PROT_WRITE)
                         pos = lo_off
                         for seg in segs:
                             seg[:] = src[pos:pos + len(seg)]
@@ -886,6 +887,21 @@ class Vm:
         finally:
             host.guard.read_unlock(token)
         return copied
+
+    @staticmethod
+    def _image_views(b: _Binding) -> list[memoryview | None]:
+        """A view over each image's host memory where one mapping holds it all read-write
+        (else None). Kept in `b.dst` when every image has one, until a host change
+        empties it (`host.register_view_cache`). Inside a `host.guard` read section."""
+        with host.views_lock:
+            out: list[memoryview | None] = []
+            for start, size, _src in b.images:
+                segs, ok = host.views(start, size, host.PROT_RW)
+                out.append(segs[0] if len(segs) == 1 and ok == size else None)
+            if not host.changing.value and None not in out:
+                host.register_view_cache(b)
+                b.dst = out
+        return out
 
     def _restore_tracking(self, snap: Snapshot) -> None:
         want = {(a, g): c for a, g, c in snap.tracked}
@@ -1179,6 +1195,12 @@ class _Binding:
         # the slot generations when the VM's layout was last known to be the snapshot's
         self.generations: tuple[int, ...] = ()
         self.vcpus_checked = False  # the VM has every vCPU of the snapshot
+        # a writable view of each image's host memory, while no host change happened since
+        # (a `host.ViewCache`: every change empties it)
+        self.dst: list[memoryview | None] | None = None
+
+    def clear_views(self) -> None:
+        self.dst = None
 
 
 def _check_gmem_arg(guest_memfd: object) -> None:
