@@ -995,7 +995,7 @@ class KvmVcpu(_FdOwner):
     # then KVM_SET_VCPU_EVENTS would) with no ioctl of their own. Every other ioctl of this
     # vCPU first loads what is still staged by those very ioctls (`flush`), so a read sees
     # the staged state and a write lands after it: staging is invisible but for its cost.
-    def stage(self, regs: bytes, events: bytes) -> bool:
+    def stage(self, regs: bytes | bytearray, events: bytes | bytearray) -> bool:
         """Stage `regs` (packed kvm_regs) and `events` (packed kvm_vcpu_events) for the
         next KVM_RUN; False (nothing staged) where KVM cannot sync them."""
         want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS
@@ -1056,7 +1056,7 @@ class KvmVcpu(_FdOwner):
         self._sregs_current = True
         return r
 
-    def sregs_are(self, sregs: bytes) -> bool:
+    def sregs_are(self, sregs: bytes | bytearray) -> bool:
         """The vCPU's segment and control registers are exactly `sregs` (packed kvm_sregs),
         as KVM stored them in kvm_run when the last KVM_RUN returned, no ioctl since having
         been one that may change them — known without an ioctl. False where unknown."""
@@ -1127,13 +1127,14 @@ class KvmVcpu(_FdOwner):
             self._ioctl("KVM_GET_XSAVE", KVM_GET_XSAVE, arg)
         return bytes(arg)
 
-    def set_xsave(self, image: bytes) -> None:
+    def set_xsave(self, image: bytes | bytearray) -> None:
         """KVM_SET_XSAVE: the kernel reads `xsave_size` bytes, so exactly that many are
-        required here."""
+        required here. A bytearray is handed to the kernel as it is (it only reads it)."""
         if len(image) != self.xsave_size:
             raise ValueError(f"this VM's XSAVE image is {self.xsave_size} bytes, got "
                              f"{len(image)}: KVM_SET_XSAVE would read past the buffer")
-        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE, bytearray(image))
+        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE,
+                    image if type(image) is bytearray else bytearray(image))
 
     def set_cpuid2(self, entries: Sequence[KvmCpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (and what KVM lets it enable, e.g. EFER.LME
@@ -1156,11 +1157,14 @@ class KvmVcpu(_FdOwner):
         return self._ioctl("KVM_SET_MSRS", KVM_SET_MSRS, bytearray(pack_msrs(entries)),
                            nmsrs=len(entries))
 
-    def call(self, name: str, request: int, payload: bytes) -> int:
+    def call(self, name: str, request: int, payload: bytes | bytearray) -> int:
         """Issue the vCPU ioctl `request` (called `name` in errors) on `payload`, packed
         already — for a caller that loads the same state many times and packs it once
-        (`kvm_state.Prepared`). Returns the kernel's value (KVM_SET_MSRS: MSRs written)."""
-        return self._ioctl(name, request, bytearray(payload))
+        (`kvm_state.Prepared`). Returns the kernel's value (KVM_SET_MSRS: MSRs written).
+        A bytearray is handed to the kernel as it is, not copied: for the KVM_SET_* ioctls
+        this is for, the kernel only reads it."""
+        return self._ioctl(name, request,
+                           payload if type(payload) is bytearray else bytearray(payload))
 
     def get_vcpu_events(self) -> KvmVcpuEvents:
         arg = bytearray(_VCPU_EVENTS.size)

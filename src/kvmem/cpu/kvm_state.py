@@ -163,16 +163,17 @@ class Prepared:
     """A state packed for one vCPU: the ioctl arguments `load` gives KVM, in order. A VMM
     that loads the same state again and again (a snapshot restored per fuzz input) packs
     it once. The XSAVE image keeps the components beyond the legacy area as they were at
-    `prepare` (the state does not hold them)."""
+    `prepare` (the state does not hold them). The arguments are bytearrays the ioctls take
+    as they are (KVM only reads them): no copy per load."""
 
     state: VcpuState
-    sregs: bytes
-    regs: bytes
-    xsave: bytes
-    msrs: bytes
+    sregs: bytearray
+    regs: bytearray
+    xsave: bytearray
+    msrs: bytearray
     nmsrs: int
-    mp_state: bytes
-    events: bytes
+    mp_state: bytearray
+    events: bytearray
     # PAE paging: KVM_SET_SREGS also loads the PDPTRs from guest memory, which the guest may
     # have changed since; setting the same registers again is then not a no-op
     pdptrs: bool = False
@@ -203,9 +204,10 @@ def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
         smi_pending=e.smi.pending, smi_smm_inside_nmi=e.smi.smm_inside_nmi,
         smi_latched_init=e.smi.latched_init).pack()
     pae = bool(s.cr0 & _CR0_PG and s.cr4 & _CR4_PAE and not s.efer & _EFER_LMA)
-    return Prepared(state, sregs, regs, _fpu_into_xsave(vcpu.get_xsave(), state.fpu),
-                    kvmapi.pack_msrs(entries), len(entries),
-                    kvmapi.pack_mp_state(state.mp_state), events, pae)
+    return Prepared(state, bytearray(sregs), bytearray(regs),
+                    bytearray(_fpu_into_xsave(vcpu.get_xsave(), state.fpu)),
+                    bytearray(kvmapi.pack_msrs(entries)), len(entries),
+                    bytearray(kvmapi.pack_mp_state(state.mp_state)), bytearray(events), pae)
 
 
 def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
