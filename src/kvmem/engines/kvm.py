@@ -501,26 +501,24 @@ class KvmEngine(AttachedOnce):
                     else:
                         group.append(offset)
         ring_slots = self._ring_slots
+        sets = vm.memslots.active.value
         for kvm_slot, offsets in groups.items():
             where = ring_slots.get(kvm_slot)
             if where is None:
                 continue
             value, delta = where
-            s = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
+            s = sets[value >> 16].by_id(value & 0xFFFF)
             if s is None:
                 continue
-            npages = s.npages
-            if delta or max(offsets) >= npages:
-                offsets = [o + delta for o in offsets if o + delta < npages]
-            rels = offsets
-            if not rels:
-                continue
+            lim = s.npages - delta  # offset o is page o + delta of `s`
             if bitmaps and s.dirty_bitmap is not None:
                 mark = s.dirty_bitmap.mark
-                for rel in rels:
-                    mark(rel)
+                for o in offsets:
+                    if o < lim:
+                        mark(o + delta)
             if armed:
-                log.mark_pages(s.hva >> PAGE_SHIFT, rels)
+                base = (s.hva >> PAGE_SHIFT) + delta
+                log.mark_pages([base + o for o in offsets if o < lim])
 
     def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
         """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
