@@ -804,8 +804,8 @@ class Vm:
         number of pages copied."""
         copied = self._copy_back(b)
         dirty = snap.dirty
-        for as_id in range(self.address_spaces):
-            for s in self.slot_set(as_id):
+        for as_id, slots in enumerate(self.memslots.active.value):
+            for s in slots:
                 if s.dirty_bitmap is not None:
                     s.dirty_bitmap.load(dirty.get((as_id, s.id), b""))
         self._manual_dirty_log_protect = snap.manual_dirty_log_protect
