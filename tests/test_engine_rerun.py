@@ -216,3 +216,62 @@ def test_migration_logs_the_last_store_before_a_kick(engine: str,
     stored = [regs.ebx - 1, regs.ebx] if regs.eip == CODE + 1 else [regs.ebx]
     assert int.from_bytes(copy[DATA:DATA + 4], "little") in stored, \
         f"the guest's last store, of {regs.ebx:#x} (eip {regs.eip:#x}), was not migrated"
+
+
+# The CPU's own writes: accessed and dirty bits in the guest's page tables. A CPU walking the
+# tables on a TLB miss sets A in every entry it uses and D in the leaf of a write; under
+# dirty logging those are guest writes to the table pages like any other (KVM logs them).
+TABLES = 0x20000  # long_mode's PML4, PDPT, PD (2 MiB pages)
+STORE_AT = 0x300000  # in the second 2 MiB page
+AD = 0x60
+# mov dword [STORE_AT], 0x1234 ; out 0x10, al ; hlt
+AD_PROGRAM = bytes([0xC7, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x34, 0x12, 0x00, 0x00,
+                    0xE6, 0x10, 0xF4])
+
+
+def _entries(vm: kvmem.Vm) -> dict[tuple[int, int], int]:
+    """The A/D bits of every entry of the three table pages that has any."""
+    out = {}
+    for page in range(3):
+        raw = vm.read(TABLES + page * PAGE_SIZE, PAGE_SIZE)
+        for i in range(512):
+            ad = int.from_bytes(raw[8 * i:8 * i + 8], "little") & AD
+            if ad:
+                out[(page, i)] = ad
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_accessed_and_dirty_bits_are_guest_writes(engine: str) -> None:
+    """Tables without A/D bits: the run sets A on PML4[0], PDPT[0] and PD[0] (the code's
+    page, fetched) and A|D on PD[1] (the store's) — nothing else — on both engines; the
+    dirty log reports the three table pages with the stored one; a restore of a snapshot
+    taken before the run puts the tables back without those bits."""
+    from kvmem.cpu import modes
+
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine=engine)
+    try:
+        vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, mem.hva)
+        state = modes.long_mode(CODE, vm.write, TABLES)
+        for page in range(3):  # clear every A and D bit the helper wrote
+            raw = bytearray(vm.read(TABLES + page * PAGE_SIZE, PAGE_SIZE))
+            for i in range(512):
+                e = int.from_bytes(raw[8 * i:8 * i + 8], "little")
+                raw[8 * i:8 * i + 8] = (e & ~AD).to_bytes(8, "little")
+            vm.write(TABLES + page * PAGE_SIZE, bytes(raw))
+        vm.write(CODE, AD_PROGRAM)
+        cpu = vm.create_vcpu(0)
+        cpu.set_state(state)
+        vm.get_dirty_log(0)  # the set-up is not the guest's doing
+        snap = vm.snapshot()
+        assert cpu.run().kind is ExitKind.IO
+        assert _entries(vm) == {(0, 0): 0x20, (1, 0): 0x20, (2, 0): 0x20, (2, 1): AD}
+        assert bits(vm.get_dirty_log(0)) == [TABLES // PAGE_SIZE + i for i in range(3)] \
+            + [STORE_AT // PAGE_SIZE]
+        vm.restore(snap)
+        assert _entries(vm) == {}, "the restore left bits the guest's CPU set"
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
