@@ -20,7 +20,9 @@ Rules:
   the pending operation and returns EINTR without running guest code. After an IN or MMIO read,
   put the answer in the run page (`vcpu.set_io_data` / `set_mmio_data`) before either.
 - `get_state` returns `canonical` states; `set_state` writes whatever it is given, in the order
-  below (`load` leaves out KVM_SET_SREGS where KVM holds those very registers: see there).
+  below (`load` leaves out KVM_SET_SREGS where KVM holds those very registers, and
+  KVM_SET_MP_STATE of RUNNABLE, which a vCPU without an in-kernel irqchip always is: see
+  there).
   What KVM does not take is an `OSError(EINVAL)` naming it: an MSR it refuses, and a paging
   mode it silently drops (kvm_pvm accepts CR0.PG without EFER.LME and keeps it clear).
 - The x87/SSE registers go through the XSAVE image (as QEMU does), not KVM_GET/SET_FPU:
@@ -240,7 +242,11 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
         index, value = sorted(p.state.msrs.items(), key=lambda kv: kv[0] == MSR_IA32_TSC
                               )[written]
         raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
-    vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
+    # without an in-kernel irqchip (kvmem creates none) a vCPU is RUNNABLE for good: KVM
+    # refuses any other mp_state (EINVAL) and a HLT exits to userspace instead of halting,
+    # so setting RUNNABLE again changes nothing; another mp_state still goes to KVM
+    if p.state.mp_state != kvmapi.KVM_MP_STATE_RUNNABLE:
+        vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
     # events last (as QEMU does): an INIT latched in them may change the mp_state just set
     if not (staged and vcpu.stage(p.regs, p.events)):
         if staged:
