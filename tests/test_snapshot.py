@@ -110,6 +110,26 @@ def test_dirty_log_is_restored(make_vm: Callable[..., kvmem.Vm],
     assert vm.get_dirty_log(0) == want
 
 
+def test_dirty_log_is_restored_into_the_bitmaps_standing_now(
+        make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory],
+        guest_writes: GuestWrites) -> None:
+    """A restore remembers which bitmaps it loads (per slot generations): a slot deleted
+    and made again since has a new bitmap, and that one gets the snapshot's bits."""
+    vm, mem = _vm(make_vm, mems, KVM_MEM_LOG_DIRTY_PAGES)
+    vm.enable_manual_dirty_log_protect()
+    guest_writes(vm, DATA, 2)
+    snap = vm.snapshot()
+    want = vm.get_dirty_log(0)
+    assert want != bytes(len(want))
+    vm.restore(snap)
+    assert vm.get_dirty_log(0) == want
+    vm.set_memory_region(0, 0, 0, 0, 0)  # the same slot again: the layout is the snapshot's
+    vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, 1 * MiB, mem.hva)
+    assert vm.get_dirty_log(0) == bytes(len(want))
+    vm.restore(snap)
+    assert vm.get_dirty_log(0) == want
+
+
 def test_host_changes_and_reported_raw_writes_are_restored(
         make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory]) -> None:
     vm, mem = _vm(make_vm, mems)

@@ -419,7 +419,9 @@ class _FdOwner:
         self.close()
 
     def _ioctl(self, name: str, request: int, arg: int | bytearray = 0, **fields: int) -> int:
-        fd = self.fd
+        fd = self._fd
+        if fd is None:
+            raise ValueError(f"{self._kind} is closed")
         try:
             if isinstance(arg, bytearray):
                 # mutate_flag=True: the kernel's return value comes back, and any struct
@@ -1032,10 +1034,16 @@ class KvmVcpu(_FdOwner):
             _DIRTY_REGS.pack_into(run, _DIRTY_REGS_OFFSET, dirty)
 
     def _ioctl(self, name: str, request: int, arg: int | bytearray = 0, **fields: int) -> int:
-        if request != KVM_RUN and not self.closed and \
-                _DIRTY_REGS.unpack_from(self.kvm_run, _DIRTY_REGS_OFFSET)[0]:
+        if request == KVM_RUN:
+            return self._ioctl_now(name, request, arg, **fields)
+        # `_ioctl_now`'s other half, inlined: every KVM_SET_* of a reset comes here
+        if self._fd is not None and _DIRTY_REGS.unpack_from(self.kvm_run,
+                                                            _DIRTY_REGS_OFFSET)[0]:
             self.flush()
-        return self._ioctl_now(name, request, arg, **fields)
+        if request not in _READS:
+            # before the call: one that fails half-way may have changed them already
+            self._sregs_current = False
+        return _FdOwner._ioctl(self, name, request, arg, **fields)
 
     def _ioctl_now(self, name: str, request: int, arg: int | bytearray = 0,
                    **fields: int) -> int:
@@ -1043,10 +1051,10 @@ class KvmVcpu(_FdOwner):
             if request not in _READS:
                 # before the call: one that fails half-way may have changed them already
                 self._sregs_current = False
-            return super()._ioctl(name, request, arg, **fields)
+            return _FdOwner._ioctl(self, name, request, arg, **fields)
         self._sregs_current = False
         try:
-            r = super()._ioctl(name, request, arg, **fields)
+            r = _FdOwner._ioctl(self, name, request, arg, **fields)
         except OSError as e:
             # KVM_RUN stores them on its way out (x86's `out:` label), also when a signal or
             # immediate_exit ends it (EINTR); the errors it returns before are EIO/EINVAL

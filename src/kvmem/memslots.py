@@ -57,6 +57,11 @@ from .uapi import (
 
 __all__ = ["Memslots", "Root", "carry_dirty_bits"]
 
+# this process's id, kept by a fork hook rather than asked of the kernel at every VM ioctl
+# (getpid is a system call): a child forked by Python (os.fork, multiprocessing) sees its own
+_process = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _process.__setitem__(0, os.getpid()))
+
 Root = tuple[SlotSet, ...]
 # kvm_gmem_bind's checks for a request of a batch, given the batch's changes before it
 CheckBatchBinding = Callable[[MemorySlot, object, int, Sequence[Change]], GmemBinding]
@@ -91,7 +96,7 @@ class Memslots:
     def check_process(self) -> None:
         """KVM answers EIO to every VM ioctl from a process other than the VM's creator
         (a fork child), before it looks at any argument."""
-        if os.getpid() != self._pid:
+        if _process[0] != self._pid:
             raise KvmError(errno.EIO, "the VM was created by another process (fork)")
 
     def address_space(self, as_id: object) -> int:

@@ -55,7 +55,13 @@ from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range
 from .contract import EngineCapabilities, EngineError, Exit, Regs
 from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, canonical, translate_gva
 from .cpu.paging import INVALID_GPA
-from .dirty import KVM_DIRTY_GFN_SIZE, KVM_DIRTY_RING_RSVD_ENTRIES, DirtyRing, loaded
+from .dirty import (
+    KVM_DIRTY_GFN_SIZE,
+    KVM_DIRTY_RING_RSVD_ENTRIES,
+    DirtyBitmap,
+    DirtyRing,
+    loaded,
+)
 from .errors import KvmError
 from .gmem import GuestMemfd
 from .memattrs import KVM_MEMORY_ATTRIBUTE_PRIVATE, VM_TYPES
@@ -769,24 +775,29 @@ class Vm:
             with slots_lock:
                 self._harvest()
                 generations = self._generations()
-                requests = self._layout_requests(binding, generations)
+                # none while no slot change was published since the layout was the snapshot's
+                requests = [] if binding.generations == generations else \
+                    self._layout_requests(binding, generations)
                 if not requests:  # the layout is the snapshot's: the memory in the same hold
-                    copied = self._restore_memory(snap, binding)
+                    copied = self._restore_memory(snap, binding, generations)
             if requests:
                 tx = self.transaction()
                 tx._record(requests)
                 tx.commit()  # validates the whole batch first: a refusal changes nothing
                 generations = self._generations()
                 with slots_lock:
-                    copied = self._restore_memory(snap, binding)
+                    copied = self._restore_memory(snap, binding, generations)
             if snap.tracked or self.mmu.tracks_any():
                 self._restore_tracking(snap)
             for v in snap.vcpus:
                 vcpu = vcpus[v.id]
-                if vcpu.smm != v.smm:
+                if vcpu._smm != v.smm:
                     vcpu.smm = v.smm
-                if v.state is not None:
-                    vcpu.set_state(v.state)
+                if v.state is not None:  # a VcpuState (`Vcpu.set_state`'s check)
+                    if vcpu._backend is not None:
+                        vcpu._backend.set_state(v.state)
+                    else:
+                        vcpu.set_state(v.state)
             # the pages put back now differ from what every other snapshot saw
             if len(self._bound) > 1:
                 for other in self._bound.values():
@@ -798,16 +809,22 @@ class Vm:
             binding.generations = generations
         return copied
 
-    def _restore_memory(self, snap: Snapshot, b: _Binding) -> int:
-        """The snapshot's memory and dirty logs, over its layout (slots_lock held): the
-        pages changed since copied back, every bitmap made the snapshot's. Returns the
-        number of pages copied."""
+    def _restore_memory(self, snap: Snapshot, b: _Binding, generations: tuple[int, ...]
+                        ) -> int:
+        """The snapshot's memory and dirty logs, over its layout (slots_lock held, the slot
+        sets at `generations`): the pages changed since copied back, every bitmap made the
+        snapshot's. Returns the number of pages copied."""
         copied = self._copy_back(b)
-        dirty = snap.dirty
-        for as_id, slots in enumerate(self.memslots.active.value):
-            for s in slots:
-                if s.dirty_bitmap is not None:
-                    s.dirty_bitmap.load(dirty.get((as_id, s.id), b""))
+        if b.bitmaps_at != generations:
+            # which bitmaps to load with what: the same while the slot generations are (every
+            # publish moves one, and a slot's bitmap is its own)
+            dirty = snap.dirty
+            b.bitmaps = [(s.dirty_bitmap, dirty.get((as_id, s.id), b""))
+                         for as_id, slots in enumerate(self.memslots.active.value)
+                         for s in slots if s.dirty_bitmap is not None]
+            b.bitmaps_at = generations
+        for bitmap, raw in b.bitmaps:
+            bitmap.load(raw)
         self._manual_dirty_log_protect = snap.manual_dirty_log_protect
         return copied
 
@@ -1195,6 +1212,10 @@ class _Binding:
         # the slot generations when the VM's layout was last known to be the snapshot's
         self.generations: tuple[int, ...] = ()
         self.vcpus_checked = False  # the VM has every vCPU of the snapshot
+        # the slots' dirty bitmaps and the snapshot's bytes for each, at slot generations
+        # `bitmaps_at`
+        self.bitmaps: list[tuple[DirtyBitmap, bytes]] = []
+        self.bitmaps_at: tuple[int, ...] = ()
         # a writable view of each image's host memory, while no host change happened since
         # (a `host.ViewCache`: every change empties it)
         self.dst: list[memoryview | None] | None = None

@@ -83,7 +83,7 @@ from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONL
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
@@ -255,11 +255,13 @@ class KvmEngine(AttachedOnce):
         with self._gate_lock:
             self._paused += 1
             self.stats["pauses"] += 1
-            running = [cpu for cpu in self._vcpus if cpu._in_run]
+            running = False
+            for cpu in self._vcpus:
+                if cpu._in_run:
+                    cpu._interrupt()
+                    running = True
             if not running:
                 return  # none is inside, and the gate (held here) keeps them out now
-            for cpu in running:
-                cpu._interrupt()
             # a vCPU inside KVM_RUN leaves it at once: immediate_exit covers a signal that
             # arrived before it entered
             self._gate.wait_until(lambda: not any(c._in_run for c in self._vcpus))
@@ -484,25 +486,30 @@ class KvmEngine(AttachedOnce):
         """Mark the pages of KVM ring entries in kvmem's bitmaps (`bitmaps`) and the
         restore log (while armed). An entry of a slot gone since is skipped, as KVM skips
         it."""
-        vm = self.vm
-        log = vm.memslots.restore_log
+        memslots = self.vm.memslots
+        log = memslots.restore_log
         armed = log.armed
-        # grouped by KVM slot first (a reset's few dozen entries fall in one or two): one
-        # slot lookup and one bulk mark per group, not per entry
+        ring_slots = self._ring_slots
+        sets = memslots.active.value
+        # grouped by KVM slot (a reset's few dozen entries fall in one or two): one slot
+        # lookup and one bulk mark per group, not per entry; all in the first slot is the
+        # common case, checked in the same pass that collects its offsets
         first = entries[0][0]
         offsets = [o for k, o in entries if k == first]
-        groups: dict[int, list[int]] = {first: offsets}
-        if len(offsets) != len(entries):
+        groups: Iterable[tuple[int, list[int]]]
+        if len(offsets) == len(entries):
+            groups = ((first, offsets),)
+        else:
+            by_slot: dict[int, list[int]] = {first: offsets}
             for kvm_slot, offset in entries:
                 if kvm_slot != first:
-                    group = groups.get(kvm_slot)
+                    group = by_slot.get(kvm_slot)
                     if group is None:
-                        groups[kvm_slot] = [offset]
+                        by_slot[kvm_slot] = [offset]
                     else:
                         group.append(offset)
-        ring_slots = self._ring_slots
-        sets = vm.memslots.active.value
-        for kvm_slot, offsets in groups.items():
+            groups = by_slot.items()
+        for kvm_slot, offsets in groups:
             where = ring_slots.get(kvm_slot)
             if where is None:
                 continue
