@@ -187,9 +187,10 @@ class RestoreLog:
     def mark_pages(self, pages: list[int]) -> None:
         """Host pages `pages` were written through an engine's own stage-2 (KVM's ring
         entries, in bulk). No gfn is kept: kvmem's stage-2 maps writable only gfns it
-        logged itself since the last `take`."""
-        with self._lock:
-            self.pages.update(pages)
+        logged itself since the last `take`. Called inside a `host.guard` read section,
+        as the accessors mark (one set update, no lock): a take's grace period lets a mark
+        that found the old set finish before that set is read."""
+        self.pages.update(pages)
 
     def mark_hva(self, start: int, end: int) -> None:
         """Host pages of [start, end) changed behind every slot (a host invalidation, or a
@@ -208,11 +209,14 @@ class RestoreLog:
     def take(self) -> tuple[set[int], list[set[int]], list[tuple[int, int]]]:
         """Everything logged so far, and an empty log in its place."""
         with self._lock:
-            out = (self.pages, self.gfns, self.ranges)
+            pages, gfns, ranges = self.pages, self.gfns, self.ranges
             self.pages = set()
-            self.gfns = [set() for _ in out[1]]
+            if any(gfns):
+                self.gfns = [set() for _ in gfns]
+            else:  # the empty sets stay the log's: none is handed out
+                gfns = []
             self.ranges = []
-            return out
+            return pages, gfns, ranges
 # ------------------------------------------------------------------------------------------
 # The dirty ring (kvm-semantics §7.3)
 

@@ -871,6 +871,15 @@ class Vm:
             if dst is None:
                 dst = self._image_views(b)
             starts = b.starts
+            if one_run:  # the whole run in one image with a view: one copy, no walk
+                hva, end = pages[0] << PAGE_SHIFT, (pages[-1] + 1) << PAGE_SHIFT
+                k = bisect_right(starts, hva) - 1
+                if k >= 0:
+                    start, size, src = b.images[k]
+                    view = dst[k]
+                    if end <= start + size and view is not None:
+                        view[hva - start:end - start] = src[hva - start:end - start]
+                        return n
             i = 0
             while i < n:
                 first = pages[i]

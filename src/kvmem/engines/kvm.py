@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .. import sync
+from .. import host, sync
 from ..cpu import PagingFeatures, Sregs, VcpuState, kvm_state
 from ..cpu.paging import INVALID_GPA
 from ..dirty import RingReader
@@ -525,7 +525,14 @@ class KvmEngine(AttachedOnce):
                         mark(o + delta)
             if armed:
                 base = (s.hva >> PAGE_SHIFT) + delta
-                log.mark_pages([base + o for o in offsets if o < lim])
+                pages = [base + o for o in offsets if o < lim]
+                # in a read section of the host guard, as `mark_pages` asks (inlined)
+                section = host.guard.current
+                section.append(None)
+                try:
+                    log.mark_pages(pages)
+                finally:
+                    section.pop()
 
     def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
         """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
