@@ -1006,8 +1006,8 @@ class KvmVcpu(_FdOwner):
         run = self.kvm_run
         run[_SYNC_REGS_OFFSET:_SYNC_REGS_OFFSET + _KVM_REGS_SIZE] = regs
         run[_SYNC_EVENTS_OFFSET:_SYNC_EVENTS_OFFSET + _VCPU_EVENTS.size] = events
-        _DIRTY_REGS.pack_into(run, _DIRTY_REGS_OFFSET,
-                              _DIRTY_REGS.unpack_from(run, _DIRTY_REGS_OFFSET)[0] | want)
+        # the bits are in the low byte of the little-endian u64 kvm_dirty_regs
+        run[_DIRTY_REGS_OFFSET] |= want
         return True
 
     @property

@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import operator
 import weakref
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
@@ -680,7 +681,7 @@ class Vm:
         b.generations = self._generations()
 
     def _generations(self) -> tuple[int, ...]:
-        return tuple([s.generation for s in self.memslots.active.load()])
+        return tuple(map(_generation_of, self.memslots.active.value))
 
     def snapshot(self) -> Snapshot:
         """The whole VM at this point (`kvmem.Snapshot`): the layout of every address
@@ -865,7 +866,8 @@ class Vm:
         # are distinct unless ranges added some)
         one_run = not b.ranges and pages[-1] - pages[0] == n - 1
         copied = 0
-        token = host.guard.read_lock()
+        section = host.guard.current  # a read section (`Srcu.read_lock`, inlined)
+        section.append(None)
         try:
             dst = b.dst  # read inside the section: a change that empties it waits for us
             if dst is None:
@@ -911,7 +913,7 @@ class Vm:
                     hva = stop
                     k += 1
         finally:
-            host.guard.read_unlock(token)
+            section.pop()
         return copied
 
     @staticmethod
@@ -1197,6 +1199,7 @@ class Vm:
 
 # flags kvmem keeps on a slot for itself (KVM_MEMSLOT_INVALID): never part of a layout
 _INTERNAL_FLAGS = ~0xFFFF
+_generation_of = operator.attrgetter("generation")
 
 
 class _Binding:

@@ -216,8 +216,9 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
     """Load a prepared state. `checked`: this state was loaded on this vCPU before, and
     KVM took its mode then (it takes the same mode again)."""
     # an exit still owed would finish on the *new* state at the next KVM_RUN (an IN would land
-    # in the new RAX): complete it on the old one first
-    settle(vcpu)
+    # in the new RAX): complete it on the old one first (`settle`, which checks this first)
+    if vcpu.exit_reason in _UNFINISHED_EXITS:
+        settle(vcpu)
     # segment and control registers KVM holds already (a reset's, most often: guests seldom
     # change them) are not set again: KVM_SET_SREGS of exactly what KVM_GET_SREGS reads
     # changes nothing (no MMU reset; no interrupt queued, or the bitmaps would differ) but

@@ -83,7 +83,7 @@ from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONL
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Sequence
 
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
@@ -491,48 +491,40 @@ class KvmEngine(AttachedOnce):
         armed = log.armed
         ring_slots = self._ring_slots
         sets = memslots.active.value
-        # grouped by KVM slot (a reset's few dozen entries fall in one or two): one slot
-        # lookup and one bulk mark per group, not per entry; all in the first slot is the
-        # common case, checked in the same pass that collects its offsets
-        first = entries[0][0]
-        offsets = [o for k, o in entries if k == first]
-        groups: Iterable[tuple[int, list[int]]]
-        if len(offsets) == len(entries):
-            groups = ((first, offsets),)
-        else:
-            by_slot: dict[int, list[int]] = {first: offsets}
-            for kvm_slot, offset in entries:
-                if kvm_slot != first:
-                    group = by_slot.get(kvm_slot)
-                    if group is None:
-                        by_slot[kvm_slot] = [offset]
-                    else:
-                        group.append(offset)
-            groups = by_slot.items()
-        for kvm_slot, offsets in groups:
+        # one pass over all entries for the first one's KVM slot: their host pages (the
+        # common case: a reset's few dozen entries all fall in one slot); what is left is
+        # grouped by KVM slot. One slot lookup and one bulk mark per group, not per entry
+        pending: list[tuple[int, list[tuple[int, int]]]] = [(entries[0][0], entries)]
+        while pending:
+            kvm_slot, group = pending.pop()
+            s = None
             where = ring_slots.get(kvm_slot)
-            if where is None:
-                continue
-            value, delta = where
-            s = sets[value >> 16].by_id(value & 0xFFFF)
-            if s is None:
-                continue
-            lim = s.npages - delta  # offset o is page o + delta of `s`
-            if bitmaps and s.dirty_bitmap is not None:
-                mark = s.dirty_bitmap.mark
-                for o in offsets:
-                    if o < lim:
-                        mark(o + delta)
-            if armed:
+            if where is not None:
+                value, delta = where
+                s = sets[value >> 16].by_id(value & 0xFFFF)
+            pages: list[int] = []
+            if s is not None:
+                lim = s.npages - delta  # offset o is page o + delta of `s`
                 base = (s.hva >> PAGE_SHIFT) + delta
-                pages = [base + o for o in offsets if o < lim]
-                # in a read section of the host guard, as `mark_pages` asks (inlined)
-                section = host.guard.current
-                section.append(None)
-                try:
-                    log.mark_pages(pages)
-                finally:
-                    section.pop()
+                pages = [base + o for k, o in group if k == kvm_slot and o < lim]
+                if bitmaps and s.dirty_bitmap is not None:
+                    mark, rel = s.dirty_bitmap.mark, delta - base
+                    for page in pages:
+                        mark(page + rel)
+                if armed and pages:
+                    # in a read section of the host guard, as `mark_pages` asks (inlined)
+                    section = host.guard.current
+                    section.append(None)
+                    try:
+                        log.mark_pages(pages)
+                    finally:
+                        section.pop()
+            if group is entries and len(pages) != len(entries):
+                by_slot: dict[int, list[tuple[int, int]]] = {}
+                for entry in entries:
+                    if entry[0] != kvm_slot:
+                        by_slot.setdefault(entry[0], []).append(entry)
+                pending += by_slot.items()
 
     def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
         """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
@@ -719,7 +711,8 @@ class KvmEngineVcpu:
         """Load `state`; a pending read is finished on the old state first (as `get_state`).
         The last state loaded stays packed: loading that same object again (a snapshot's,
         restored once per fuzz input) skips the packing and KVM's mode check."""
-        self._answer_unanswered()
+        if self._pending_io is not None or self._pending_mmio:
+            self._answer_unanswered()
         p = self._prepared
         if p is not None and p.state is state:
             kvm_state.load(self._fd, p, checked=True)
