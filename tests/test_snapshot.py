@@ -176,6 +176,19 @@ def test_guest_writes_in_several_slots_are_all_restored(
     assert vm.read(0, 1 * MiB) + vm.read(4 * MiB, 1 * MiB) == image
 
 
+def test_tracking_added_since_the_snapshot_is_undone(
+        make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory]) -> None:
+    """A snapshot taken before any gfn was ever tracked: tracking added since is taken
+    away by the restore (a restore looks at tracking once some gfn was tracked)."""
+    vm, _ = _vm(make_vm, mems)
+    snap = vm.snapshot()
+    assert vm.restore(snap) == 0
+    vm.page_track.add_gfn(DATA >> 12)
+    vm.page_track.add_gfn(DATA >> 12)
+    vm.restore(snap)
+    assert vm.page_track.tracked_gfns() == []
+
+
 def test_host_changes_and_reported_raw_writes_are_restored(
         make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory]) -> None:
     vm, mem = _vm(make_vm, mems)

@@ -350,6 +350,9 @@ class Vm:
         self.page_track = PageTrack(self.memslots, self.mmu, self._memory,
                                     self._track_changed)
         self._manual_dirty_log_protect = 0
+        # some gfn was write-tracked once (set at its 0→1 report, never cleared): until
+        # then a restore has no tracking to compare
+        self._tracked_once = False
         self._vcpus: dict[int, Vcpu] = {}
         self._listeners: tuple[SlotsListener, ...] = ()
         self.read = self._memory[0].read
@@ -426,6 +429,8 @@ class Vm:
         return self._listeners
 
     def _track_changed(self, as_id: int, gfn: int, tracked: bool) -> None:
+        if tracked:
+            self._tracked_once = True
         for listener in self._listeners:
             listener.track_changed(self, as_id, gfn, tracked)
 
@@ -788,7 +793,7 @@ class Vm:
                 generations = self._generations()
                 with slots_lock:
                     copied = self._restore_memory(snap, binding, generations)
-            if snap.tracked or self.mmu.tracks_any():
+            if snap.tracked or (self._tracked_once and self.mmu.tracks_any()):
                 self._restore_tracking(snap)
             for v in snap.vcpus:
                 vcpu = vcpus[v.id]
