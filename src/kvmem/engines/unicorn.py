@@ -75,10 +75,11 @@ Rules of this room:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import errno
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
@@ -127,6 +128,10 @@ _REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_
          ("esp", X.UC_X86_REG_RSP), ("ebp", X.UC_X86_REG_RBP), ("eip", X.UC_X86_REG_RIP),
          ("eflags", X.UC_X86_REG_RFLAGS))
 _RAM, _SLOW = "ram", "slow"
+_PageMap = tuple[str, int, bool]  # how the mirror maps a page: kind, hva (RAM), writable
+_SLOW_PAGE: _PageMap = (_SLOW, 0, False)
+_Region = tuple[int, int, str, int, bool]  # base gfn, npages, kind, hva (RAM), writable
+_CHUNK = 32  # gfns: no region crosses a 2 MiB-aligned chunk (see "Regions")
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
@@ -267,8 +272,9 @@ class UnicornVcpu:
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = sync.Mutex("unicorn_vcpu.mappings")
         self._zcv = sync.Condition(self._lock)
-        self._regions: dict[int, tuple[int, str, int]] = {}  # base gfn → npages, kind, hva
-        self._page: dict[int, int] = {}  # gfn → base gfn of its region
+        # base gfn → npages, kind, hva, writable (see "Regions" in the module notes)
+        self._regions: dict[int, tuple[int, str, int, bool]] = {}
+        self._sorted: list[int] = []  # the bases, in order
         self._fenced: set[int] = set()
         self._pending: list[tuple[int, int]] = []
         self._mapped_as = vcpu.as_id
@@ -809,7 +815,7 @@ class UnicornVcpu:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
         if (rip not in self._scans and rip not in self._clean
-                and rip >> PAGE_SHIFT in self._page
+                and self._base_of(rip >> PAGE_SHIFT) is not None
                 and not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG):
             # The edge hook does not see the first block of a run while Unicorn has not
             # yet left a block the ordinary way (its record of the last block is set only
@@ -945,13 +951,13 @@ class UnicornVcpu:
                           fetch=bool(error_code & PFERR_FETCH), features=uc_state.PAGING_FEATURES)
         mapped = False
         for gfn in dict.fromkeys(touched):
-            if gfn in self._page:
+            if self._base_of(gfn) is not None:
                 continue
             try:
                 spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
             except (MmioExit, MemoryFault, TrackedWrite):
                 continue  # no RAM there: the walk fails as KVM's does
-            self._map_ram(gfn, spte)
+            self._remap(_spte_pages(spte))
             self._engine.stats["table_maps"] += 1
             mapped = True
         return mapped
@@ -975,76 +981,164 @@ class UnicornVcpu:
             self._pending.append((start, end))
             self._stop_guest()
 
+    def _base_of(self, gfn: int) -> int | None:
+        """The base gfn of the region that maps `gfn`, None if none does."""
+        i = bisect.bisect_right(self._sorted, gfn) - 1
+        if i < 0:
+            return None
+        base = self._sorted[i]
+        return base if gfn < base + self._regions[base][0] else None
+
     def _overlaps(self, start: int, end: int) -> bool:
-        if end - start <= 64:
-            return any(g in self._page for g in range(start, end))
-        return any(b < end and b + n > start for b, (n, _, _) in self._regions.items())
+        i = bisect.bisect_left(self._sorted, end) - 1
+        if i < 0:
+            return False
+        base = self._sorted[i]
+        return base >= start or base + self._regions[base][0] > start
 
     def _bases(self, start: int, end: int) -> list[int]:
-        if end - start <= 64:
-            return sorted({self._page[g] for g in range(start, end) if g in self._page})
-        return [b for b, (n, _, _) in self._regions.items() if b < end and b + n > start]
+        first = self._base_of(start)
+        i = bisect.bisect_left(self._sorted, start if first is None else first)
+        j = bisect.bisect_left(self._sorted, end)
+        return self._sorted[i:j]
 
     def _apply_pending(self) -> None:
         """Between two emu_starts: unmap pending ranges; follow an SMM switch. A page whose
         spte is still there, over the same host page, only changes permissions (a dirty-log
-        write protection): cheaper than an unmap for Unicorn, which keeps regions in a
-        list."""
+        write protection): its region keeps its extent where it can, and is protected, not
+        unmapped and mapped again (see "Regions")."""
         with self._lock:
             pending, self._pending = self._pending, []
-            bases = sorted({b for s, e in pending for b in self._bases(s, e)})
             if self._vcpu.as_id != self._mapped_as:
-                bases = list(self._regions)
                 self._mapped_as = self._vcpu.as_id
-                pending = []
+                pending = [(b, b + self._regions[b][0]) for b in self._sorted]
+                switched = True
+            else:
+                switched = False
         mmu = self._engine.vm.mmu
-        for base in bases:
-            npages, kind, hva = self._regions[base]
-            spte = mmu.spte(self._mapped_as, base) if pending else None
-            if (kind == _RAM and npages == 1 and spte is not None and spte.npages == 1
-                    and spte.frame.hva == hva and spte.frame.current()):
-                perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
-                self._uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, perms)
-                with self._lock:
-                    self._fenced.discard(base)
-                continue
-            self._unmap_region(base)
+        changes: dict[int, _PageMap | None] = {}
+        for start, end in pending:
+            for base in self._bases(start, end):
+                npages, kind, hva, _ = self._regions[base]
+                for g in range(max(base, start), min(base + npages, end)):
+                    spte = None if switched or kind != _RAM else mmu.spte(self._mapped_as, g)
+                    at = hva + ((g - base) << PAGE_SHIFT)
+                    if (spte is not None and spte.frame.hva + ((g - spte.gfn) << PAGE_SHIFT)
+                            == at and spte.current(g)):
+                        changes[g] = (_RAM, at, spte.writable)
+                    else:
+                        changes[g] = None
+        self._remap(changes)
 
-    def _unmap_region(self, base: int) -> None:
-        with self._lock:
-            region = self._regions.pop(base, None)
-            if region is None:
-                return
-            npages = region[0]
-            for g in range(base, base + npages):
-                self._page.pop(g, None)
-            self._fenced.discard(base)
-        self._uc.mem_unmap(base << PAGE_SHIFT, npages << PAGE_SHIFT)
-        # a gpa mapped again may be other host memory: drop code translated from this one
-        self._uc.ctl_remove_cache(base << PAGE_SHIFT, (base + npages) << PAGE_SHIFT)
-        self._engine.stats["unmaps"] += 1
+    def _remap(self, changes: Mapping[int, _PageMap | None]) -> None:
+        """Between two emu_starts: map each gfn of `changes` as it says (None: unmapped),
+        re-cutting the regions of its chunk into maximal runs of RAM pages over contiguous
+        host memory with one protection (a slow page is a region of its own). Only the
+        regions that differ are unmapped and mapped; one whose extent stays is protected."""
+        uc = self._uc
+        stats = self._engine.stats
+        for chunk, runs in _runs(changes).items():
+            lo = chunk * _CHUNK
+            old = {b: self._regions[b] for b in self._bases(lo, lo + _CHUNK)}
+            segs = [(b, *r) for b, r in old.items()]
+            for start, end, page in runs:
+                cut: list[_Region] = []
+                for b, n, kind, hva, w in segs:
+                    if b + n <= start or b >= end:
+                        cut.append((b, n, kind, hva, w))
+                        continue
+                    if b < start:
+                        cut.append((b, start - b, kind, hva, w))
+                    if b + n > end:
+                        cut.append((end, b + n - end, kind,
+                                    hva + ((end - b) << PAGE_SHIFT) if kind == _RAM else 0, w))
+                if page is not None:
+                    if page[0] == _RAM:
+                        cut.append((start, end - start, *page))
+                    else:
+                        cut += [(g, 1, *page) for g in range(start, end)]
+                segs = sorted(cut)
+            new: dict[int, tuple[int, str, int, bool]] = {}
+            last: _Region | None = None
+            for seg in segs:
+                if (last is not None and seg[2] == last[2] == _RAM and seg[4] == last[4]
+                        and seg[0] == last[0] + last[1]
+                        and seg[3] == last[3] + (last[1] << PAGE_SHIFT)):
+                    last = (last[0], last[1] + seg[1], _RAM, last[3], last[4])
+                else:
+                    if last is not None:
+                        new[last[0]] = last[1:]
+                    last = seg
+            if last is not None:
+                new[last[0]] = last[1:]
+            unmap: list[int] = []
+            protect: list[tuple[int, bool]] = []
+            for b, (n, kind, hva, w) in old.items():
+                want = new.get(b)
+                if want is None or want[:3] != (n, kind, hva):
+                    unmap.append(b)
+                    continue
+                if want[3] != w or b in self._fenced:
+                    protect.append((b, want[3]))
+                del new[b]
+            with self._lock:
+                for b in unmap:
+                    del self._regions[b]
+                    self._fenced.discard(b)
+                for b, w in protect:
+                    self._regions[b] = (*self._regions[b][:3], w)
+                    self._fenced.discard(b)
+                self._regions.update(new)
+                if unmap or new:
+                    self._sorted = sorted(self._regions)
+            for b in unmap:
+                uc.mem_unmap(b << PAGE_SHIFT, old[b][0] << PAGE_SHIFT)
+                stats["unmaps"] += 1
+            for b, w in protect:
+                uc.mem_protect(b << PAGE_SHIFT, old[b][0] << PAGE_SHIFT, _perms(w))
+            for start, end, page in runs:
+                # a gpa mapped again may be other host memory: drop code translated from it
+                # (a page merged with its neighbours maps the same memory again)
+                for b, (n, kind, hva, _) in old.items():
+                    s, e = max(b, start), min(b + n, end)
+                    if s < e and (page is None or page[0] != kind or (kind == _RAM and
+                                  page[1] + ((s - start) << PAGE_SHIFT)
+                                  != hva + ((s - b) << PAGE_SHIFT))):
+                        uc.ctl_remove_cache(s << PAGE_SHIFT, e << PAGE_SHIFT)
+            for b, (n, kind, hva, w) in new.items():
+                if kind == _RAM:
+                    uc.mem_map_ptr(b << PAGE_SHIFT, n << PAGE_SHIFT, _perms(w), hva)
+                else:
+                    self._mmio_map(b)
+                stats["maps"] += 1
 
-    def _record(self, base: int, npages: int, kind: str, hva: int = 0) -> None:
+    def _map_in_hook(self, pages: dict[int, _PageMap]) -> bool:
+        """From a memory hook, for an unmapped page: map `pages` (one spte's, or a slow
+        page) as one region if that needs no other region changed — none of them mapped,
+        no neighbour in the chunk to merge with. False if not: `_remap` must do it, between
+        two emu_starts."""
+        lo, hi = min(pages), max(pages) + 1
+        if lo // _CHUNK != (hi - 1) // _CHUNK or self._overlaps(lo, hi):
+            return False
+        kind, hva, w = pages[lo]
+        if kind == _RAM:
+            for g, at in ((lo - 1, hva - PAGE_SIZE), (hi, hva + ((hi - lo) << PAGE_SHIFT))):
+                b = self._base_of(g) if g // _CHUNK == lo // _CHUNK else None
+                if b is not None:
+                    _, k, bhva, bw = self._regions[b]
+                    if k == _RAM and bw == w and bhva + ((g - b) << PAGE_SHIFT) == at:
+                        return False
+            self._uc.mem_map_ptr(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, _perms(w), hva)
+        else:
+            self._mmio_map(lo)
         with self._lock:
-            self._regions[base] = (npages, kind, hva)
-            for g in range(base, base + npages):
-                self._page[g] = base
+            self._regions[lo] = (hi - lo, kind, hva, w)
+            bisect.insort(self._sorted, lo)
         self._engine.stats["maps"] += 1
+        return True
 
-    def _map_ram(self, gfn: int, spte: Spte) -> None:
-        base, npages = spte.gfn, spte.npages
-        if npages > 1 and any(g in self._page for g in range(base, base + npages)):
-            base, npages = gfn, 1
-        hva = spte.frame.hva + ((base - spte.gfn) << PAGE_SHIFT)
-        perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
-        self._uc.mem_map_ptr(base << PAGE_SHIFT, npages << PAGE_SHIFT, perms, hva)
-        self._record(base, npages, _RAM, hva)
-
-    def _map_slow(self, gfn: int) -> None:
+    def _mmio_map(self, gfn: int) -> None:
         """Map the page as Unicorn MMIO: every access takes kvmem's vCPU memory path."""
-        base = self._page.get(gfn)
-        if base is not None:
-            self._unmap_region(base)
         page = gfn << PAGE_SHIFT
 
         def read(uc: Uc, offset: int, size: int, data: Any) -> int:
@@ -1054,7 +1148,6 @@ class UnicornVcpu:
             self._slow_write(page + offset, size, value)
 
         self._uc.mmio_map(page, PAGE_SIZE, read, None, write, None)
-        self._record(gfn, 1, _SLOW)
 
     # -- hooks: leaving and re-entering the guest -----------------------------------------------
     def _leave(self) -> None:
@@ -1117,10 +1210,12 @@ class UnicornVcpu:
         if self._pending_covers(gfn):
             self._restart = _nothing  # zapped while we faulted: unmap, then try again
             return False
-        if spte is None:
-            self._map_slow(gfn)
-        else:
-            self._map_ram(gfn, spte)
+        pages = {gfn: _SLOW_PAGE} if spte is None else _spte_pages(spte)
+        if not self._map_in_hook(pages):
+            # merged into a neighbour's region, which the instruction or its block may use:
+            # Unicorn unmaps and maps it again between two emu_starts, and the access reruns
+            self._restart = lambda: self._remap(pages)
+            return False
         if fetch or self._fault_stops:
             # fetch: the block being translated keeps wrong EIPs for its instructions (a
             # stop or a hook would see the EIP of an earlier one): translate it again.
@@ -1159,7 +1254,7 @@ class UnicornVcpu:
         if self._inert:
             return False
         gfn = address >> PAGE_SHIFT
-        base = self._page.get(gfn)
+        base = self._base_of(gfn)
         if base is None or base in self._fenced or access != UC_MEM_WRITE_PROT:
             # a fenced region, or a read of PROT_NONE: unmap what is pending and retry
             self._restart = _nothing
@@ -1172,17 +1267,16 @@ class UnicornVcpu:
         if self._pending_covers(gfn):
             self._restart = _nothing
             return False
-        if spte is None:
-            # the page must take the slow path; its mapping cannot change under this access
-            self._restart = lambda: self._map_slow(gfn)
-            return False
-        if self._regions[base][0] != 1 or not spte.writable:
-            self._restart = lambda: self._unmap_region(base)
-            return False
         # Not from here: the store that called us goes on with the TLB entry Unicorn read
         # for it, which drops writes to a read-only page, whatever the page's protection
-        # is now. Made writable between two emu_starts, the page takes the store again.
-        self._restart = lambda: uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, UC_PROT_ALL)
+        # is now. Remapped between two emu_starts (writable, the slow path if the page
+        # must take it, unmapped if the spte stayed read-only), the page takes it again.
+        pages: Mapping[int, _PageMap | None] = {gfn: None}
+        if spte is None:
+            pages = {gfn: _SLOW_PAGE}
+        elif spte.writable:
+            pages = _spte_pages(spte)
+        self._restart = lambda: self._remap(pages)
         return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
@@ -1411,6 +1505,41 @@ class UnicornVcpu:
             return  # (OUTS from a slow page: the exact step posts it, with the right data)
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._post(Exit(ExitKind.IO, port, size, True, payload))
+
+
+def _perms(writable: bool) -> int:
+    return UC_PROT_ALL if writable else UC_PROT_READ | UC_PROT_EXEC
+
+
+def _spte_pages(spte: Spte) -> dict[int, _PageMap]:
+    """The pages `spte` maps, as the mirror maps them."""
+    hva = spte.frame.hva
+    return {spte.gfn + i: (_RAM, hva + (i << PAGE_SHIFT), spte.writable)
+            for i in range(spte.npages)}
+
+
+def _runs(changes: Mapping[int, _PageMap | None]
+          ) -> dict[int, list[tuple[int, int, _PageMap | None]]]:
+    """`changes` as runs (start, end, how the first page is mapped) by chunk: consecutive
+    gfns unmapped alike, or mapped as RAM alike over consecutive host pages."""
+    chunks: dict[int, list[tuple[int, int, _PageMap | None]]] = {}
+    start = end = -1
+    first: _PageMap | None = None
+    for g in sorted(changes):
+        page = changes[g]
+        if g == end and g % _CHUNK and (
+                (page is None and first is None)
+                or (page is not None and first is not None and page[0] == first[0] == _RAM
+                    and page[2] == first[2]
+                    and page[1] == first[1] + ((g - start) << PAGE_SHIFT))):
+            end += 1
+            continue
+        if end > start:
+            chunks.setdefault(start // _CHUNK, []).append((start, end, first))
+        start, end, first = g, g + 1, page
+    if end > start:
+        chunks.setdefault(start // _CHUNK, []).append((start, end, first))
+    return chunks
 
 
 def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
