@@ -25,7 +25,12 @@ Rules of this room:
     *exact step* and stops; the run ends at the instruction, nothing of it done, and the
     worker runs just it again (count=1) with memory hooks on, which see each access whole
     and do it as KVM's emulator does (see "exact steps" below). Inside a step no stop lands
-    mid-instruction (a zap or a kick waits for its end), so it runs once.
+    mid-instruction (a zap or a kick waits for its end), so it runs once. A run without an
+    instruction count after one with it makes Unicorn drop every translated block
+    (uc_emu_start deletes its count hook and calls tb_flush): the block-wise runs after a
+    step pass a count no run reaches (`_FOREVER`), keeping the hook, until one stops for
+    something other than a slow page. Blocks translated meanwhile call the hook (a C
+    counter) before each instruction, so a stop may land at any instruction there.
   - IN / OUT: the port hooks run inside the instruction and the block would go on past it.
     So port instructions are *learned* before they run: every new block whose bytes hold
     a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
@@ -55,6 +60,16 @@ Rules of this room:
   returns False and leaves the change to `_restart`, run between two emu_starts; the
   instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
+- Regions. Unicorn's map, unmap and protect each rebuild its whole memory map, at a cost
+  that grows with its number of regions, and an unmap flushes its TLB page by page. So the
+  mirror keeps few, short ones: within a chunk of `_CHUNK` gfns (no region crosses one),
+  consecutive RAM pages over consecutive host pages with one protection are one region; a
+  slow page is a region of its own. `_remap` re-cuts a chunk when pages change — a
+  region whose extent stays is protected, the others unmapped and mapped — and only
+  between two emu_starts: it unmaps and maps again neighbours that the instruction or its
+  block may be using. A hook maps a page itself only where no other region changes
+  (`_map_in_hook`: no neighbour to merge with); else it leaves the mapping to `_restart`.
+  A fence covers a whole region: an access anywhere in it restarts.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
   delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
@@ -131,7 +146,7 @@ _RAM, _SLOW = "ram", "slow"
 _PageMap = tuple[str, int, bool]  # how the mirror maps a page: kind, hva (RAM), writable
 _SLOW_PAGE: _PageMap = (_SLOW, 0, False)
 _Region = tuple[int, int, str, int, bool]  # base gfn, npages, kind, hva (RAM), writable
-_CHUNK = 32  # gfns: no region crosses a 2 MiB-aligned chunk (see "Regions")
+_CHUNK = 64  # gfns: no region of the mirror crosses a multiple of it (see "Regions")
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
@@ -139,6 +154,7 @@ _REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else i
 _CR0_PE, _CR0_PG = 1, 1 << 31
 _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
+_FOREVER = 1 << 62  # an instruction count no run reaches (see "exact steps")
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
 
 
@@ -326,6 +342,7 @@ class UnicornVcpu:
         self._scan_stop = False  # the run stopped before a new block, to scan it
         self._clean: set[int] = set()  # block pcs whose bytes hold no port opcode
         self._stepping = False  # a one-instruction run (count=1) is running
+        self._keep_count = False  # block-wise runs keep Unicorn's count hook (exact steps)
         self._fault_stops = False  # the last _hook_fault's _enter asked for a stop
         self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
         self._busy = False  # the worker is in _run_guest (engine gate lock)
@@ -682,7 +699,7 @@ class UnicornVcpu:
                     self._engine.stats["steps"] += 1
                     uc.emu_start(rip, 0, count=1)
                 else:
-                    uc.emu_start(rip, 0)
+                    uc.emu_start(rip, 0, count=_FOREVER if self._keep_count else 0)
             except UcError as e:
                 error = e
             finally:
@@ -695,6 +712,10 @@ class UnicornVcpu:
                     uc.hook_del(h)
                 if hooks:
                     uc.ctl_remove_cache(pc, pc + 1)  # the step's code calls the hooks
+            if exact:
+                self._keep_count = True
+            elif not self._step:
+                self._keep_count = self._exact is not None  # stopped for another step
             # an event of an instruction that exited, or that runs again, is not delivered
             event = self._trap.take()
             if self._inert:
