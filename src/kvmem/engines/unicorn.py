@@ -66,9 +66,10 @@ Rules of this room:
   consecutive RAM pages over consecutive host pages with one protection are one region; a
   slow page is a region of its own. `_remap` re-cuts a chunk when pages change — a
   region whose extent stays is protected, the others unmapped and mapped — and only
-  between two emu_starts: it unmaps and maps again neighbours that the instruction or its
-  block may be using. A hook maps a page itself only where no other region changes
-  (`_map_in_hook`: no neighbour to merge with); else it leaves the mapping to `_restart`.
+  between two emu_starts, as it unmaps and maps again neighbours that the instruction or
+  its block may be using. A hook maps a page itself only where no other region changes
+  (`_map_in_hook`: no neighbour to merge with); else it leaves the mapping to `_restart`
+  (caution: no test failed when hooks merged themselves).
   A fence covers a whole region: an access anywhere in it restarts.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
