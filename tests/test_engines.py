@@ -339,6 +339,45 @@ def test_unicorn_merges_no_pages_over_distant_host_memory() -> None:
         code.close()
 
 
+def test_unicorn_zap_between_a_fault_and_its_mapping_is_not_lost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A harvest that write-protects a page after the fault path gave the mirror its spte,
+    before the mirror mapped it (the spte is not in the mirror yet), still reaches the
+    mirror: the store runs again after it, faults, and is logged."""
+    data = kvmem.HostMemory.anonymous(4 * PAGE_SIZE)
+    code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
+    vm = kvmem.Vm(engine="unicorn")
+    assert vm.engine is not None
+    try:
+        vm.set_memory_region(0, 0, 0, code.size, code.hva)
+        vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, data.size, data.hva)
+        vm.write(CODE, program("walker"))
+        cpu = vm.create_vcpu(0)
+        real = cpu.fault_in
+        inner: list[list[int]] = []
+
+        def fault_then_harvest(gpa: int, write: bool, private: bool | None = None
+                               ) -> object:
+            spte = real(gpa, write, private)
+            if write and gpa >> 12 == 0x102 and not inner:
+                inner.append(bits(vm.get_dirty_log(1)))  # write-protects page 2 again
+            return spte
+
+        monkeypatch.setattr(cpu, "fault_in", fault_then_harvest)
+        # pages 0 and 2: the harvest protects each alone, page 2 not mapped yet
+        cpu.start(CODE, Regs(esi=0x100000, ecx=data.size, edi=2 * PAGE_SIZE, ebx=3, ebp=1))
+        assert cpu.run().kind is ExitKind.IO
+        assert cpu.run().kind is ExitKind.HLT
+        assert inner == [[0, 2]]
+        assert bits(vm.get_dirty_log(1)) == [2]  # the store landed after the inner harvest
+        for gpa, word in _walker_words(0x100000, data.size, 2 * PAGE_SIZE, 3).items():
+            assert int.from_bytes(vm.read(gpa, 4), "little") == word, hex(gpa)
+    finally:
+        vm.engine.close()
+        data.close()
+        code.close()
+
+
 @pytest.mark.kvm
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 def test_kvm_dirty_log_survives_a_failed_harvest(make_vm: Callable[..., kvmem.Vm],

@@ -51,7 +51,10 @@ Rules of this room:
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
-  flush returns, no guest instruction uses the old mapping. Pending ranges are unmapped
+  flush returns, no guest instruction uses the old mapping. A gfn being faulted in counts
+  as mapped for this (`_inflight`): the mirror maps an spte after the fault path handed it
+  over (from the hook, or in a restart), and a zap meanwhile must not miss it. Pending
+  ranges are unmapped
   between two `emu_start`s; a hook that re-enters the guest while some are pending
   protects their regions PROT_NONE first (a fenced access restarts the instruction after
   the real unmap). A memory hook never unmaps or re-protects the page under the current
@@ -293,6 +296,9 @@ class UnicornVcpu:
         self._regions: dict[int, tuple[int, str, int, bool]] = {}
         self._sorted: list[int] = []  # the bases, in order
         self._fenced: set[int] = set()
+        # gfns faulted in and not yet known mapped: a zap of one is pending all the same
+        # (the mirror maps the spte after the MMU gave it, or after a restart)
+        self._inflight: set[int] = set()
         self._pending: list[tuple[int, int]] = []
         self._mapped_as = vcpu.as_id
         self._inside = False
@@ -680,6 +686,7 @@ class UnicornVcpu:
                     if held:
                         break
                     if not self._pending and self._vcpu.as_id == self._mapped_as:
+                        self._inflight.clear()  # what they faulted in is mapped, or pending
                         self._inside = True
                         self._epoch += 1
                         self._stop_requested = False
@@ -976,6 +983,8 @@ class UnicornVcpu:
             if self._base_of(gfn) is not None:
                 continue
             try:
+                with self._lock:
+                    self._inflight.add(gfn)
                 spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
             except (MmioExit, MemoryFault, TrackedWrite):
                 continue  # no RAM there: the walk fails as KVM's does
@@ -998,7 +1007,8 @@ class UnicornVcpu:
         """From any thread (the MMU lock held): drop [start, end) from this vCPU's mappings
         before returning, as far as a running guest is concerned."""
         with self._lock:
-            if as_id != self._mapped_as or not self._overlaps(start, end):
+            if as_id != self._mapped_as or not (
+                    self._overlaps(start, end) or any(start <= g < end for g in self._inflight)):
                 return
             self._pending.append((start, end))
             self._stop_guest()
@@ -1205,6 +1215,8 @@ class UnicornVcpu:
     def _hook_fault(self, address: int, size: int, write: bool) -> Spte | None:
         """The fault path for a memory hook, outside the guest: the spte to map, None for
         the slow path (MMIO, read-only, tracked), or None with `_fatal` set."""
+        with self._lock:
+            self._inflight.add(address >> PAGE_SHIFT)
         self._leave()
         try:
             self._engine.stats["faults"] += 1
