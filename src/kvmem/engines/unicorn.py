@@ -54,9 +54,8 @@ Rules of this room:
   flush returns, no guest instruction uses the old mapping. A gfn being faulted in counts
   as mapped for this (`_inflight`): the mirror maps an spte after the fault path handed it
   over (from the hook, or in a restart), and a zap meanwhile must not miss it. Pending
-  ranges are unmapped
-  between two `emu_start`s; a hook that re-enters the guest while some are pending
-  protects their regions PROT_NONE first (a fenced access restarts the instruction after
+  ranges are unmapped between two `emu_start`s; a hook that re-enters the guest while
+  some are pending protects their regions PROT_NONE first (a fenced access restarts the instruction after
   the real unmap). A memory hook never unmaps or re-protects the page under the current
   access: Unicorn forbids the unmap, and a store finishes with the TLB entry it read
   before calling the hook — for a read-only page, one that drops the write. Such a hook
