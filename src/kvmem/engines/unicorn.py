@@ -55,24 +55,28 @@ Rules of this room:
   as mapped for this (`_inflight`): the mirror maps an spte after the fault path handed it
   over (from the hook, or in a restart), and a zap meanwhile must not miss it. Pending
   ranges are unmapped between two `emu_start`s; a hook that re-enters the guest while
-  some are pending protects their regions PROT_NONE first (a fenced access restarts the instruction after
-  the real unmap). A memory hook never unmaps or re-protects the page under the current
-  access: Unicorn forbids the unmap, and a store finishes with the TLB entry it read
-  before calling the hook — for a read-only page, one that drops the write. Such a hook
-  returns False and leaves the change to `_restart`, run between two emu_starts; the
-  instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
-  gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
+  some are pending protects their regions PROT_NONE first (a fenced access restarts the
+  instruction after the real unmap). A memory hook never unmaps or re-protects the page
+  under the current access: Unicorn forbids the unmap, and a store finishes with the TLB
+  entry it read before calling the hook — for a read-only page, one that drops the write.
+  Such a hook returns False and leaves the change to `_restart`, run between two
+  emu_starts; the instruction then runs again. Mapping an unmapped page from its hook is
+  safe: Unicorn gives an unmapped page a TLB entry that never hits, so the access reads a
+  fresh one.
 - Regions. Unicorn's map, unmap and protect each rebuild its whole memory map, at a cost
-  that grows with its number of regions, and an unmap flushes its TLB page by page. So the
-  mirror keeps few, short ones: within a chunk of `_CHUNK` gfns (no region crosses one),
-  consecutive RAM pages over consecutive host pages with one protection are one region; a
-  slow page is a region of its own. `_remap` re-cuts a chunk when pages change — a
-  region whose extent stays is protected, the others unmapped and mapped — and only
-  between two emu_starts, as it unmaps and maps again neighbours that the instruction or
-  its block may be using. A hook maps a page itself only where no other region changes
+  that grows with its number of regions, and an unmap flushes its TLB page by page. So,
+  once the mirror maps `_MERGE_PAGES` pages, it keeps few, short regions: within a chunk
+  of `_CHUNK` gfns (no region crosses one), consecutive RAM pages over consecutive host
+  pages with one protection are one region; a slow page is a region of its own. (Below
+  that, a region per page: a write fault after a harvest is then one protection change
+  over few regions, where a merged chunk takes about four map/unmap calls.) `_remap`
+  re-cuts the regions that changed pages touch, with their neighbours — a region whose
+  extent stays is protected, the others unmapped and mapped — and only between two
+  emu_starts, as it unmaps and maps again neighbours that the instruction or its block
+  may be using. A hook maps a page itself only where no other region changes
   (`_map_in_hook`: no neighbour to merge with); else it leaves the mapping to `_restart`
-  (caution: no test failed when hooks merged themselves).
-  A fence covers a whole region: an access anywhere in it restarts.
+  (caution: no test failed when hooks merged themselves). A fence covers a whole region:
+  an access anywhere in it restarts.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
   delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
@@ -150,6 +154,7 @@ _PageMap = tuple[str, int, bool]  # how the mirror maps a page: kind, hva (RAM),
 _SLOW_PAGE: _PageMap = (_SLOW, 0, False)
 _Region = tuple[int, int, str, int, bool]  # base gfn, npages, kind, hva (RAM), writable
 _CHUNK = 64  # gfns: no region of the mirror crosses a multiple of it (see "Regions")
+_MERGE_PAGES = 128  # the mirror merges pages into regions once it maps this many
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
@@ -294,6 +299,7 @@ class UnicornVcpu:
         # base gfn → npages, kind, hva, writable (see "Regions" in the module notes)
         self._regions: dict[int, tuple[int, str, int, bool]] = {}
         self._sorted: list[int] = []  # the bases, in order
+        self._npages = 0  # pages they map
         self._fenced: set[int] = set()
         # gfns faulted in and not yet known mapped: a zap of one is pending all the same
         # (the mirror maps the spte after the MMU gave it, or after a restart)
@@ -1068,10 +1074,25 @@ class UnicornVcpu:
         regions that differ are unmapped and mapped; one whose extent stays is protected."""
         uc = self._uc
         stats = self._engine.stats
+        if len(changes) == 1 and self._npages < _MERGE_PAGES:
+            # a region per page: one page's protection change is one mem_protect
+            ((g, page),) = changes.items()
+            region = self._regions.get(g)
+            if page is not None and region is not None and region[0] == 1 \
+                    and region[1:3] == page[:2]:
+                if region[3] != page[2] or g in self._fenced:
+                    with self._lock:
+                        self._regions[g] = (1, *page)
+                        self._fenced.discard(g)
+                    uc.mem_protect(g << PAGE_SHIFT, PAGE_SIZE, _perms(page[2]))
+                return
         for chunk, runs in _runs(changes).items():
-            lo = chunk * _CHUNK
-            old = {b: self._regions[b] for b in self._bases(lo, lo + _CHUNK)}
+            # the regions the runs touch, and their neighbours (merges are of neighbours)
+            lo = max(chunk * _CHUNK, runs[0][0] - 1)
+            hi = min((chunk + 1) * _CHUNK, runs[-1][1] + 1)
+            old = {b: self._regions[b] for b in self._bases(lo, hi)}
             segs = [(b, *r) for b, r in old.items()]
+            merge = max(self._npages, len(changes)) >= _MERGE_PAGES
             for start, end, page in runs:
                 cut: list[_Region] = []
                 for b, n, kind, hva, w in segs:
@@ -1084,15 +1105,18 @@ class UnicornVcpu:
                         cut.append((end, b + n - end, kind,
                                     hva + ((end - b) << PAGE_SHIFT) if kind == _RAM else 0, w))
                 if page is not None:
-                    if page[0] == _RAM:
+                    if page[0] == _RAM and merge:
                         cut.append((start, end - start, *page))
+                    elif page[0] == _RAM:
+                        cut += [(g, 1, _RAM, page[1] + ((g - start) << PAGE_SHIFT), page[2])
+                                for g in range(start, end)]
                     else:
                         cut += [(g, 1, *page) for g in range(start, end)]
                 segs = sorted(cut)
             new: dict[int, tuple[int, str, int, bool]] = {}
             last: _Region | None = None
             for seg in segs:
-                if (last is not None and seg[2] == last[2] == _RAM and seg[4] == last[4]
+                if (merge and last is not None and seg[2] == last[2] == _RAM and seg[4] == last[4]
                         and seg[0] == last[0] + last[1]
                         and seg[3] == last[3] + (last[1] << PAGE_SHIFT)):
                     last = (last[0], last[1] + seg[1], _RAM, last[3], last[4])
@@ -1120,6 +1144,8 @@ class UnicornVcpu:
                     self._regions[b] = (*self._regions[b][:3], w)
                     self._fenced.discard(b)
                 self._regions.update(new)
+                self._npages += (sum(r[0] for r in new.values())
+                                 - sum(old[b][0] for b in unmap))
                 if unmap or new:
                     self._sorted = sorted(self._regions)
             for b in unmap:
@@ -1152,19 +1178,21 @@ class UnicornVcpu:
         if lo // _CHUNK != (hi - 1) // _CHUNK or self._overlaps(lo, hi):
             return False
         kind, hva, w = pages[lo]
-        if kind == _RAM:
+        if kind == _RAM and self._npages >= _MERGE_PAGES:
             for g, at in ((lo - 1, hva - PAGE_SIZE), (hi, hva + ((hi - lo) << PAGE_SHIFT))):
                 b = self._base_of(g) if g // _CHUNK == lo // _CHUNK else None
                 if b is not None:
                     _, k, bhva, bw = self._regions[b]
                     if k == _RAM and bw == w and bhva + ((g - b) << PAGE_SHIFT) == at:
                         return False
+        if kind == _RAM:
             self._uc.mem_map_ptr(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, _perms(w), hva)
         else:
             self._mmio_map(lo)
         with self._lock:
             self._regions[lo] = (hi - lo, kind, hva, w)
             bisect.insort(self._sorted, lo)
+            self._npages += hi - lo
         self._engine.stats["maps"] += 1
         return True
 
