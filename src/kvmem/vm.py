@@ -359,9 +359,6 @@ class Vm:
         self.write = self._memory[0].write
         self.clear = self._memory[0].clear
         self.engine: Engine | None = opened
-        # `with self._paused():` holds the engine's vCPUs out of the guest (bound once)
-        self._paused: Callable[[], AbstractContextManager[None]] = \
-            opened.paused if opened is not None else contextlib.nullcontext
         # snapshots this VM can be restored to (taken here, or made into it), and what
         # changed since each
         self._bound: dict[int, _Binding] = {}  # by id(snapshot), until it is collected
@@ -648,6 +645,9 @@ class Vm:
         return list(self._vcpus.values())
 
     # -- snapshots ------------------------------------------------------------------------------
+    def _paused(self) -> AbstractContextManager[None]:
+        return self.engine.paused() if self.engine is not None else contextlib.nullcontext()
+
     def _arm_restore_log(self) -> None:
         """Every slot is logged from now on (slots_lock held): page views cached before
         are not trusted after (the host epoch moves), no spte stays writable, engines
