@@ -323,3 +323,73 @@ def test_nothing_after_a_port_instruction_runs_before_its_exit_in_real_mode(
         cpu.complete(b"\x99")
         assert cpu.run() == Exit(ExitKind.HLT)
         assert vm.read(BUF, 5) == bytes.fromhex("3412000099")
+
+
+# RFLAGS.RF at each exit: KVM's emulator writes RFLAGS back where it writes RIP back, RF set
+# while a REP string instruction is not finished (EIP at it) and clear once an instruction
+# finishes; a read exit writes nothing back (RF as the last write-back left it)
+HOLE = RAM  # no slot above the RAM: a read there is an MMIO exit
+RF_TOUR = [
+    (0x1000, "be 00 20 00 00"),        # mov esi, BUF
+    (0x1005, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x100A, "66 ba 82 00"),           # mov dx, 0x82
+    (0x100E, "f3 6e"),                 # rep outsb: RF at each element, the last too
+    (0x1010, "e6 80"),                 # out 0x80, al: finished, RF clear
+    (0x1012, "bf 00 00 00 10"),        # mov edi, MMIO
+    (0x1017, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x101C, "f3 aa"),                 # rep stosb into MMIO: RF at each write
+    (0x101E, "be 00 00 00 10"),        # mov esi, MMIO
+    (0x1023, "bf 00 20 00 00"),        # mov edi, BUF
+    (0x1028, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x102D, "f3 a4"),                 # rep movsb MMIO -> RAM: reads, RF as before (clear)
+    (0x102F, "be 00 00 00 10"),        # mov esi, MMIO
+    (0x1034, "bf 10 00 00 10"),        # mov edi, MMIO + 0x10
+    (0x1039, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x103E, "f3 a4"),                 # rep movsb MMIO -> MMIO: the read after a write: RF
+    (0x1040, "bf ff 2f 00 00"),        # mov edi, BUF + 0xfff
+    (0x1045, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x104A, "f3 6c"),                 # rep insb, 1 byte left in the page: the second IN
+                                       # comes after KVM went back to the guest: RF
+    (0x104C, "be fc fb 0f 00"),        # mov esi, HOLE - 1028
+    (0x1051, "bf 00 40 00 00"),        # mov edi, 0x4000
+    (0x1056, "b9 06 04 00 00"),        # mov ecx, 1030
+    (0x105B, "e6 80"),                 # out 0x80, al
+    (0x105D, "f3 a4"),                 # rep movsb: 1028 bytes of RAM, then the hole: KVM
+                                       # went back to the guest at ecx = 1024: RF
+    (0x105F, "f4"),                    # hlt: RF clear
+]
+RF_EXITS = [  # exit, (eip, ecx, RF)
+    (io(0x82, 1, b"a"), (0x100E, 1, 1)),
+    (io(0x82, 1, b"b"), (0x100E, 0, 1)),
+    (io(0x80, 1, b"\0"), (0x1012, 0, 0)),
+    (mmio(MMIO, 1, b"\0"), (0x101C, 1, 1)),
+    (mmio(MMIO + 1, 1, b"\0"), (0x101C, 0, 1)),
+    (mmio(MMIO, 1), (0x102D, 2, 0)),
+    (mmio(MMIO + 1, 1), (0x102D, 1, 0)),
+    (mmio(MMIO, 1), (0x103E, 2, 0)),
+    (mmio(MMIO + 0x10, 1, b"A"), (0x103E, 1, 1)),
+    (mmio(MMIO + 1, 1), (0x103E, 1, 1)),
+    (mmio(MMIO + 0x11, 1, b"A"), (0x103E, 0, 1)),
+    (io(0x82, 1, count=1), (0x104A, 2, 0)),
+    (io(0x82, 1, count=1), (0x104A, 1, 1)),
+    (io(0x80, 1, b"\0"), (0x105D, 1030, 0)),
+    (mmio(HOLE, 1), (0x105D, 2, 1)),
+    (mmio(HOLE + 1, 1), (0x105D, 1, 1)),
+    (Exit(ExitKind.HLT), (0x1060, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rf_at_each_exit_is_kvms(engine: str,
+                                 boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
+    vm, cpu = boot(engine, code(RF_TOUR))
+    vm.write(BUF, b"ab")
+    seen = []
+    for _ in RF_EXITS:
+        e = cpu.run()
+        r = cpu.get_regs()
+        seen.append((e, (r.eip, r.ecx, r.eflags >> 16 & 1)))
+        if e.reads:
+            cpu.complete(bytes([0x41] * e.answer_size))
+    assert seen == RF_EXITS
+    assert cpu.get_state().regs.rflags & 1 << 16 == 0

@@ -56,6 +56,15 @@ Rules of this room:
   instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
   gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
+- RF (RFLAGS bit 16) at an exit is KVM's, set by `_report_rf` (QEMU's RF is not KVM's:
+  it leaves RF alone in REP string instructions). KVM's emulator writes RFLAGS back only
+  where it writes RIP back: RF set while a REP string instruction is not finished, clear
+  once an instruction finishes. So: at a write exit (MMIO write, OUT(S), a REP INS's
+  writeback) RF is 1 if the instruction is a REP string one still at RIP, else 0; at a read
+  exit (IN, MMIO read) and any other stop RF is as the last write-back left it: as at the
+  run's start if the run finished no instruction (RIP is where it started) — or 1 if a REP
+  string instruction there went back to the guest meanwhile (a REP INS once its elements
+  read ahead are written, any other every 1024 iterations) — and 0 if it did.
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
   delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
   accessors) and goes on, or exits SHUTDOWN for what cannot be delivered. The event of an
@@ -135,6 +144,10 @@ _CR0_PE, _CR0_PG = 1, 1 << 31
 _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
+# the string instructions (ins, outs, movs, cmps, stos, lods, scas; byte and wider forms)
+_STRING_OPCODES = frozenset((*range(0x6C, 0x70), *range(0xA4, 0xA8), *range(0xAA, 0xB0)))
+_RF = 1 << 16  # RFLAGS.RF (see "RF" in the header)
+_REP_REENTRY = 1024  # KVM's emulator re-enters the guest every 1024 REP iterations
 
 
 class _Scan:
@@ -298,6 +311,9 @@ class UnicornVcpu:
         self._answer_rip = 0  # RIP of the instruction the answers are for
         self._ins_answer: bytes | None = None  # the answer to a string IN, whole
         self._rip_after: int | None = None  # where a string IN's writeback leaves RIP
+        self._exit_pc = -1  # the instruction (pc) of the last exit posted: see _report_rf
+        # the state at the last tracked write of a run (KVM writes RFLAGS back there)
+        self._rf_mark: tuple[int, bool, int] | None = None
         # exact steps (see _want_exact): the context to run again exactly, whether the next
         # run is that step, the bytes its loads read, the writes it made (by gpa, data)
         self._exact: Any = None
@@ -305,6 +321,7 @@ class UnicornVcpu:
         self._exact_bytes: dict[int, int] = {}
         self._exact_done: set[tuple[int, bytes]] = set()
         self._exact_in = False  # the step's IN has run
+        self._parts_slowed: list[int] = []  # RAM pages the step maps slow (_read_parts_slow)
         self._drop_answers = False  # the step made a tracked write (see _on_write)
         self._after_exits: list[tuple[int, bytes]] = []  # tracked writes behind an exit
         self._last: Exit | None = None
@@ -424,6 +441,7 @@ class UnicornVcpu:
                                                 f"({exits[0]}); take it with run() first")
             return
         rip = self._uc.reg_read(X.UC_X86_REG_RIP)
+        start = self._run_start()
         self._step = True
         try:
             # a string IN takes one step per element answered
@@ -436,6 +454,7 @@ class UnicornVcpu:
                 if (len(self._used) >= len(self._answers)
                         or self._uc.reg_read(X.UC_X86_REG_RIP) != rip):
                     break
+            self._report_rf(None, start)
         finally:
             self._step = False
             self._at_read = False
@@ -503,6 +522,9 @@ class UnicornVcpu:
         uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
         if left == 0:  # (a state taken before the next run still has RIP at it, as KVM's)
             self._rip_after = self._answer_rip + len(prefixes) + 1
+        # KVM goes back to the guest with RF set (the INS finishes when re-entered)
+        self._exit_pc = self._pc()
+        self._set_rf(True)
         return exits
 
     def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
@@ -519,6 +541,66 @@ class UnicornVcpu:
         if self._rip_after is not None:
             self._uc.reg_write(X.UC_X86_REG_RIP, self._rip_after)
             self._rip_after = None
+            self._set_rf(False)
+
+    # -- RF -------------------------------------------------------------------------------------
+    def _set_rf(self, on: bool) -> None:
+        uc = self._uc
+        flags = int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags | _RF if on else flags & ~_RF)
+
+    def _run_start(self) -> tuple[int, bool, int]:
+        """What `_report_rf` needs of the state a run starts from: pc, RF, RCX."""
+        uc = self._uc
+        return (self._pc(), bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RF),
+                int(uc.reg_read(X.UC_X86_REG_RCX)))
+
+    def _report_rf(self, exit_: Exit | None, start: tuple[int, bool, int] | None) -> None:
+        """Set RF as KVM reports it after `exit_` (None: a settling step), for a run that
+        started from `start` (None: the exit was queued, nothing ran). See the header."""
+        pc = self._pc()
+        if exit_ is not None and exit_.kind in (ExitKind.IO, ExitKind.MMIO) and \
+                not exit_.reads:
+            self._set_rf(pc == self._exit_pc and self._rep_string(pc) is not None)
+            return
+        if start is None:
+            return
+        start_pc, start_rf, start_rcx = start
+        if pc != start_pc:
+            self._set_rf(False)  # an instruction finished
+        else:  # (QEMU may have cleared it meanwhile)
+            self._set_rf(start_rf or self._rep_reentered(pc, start_rcx))
+
+    def _rep_string(self, pc: int) -> tuple[bytes, int] | None:
+        """(prefixes, opcode) of the instruction at `pc` if it is a REP string one."""
+        code = self._code(pc)
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        prefixes = code[:i]
+        if i < len(code) and code[i] in _STRING_OPCODES and {0xF2, 0xF3} & set(prefixes):
+            return prefixes, code[i]
+        return None
+
+    def _rep_reentered(self, pc: int, start_rcx: int) -> bool:
+        """Did KVM go back to the guest in the REP string instruction at `pc` (with RF set)
+        since RCX was `start_rcx`? A REP INS does once the elements it read ahead are
+        written; any other after each iteration that leaves the count a multiple of 1024."""
+        rep = self._rep_string(pc)
+        if rep is None:
+            return False
+        prefixes, opcode = rep
+        bits = uc_state.code_bits(self._uc)
+        if 0x67 in prefixes:
+            bits = 32 if bits == 64 else 48 - bits
+        mask = (1 << bits) - 1
+        before = start_rcx & mask
+        now = int(self._uc.reg_read(X.UC_X86_REG_RCX)) & mask
+        if now >= before:
+            return False  # no iteration done
+        if opcode in (0x6C, 0x6D):
+            return True
+        return now == 0 or (before - 1) // _REP_REENTRY != (now - 1) // _REP_REENTRY
 
     def run(self) -> Exit:
         if self._unanswered:
@@ -536,7 +618,16 @@ class UnicornVcpu:
             if not self._exits:
                 self._finish_string_in()
         # more exits of one instruction (an MMIO store split at a page) need no guest run
-        exit_ = self._exits.pop(0) if self._exits else self._run_worker()
+        if self._exits:
+            exit_, start = self._exits.pop(0), None
+        else:
+            start = self._run_start()
+            self._rf_mark = None
+            exit_ = self._run_worker()
+            if self._rf_mark is not None:
+                start = self._rf_mark
+                start = (start[0], self._rep_string(start[0]) is not None, start[2])
+        self._report_rf(exit_, start)
         if not exit_.reads:
             # KVM drops what a string IN read ahead once it exits to userspace meanwhile
             self._answers, self._used, self._ins_answer = {}, set(), None
@@ -669,6 +760,8 @@ class UnicornVcpu:
             self._between_runs(pc)
             self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             exact = self._exact_step
+            if exact:
+                self._read_parts_slow(pc)
             hooks = self._exact_hooks(pc) if exact else []
             try:
                 if self._step or exact:
@@ -715,6 +808,7 @@ class UnicornVcpu:
             if exact:
                 self._exact_step = False
                 self._exact_bytes, self._exact_done = {}, set()
+                self._read_parts_fast()
                 if self._drop_answers and self._undo is None:
                     self._answers, self._used = {}, set()
                 self._drop_answers = False
@@ -1204,6 +1298,7 @@ class UnicornVcpu:
         self._uc.reg_write(X.UC_X86_REG_EFLAGS, saved[1])
 
     def _post(self, exit_: Exit) -> None:
+        self._exit_pc = self._pc()
         self._exits.append(exit_)
         self._uc.emu_stop()
 
@@ -1246,6 +1341,33 @@ class UnicornVcpu:
             # saved here is the instruction's
             self._exact = self._save() if self._stepping else _AT_STOP
             self._uc.emu_stop()
+
+    def _read_parts_slow(self, pc: int) -> None:
+        """Before the exact step of a replay: map each page of a RAM part its first run read
+        (`_on_read`) as a slow page, so that its load takes those bytes from the step's
+        hooks, as KVM's emulator completes the load with what it read before the exit —
+        a page Unicorn maps as RAM would be read again, as the host left it meanwhile
+        (a discard, a `vm.write`). Not the instruction's own code page(s)."""
+        uc = self._uc
+        if not self._answers or int(uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+            return
+        code = {pc >> PAGE_SHIFT, (pc + 14) >> PAGE_SHIFT}
+        for key in self._answers:
+            if key[0] is not ExitKind.MMIO:
+                continue
+            gfn = key[1] >> PAGE_SHIFT
+            base = self._page.get(gfn)
+            if base is not None and self._regions[base][1] == _RAM and gfn not in code:
+                self._map_slow(gfn)
+                self._parts_slowed.append(gfn)
+
+    def _read_parts_fast(self) -> None:
+        """After the step: those pages fault in as RAM again."""
+        slowed, self._parts_slowed = self._parts_slowed, []
+        for gfn in slowed:
+            base = self._page.get(gfn)
+            if base is not None and self._regions[base][1] == _SLOW:
+                self._unmap_region(base)
 
     def _exact_hooks(self, rip: int) -> list[int]:
         uc = self._uc
@@ -1294,8 +1416,10 @@ class UnicornVcpu:
             self._exact_done.add((part, chunk))
             if self._tracked(part):
                 # on KVM a tracked write is an MMIO exit the engine takes itself: it drops
-                # what a string IN read ahead, and comes after an MMIO exit made before it
+                # what a string IN read ahead, comes after an MMIO exit made before it, and
+                # writes RFLAGS back (RF as at a write exit: see _report_rf)
                 self._drop_answers = bool(self._answers)
+                self._rf_mark = self._run_start()
                 if self._exits:
                     self._after_exits.append((part, chunk))
                     continue
@@ -1326,6 +1450,7 @@ class UnicornVcpu:
         try:
             self._vcpu.guest_write(gpa, data)
         except MmioExit:
+            self._exit_pc = self._pc()
             self._exits.append(Exit(ExitKind.MMIO, gpa, len(data), True, data))
         except MemoryFault as e:
             self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, len(data), True, detail=str(e))
