@@ -332,6 +332,7 @@ class UnicornVcpu:
         self._inert = False  # a rewind is pending: hooks do nothing
         self._rewind: Any = None  # the context before a port instruction not yet learned
         self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
+        self._ins_sites: dict[int, int] = {}  # a learned INS → its own hook (_at_ins)
         self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
         self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
         self._scan_stop = False  # the run stopped before a new block, to scan it
@@ -417,6 +418,9 @@ class UnicornVcpu:
         for hook in self._sites.values():
             if hook is not None:
                 self._uc.hook_del(hook)
+        for hook in self._ins_sites.values():
+            self._uc.hook_del(hook)
+        self._ins_sites = {}
         for scan in self._scans.values():
             if scan.hook is not None:
                 self._uc.hook_del(scan.hook)
@@ -738,6 +742,7 @@ class UnicornVcpu:
             # out (a read being finished is not an entry: KVM completes it first)
             if not self._step and self._vcpu.dirty_ring.check_request():
                 return Exit(ExitKind.DIRTY_RING_FULL)
+            walked = None if self._step or self._exact_step else self._walk_code()
             held = False
             while True:
                 with self._lock:
@@ -757,7 +762,7 @@ class UnicornVcpu:
             error: UcError | None = None
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
             pc = self._pc(rip)
-            self._between_runs(pc)
+            self._between_runs(pc, walked)
             self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
             exact = self._exact_step
             if exact:
@@ -887,6 +892,8 @@ class UnicornVcpu:
         if self._sites.get(pc) is not None:
             return
         self._sites[pc] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
+        if self._opcode(pc) in (0x6C, 0x6D) and pc not in self._ins_sites:
+            self._ins_sites[pc] = self._uc.hook_add(UC_HOOK_CODE, self._at_ins, None, pc, pc)
         self._uc.ctl_remove_cache(pc, end + 1)
 
     def _rescan(self, pc: int) -> None:
@@ -899,16 +906,63 @@ class UnicornVcpu:
         self._sites[pc] = None  # a port instruction: exact from now (the scan hook follows)
         self._engine.stats["scans"] += 1
 
-    def _between_runs(self, rip: int) -> None:
+    def _walk_code(self) -> tuple[int, list[int]] | None:
+        """Paging on, before a run from a block not known yet: walk (kvmem's walker) the
+        page tables for its code — its page and the next, where a block may go on — and
+        map each page of the walk Unicorn lacks, as `_map_page_tables` does, so that
+        `_between_runs` can have Unicorn translate the block. (pc, the pages), or None
+        where paging is off, the block is known, or the walk faults or meets no RAM. Not
+        inside the guest (`_inside`): it takes the MMU's locks."""
+        uc = self._uc
+        if not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
+            return None
+        pc = self._pc()
+        if pc in self._scans or pc in self._clean:
+            return None
+        touched: list[int] = []
+
+        def read(gpa: int, n: int) -> bytes:
+            touched.append(gpa >> PAGE_SHIFT)
+            return self._vcpu.read(gpa, n)
+
+        # what the walk reads of the state (uc_state.get_state would take ~1 ms)
+        sregs = Sregs(cr0=int(uc.reg_read(X.UC_X86_REG_CR0)),
+                      cr3=int(uc.reg_read(X.UC_X86_REG_CR3)),
+                      cr4=int(uc.reg_read(X.UC_X86_REG_CR4)),
+                      efer=int(uc.reg_read(X.UC_X86_REG_MSR, uc_state.MSR_EFER)))
+        user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        try:
+            for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1):
+                gpa = translate_gva(read, sregs, gva, fetch=True, user=user,
+                                    features=uc_state.PAGING_FEATURES)
+                touched.append(gpa >> PAGE_SHIFT)
+        except (PageFault, MemoryFault, MmioExit):
+            return None
+        pages = list(dict.fromkeys(touched))
+        for gfn in pages:
+            if gfn in self._page:
+                continue
+            try:
+                spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
+            except (MmioExit, MemoryFault, TrackedWrite):
+                return None
+            self._map_ram(gfn, spte)
+            self._engine.stats["table_maps"] += 1
+        return pc, pages
+
+    def _between_runs(self, rip: int, walked: tuple[int, list[int]] | None = None) -> None:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
-        if (rip not in self._scans and rip not in self._clean
-                and rip >> PAGE_SHIFT in self._page
-                and not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG):
+        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
+            ready = (walked is not None and walked[0] == rip
+                     and all(g in self._page for g in walked[1]))
+        else:
+            ready = rip >> PAGE_SHIFT in self._page
+        if rip not in self._scans and rip not in self._clean and ready:
             # The edge hook does not see the first block of a run while Unicorn has not
             # yet left a block the ordinary way (its record of the last block is set only
-            # then): look at the block at RIP first. Not with paging on, where translating
-            # it walks page tables that may not be mapped yet, and a guest fault inside
+            # then): look at the block at RIP first. With paging on, only once every page
+            # its translation walks is mapped (`_walk_code`): a guest fault inside
             # Unicorn's control call has nowhere to go.
             self._inert = True  # nothing is faulted in while Unicorn translates it
             try:
@@ -958,6 +1012,8 @@ class UnicornVcpu:
                 or (address not in self._sites and self._opcode(address) in _PORT_OPCODES)):
             self._sites[address] = None  # exact from now: the scan hook follows it
             self._site_todo.append((address, address + size))
+        if address not in self._ins_sites and self._opcode(address) in (0x6C, 0x6D):
+            self._at_ins(uc, address, size, None)  # what its own hook will do once learned
 
     def _pc(self, rip: int | None = None) -> int:
         """The linear address of the instruction at CS:RIP (`rip` if read already) — what
@@ -1228,10 +1284,32 @@ class UnicornVcpu:
         """QEMU's INS stores a zero at EDI before its IN (to fault early); KVM writes
         nothing before the IN is answered. A write fault of that store, with no answer for
         the element yet, posts the IN's exit instead: the page is not faulted in, nothing
-        is written or marked dirty. (On a page already writable the zero is stored, and the
-        replay overwrites it with the answer.) True if so: the hook returns False."""
+        is written or marked dirty. (On a page already writable, a learned INS posts its
+        exit before it runs: `_at_ins`.) True if so: the hook returns False."""
         if self._undo is not None or self._exact is not None or self._exact_in:
             return False
+        return self._ins_exit()
+
+    def _at_ins(self, uc: Uc, address: int, size: int, data: Any) -> None:
+        """A learned INS's code hook, before each of its runs (each REP element): with no
+        answer for the element, post its IN exit and stop before it, so that QEMU's zero
+        store never reaches a page Unicorn maps writable (KVM writes nothing at EDI until
+        the answer; a host reading the element at the exit reads what was there)."""
+        if (self._undo is not None or self._exact is not None or self._inert
+                or self._stepping or self._exits):
+            return
+        rep = self._rep_string(address)
+        if rep is not None:
+            bits = uc_state.code_bits(uc)
+            if 0x67 in rep[0]:
+                bits = 32 if bits == 64 else 48 - bits
+            if not int(uc.reg_read(X.UC_X86_REG_RCX)) & ((1 << bits) - 1):
+                return  # no element: the instruction does nothing
+        self._ins_exit()
+
+    def _ins_exit(self) -> bool:
+        """Post the IN exit of the INS at RIP for the element at EDI, unless it is not an
+        INS or the element has its answer (the replay). True if posted."""
         prefixes = self._ins_prefixes()
         if prefixes is None:
             return False
