@@ -9,9 +9,10 @@ of events) and `compare(seed, mode)` → `Divergence | None`; `main()` runs many
 prints the divergences by kind (`python -m kvmem.difftest --programs 200`).
 
 What is compared, event by event, in order: every exit (its fields) with the 32-bit registers
-at it; every tracked write a page-track notifier hears; every host action and its outcome
-(errno); every bitmap a harvest returns; after each run, the whole vCPU state's general
-registers and all guest memory (every host page behind the window and the low slot).
+at it (all of EFLAGS) and the whole data window's memory at it; every tracked write a
+page-track notifier hears; every host action and its outcome (errno); every bitmap a harvest
+returns; after each run, the whole vCPU state's general registers (all of RFLAGS) and all
+guest memory (every host page behind the window and the low slot).
 
 The VM: a low slot [0, 1 MiB) with the code (at `CODE`) and the mode's tables; a data window
 of `WINDOW_PAGES` pages at `DATA`, cut into RAM, logging RAM, read-only slots and holes; an
@@ -25,17 +26,22 @@ the same answers for the same accesses.
 Rules: the schedule is decided by the seed and a model of the layout only, never by what an
 engine did, so both engines get the same steps for as long as their traces agree; the first
 event that differs is the divergence. Host actions run after an exit is answered, never
-between a read exit and its answer. RF (bit 16) and AF are masked in EFLAGS (see
-`_EFLAGS_DEFINED`).
+between a read exit and its answer.
 
-Known and not compared: on a page Unicorn already maps writable, QEMU's INS stores a zero
-at EDI before its IN exit (KVM writes nothing until the answer); a host that reads that
-element's bytes at the exit sees the zero. No event here reads memory at an exit.
+EFLAGS: RF (bit 16) is KVM's on both engines (set at exits inside an unfinished REP string
+instruction: see `kvmem.engines.unicorn`). AF is architecturally undefined after XOR (the
+checksum fold, the stored values) and defined after CMP (the self-checks); it is compared
+all the same, as both engines give 0 after XOR here (KVM's emulator runs the host CPU's XOR;
+QEMU defines it as 0) — a host whose CPU sets it otherwise would show "registers at an exit"
+differing in bit 4 only, not an engine bug.
 
-Known and compared (seed 10527 of the slow test's range shows it): a load crossing from a
-RAM page Unicorn maps into a page without memory, whose RAM part the host changes between
-the MMIO exit and its answer (a discard at that exit). KVM's emulator read the RAM part
-before exiting and completes with those bytes; Unicorn's replay reads the page again.
+Cases once found and now compared (tests/test_engine_accesses.py, test_engine_exits.py pin
+each on both engines): a load crossing from a RAM page into a page without memory whose RAM
+part the host changes between the MMIO exit and its answer (seed 10527: a discard at that
+exit) completes with the RAM bytes read before the exit, as KVM's emulator does; a store
+crossing the other way has written its RAM part by its exit; at a string IN's exit the
+element's bytes are untouched (QEMU's INS stored a zero there first); nothing after a port
+instruction in a run's first block has run at its exit (with paging on).
 """
 
 from __future__ import annotations
@@ -77,11 +83,6 @@ FAR_PAGES = 32
 MAX_EXITS = 400
 LOG = KVM_MEM_LOG_DIRTY_PAGES
 RO = KVM_MEM_READONLY
-# AF is undefined after the logic ops the programs use; RF (bit 16) is what KVM leaves set
-# after an emulated access that faulted, which no guest instruction can read (PUSHF clears it
-# in the image it pushes) and the next instruction clears
-_EFLAGS_DEFINED = ~((1 << 4) | (1 << 16))
-
 Action = tuple[Any, ...]  # (kind, arguments...)
 
 
@@ -276,7 +277,7 @@ def _answer(e: Exit, pass_no: int) -> bytes:
 def _regs(cpu: Vcpu) -> str:
     r = cpu.get_regs()
     return (f"eax={r.eax:x} ebx={r.ebx:x} ecx={r.ecx:x} edx={r.edx:x} esi={r.esi:x} "
-            f"edi={r.edi:x} eip={r.eip:x} fl={r.eflags & _EFLAGS_DEFINED:x}")
+            f"edi={r.edi:x} eip={r.eip:x} fl={r.eflags:x}")
 
 
 class Runner:
@@ -402,6 +403,7 @@ class Runner:
         for i in range(MAX_EXITS):
             e = cpu.run()
             self.events.append(f"exit {e} | {_regs(cpu)}")
+            self.events.append(f"window at the exit {self._window_digest()}")
             if e.reads:
                 cpu.complete(_answer(e, pass_no))
             for a in mid.get(i, []):
@@ -415,11 +417,11 @@ class Runner:
         except KvmError as e:
             self.events.append(f"get_state: {e}")
             return
-        rflags = r.rflags & _EFLAGS_DEFINED
-        self.events.append(" ".join(f"{k}={v:x}" for k, v in
-                                    dataclasses.asdict(dataclasses.replace(
-                                        r, rflags=rflags)).items()))
+        self.events.append(" ".join(f"{k}={v:x}" for k, v in dataclasses.asdict(r).items()))
         self.events.append(f"memory {self._digest()}")
+
+    def _window_digest(self) -> str:
+        return hashlib.sha1(bytes(self.window.view())).hexdigest()[:16]
 
     def _digest(self) -> str:
         h = hashlib.sha1(bytes(self.low.view()))
@@ -477,6 +479,8 @@ class Divergence:
             return "tracked writes"
         if head == "memory":
             return "memory after a run"
+        if head == "window":
+            return "memory at an exit"
         if head == "action":
             return f"host action {a.split()[1]}"
         if head.startswith("r") and "rip=" in a:
