@@ -421,7 +421,7 @@ class Runner:
         self.events.append(f"memory {self._digest()}")
 
     def _window_digest(self) -> str:
-        return hashlib.sha1(bytes(self.window.view())).hexdigest()[:16]
+        return hashlib.sha1(self.window.view()).hexdigest()[:16]
 
     def _digest(self) -> str:
         h = hashlib.sha1(bytes(self.low.view()))

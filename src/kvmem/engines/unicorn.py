@@ -333,6 +333,7 @@ class UnicornVcpu:
         self._rewind: Any = None  # the context before a port instruction not yet learned
         self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
         self._ins_sites: dict[int, int] = {}  # a learned INS → its own hook (_at_ins)
+        self._walk_sregs: tuple[tuple[int, ...], Sregs] | None = None  # _walk_code's
         self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
         self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
         self._scan_stop = False  # the run stopped before a new block, to scan it
@@ -923,13 +924,18 @@ class UnicornVcpu:
 
         def read(gpa: int, n: int) -> bytes:
             touched.append(gpa >> PAGE_SHIFT)
+            base = self._page.get(gpa >> PAGE_SHIFT)
+            if base is not None and self._regions[base][1] == _RAM:
+                return bytes(uc.mem_read(gpa, n))  # the same host page, without the locks
             return self._vcpu.read(gpa, n)
 
-        # what the walk reads of the state (uc_state.get_state would take ~1 ms)
-        sregs = Sregs(cr0=int(uc.reg_read(X.UC_X86_REG_CR0)),
-                      cr3=int(uc.reg_read(X.UC_X86_REG_CR3)),
-                      cr4=int(uc.reg_read(X.UC_X86_REG_CR4)),
-                      efer=int(uc.reg_read(X.UC_X86_REG_MSR, uc_state.MSR_EFER)))
+        # what the walk reads of the state (uc_state.get_state would take ~1 ms), kept
+        key = (int(uc.reg_read(X.UC_X86_REG_CR0)), int(uc.reg_read(X.UC_X86_REG_CR3)),
+               int(uc.reg_read(X.UC_X86_REG_CR4)),
+               int(uc.reg_read(X.UC_X86_REG_MSR, uc_state.MSR_EFER)))
+        if self._walk_sregs is None or self._walk_sregs[0] != key:
+            self._walk_sregs = key, Sregs(cr0=key[0], cr3=key[1], cr4=key[2], efer=key[3])
+        sregs = self._walk_sregs[1]
         user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
         try:
             for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1):
