@@ -11,6 +11,9 @@ them on its own:
 - `rep ins` into a tracked page or a read-only slot is one write of all the elements its
   exit read ahead (no zero written first); RIP stays at it until that write's exit is taken;
 - `rep stos` going down (DF set) goes down, exit after exit;
+- a load from a RAM page into a page without memory completes with the RAM bytes read
+  before its exit, whatever the host did to them meanwhile (difftest seed 10527); a store
+  across the two has written its RAM part by its exit, and nothing more after it;
 - 64-bit code with 4-level paging runs (Unicorn maps the page-table pages its walk reads).
 
 The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsewhere.

@@ -7,7 +7,10 @@ it, its destination untouched) until `complete(data)` and the next `run`. A stri
 one exit of `count` accesses (KVM's read-ahead); a string OUT is one exit per element,
 EIP at the instruction while elements remain. An unaligned MMIO store is one exit of its
 size. Registers may be set at any exit; after a kick, `run` returns KICKED and runs
-nothing. The expected exits are written out, so each engine is held to them on its own.
+nothing. RFLAGS.RF is KVM's at each exit (set inside an unfinished REP string instruction).
+At a string IN's exit its element is untouched, and nothing after a port instruction has
+run, also in a run's first block with paging on. The expected exits are written out, so
+each engine is held to them on its own.
 
 The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsewhere.
 """

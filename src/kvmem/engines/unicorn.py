@@ -31,10 +31,13 @@ Rules of this room:
     a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
     hook); the worker gives it a code hook on every instruction (a *scan*), which notes
     the port instructions it meets, until each was seen once. A learned port instruction
-    has a code hook on the instruction after it, so a stop its port hook makes lands there.
-    One met unlearned all the same (paging on, or the first block of a run, which Unicorn
-    reports to no edge hook; without paging the worker looks at the block at RIP itself)
-    is rewound to the context its hook saved, and scanned; meanwhile hooks do nothing.
+    has a code hook on the instruction after it, so a stop its port hook makes lands there;
+    an INS one on itself too (`_at_ins`): QEMU's INS stores a zero at EDI before its IN,
+    so its exit is posted before it runs. The first block of a run Unicorn reports to no
+    edge hook: the worker looks at the block at RIP itself (with paging on, once the walk
+    of its page tables is mapped: `_walk_code`). One met unlearned all the same (a block
+    that could not be looked at) is rewound to the context its hook saved, and scanned;
+    meanwhile hooks do nothing (what its block did until the stop is not undone).
   Instructions are named by linear address (CS base + RIP), as code hooks name them.
   A read cannot wait for its answer inside the hook: the hook saves the context from
   before the instruction and the worker restores it after the stop; `complete` queues the
@@ -42,7 +45,9 @@ Rules of this room:
   and EDI for the elements of a string IN, so an instruction Unicorn restarts reads the
   same answers; answers belong to the RIP of their instruction). A REP INS going up is
   finished between runs as KVM's emulator finishes it (`_string_in_writeback`). A context
-  saved in a hook carries the EFLAGS read then (`_save` / `_restore`).
+  saved in a hook carries the EFLAGS read then (`_save` / `_restore`). A load whose RAM
+  part was read before its MMIO exit takes those bytes in the replay, as KVM's emulator
+  does, even where Unicorn maps that page as RAM (`_read_parts_slow`).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
