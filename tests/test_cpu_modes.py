@@ -432,3 +432,27 @@ def test_kvm_vcpu_refuses_an_xsave_image_of_the_wrong_size() -> None:
     finally:
         cpu.close()
         memory.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_user_code_loads_segments_from_a_supervisor_gdt(engine: str, memory: Memory) -> None:
+    """A segment load at CPL 3 reads its descriptor with supervisor rights, though the page
+    of the GDT is the supervisor's: no #PF. (On Unicorn, kvmem's walker fills the TLB and is
+    not told that QEMU asks with its kernel index: it sees the descriptor-loading
+    instruction at a descriptor table's page.) A plain CPL 3 store there still faults."""
+    state = modes.user_mode(USER_CODE, memory.write, USER_SYSTEM, rsp=USER_STACK,
+                            identity_size=MEM)
+    ds = state.sregs.ds.selector
+    # mov $ds, %ax; mov %ax, %ds; mov %ax, %es; int3; mov %eax, (%rbx); int3
+    memory.write(USER_CODE, bytes([0x66, 0xB8, ds & 0xFF, ds >> 8, 0x8E, 0xD8, 0x8E, 0xC0,
+                                   0xCC, 0x89, 0x03, 0xCC]))
+    cpu = new_cpu(engine, memory)
+    try:
+        cpu.set_state(state.with_regs(rbx=USER_SYSTEM + 0x10))
+        e = cpu.run()
+        assert (e.port, e.value) == (PORT_EXCEPTION, 3), "the segment loads faulted"
+        e = cpu.run()
+        assert (e.port, e.value) == (PORT_EXCEPTION, 14)
+        assert (cpu.get_state().regs.rdx, cpu.get_state().regs.rcx) == (7, USER_SYSTEM + 0x10)
+    finally:
+        cpu.close()

@@ -216,3 +216,139 @@ def test_migration_logs_the_last_store_before_a_kick(engine: str,
     stored = [regs.ebx - 1, regs.ebx] if regs.eip == CODE + 1 else [regs.ebx]
     assert int.from_bytes(copy[DATA:DATA + 4], "little") in stored, \
         f"the guest's last store, of {regs.ebx:#x} (eip {regs.eip:#x}), was not migrated"
+
+
+# The CPU's own writes: accessed and dirty bits in the guest's page tables. A CPU walking the
+# tables on a TLB miss sets A in every entry it uses and D in the leaf of a write; under
+# dirty logging those are guest writes to the table pages like any other (KVM logs them).
+TABLES = 0x20000  # long_mode's PML4, PDPT, PD (2 MiB pages)
+STORE_AT = 0x300000  # in the second 2 MiB page
+AD = 0x60
+# mov dword [STORE_AT], 0x1234 ; out 0x10, al ; hlt
+AD_PROGRAM = bytes([0xC7, 0x04, 0x25, 0x00, 0x00, 0x30, 0x00, 0x34, 0x12, 0x00, 0x00,
+                    0xE6, 0x10, 0xF4])
+
+
+def _entries(vm: kvmem.Vm) -> dict[tuple[int, int], int]:
+    """The A/D bits of every entry of the three table pages that has any."""
+    out = {}
+    for page in range(3):
+        raw = vm.read(TABLES + page * PAGE_SIZE, PAGE_SIZE)
+        for i in range(512):
+            ad = int.from_bytes(raw[8 * i:8 * i + 8], "little") & AD
+            if ad:
+                out[(page, i)] = ad
+    return out
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_accessed_and_dirty_bits_are_guest_writes(engine: str) -> None:
+    """Tables without A/D bits: the run sets A on PML4[0], PDPT[0] and PD[0] (the code's
+    page, fetched) and A|D on PD[1] (the store's) — nothing else — on both engines; the
+    dirty log reports the three table pages with the stored one; a restore of a snapshot
+    taken before the run puts the tables back without those bits, and the run made again
+    from there sets and logs them again."""
+    from kvmem.cpu import modes
+
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine=engine)
+    try:
+        vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, mem.hva)
+        state = modes.long_mode(CODE, vm.write, TABLES)
+        for page in range(3):  # clear every A and D bit the helper wrote
+            raw = bytearray(vm.read(TABLES + page * PAGE_SIZE, PAGE_SIZE))
+            for i in range(512):
+                e = int.from_bytes(raw[8 * i:8 * i + 8], "little")
+                raw[8 * i:8 * i + 8] = (e & ~AD).to_bytes(8, "little")
+            vm.write(TABLES + page * PAGE_SIZE, bytes(raw))
+        vm.write(CODE, AD_PROGRAM)
+        cpu = vm.create_vcpu(0)
+        cpu.set_state(state)
+        vm.get_dirty_log(0)  # the set-up is not the guest's doing
+        snap = vm.snapshot()
+        assert cpu.run().kind is ExitKind.IO
+        assert _entries(vm) == {(0, 0): 0x20, (1, 0): 0x20, (2, 0): 0x20, (2, 1): AD}
+        assert bits(vm.get_dirty_log(0)) == [TABLES // PAGE_SIZE + i for i in range(3)] \
+            + [STORE_AT // PAGE_SIZE]
+        vm.restore(snap)
+        assert _entries(vm) == {}, "the restore left bits the guest's CPU set"
+        vm.get_dirty_log(0)
+        assert cpu.run().kind is ExitKind.IO  # again from the snapshot: the same walks
+        assert _entries(vm) == {(0, 0): 0x20, (1, 0): 0x20, (2, 0): 0x20, (2, 1): AD}
+        assert bits(vm.get_dirty_log(0)) == [TABLES // PAGE_SIZE + i for i in range(3)] \
+            + [STORE_AT // PAGE_SIZE]
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+def test_a_unicorn_lookup_outside_the_guest_sets_no_bit() -> None:
+    """Unicorn looks code addresses up through its TLB outside emu_start too (a code hook
+    removed, a cache dropped): kvmem's fill then translates without setting bits, and the
+    entry is flushed before the guest runs — else the guest's first fetch would hit it and
+    its walk, with the accessed bits it sets, would never happen."""
+    from kvmem.cpu import modes
+    from kvmem.engines.unicorn import UnicornVcpu
+
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine="unicorn")
+    try:
+        vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, mem.hva)
+        state = modes.long_mode(CODE, vm.write, TABLES)
+        pd0 = int.from_bytes(vm.read(TABLES + 2 * PAGE_SIZE, 8), "little")
+        vm.write(TABLES + 2 * PAGE_SIZE, (pd0 & ~AD).to_bytes(8, "little"))
+        vm.write(CODE, AD_PROGRAM)
+        cpu = vm.create_vcpu(0)
+        cpu.set_state(state)
+        assert cpu.run().kind is ExitKind.IO  # every page mapped: no more mirror changes
+        assert _entries(vm)[(2, 0)] == 0x20
+        vm.write(TABLES + 2 * PAGE_SIZE, (pd0 & ~AD).to_bytes(8, "little"))
+        cpu.set_state(state)  # loads CR3: no translation is cached
+        backend = cpu._backend
+        assert isinstance(backend, UnicornVcpu)
+        backend._uc.ctl_remove_cache(CODE, CODE + 1)  # a lookup of the code's page
+        assert _entries(vm).get((2, 0), 0) == 0, "a lookup outside the guest set a bit"
+        assert cpu.run().kind is ExitKind.IO
+        assert _entries(vm).get((2, 0), 0) == 0x20, "the guest's fetch did not walk"
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tables_in_a_read_only_slot_keep_their_bits(engine: str) -> None:
+    """KVM's walker skips the accessed/dirty bits of a table it cannot write: tables in a
+    read-only slot stay as they are, and the guest runs on."""
+    from kvmem.cpu import modes
+
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine=engine)
+    try:
+        vm.set_memory_region(0, 0, 0, TABLES, mem.hva)
+        vm.set_memory_region(1, kvmem.KVM_MEM_READONLY, TABLES, 0x10000, mem.hva + TABLES)
+        vm.set_memory_region(2, 0, TABLES + 0x10000, RAM - TABLES - 0x10000,
+                             mem.hva + TABLES + 0x10000)
+        view = mem.view()
+
+        def write(gpa: int, data: bytes) -> None:
+            view[gpa:gpa + len(data)] = data
+
+        state = modes.long_mode(CODE, write, TABLES, gdt_gpa=0x3000)
+        for page in range(3):
+            for i in range(4):
+                at = TABLES + page * PAGE_SIZE + 8 * i
+                e = int.from_bytes(view[at:at + 8], "little")
+                write(at, (e & ~AD).to_bytes(8, "little"))
+        write(CODE, AD_PROGRAM)
+        tables = bytes(view[TABLES:TABLES + 3 * PAGE_SIZE])
+        cpu = vm.create_vcpu(0)
+        cpu.set_state(state)
+        assert cpu.run().kind is ExitKind.IO
+        assert vm.read(STORE_AT, 4) == (0x1234).to_bytes(4, "little")
+        assert bytes(view[TABLES:TABLES + 3 * PAGE_SIZE]) == tables
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()

@@ -11,6 +11,9 @@
   leaf entries have random permission and reserved bits, under `modes.user_mode`, on both
   engines — every access must succeed or fault exactly as `translate_gva` predicts, error
   code and CR2 included;
+- `walk_for_tlb` (a CPU's walk on a TLB miss, which Unicorn's TLB gets from kvmem): the
+  accessed bit in every entry used, the dirty bit in a written leaf, nothing on a fault,
+  none in PAE's PDPTEs, and what the entry grants;
 - the same against QEMU's walker (Unicorn) in 32-bit, PAE and 4-level paging, at CPL 0 and 3,
   with CR0.WP and CR4.SMEP on and off — the KVM of kvmem's CI host runs 4/5-level paging only,
   so there the 32-bit and PAE cases of the KVM_TRANSLATE differential are skipped (saying so).
@@ -39,6 +42,7 @@ from kvmem.cpu.paging import (
     kvm_translate,
     paging_mode,
     translate_gva,
+    walk_for_tlb,
 )
 from kvmem.cpu.state import Sregs, VcpuState
 
@@ -258,6 +262,75 @@ def test_pae_paging() -> None:
     assert fault(t.read, s, 0x0000_1000) == 0  # PDPTE 0 not present
     t.set64(pdpt, 2, pd | P | (1 << 5))  # a reserved PDPTE bit
     assert fault(t.read, s, 0x8000_0000) == PFERR_PRESENT | PFERR_RSVD
+
+
+A, D = 0x20, 0x40
+
+
+def _ad(t: Tables, gpas: list[int]) -> list[int]:
+    return [int.from_bytes(t.read(g, 8), "little") & (A | D) for g in gpas]
+
+
+def test_walk_for_tlb_sets_accessed_and_dirty_as_kvm() -> None:
+    t = Tables()
+    pml4 = t.table()
+    t.map4(pml4, 0x40_0000, 0x9000, P | RW)  # 4 KiB leaf, supervisor, writable
+    t.map4(pml4, 0x60_0000, 0xA000, P)  # read-only
+    s = long_sregs(pml4)
+    path, table = [], pml4  # the gpas of the PML4E, PDPTE, PDE and PTE of gva 0x40_0123
+    for level in (4, 3, 2, 1):
+        at = table + 8 * ((0x40_0123 >> (12 + 9 * (level - 1))) & 511)
+        path.append(at)
+        table = int.from_bytes(t.read(at, 8), "little") & 0x000F_FFFF_FFFF_F000
+    writes: list[int] = []
+
+    def write(gpa: int, data: bytes) -> None:
+        writes.append(gpa)
+        t.write(gpa, data)
+
+    got = walk_for_tlb(t.read, write, s, 0x40_0123, access="read", user=False)
+    assert (got.gpa, got.read, got.write, got.fetch) == (0x9000, True, False, True)
+    assert _ad(t, path) == [A, A, A, A]  # a read: accessed everywhere, no dirty bit
+    assert sorted(writes) == sorted(path)
+    writes.clear()
+    got = walk_for_tlb(t.read, write, s, 0x40_0123, access="write", user=False)
+    assert (got.read, got.write) == (True, True)
+    assert _ad(t, path) == [A, A, A, A | D] and writes == [path[3]]  # the leaf only
+    writes.clear()
+    walk_for_tlb(t.read, write, s, 0x40_0123, access="write", user=False)
+    assert writes == []  # nothing left to set
+    with pytest.raises(PageFault):  # a user access to a supervisor page: no bit set
+        walk_for_tlb(t.read, write, s, 0x60_0000, access="read", user=True)
+    assert writes == []
+    got = walk_for_tlb(t.read, write, s, 0x60_0000, access="read", user=False)
+    assert got.write is False  # read-only: never writable, dirty or not
+    with pytest.raises(ValueError, match="access"):
+        walk_for_tlb(t.read, write, s, 0x60_0000, access="exec", user=False)
+
+
+def test_walk_for_tlb_leaves_pae_pdptes_alone() -> None:
+    t = Tables()
+    pdpt = t.table()
+    pd = t.table()
+    t.set64(pdpt, 0, pd | P)
+    t.set64(pd, 1, 0x20_0000 | P | RW | PS)  # a 2 MiB leaf at gva 2 MiB
+    s = Sregs(cr0=CR0_PG_PE | CR0_WP, cr3=pdpt, cr4=CR4_PAE)
+    writes: list[int] = []
+
+    def write(gpa: int, data: bytes) -> None:
+        writes.append(gpa)
+        t.write(gpa, data)
+
+    got = walk_for_tlb(t.read, write, s, 0x20_1000, access="write", user=False)
+    assert got.gpa == 0x20_1000 and got.write
+    assert writes == [pd + 8] and _ad(t, [pdpt, pd + 8]) == [0, A | D]
+
+
+def test_walk_for_tlb_without_paging_grants_everything() -> None:
+    got = walk_for_tlb(lambda g, n: bytes(n), lambda g, d: None,
+                       Sregs(cr0=1, cr3=0, cr4=0, efer=0), 0x1234_5678, access="write",
+                       user=True)
+    assert (got.gpa, got.read, got.write, got.fetch) == (0x1234_5000, True, True, True)
 
 
 @pytest.mark.parametrize(("args", "error"), [

@@ -8,14 +8,24 @@ Nothing here is a second generator or a second harness: the programs are the eng
 are the differential test's (`kvmem.difftest.Runner` under a plan, `difftest.schedule` for
 the steps: runs with host actions at their exits, harvests with GET and CLEAR, `vm.write`,
 split / merge / move transactions, discards, tracking and logging on / off). Each engine
-gets one VM per (mode, manual dirty-log protect) — the layout of a fixed plan — and one
-snapshot of it, taken after a first run and harvest left dirty bits and state behind; every
-example then loads a new random program (a host write into the snapshot's memory), runs
-its schedule and restores. On kvmem alone (no engine to run code) a run is the same number
-of random stores through the accessor path (`vcpu.guest_write`, refused ones included) and
-a new vCPU state.
+gets one VM per (mode, log: bitmaps, bitmaps under manual protect, rings) — the layout of a
+fixed plan — and one snapshot of it, taken after a first run and harvest left dirty bits
+and state behind; every example then loads a new random program (a host write into the
+snapshot's memory), runs its schedule and restores. On kvmem alone (no engine to run code)
+a run is the same number of random stores through the accessor path (`vcpu.guest_write`,
+refused ones included) and a new vCPU state.
 
-Not here: the dirty ring (the plans log through bitmaps only).
+The dirty ring gets the same VMs with rings on (`Runner(ring=)`; harvest actions and
+DIRTY_RING_FULL exits harvest and reset the rings). A ring is a queue KVM owns — a restore
+cannot take back an entry KVM pushed into the kernel's ring — so a restore leaves the rings
+alone, as a VMM's memcpy under KVM does: it adds no entry (its copies are not guest writes)
+and takes none (the guest's writes since the last harvest are still there to harvest), and
+the pages it copied back are logged again when the guest next writes them. Checked after
+every ring example: a last run made after a drain, its changed pages all in the harvest —
+the one before the restore, or the one after it (then none is lost; only where the layout
+is the snapshot's, since entries name slots as they were when pushed); nothing harvested
+after the restore when the harvest came before it; and one more run after the restore,
+whose changed pages are all in the rings again.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from kvmem.cpu.state import MSR_IA32_TSC, VcpuState
 from kvmem.guests import randprog
 from kvmem.uapi import PAGE_SIZE
 
+RING_BYTES = 1 << 20  # the largest ring: this host's KVM logs an entry per emulated write
 EXAMPLES = int(os.environ.get("KVMEM_RESET_EXAMPLES", "200"))
 SLOW_EXAMPLES = int(os.environ.get("KVMEM_RESET_SLOW_EXAMPLES", "1500"))
 WINDOW = difftest.WINDOW_PAGES * PAGE_SIZE
@@ -66,7 +77,7 @@ class Image(NamedTuple):
     tracked: tuple[int, ...]
 
 
-def _image(r: difftest.Runner, logging: set[int]) -> Image:
+def _image(r: difftest.Runner, logging: set[int], ring: bool = False) -> Image:
     """Everything a restore brings back that the VM shows: layout, all the guest memory
     (every slot's), the dirty bitmaps of the slots that logged at the snapshot, tracked
     gfns. (Host memory behind no slot — the window's pages under its holes — is not the
@@ -75,16 +86,18 @@ def _image(r: difftest.Runner, logging: set[int]) -> Image:
     slots = vm.slots()
     layout = tuple((s.id, s.flags, s.gpa, s.size, s.hva) for s in slots)
     memory = b"".join(vm.read(s.gpa, s.size) for s in slots)
-    dirty = tuple((sid, vm.get_dirty_log(sid)) for sid in sorted(logging))
+    dirty = () if ring else tuple((sid, vm.get_dirty_log(sid)) for sid in sorted(logging))
     return Image(layout, memory, dirty, tuple(vm.page_track.tracked_gfns()))
 
 
-def _base(engine: str | None, mode: str, manual: bool) -> Base:
+def _base(engine: str | None, mode: str, log: str) -> Base:
+    manual = log == "manual"
     seed = next(s for s in range(1000)
                 if (p := difftest.plan(s, mode, runs=0)).manual == manual
                 and p.low_flags and any(sl.flags & difftest.LOG for sl in p.slots.values()))
     p = difftest.plan(seed, mode, runs=0)
-    r = difftest.Runner(p, engine)
+    ring = log == "ring"
+    r = difftest.Runner(p, engine, ring=RING_BYTES if ring else 0)
     logging = set(r.logging)
     if engine is not None:
         r.run(1, {})  # a first run: the vCPU halted, guest-dirtied pages
@@ -95,16 +108,16 @@ def _base(engine: str | None, mode: str, manual: bool) -> Base:
     r.vm.write(difftest.CODE + 0x8000, b"dirty before the snapshot")
     snap = r.vm.snapshot()
     r.events.clear()
-    return Base(p, r, snap, logging, _image(r, logging), r.cpu.get_state())
+    return Base(p, r, snap, logging, _image(r, logging, ring), r.cpu.get_state())
 
 
-class _Bases(dict[tuple[str, bool], Base]):
+class _Bases(dict[tuple[str, str], Base]):
     def __repr__(self) -> str:  # hypothesis prints the fixture with a failing example
         return f"<{len(self)} VMs>"
 
 
 @pytest.fixture
-def bases(engine: str | None) -> Iterator[dict[tuple[str, bool], Base]]:
+def bases(engine: str | None) -> Iterator[dict[tuple[str, str], Base]]:
     made = _Bases()
     yield made
     for b in made.values():
@@ -130,13 +143,51 @@ def _accessor_run(r: difftest.Runner, rng: random.Random, pass_no: int,
     cpu.set_state(r.state.with_regs(rbp=pass_no, rbx=rng.getrandbits(32)))
 
 
-def _case(engine: str | None, bases: dict[tuple[str, bool], Base], seed: int, mode: str,
-          manual: bool) -> None:
-    key = (mode, manual)
+def _run(r: difftest.Runner, engine: str | None, rng: random.Random, pass_no: int,
+         mid: dict[int, list[difftest.Action]]) -> None:
+    if engine is not None:
+        r.run(pass_no, mid)
+    else:
+        _accessor_run(r, rng, pass_no, mid)
+
+
+def _changed_pages(r: difftest.Runner, before: bytes) -> set[int]:
+    """The host pages (hvas) of slots that log now whose bytes differ from `before` (a
+    `Runner.memory()`): what a run wrote there, when the layout did not change meanwhile."""
+    now = r.memory()
+    out = set()
+    for s in r.vm.slots():
+        if s.id not in r.logging:
+            continue
+        for hva in range(s.hva, s.hva + s.size, PAGE_SIZE):
+            if r.low.hva <= hva < r.low.hva + difftest.LOW_SIZE:
+                at = hva - r.low.hva
+            else:
+                at = difftest.LOW_SIZE + hva - r.window.hva
+            if now[at:at + PAGE_SIZE] != before[at:at + PAGE_SIZE]:
+                out.add(hva)
+    return out
+
+
+def _logged_run(r: difftest.Runner, engine: str | None, rng: random.Random,
+                pass_no: int) -> set[int]:
+    """A run with no host action in it, from empty rings: the pages it changed in logging
+    slots (each must reach a ring)."""
+    r.ring_harvest()
+    r.ring_seen.clear()
+    before = r.memory()
+    _run(r, engine, rng, pass_no, {})
+    return _changed_pages(r, before)
+
+
+def _case(engine: str | None, bases: dict[tuple[str, str], Base], seed: int, mode: str,
+          log: str) -> None:
+    key = (mode, log)
     if key not in bases:
-        bases[key] = _base(engine, mode, manual)
+        bases[key] = _base(engine, mode, log)
     b = bases[key]
     r, vm = b.runner, b.runner.vm
+    ring = log == "ring"
     rng = random.Random(seed)
     program = randprog.generate(rng.getrandbits(32), mode, (difftest.DATA, difftest.WINDOW_PAGES),
                                 (difftest.MMIO, difftest.MMIO_PAGES))
@@ -146,14 +197,39 @@ def _case(engine: str | None, bases: dict[tuple[str, bool], Base], seed: int, mo
     for kind, arg in steps:
         if kind == "act":
             r.act(arg)
-        elif engine is not None:
-            r.run(*arg)
         else:
-            _accessor_run(r, rng, *arg)
+            _run(r, engine, rng, *arg)
+    context = f"seed {seed}, {mode}, {log}; steps:\n" + "\n".join(r.events)
+    if ring:
+        written = _logged_run(r, engine, rng, 0x77)
+        # entries name (slot, offset) as the slot was when KVM pushed them: a VMM harvests
+        # before it changes the layout (QEMU flushes the rings before it removes a slot),
+        # and so does this test before a restore that puts the snapshot's layout back
+        layout = tuple((s.id, s.flags, s.gpa, s.size, s.hva) for s in vm.slots())
+        early = layout != b.image.layout or rng.random() < 0.5
+        if early:
+            r.ring_harvest()
+        seen_before = set(r.ring_seen)
     vm.restore(b.snap)
-    got = _image(r, b.logging)
-    context = f"seed {seed}, {mode}, manual={manual}; steps:\n" + "\n".join(r.events)
     r.events.clear()
+    _check(r, b, context)
+    if not ring:
+        return
+    after = r.ring_harvest()
+    if early:
+        assert after == set(), f"the restore added ring entries {sorted(after)}: {context}"
+    lost = written - seen_before - after
+    assert not lost, f"ring entries lost over the restore: {sorted(lost)}: {context}"
+    r.logging = set(b.logging)
+    written = _logged_run(r, engine, rng, 0x78)
+    missed = written - r.ring_seen - r.ring_harvest()
+    assert not missed, f"pages written after the restore not logged: {sorted(missed)}: {context}"
+    vm.restore(b.snap)
+    _check(r, b, context + "\n(a run after the restore, restored again)")
+
+
+def _check(r: difftest.Runner, b: Base, context: str) -> None:
+    got = _image(r, b.logging, bool(r.vm.dirty_ring_size))
     assert got.layout == b.image.layout, f"layout differs: {context}"
     if got.memory != b.image.memory:
         at = next(i for i, (x, y) in enumerate(zip(got.memory, b.image.memory, strict=True))
@@ -170,15 +246,15 @@ _SETTINGS: dict[str, Any] = dict(
     deadline=None, derandomize=True, phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 _CASES = dict(seed=st.integers(0, 2**32 - 1), mode=st.sampled_from(randprog.MODES),
-              manual=st.booleans())
+              log=st.sampled_from(("bitmap", "manual", "ring")))
 
 
 @settings(max_examples=EXAMPLES, **_SETTINGS)
 @given(**_CASES)
 def test_nothing_leaks_through_a_reset(engine: str | None,
-                                       bases: dict[tuple[str, bool], Base], seed: int,
-                                       mode: str, manual: bool) -> None:
-    _case(engine, bases, seed, mode, manual)
+                                       bases: dict[tuple[str, str], Base], seed: int,
+                                       mode: str, log: str) -> None:
+    _case(engine, bases, seed, mode, log)
 
 
 @pytest.mark.slow
@@ -186,6 +262,6 @@ def test_nothing_leaks_through_a_reset(engine: str | None,
 @settings(max_examples=SLOW_EXAMPLES, **_SETTINGS)
 @given(**_CASES)
 def test_nothing_leaks_through_a_reset_many(engine: str | None,
-                                            bases: dict[tuple[str, bool], Base], seed: int,
-                                            mode: str, manual: bool) -> None:
-    _case(engine, bases, seed, mode, manual)
+                                            bases: dict[tuple[str, str], Base], seed: int,
+                                            mode: str, log: str) -> None:
+    _case(engine, bases, seed, mode, log)

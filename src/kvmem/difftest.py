@@ -285,16 +285,25 @@ class Runner:
     and the mode's tables loaded, vCPU 0 made), `act(action)` for a host action, `run(pass,
     mid)` for a run with actions at its exits, `events` for what happened. With `engine`
     None the VM is kvmem alone: host actions work, runs do not. `logging` is the set of
-    slots the harvests read (the ones that log dirty pages, as the actions left them)."""
+    slots the harvests read (the ones that log dirty pages, as the actions left them).
 
-    def __init__(self, p: Plan, engine: str | None) -> None:
+    With `ring` (bytes per vCPU) the VM logs to dirty rings instead of bitmaps: a harvest
+    action harvests vCPU 0's ring and resets the rings (`ring_harvest`), and so does a run
+    at a DIRTY_RING_FULL exit, as a VMM would; `ring_seen` collects the host pages (hvas)
+    of every entry harvested. (The differential plans log to bitmaps: this host's KVM logs
+    an entry per emulated write, Unicorn one per page, so entries are compared as pages.)"""
+
+    def __init__(self, p: Plan, engine: str | None, ring: int = 0) -> None:
         self.p = p
         self.events: list[str] = []
+        self.ring_seen: set[int] = set()
         self.low = HostMemory.anonymous(LOW_SIZE)
         self.window = HostMemory.anonymous(WINDOW_PAGES * PAGE_SIZE)
         self.window.view()[:] = p.fill
         self.vm = _vm.Vm(engine=engine, address_spaces=1)
         vm = self.vm
+        if ring:
+            vm.enable_dirty_ring(ring)
         if p.manual:
             vm.enable_manual_dirty_log_protect()
         vm.set_memory_region(0, p.low_flags, 0, LOW_SIZE, self.low.hva)
@@ -331,6 +340,8 @@ class Runner:
         if kind == "harvest":
             (mask,) = a[1:]
             assert isinstance(mask, int)
+            if vm.dirty_ring_size:
+                return "ring " + " ".join(f"{h:x}" for h in sorted(self.ring_harvest()))
             out = []
             for sid in sorted(self.logging):
                 bitmap = vm.get_dirty_log(sid)
@@ -387,6 +398,19 @@ class Runner:
             return "ok"
         raise AssertionError(kind)
 
+    def ring_harvest(self) -> set[int]:
+        """Harvest vCPU 0's dirty ring and reset the VM's rings: the host pages (hvas) of
+        the entries, also added to `ring_seen`. An entry of a slot gone since is skipped."""
+        vm = self.vm
+        got: set[int] = set()
+        for slot, offset in self.cpu.dirty_ring.harvest():
+            s = vm.slot_set(slot >> 16).by_id(slot & 0xFFFF)
+            if s is not None and offset < s.npages:
+                got.add(s.hva_of(s.base_gfn + offset))
+        vm.reset_dirty_rings()
+        self.ring_seen |= got
+        return got
+
     def _slot(self, sid: int) -> MemorySlot:
         for s in self.vm.slots():
             if s.id == sid:
@@ -408,6 +432,9 @@ class Runner:
                 cpu.complete(_answer(e, pass_no))
             for a in mid.get(i, []):
                 self.act(a)
+            if e.kind is ExitKind.DIRTY_RING_FULL:
+                self.ring_harvest()  # room for the guest, as a VMM makes it
+                continue
             if e.kind not in (ExitKind.IO, ExitKind.MMIO):
                 break
         else:

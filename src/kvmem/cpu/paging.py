@@ -7,11 +7,15 @@ Defines:
 - `kvm_translate(read, sregs, gva)` — the same walk, answered the way KVM_TRANSLATE answers;
 - `paging_mode(sregs)` — which of the five modes (none, 32-bit, PAE, 4-level, 5-level) a
   vCPU is in;
+- `walk_for_tlb(read, write, controls, gva, ...)` — a CPU's walk on a TLB miss: the same
+  translation, then the accessed and dirty bits set as KVM's walker sets them, and what the
+  page grants (`TlbEntry`) — for an engine whose CPU lets kvmem fill its TLB;
 - `PagingFeatures` — the guest CPUID facts the walk depends on (MAXPHYADDR, 1 GiB pages, AMD).
 
 Rules:
 - Pure: the walker reads guest memory only through `read(gpa, size) -> bytes` and never
-  writes it. Unlike a CPU (and KVM's walker), it does not set accessed/dirty bits. A `read`
+  writes it — but for `walk_for_tlb`, which sets accessed/dirty bits through its `write`
+  after a walk that succeeded, as KVM's update_accessed_dirty_bits does. A `read`
   that raises ValueError, LookupError or OSError (no memory there) fails the walk as KVM's
   does: a not-present page fault.
 - It follows KVM's walker (arch/x86/kvm/mmu/paging_tmpl.h, reserved-bit masks of mmu.c), so
@@ -26,7 +30,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from .state import Sregs, VcpuState
 
@@ -38,14 +42,18 @@ __all__ = [
     "PFERR_RSVD",
     "PFERR_USER",
     "PFERR_WRITE",
+    "Controls",
     "PageFault",
     "PagingFeatures",
+    "TlbEntry",
     "kvm_translate",
     "paging_mode",
     "translate_gva",
+    "walk_for_tlb",
 ]
 
 Read = Callable[[int, int], bytes]
+Write = Callable[[int, bytes], None]
 
 # page-fault error code bits (SDM vol. 3 §4.7)
 PFERR_PRESENT: Final = 1 << 0
@@ -70,6 +78,8 @@ _RFLAGS_AC: Final = 1 << 18
 _P: Final = 1 << 0
 _RW: Final = 1 << 1
 _US: Final = 1 << 2
+_A: Final = 1 << 5
+_D: Final = 1 << 6
 _PS: Final = 1 << 7
 _NX: Final = 1 << 63
 
@@ -119,7 +129,28 @@ class PageFault(Exception):
         return bool(self.error_code & PFERR_PRESENT)
 
 
-def paging_mode(sregs: Sregs) -> str:
+class Controls(NamedTuple):
+    """The four registers a walk depends on (an `Sregs` has them too)."""
+
+    cr0: int
+    cr3: int
+    cr4: int
+    efer: int
+
+
+@dataclass(frozen=True, slots=True)
+class TlbEntry:
+    """What a walk grants one 4 KiB page to the CPL that walked, as a TLB caches it: the gpa
+    of the page, and the accesses that may use the entry without walking again — a write
+    only once the leaf's dirty bit is set (a CPU walks again to set it)."""
+
+    gpa: int
+    read: bool
+    write: bool
+    fetch: bool
+
+
+def paging_mode(sregs: Sregs | Controls) -> str:
     """"none", "32-bit", "pae", "4-level" or "5-level"."""
     if not sregs.cr0 & _CR0_PG:
         return "none"
@@ -130,16 +161,17 @@ def paging_mode(sregs: Sregs) -> str:
     return "5-level" if sregs.cr4 & _CR4_LA57 else "4-level"
 
 
-def translate_gva(read: Read, state_or_sregs: VcpuState | Sregs, gva: int, *,
+def translate_gva(read: Read, state_or_sregs: VcpuState | Sregs | Controls, gva: int, *,
                   write: bool = False, user: bool = False, fetch: bool = False,
                   features: PagingFeatures = DEFAULT_FEATURES, rflags: int = 0) -> int:
     """The gpa that an access to linear address `gva` reaches: a data read by default,
     `write`, or instruction `fetch`; by supervisor code, or `user` (CPL 3). Raises
     `PageFault` with the error code a CPU would push. With a whole `VcpuState`, SMAP honours
-    its RFLAGS.AC; with `Sregs` alone, that of `rflags`."""
+    its RFLAGS.AC; with `Sregs` (or `Controls`) alone, that of `rflags`."""
+    sregs: Sregs | Controls
     if isinstance(state_or_sregs, VcpuState):
         sregs, ac = state_or_sregs.sregs, bool(state_or_sregs.regs.rflags & _RFLAGS_AC)
-    elif isinstance(state_or_sregs, Sregs):
+    elif isinstance(state_or_sregs, Sregs | Controls):
         sregs, ac = state_or_sregs, bool(rflags & _RFLAGS_AC)
     else:
         raise TypeError(f"translate_gva needs a VcpuState or Sregs, got "
@@ -164,14 +196,46 @@ def kvm_translate(read: Read, sregs: Sregs, gva: int, *,
     return gpa, True, True, False
 
 
+def walk_for_tlb(read: Read, write: Write, controls: Controls | Sregs, gva: int, *,
+                 access: str, user: bool, ac: bool = False,
+                 features: PagingFeatures = DEFAULT_FEATURES) -> TlbEntry:
+    """A CPU's walk on a TLB miss for an `access` ("read", "write" or "fetch") to linear
+    address `gva` by supervisor code, or `user` (CPL 3); `ac` is RFLAGS.AC (SMAP). Raises
+    `PageFault` as `translate_gva` does. After a walk that succeeded, the accessed bit of
+    every entry it used that lacks one and, for a write, the dirty bit of the leaf are set
+    through `write(gpa, bytes)` — KVM's update_accessed_dirty_bits (PAE's PDPTEs have no
+    such bits). Without paging the page is the gva's and grants everything."""
+    if access not in ("read", "write", "fetch"):
+        raise ValueError(f"access={access!r} is not read, write or fetch")
+    w = _Walk(read, controls, ac, gva, access == "write", user, access == "fetch", features)
+    gpa = w.run()
+    if not w.path:
+        return TlbEntry(gpa & ~0xFFF, True, True, True)
+    last = len(w.path) - 1
+    dirty = False
+    for i, (at, entry, size) in enumerate(w.path):
+        new = entry | _A
+        if i == last:
+            if access == "write":
+                new |= _D
+            dirty = bool(new & _D)
+        if new != entry:
+            write(at, new.to_bytes(size, "little"))
+    return TlbEntry(gpa & ~0xFFF, not w.denied(False, False), dirty and not w.denied(True, False),
+                    not w.denied(False, True))
+
+
 class _Walk:
     """One walk. `fail` builds the error code the way KVM's walker does: P for protection or
     reserved-bit faults, then the access's W and U bits, and I/D only where NX or SMEP make
     fetches distinguishable."""
 
-    def __init__(self, read: Read, sregs: Sregs, ac: bool, gva: int, write: bool, user: bool,
-                 fetch: bool, features: PagingFeatures) -> None:
+    def __init__(self, read: Read, sregs: Sregs | Controls, ac: bool, gva: int, write: bool,
+                 user: bool, fetch: bool, features: PagingFeatures) -> None:
         self.read = read
+        # the entries the walk used that have accessed bits: (gpa, value, size), the leaf last
+        self.path: list[tuple[int, int, int]] = []
+        self.granted = (False, False, False)  # the leaf's writable, user, no-execute
         self.sregs = sregs
         self.ac = ac
         self.gva = gva
@@ -206,6 +270,7 @@ class _Walk:
         pde = self.entry32(pde_gpa)
         if not pde & _P:
             raise self.fail(0, f"PDE at {pde_gpa:#x} not present")
+        self.path.append((pde_gpa, pde, 4))
         if pde & _PS and self.sregs.cr4 & _CR4_PSE:
             # KVM models PSE-36 with 4 address bits (13..16 → 32..35); 17..21 are reserved
             if pde & _bits(17, 21):
@@ -217,6 +282,7 @@ class _Walk:
         pte = self.entry32(pte_gpa)
         if not pte & _P:
             raise self.fail(0, f"PTE at {pte_gpa:#x} not present")
+        self.path.append((pte_gpa, pte, 4))
         return self.check((pte & 0xFFFF_F000) | (gva & 0xFFF), bool(pde & pte & _RW),
                           bool(pde & pte & _US), False)
 
@@ -264,6 +330,7 @@ class _Walk:
                 raise self.fail(PFERR_PRESENT | PFERR_RSVD, f"reserved bits "
                                 f"{entry & rsvd:#x} in level-{level} entry {entry:#x} at "
                                 f"{entry_gpa:#x}")
+            self.path.append((entry_gpa, entry, 8))
             writable = writable and bool(entry & _RW)
             user = user and bool(entry & _US)
             nx = nx or (self.nxe and bool(entry & _NX))
@@ -276,25 +343,32 @@ class _Walk:
 
     # -- the permission check at the end of a walk (KVM's update_permission_bitmask) -------------
     def check(self, gpa: int, writable: bool, user_page: bool, nx: bool) -> int:
+        self.granted = (writable, user_page, nx)
+        why = self.denied(self.write, self.fetch)
+        if why:
+            raise self.fail(PFERR_PRESENT, why)
+        return gpa
+
+    def denied(self, write: bool, fetch: bool) -> str:
+        """Why the leaf's permissions (`granted`) refuse a data read, a `write` or a `fetch`
+        by the walking CPL ("" if they allow it)."""
+        writable, user_page, nx = self.granted
         cr0, cr4 = self.sregs.cr0, self.sregs.cr4
         # supervisor writes ignore R/W while CR0.WP is clear
         w_ok = writable or (not self.user and not cr0 & _CR0_WP)
         x_ok = not nx and not (cr4 & _CR4_SMEP and user_page and not self.user)
-        smap = (bool(cr4 & _CR4_SMAP) and user_page and not self.user and not self.fetch
+        smap = (bool(cr4 & _CR4_SMAP) and user_page and not self.user and not fetch
                 and not self.ac)
-        why = ""
-        if self.fetch and not x_ok:
-            why = "fetch from a no-execute page" if nx else "SMEP: supervisor fetch from a " \
+        if fetch and not x_ok:
+            return "fetch from a no-execute page" if nx else "SMEP: supervisor fetch from a " \
                                                             "user page"
-        elif self.user and not user_page:
-            why = "user access to a supervisor page"
-        elif self.write and not w_ok:
-            why = "write to a read-only page"
-        elif smap:
-            why = "SMAP: supervisor data access to a user page"
-        if why:
-            raise self.fail(PFERR_PRESENT, why)
-        return gpa
+        if self.user and not user_page:
+            return "user access to a supervisor page"
+        if write and not w_ok:
+            return "write to a read-only page"
+        if smap:
+            return "SMAP: supervisor data access to a user page"
+        return ""
 
     def entry32(self, gpa: int) -> int:
         return int(_U32.unpack(self.table_read(gpa, 4))[0])

@@ -42,6 +42,7 @@ What Unicorn cannot hold, and what is done about it:
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import struct
 import threading
@@ -51,7 +52,7 @@ from typing import Any, Final
 
 from unicorn import unicorn_const as UC
 from unicorn import x86_const as X
-from unicorn.unicorn_py3 import Uc, UcContext
+from unicorn.unicorn_py3 import Uc, UcContext, UcError
 
 from .events import Event, Interrupt, Syscall
 from .paging import PagingFeatures
@@ -85,6 +86,7 @@ __all__ = [
     "UcTrap",
     "code_bits",
     "configure",
+    "fault_address",
     "get_state",
     "load_context",
     "resume",
@@ -311,6 +313,62 @@ class _Probe:
             lo = int(self.uc.reg_read(X.UC_X86_REG_RAX)) & 0xFFFF_FFFF
             hi = int(self.uc.reg_read(X.UC_X86_REG_RDX)) & 0xFFFF_FFFF
         return (hi << 32) | lo
+
+
+def _find_invalid_addr() -> int:
+    """The offset of `invalid_addr` in Unicorn's `struct uc_struct`: where a TLB fill that
+    the virtual-TLB hook refused leaves the whole faulting address (the hook is told only
+    its page). Found as the one u64 holding two different refused addresses, in two
+    private Ucs."""
+    found: list[set[int]] = []
+    for addr in (0x7A5A_1234_5678, 0x3C3C_8765_4AB8):
+        uc = Uc(UC.UC_ARCH_X86, UC.UC_MODE_64)
+        uc.ctl_set_tlb_mode(UC.UC_TLB_VIRTUAL)
+
+        def fill(uc: Uc, vaddr: int, access: int, entry: Any, data: Any,
+                 page: int = addr & ~0xFFF) -> bool:
+            if vaddr == page:
+                return False
+            entry.paddr, entry.perms = vaddr, UC.UC_PROT_ALL
+            return True
+
+        uc.hook_add(UC.UC_HOOK_TLB_FILL, fill)
+        uc.mem_map(0, 0x2000, UC.UC_PROT_ALL)
+        uc.mem_write(0x1000, b"\x48\x8b\x00\xf4")  # mov (%rax), %rax; hlt
+        uc.reg_write(X.UC_X86_REG_RAX, addr)
+        with contextlib.suppress(UcError):
+            uc.emu_start(0x1000, 0x1004)
+        raw = ctypes.string_at(_handle(uc), _UC_STRUCT_SCAN)
+        found.append({off for off in range(0, _UC_STRUCT_SCAN - 7, 8)
+                      if _U64.unpack_from(raw, off)[0] == addr})
+    both = found[0] & found[1]
+    if len(both) != 1:
+        raise RuntimeError(f"kvmem.cpu.uc_state: cannot locate uc_struct.invalid_addr "
+                           f"(candidates {sorted(both)}): not the Unicorn 2.1 kvmem knows")
+    return both.pop()
+
+
+_UC_STRUCT_SCAN: Final = 2048  # bytes of uc_struct searched (invalid_addr is well inside)
+_invalid_addr_at: int | None = None
+
+
+def fault_address(uc: Uc) -> int:
+    """The whole linear address of the last TLB fill `uc`'s virtual-TLB hook refused
+    (the access that raised UC_ERR_EXCEPTION) — what a #PF puts in CR2."""
+    global _invalid_addr_at
+    with _probe_lock:
+        if _invalid_addr_at is None:
+            _invalid_addr_at = _find_invalid_addr()
+        at = _invalid_addr_at
+    return int(ctypes.c_uint64.from_address(_handle(uc) + at).value)
+
+
+def _handle(uc: Uc) -> int:
+    """The address of `uc`'s `struct uc_struct`."""
+    handle = uc._uch.value
+    if handle is None:
+        raise ValueError("the Uc is closed")
+    return int(handle)
 
 
 _NO_LAYOUT: Final = _Layout(0, 0, 0, 0, 0, 0, 0, 0)

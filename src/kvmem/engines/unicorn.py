@@ -34,8 +34,8 @@ Rules of this room:
     has a code hook on the instruction after it, so a stop its port hook makes lands there;
     an INS one on itself too (`_at_ins`): QEMU's INS stores a zero at EDI before its IN,
     so its exit is posted before it runs. The first block of a run Unicorn reports to no
-    edge hook: the worker looks at the block at RIP itself (with paging on, once the walk
-    of its page tables is mapped: `_walk_code`). One met unlearned all the same (a block
+    edge hook: the worker looks at the block at RIP itself (with paging on, where its code
+    translates: `_walk_code`). One met unlearned all the same (a block
     that could not be looked at) is rewound to the context its hook saved, and scanned;
     meanwhile hooks do nothing (what its block did until the stop is not undone).
   Instructions are named by linear address (CS base + RIP), as code hooks name them.
@@ -73,10 +73,16 @@ Rules of this room:
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
   delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
   accessors) and goes on, or exits SHUTDOWN for what cannot be delivered. The event of an
-  instruction that exited or is run again is dropped with it. QEMU walks page tables in
-  guest physical memory without hooks, so a table page not mapped yet reads as zeros and
-  faults: a #PF whose walk (kvmem's walker) touches such a page maps it and runs the
-  instruction again, with CR2 and QEMU's exception-in-flight put back (`UcTrap.retry`).
+  instruction that exited or is run again is dropped with it.
+- Guest virtual memory: Unicorn's TLB is virtual (UC_TLB_VIRTUAL) and kvmem's walker fills
+  it (`_on_tlb_fill`), over the vCPU's accessors — so table pages need no mapping, and the
+  accessed and dirty bits a walk sets are writes kvmem makes for the vCPU, logged like
+  KVM's (QEMU's own walker would set them by physical stores no log sees). An entry grants
+  what the walk allows the CPL filling it (QEMU keeps one TLB per privilege), a write only
+  once the leaf is dirty. A walk that fails refuses the fill: Unicorn stops before the
+  instruction does anything and the worker delivers the #PF, CR2 read from Unicorn
+  (`uc_state.fault_address`). Fills made outside emu_start (Unicorn's own code lookups)
+  set no bit and are flushed before the guest runs.
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 - Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
   vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
@@ -90,6 +96,7 @@ Rules of this room:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -98,6 +105,8 @@ from typing import TYPE_CHECKING, Any
 from unicorn import x86_const as X
 from unicorn.unicorn_const import (
     UC_ARCH_X86,
+    UC_CTL_IO_WRITE,
+    UC_CTL_TLB_FLUSH,
     UC_ERR_EXCEPTION,
     UC_ERR_FETCH_PROT,
     UC_ERR_FETCH_UNMAPPED,
@@ -109,7 +118,10 @@ from unicorn.unicorn_const import (
     UC_HOOK_MEM_READ,
     UC_HOOK_MEM_UNMAPPED,
     UC_HOOK_MEM_WRITE,
+    UC_HOOK_TLB_FILL,
+    UC_MEM_FETCH,
     UC_MEM_FETCH_UNMAPPED,
+    UC_MEM_WRITE,
     UC_MEM_WRITE_PROT,
     UC_MEM_WRITE_UNMAPPED,
     UC_MODE_64,
@@ -117,6 +129,8 @@ from unicorn.unicorn_const import (
     UC_PROT_EXEC,
     UC_PROT_NONE,
     UC_PROT_READ,
+    UC_PROT_WRITE,
+    UC_TLB_VIRTUAL,
 )
 from unicorn.unicorn_py3 import Uc, UcError
 
@@ -124,7 +138,7 @@ from .. import sync
 from ..cpu import PageFault, PagingFeatures, Segment, Sregs, VcpuState, events, uc_state
 from ..cpu import Regs as KvmRegs
 from ..cpu.events import Event, Interrupt
-from ..cpu.paging import PFERR_FETCH, PFERR_USER, PFERR_WRITE, translate_gva
+from ..cpu.paging import Controls, translate_gva, walk_for_tlb
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -146,6 +160,8 @@ _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
 _REX = frozenset(range(0x40, 0x50))  # before IN/OUT only in 64-bit code (else inc/dec)
 _CR0_PE, _CR0_PG = 1, 1 << 31
+_RFLAGS_AC = 1 << 18
+_MSR_EFER = 0xC000_0080
 _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
@@ -153,6 +169,13 @@ _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 
 _STRING_OPCODES = frozenset((*range(0x6C, 0x70), *range(0xA4, 0xA8), *range(0xAA, 0xB0)))
 _RF = 1 << 16  # RFLAGS.RF (see "RF" in the header)
 _REP_REENTRY = 1024  # KVM's emulator re-enters the guest every 1024 REP iterations
+
+
+def controls_of(uc: Uc, cr0: int | None = None) -> Controls:
+    """The registers a page walk depends on, read from `uc`."""
+    return Controls(int(uc.reg_read(X.UC_X86_REG_CR0)) if cr0 is None else cr0,
+                    int(uc.reg_read(X.UC_X86_REG_CR3)), int(uc.reg_read(X.UC_X86_REG_CR4)),
+                    int(uc.reg_read(X.UC_X86_REG_MSR, _MSR_EFER)))
 
 
 class _Scan:
@@ -200,7 +223,7 @@ class UnicornEngine(AttachedOnce):
         self._paused = 0
         self.stats = {"faults": 0, "maps": 0, "unmaps": 0, "slow_accesses": 0,
                       "stops": 0, "restarts": 0, "steps": 0, "scans": 0, "rewinds": 0,
-                      "events": 0, "table_maps": 0, "pauses": 0}
+                      "events": 0, "tlb_fills": 0, "pauses": 0}
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
@@ -279,9 +302,15 @@ class UnicornVcpu:
         uc.hook_add(UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN)
         uc.hook_add(UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT)
         uc.hook_add(UC_HOOK_EDGE_GENERATED, self._on_new_block)
+        # kvmem's walker fills Unicorn's TLB (see the rules): QEMU's would set accessed and
+        # dirty bits by physical stores that no log sees
+        uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
+        uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        self._page_fault: Interrupt | None = None  # the #PF of the last fill that failed
+        self._emulating = False  # inside emu_start: fills are the guest's
+        self._tlb_stale = False  # a fill outside emu_start (Unicorn's own lookups) cached
         # exceptions, INT n and SYSCALL: caught here, delivered by `_deliver`
         self._trap = uc_state.UcTrap(uc)
-        self._cr2 = 0  # CR2 when the guest last entered (a spurious #PF puts it back)
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = sync.Mutex("unicorn_vcpu.mappings")
         self._zcv = sync.Condition(self._lock)
@@ -338,7 +367,6 @@ class UnicornVcpu:
         self._rewind: Any = None  # the context before a port instruction not yet learned
         self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
         self._ins_sites: dict[int, int] = {}  # a learned INS → its own hook (_at_ins)
-        self._walk_sregs: tuple[tuple[int, ...], Sregs] | None = None  # _walk_code's
         self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
         self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
         self._scan_stop = False  # the run stopped before a new block, to scan it
@@ -769,11 +797,16 @@ class UnicornVcpu:
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
             pc = self._pc(rip)
             self._between_runs(pc, walked)
-            self._cr2 = uc.reg_read(X.UC_X86_REG_CR2)
+            self._page_fault = None
             exact = self._exact_step
             if exact:
                 self._read_parts_slow(pc)
             hooks = self._exact_hooks(pc) if exact else []
+            if self._tlb_stale:
+                # entries filled outside the guest set no accessed bit
+                uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
+                self._tlb_stale = False
+            self._emulating = True
             try:
                 if self._step or exact:
                     self._stepping = True
@@ -784,6 +817,7 @@ class UnicornVcpu:
             except UcError as e:
                 error = e
             finally:
+                self._emulating = False
                 with self._lock:
                     self._inside = False
                     stopped, self._stop_requested = self._stop_requested, False
@@ -863,6 +897,11 @@ class UnicornVcpu:
                                 f"at {uc.reg_read(X.UC_X86_REG_RIP):#x}: {error}")
                 if error.errno == UC_ERR_INSN_INVALID:
                     event = uc_state.UcTrap.invalid_opcode()  # RIP at the instruction
+                elif error.errno == UC_ERR_EXCEPTION and self._page_fault is not None and \
+                        (cr2 := uc_state.fault_address(uc)) & ~(PAGE_SIZE - 1) \
+                        == self._page_fault.cr2:
+                    # a fill found no translation: the guest's #PF, CR2 the whole address
+                    event = dataclasses.replace(self._page_fault, cr2=cr2)
                 elif error.errno == UC_ERR_EXCEPTION:
                     return Exit(ExitKind.SHUTDOWN, detail=str(error))
                 else:
@@ -912,69 +951,46 @@ class UnicornVcpu:
         self._sites[pc] = None  # a port instruction: exact from now (the scan hook follows)
         self._engine.stats["scans"] += 1
 
-    def _walk_code(self) -> tuple[int, list[int]] | None:
-        """Paging on, before a run from a block not known yet: walk (kvmem's walker) the
-        page tables for its code — its page and the next, where a block may go on — and
-        map each page of the walk Unicorn lacks, as `_map_page_tables` does, so that
-        `_between_runs` can have Unicorn translate the block. (pc, the pages), or None
-        where paging is off, the block is known, or the walk faults or meets no RAM. Not
-        inside the guest (`_inside`): it takes the MMU's locks."""
+    def _walk_code(self) -> tuple[int, int] | None:
+        """Paging on, before a run from a block not known yet: translate its code (kvmem's
+        walker, no bit set) — its page and the next, where a block may go on — and map its
+        page, so that `_between_runs` can have Unicorn translate the block: each fill that
+        makes finds a translation (a fill refused outside emu_start has nowhere to go).
+        (pc, its gfn), or None where paging is off, the block is known, a walk faults or
+        the page has no RAM. Not inside the guest (`_inside`): it takes the MMU's locks."""
         uc = self._uc
-        if not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
+        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        if not cr0 & _CR0_PG:
             return None
         pc = self._pc()
         if pc in self._scans or pc in self._clean:
             return None
-        touched: list[int] = []
-
-        def read(gpa: int, n: int) -> bytes:
-            touched.append(gpa >> PAGE_SHIFT)
-            base = self._page.get(gpa >> PAGE_SHIFT)
-            if base is not None and self._regions[base][1] == _RAM:
-                return bytes(uc.mem_read(gpa, n))  # the same host page, without the locks
-            return self._vcpu.read(gpa, n)
-
-        # what the walk reads of the state (uc_state.get_state would take ~1 ms), kept
-        key = (int(uc.reg_read(X.UC_X86_REG_CR0)), int(uc.reg_read(X.UC_X86_REG_CR3)),
-               int(uc.reg_read(X.UC_X86_REG_CR4)),
-               int(uc.reg_read(X.UC_X86_REG_MSR, uc_state.MSR_EFER)))
-        if self._walk_sregs is None or self._walk_sregs[0] != key:
-            self._walk_sregs = key, Sregs(cr0=key[0], cr3=key[1], cr4=key[2], efer=key[3])
-        sregs = self._walk_sregs[1]
+        controls = controls_of(uc, cr0)
         user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
         try:
-            for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1):
-                gpa = translate_gva(read, sregs, gva, fetch=True, user=user,
-                                    features=uc_state.PAGING_FEATURES)
-                touched.append(gpa >> PAGE_SHIFT)
-        except (PageFault, MemoryFault, MmioExit):
-            return None
-        pages = list(dict.fromkeys(touched))
-        for gfn in pages:
-            if gfn in self._page:
-                continue
-            try:
+            gfn, _ = (translate_gva(self._vcpu.read, controls, gva, fetch=True, user=user,
+                                    features=uc_state.PAGING_FEATURES) >> PAGE_SHIFT
+                      for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1))
+            if gfn not in self._page:
                 spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
-            except (MmioExit, MemoryFault, TrackedWrite):
-                return None
-            self._map_ram(gfn, spte)
-            self._engine.stats["table_maps"] += 1
-        return pc, pages
+                self._map_ram(gfn, spte)
+        except (PageFault, KvmError, MemoryFault, MmioExit, TrackedWrite):
+            return None
+        return pc, gfn
 
-    def _between_runs(self, rip: int, walked: tuple[int, list[int]] | None = None) -> None:
+    def _between_runs(self, rip: int, walked: tuple[int, int] | None = None) -> None:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
         if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
-            ready = (walked is not None and walked[0] == rip
-                     and all(g in self._page for g in walked[1]))
+            ready = walked is not None and walked[0] == rip and walked[1] in self._page
         else:
             ready = rip >> PAGE_SHIFT in self._page
         if rip not in self._scans and rip not in self._clean and ready:
             # The edge hook does not see the first block of a run while Unicorn has not
             # yet left a block the ordinary way (its record of the last block is set only
-            # then): look at the block at RIP first. With paging on, only once every page
-            # its translation walks is mapped (`_walk_code`): a guest fault inside
-            # Unicorn's control call has nowhere to go.
+            # then): look at the block at RIP first. With paging on, only where its code
+            # translates (`_walk_code`): a fill refused inside Unicorn's control call has
+            # nowhere to go.
             self._inert = True  # nothing is faulted in while Unicorn translates it
             try:
                 pc, icount, size = uc.ctl_request_cache(rip)
@@ -1069,10 +1085,6 @@ class UnicornVcpu:
         """Between two emu_starts: take the guest to the handler of `event` as the CPU does
         (`kvmem.cpu.events`, through the vCPU's accessors), or say why it cannot go on."""
         uc = self._uc
-        if (isinstance(event, Interrupt) and event.vector == _PF and not event.software
-                and self._map_page_tables(event.error_code or 0)):
-            self._trap.retry(uc, self._cr2)  # not the guest's fault: run it again
-            return None
         self._engine.stats["events"] += 1
         try:
             state = events.deliver(uc_state.get_state(uc), event, self._vcpu.read,
@@ -1083,39 +1095,6 @@ class UnicornVcpu:
             return Exit(ExitKind.INTERNAL_ERROR, detail=f"cannot deliver {event}: {e}")
         uc_state.set_state(uc, state)
         return None
-
-    def _map_page_tables(self, error_code: int) -> bool:
-        """A #PF may be Unicorn's, not the guest's: QEMU walks the page tables in guest
-        physical memory, where pages are mapped only once an access faulted them in, and an
-        unmapped one reads as zeros (no hook sees it). Walk the same tables with kvmem's
-        walker over the vCPU's accessors; map, through the fault path, each table page
-        Unicorn lacks. True if one was mapped: the instruction runs again. (QEMU also sets
-        accessed/dirty bits by physical stores, which no dirty log sees; the tables of
-        `kvmem.cpu.modes` have them set already.)"""
-        uc = self._uc
-        touched: list[int] = []
-
-        def read(gpa: int, n: int) -> bytes:
-            touched.append(gpa >> PAGE_SHIFT)
-            return self._vcpu.read(gpa, n)
-
-        sregs = uc_state.get_state(uc).sregs
-        with contextlib.suppress(PageFault):
-            translate_gva(read, sregs, int(uc.reg_read(X.UC_X86_REG_CR2)),
-                          write=bool(error_code & PFERR_WRITE), user=bool(error_code & PFERR_USER),
-                          fetch=bool(error_code & PFERR_FETCH), features=uc_state.PAGING_FEATURES)
-        mapped = False
-        for gfn in dict.fromkeys(touched):
-            if gfn in self._page:
-                continue
-            try:
-                spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
-            except (MmioExit, MemoryFault, TrackedWrite):
-                continue  # no RAM there: the walk fails as KVM's does
-            self._map_ram(gfn, spte)
-            self._engine.stats["table_maps"] += 1
-            mapped = True
-        return mapped
 
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP
@@ -1262,6 +1241,105 @@ class UnicornVcpu:
             return None
         finally:
             self._fault_stops = self._enter()
+
+    def _on_tlb_fill(self, uc: Uc, vaddr: int, access: int, entry: Any, data: Any) -> bool:
+        """UC_HOOK_TLB_FILL (Unicorn's virtual TLB): the page at linear address `vaddr` for
+        an access of kind `access`, by the CPL running. kvmem's walker translates it over
+        the vCPU's accessors and sets accessed/dirty bits as KVM's walker does (marked dirty
+        like every write kvmem makes for a vCPU); the entry grants what the walk allows
+        that CPL, a write only once the leaf is dirty. A walk that fails leaves its #PF in
+        `_page_fault` and refuses: Unicorn then stops with UC_ERR_EXCEPTION, RIP at the
+        instruction, and the worker delivers the #PF."""
+        self._engine.stats["tlb_fills"] += 1
+        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        if not cr0 & _CR0_PG:
+            entry.paddr, entry.perms = vaddr, UC_PROT_ALL
+            return True
+        if not self._emulating:
+            # Unicorn's own lookup of a code address (a hook removed, a cache dropped), not
+            # a guest access: translate, set no bit, fault nothing; and flush the entry
+            # before the guest runs, so that its first access walks and sets them
+            self._tlb_stale = True
+            try:
+                gpa = translate_gva(self._vcpu.read, controls_of(uc), vaddr, fetch=True,
+                                    features=uc_state.PAGING_FEATURES)
+            except PageFault:
+                return False
+            entry.paddr, entry.perms = gpa & ~(PAGE_SIZE - 1), UC_PROT_ALL
+            return True
+        kind = "write" if access == UC_MEM_WRITE else "fetch" if access == UC_MEM_FETCH \
+            else "read"
+        controls = controls_of(uc, cr0)
+        user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        if user and self._system_table(vaddr) and self._loads_descriptor(controls):
+            # QEMU reads descriptors with supervisor rights at any CPL (its kernel MMU
+            # index), and the hook is not told which index asks: a page of the GDT, LDT or
+            # TSS, filled for an instruction that loads a descriptor, is the supervisor's
+            user = False
+        ac = bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RFLAGS_AC)
+        self._leave()
+        try:
+            got = walk_for_tlb(self._vcpu.read, self._set_bits, controls, vaddr,
+                               access=kind, user=user, ac=ac,
+                               features=uc_state.PAGING_FEATURES)
+        except PageFault as e:
+            # CR2 is the whole address, which the hook is not told: taken at the stop
+            self._page_fault = Interrupt(_PF, e.error_code, cr2=vaddr)
+            return False
+        finally:
+            if self._enter():
+                self._restart = _nothing  # a stop: the instruction again, after it
+        if self._restart is _nothing:
+            return False
+        entry.paddr = got.gpa
+        entry.perms = (UC_PROT_READ if got.read else 0) | (UC_PROT_WRITE if got.write else 0) \
+            | (UC_PROT_EXEC if got.fetch else 0)
+        return True
+
+    def _set_bits(self, gpa: int, entry: bytes) -> None:
+        """A walk's accessed/dirty bits, written as KVM writes them: a table in a read-only
+        slot keeps its bits (KVM skips a table it cannot write)."""
+        with contextlib.suppress(KvmError):
+            self._vcpu.write(gpa, entry)
+
+    def _loads_descriptor(self, controls: Controls) -> bool:
+        """Whether the instruction at CS:RIP reads descriptors: a segment register load (mov
+        or pop to one, LDS/LES/LSS/LFS/LGS), a far jump, call or return, IRET, LAR, LSL,
+        VERR or VERW. (INT n, exceptions and SYSCALL are kvmem's to deliver.)"""
+        rip = self._pc()
+        try:
+            gpa = translate_gva(self._vcpu.read, controls, rip, fetch=True, user=True,
+                                features=uc_state.PAGING_FEATURES)
+            code = self._vcpu.read(gpa, min(15, PAGE_SIZE - gpa % PAGE_SIZE))
+        except (PageFault, KvmError, MmioExit, MemoryFault, ValueError):
+            return False
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        op = code[i:i + 3]
+        if not op:
+            return False
+        if op[0] in (0x8E, 0x07, 0x17, 0x1F, 0xC4, 0xC5, 0xEA, 0x9A, 0xCA, 0xCB, 0xCF):
+            return True
+        if op[0] == 0xFF and len(op) > 1:
+            return (op[1] >> 3) & 7 in (3, 5)  # call / jmp far, indirect
+        if op[0] == 0x0F and len(op) > 1:
+            if op[1] in (0xA1, 0xA9, 0xB2, 0xB4, 0xB5, 0x02, 0x03):
+                return True
+            return op[1] == 0x00 and len(op) > 2 and (op[2] >> 3) & 7 in (4, 5)  # VERR/W
+        return False
+
+    def _system_table(self, vaddr: int) -> bool:
+        """Whether the page at `vaddr` holds part of the GDT, the LDT or the TSS."""
+        uc = self._uc
+        for reg in (X.UC_X86_REG_GDTR, X.UC_X86_REG_LDTR, X.UC_X86_REG_TR):
+            t = uc.reg_read(reg)
+            base, limit = int(t[1]), int(t[2])
+            if reg != X.UC_X86_REG_GDTR and not t[0] & ~3:
+                continue  # no LDT / TR loaded
+            if base <= vaddr + PAGE_SIZE - 1 and vaddr <= base + limit:
+                return True
+        return False
 
     def _on_unmapped(self, uc: Uc, access: int, address: int, size: int, value: int,
                      data: Any) -> bool:
