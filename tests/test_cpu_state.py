@@ -381,3 +381,10 @@ def test_kvm_refuses_a_state_it_does_not_take(memory: raw.GuestMemory,
     base = modes.long_mode(0x10000, memory.write, 0x100000)
     with pytest.raises(OSError, match="KVM_SET_MSRS refused MSR 0xc0000082"):
         cpu.set_state(base.with_msrs({MSR_LSTAR: 1 << 63}))  # not canonical
+    # no in-kernel irqchip: KVM takes no mp_state but RUNNABLE (load leaves RUNNABLE out: it
+    # is what the vCPU always is, but every other one still reaches KVM and is refused)
+    for mp_state in (1, 3):  # UNINITIALIZED, HALTED
+        with pytest.raises(OSError, match="KVM_SET_MP_STATE"):
+            cpu.set_state(dataclasses.replace(base, mp_state=mp_state))
+    cpu.set_state(base)
+    assert cpu.get_state().mp_state == 0

@@ -183,6 +183,42 @@ def test_vcpu_state_is_restored(engine: str | None, make_vm: Callable[..., kvmem
     assert (again.kind, again.data) == (first.kind, first.data)
 
 
+def test_restore_sets_back_control_registers_changed_since(
+        engine: str | None, make_vm: Callable[..., kvmem.Vm],
+        mems: Callable[[int], HostMemory]) -> None:
+    """Segment and control registers changed since the snapshot come back, whether the
+    change was loaded and never ran, or ran (a restore may skip loading registers only
+    where the vCPU provably holds them already)."""
+    vm, _ = _vm(make_vm, mems)
+    vm.write(WALKER_CODE, program("walker"))
+    cpu = vm.create_vcpu(0)
+    regs = {"esi": DATA, "ecx": PAGE_SIZE, "edi": PAGE_SIZE, "ebx": 9, "ebp": 1}
+    if engine is None:
+        cpu.set_state(cpu.get_state().with_regs(rip=WALKER_CODE, rsi=DATA, rbx=9))
+    else:
+        cpu.start(WALKER_CODE, Regs(**regs))
+    held = cpu.get_state()
+    snap = vm.snapshot()
+    other = held.with_sregs(cr2=0x5000).with_segment("gs", base=0x7000)
+
+    def to_halt() -> None:
+        if engine is not None:
+            assert cpu.run().kind is ExitKind.IO
+            assert cpu.run().kind is ExitKind.HLT
+
+    for ran in (False, True):
+        to_halt()
+        vm.restore(snap)  # the registers held are the snapshot's, as seen at the last exit
+        to_halt()
+        cpu.set_state(other)
+        if ran:
+            cpu.set_state(other.with_regs(rip=WALKER_CODE, rsi=DATA, rcx=PAGE_SIZE,
+                                          rdi=PAGE_SIZE, rbx=9, rbp=1))
+            to_halt()  # the vCPU ran with them: KVM reports them at its exits
+        vm.restore(snap)
+        assert cpu.get_state().sregs == held.sregs, f"ran={ran}"
+
+
 def test_restore_to_any_of_several_snapshots(make_vm: Callable[..., kvmem.Vm],
                                             mems: Callable[[int], HostMemory],
                                             guest_writes: GuestWrites) -> None:
@@ -214,6 +250,8 @@ def test_refused_restores_change_nothing(make_vm: Callable[..., kvmem.Vm],
     extra = HostMemory.anonymous(1 * MiB)
     vm.set_memory_region(1, 0, 4 * MiB, 1 * MiB, extra.hva)
     mine = vm.snapshot()
+    vm.write(0, b"changed")
+    vm.restore(mine)  # a restore keeps views of the snapshot's memory until a host change
     vm.write(0, b"changed")
     vm.set_memory_region(1, 0, 0, 0, 0)
     extra.close()  # the snapshot's memory is gone: refused before anything changes

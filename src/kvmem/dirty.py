@@ -184,12 +184,12 @@ class RestoreLog:
             self.pages.update(range(page, page + count))
             self.gfns[as_id].update(range(gfn, gfn + count))
 
-    def mark_pages(self, as_id: int, base_gfn: int, base_page: int, rels: list[int]) -> None:
-        """Pages `base_gfn + r` (host page `base_page + r`) for every r of `rels` were
-        written: `mark` of one page each, in bulk (an engine's harvested ring entries)."""
+    def mark_pages(self, pages: list[int]) -> None:
+        """Host pages `pages` were written through an engine's own stage-2 (KVM's ring
+        entries, in bulk). No gfn is kept: kvmem's stage-2 maps writable only gfns it
+        logged itself since the last `take`."""
         with self._lock:
-            self.pages.update([base_page + r for r in rels])
-            self.gfns[as_id].update([base_gfn + r for r in rels])
+            self.pages.update(pages)
 
     def mark_hva(self, start: int, end: int) -> None:
         """Host pages of [start, end) changed behind every slot (a host invalidation, or a

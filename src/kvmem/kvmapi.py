@@ -32,6 +32,10 @@ Rules:
   KVM_SET_MSRS: how many MSRs were done).
 - `fcntl.ioctl` releases the GIL, so `KvmVcpu.run()` blocks only its own thread; a signal that
   interrupts `KVM_RUN` surfaces as `OSError(EINTR)`.
+- kvm_run's sync area (KVM_CAP_SYNC_REGS) works both ways: `KvmVcpu.stage` writes registers
+  the next KVM_RUN loads, and KVM stores the segment/control registers there whenever KVM_RUN
+  returns (kvm_valid_regs = KVM_SYNC_X86_SREGS, set at creation). `KvmVcpu.sregs_are` trusts
+  that copy only until the vCPU's next ioctl that is not a pure read (`_READS`).
 """
 
 from __future__ import annotations
@@ -212,8 +216,10 @@ _RUN_UNION_OFFSET: Final = 32  # after ready_for_interrupt_injection, if_flag, f
 # kvm_vcpu_events events}), which KVM_RUN loads for every bit set in kvm_dirty_regs before
 # it enters the guest (KVM_CAP_SYNC_REGS)
 _DIRTY_REGS: Final = struct.Struct("=Q")
+_VALID_REGS_OFFSET: Final = _RUN_UNION_OFFSET + 256
 _DIRTY_REGS_OFFSET: Final = _RUN_UNION_OFFSET + 256 + 8
 _SYNC_REGS_OFFSET: Final = _RUN_UNION_OFFSET + 256 + 16
+_SYNC_SREGS_OFFSET: Final = _SYNC_REGS_OFFSET + _KVM_REGS_SIZE
 _SYNC_EVENTS_OFFSET: Final = _SYNC_REGS_OFFSET + _KVM_REGS_SIZE + _KVM_SREGS_SIZE
 KVM_SYNC_X86_REGS: Final = 1 << 0
 KVM_SYNC_X86_SREGS: Final = 1 << 1
@@ -946,6 +952,12 @@ class KvmVm(_FdOwner):
             raise
 
 
+# vCPU ioctls that change nothing KVM_GET_SREGS reads (KVM_GET_VCPU_EVENTS may: it delivers
+# a pending #PF's payload into CR2; KVM_GET_MP_STATE accepts APIC events)
+_READS: Final = frozenset({KVM_GET_REGS, KVM_GET_SREGS, KVM_GET_FPU, KVM_GET_XSAVE,
+                           KVM_GET_XSAVE2, KVM_GET_MSRS, KVM_TRANSLATE})
+
+
 def pack_msrs(entries: Sequence[tuple[int, int]]) -> bytes:
     """struct kvm_msrs with `entries` (index, value): KVM_SET_MSRS' argument."""
     return _NENT.pack(_fit("nmsrs", len(entries), 32)) + b"".join(
@@ -971,6 +983,11 @@ class KvmVcpu(_FdOwner):
         # the KVM_SYNC_X86_* sets KVM_RUN can load from kvm_run (KVM_CAP_SYNC_REGS)
         self.sync_regs = sync_regs
         self._rings: list[mmap.mmap] = []
+        # KVM stores the vCPU's kvm_sregs in kvm_run at the end of every KVM_RUN (store_regs,
+        # for kvm_valid_regs): what they are until another ioctl of the vCPU may change them
+        self._sregs_current = False
+        if sync_regs & KVM_SYNC_X86_SREGS:
+            _DIRTY_REGS.pack_into(self.kvm_run, _VALID_REGS_OFFSET, KVM_SYNC_X86_SREGS)
 
     # -- staged registers (KVM_CAP_SYNC_REGS) ----------------------------------------------
     # `stage` puts packed kvm_regs / kvm_vcpu_events into kvm_run's sync area and sets their
@@ -978,7 +995,7 @@ class KvmVcpu(_FdOwner):
     # then KVM_SET_VCPU_EVENTS would) with no ioctl of their own. Every other ioctl of this
     # vCPU first loads what is still staged by those very ioctls (`flush`), so a read sees
     # the staged state and a write lands after it: staging is invisible but for its cost.
-    def stage(self, regs: bytes, events: bytes) -> bool:
+    def stage(self, regs: bytes | bytearray, events: bytes | bytearray) -> bool:
         """Stage `regs` (packed kvm_regs) and `events` (packed kvm_vcpu_events) for the
         next KVM_RUN; False (nothing staged) where KVM cannot sync them."""
         want = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS
@@ -1022,7 +1039,30 @@ class KvmVcpu(_FdOwner):
 
     def _ioctl_now(self, name: str, request: int, arg: int | bytearray = 0,
                    **fields: int) -> int:
-        return super()._ioctl(name, request, arg, **fields)
+        if request != KVM_RUN:
+            if request not in _READS:
+                # before the call: one that fails half-way may have changed them already
+                self._sregs_current = False
+            return super()._ioctl(name, request, arg, **fields)
+        self._sregs_current = False
+        try:
+            r = super()._ioctl(name, request, arg, **fields)
+        except OSError as e:
+            # KVM_RUN stores them on its way out (x86's `out:` label), also when a signal or
+            # immediate_exit ends it (EINTR); the errors it returns before are EIO/EINVAL
+            if e.errno == errno.EINTR:
+                self._sregs_current = True
+            raise
+        self._sregs_current = True
+        return r
+
+    def sregs_are(self, sregs: bytes | bytearray) -> bool:
+        """The vCPU's segment and control registers are exactly `sregs` (packed kvm_sregs),
+        as KVM stored them in kvm_run when the last KVM_RUN returned, no ioctl since having
+        been one that may change them — known without an ioctl. False where unknown."""
+        if not self._sregs_current:
+            return False
+        return self.kvm_run[_SYNC_SREGS_OFFSET:_SYNC_SREGS_OFFSET + _KVM_SREGS_SIZE] == sregs
 
     def map_dirty_ring(self, nbytes: int, flags: int = mmap.MAP_SHARED,
                        prot: int = mmap.PROT_READ | mmap.PROT_WRITE) -> mmap.mmap:
@@ -1087,13 +1127,14 @@ class KvmVcpu(_FdOwner):
             self._ioctl("KVM_GET_XSAVE", KVM_GET_XSAVE, arg)
         return bytes(arg)
 
-    def set_xsave(self, image: bytes) -> None:
+    def set_xsave(self, image: bytes | bytearray) -> None:
         """KVM_SET_XSAVE: the kernel reads `xsave_size` bytes, so exactly that many are
-        required here."""
+        required here. A bytearray is handed to the kernel as it is (it only reads it)."""
         if len(image) != self.xsave_size:
             raise ValueError(f"this VM's XSAVE image is {self.xsave_size} bytes, got "
                              f"{len(image)}: KVM_SET_XSAVE would read past the buffer")
-        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE, bytearray(image))
+        self._ioctl("KVM_SET_XSAVE", KVM_SET_XSAVE,
+                    image if type(image) is bytearray else bytearray(image))
 
     def set_cpuid2(self, entries: Sequence[KvmCpuidEntry]) -> None:
         """KVM_SET_CPUID2: the CPUID the guest sees (and what KVM lets it enable, e.g. EFER.LME
@@ -1116,11 +1157,14 @@ class KvmVcpu(_FdOwner):
         return self._ioctl("KVM_SET_MSRS", KVM_SET_MSRS, bytearray(pack_msrs(entries)),
                            nmsrs=len(entries))
 
-    def call(self, name: str, request: int, payload: bytes) -> int:
+    def call(self, name: str, request: int, payload: bytes | bytearray) -> int:
         """Issue the vCPU ioctl `request` (called `name` in errors) on `payload`, packed
         already — for a caller that loads the same state many times and packs it once
-        (`kvm_state.Prepared`). Returns the kernel's value (KVM_SET_MSRS: MSRs written)."""
-        return self._ioctl(name, request, bytearray(payload))
+        (`kvm_state.Prepared`). Returns the kernel's value (KVM_SET_MSRS: MSRs written).
+        A bytearray is handed to the kernel as it is, not copied: for the KVM_SET_* ioctls
+        this is for, the kernel only reads it."""
+        return self._ioctl(name, request,
+                           payload if type(payload) is bytearray else bytearray(payload))
 
     def get_vcpu_events(self) -> KvmVcpuEvents:
         arg = bytearray(_VCPU_EVENTS.size)

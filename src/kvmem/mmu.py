@@ -560,6 +560,11 @@ class Mmu:
         with self.lock:
             return self._track[as_id].get(gfn, 0)
 
+    def tracks_any(self) -> bool:
+        """Some gfn of some address space is write-tracked."""
+        with self.lock:
+            return any(self._track)
+
     def tracked_gfns(self, as_id: int) -> list[int]:
         """Every tracked gfn of `as_id`, sorted."""
         with self.lock:

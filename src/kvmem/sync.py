@@ -232,11 +232,12 @@ class Atomic(Generic[T]):
 class Condition:
     """Wait for a predicate over shared state guarded by `mutex` (KVM's rcuwait / waitqueue)."""
 
-    __slots__ = ("_cond", "mutex")
+    __slots__ = ("_cond", "_waiting", "mutex")
 
     def __init__(self, mutex: Mutex) -> None:
         self.mutex = mutex
         self._cond = threading.Condition(mutex._lock)
+        self._waiting = 0  # threads inside wait(): changed and read with `mutex` held
 
     def wait_until(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool:
         """Called with `mutex` held; returns with it held once `predicate()` is true."""
@@ -247,15 +248,18 @@ class Condition:
             if remaining is not None and remaining <= 0:
                 return False
             self.mutex._owner = None
+            self._waiting += 1
             try:
                 self._cond.wait(remaining)
             finally:
+                self._waiting -= 1
                 self.mutex._owner = _get_ident()
         return True
 
     def notify_all(self) -> None:
         self.mutex.assert_held()
-        self._cond.notify_all()
+        if self._waiting:  # threading's notify_all costs a microsecond even with no one
+            self._cond.notify_all()
 
 
 class _Section:

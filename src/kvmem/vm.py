@@ -650,17 +650,21 @@ class Vm:
         for listener in self._listeners:
             listener.restore_log_armed(self)
 
-    def _harvest(self) -> tuple[set[int], list[tuple[int, int]]]:
+    def _harvest(self) -> None:
         """Move what changed since the last harvest into every bound snapshot's account
         (slots_lock held, vCPUs held out of the guest)."""
         for listener in self._listeners:
             listener.restore_log_sync(self)
         pages, _gfns, ranges = self.mmu.take_restore_log()
         if pages or ranges:
+            given = False
             for b in self._bound.values():
-                b.pages |= pages
+                if not b.pages and not given:
+                    b.pages = pages  # the log's own set, taken: no copy (one binding's)
+                    given = True
+                else:
+                    b.pages |= pages
                 b.ranges += ranges
-        return pages, ranges
 
     def _bind(self, snap: Snapshot, b: _Binding) -> None:
         """Remember `snap` as one this VM restores to, until the snapshot is collected."""
@@ -744,55 +748,74 @@ class Vm:
         if binding is None:
             raise KvmError(errno.EINVAL, "the snapshot was not taken from this VM (make a VM "
                                          "from it with Vm.from_snapshot)")
-        for v in snap.vcpus:
-            if v.id not in self._vcpus:
-                raise KvmError(errno.ENOENT, f"the snapshot has vCPU {v.id}, the VM has not")
-            if v.smm and self.address_spaces < 2:
-                raise KvmError(errno.EINVAL, "the snapshot has a vCPU in SMM, the VM has no "
-                                             "SMM address space")
-        for start, size, _src in binding.images:
-            if host.accessible(start, size, host.PROT_RW) != size:
-                raise KvmError(errno.EFAULT, f"host memory [{start:#x}, {start + size:#x}) of "
-                                             "the snapshot is no longer mapped read-write")
+        vcpus = self._vcpus
+        if not binding.vcpus_checked:  # vCPUs are never destroyed: once true, always true
+            for v in snap.vcpus:
+                if v.id not in vcpus:
+                    raise KvmError(errno.ENOENT, f"the snapshot has vCPU {v.id}, the VM has "
+                                                 "not")
+                if v.smm and self.address_spaces < 2:
+                    raise KvmError(errno.EINVAL, "the snapshot has a vCPU in SMM, the VM has "
+                                                 "no SMM address space")
+            binding.vcpus_checked = True
+        if binding.dst is None:  # else no host change since they were read-write
+            for start, size, _src in binding.images:
+                if host.accessible(start, size, host.PROT_RW) != size:
+                    raise KvmError(errno.EFAULT, f"host memory [{start:#x}, "
+                                                 f"{start + size:#x}) of the snapshot is no "
+                                                 "longer mapped read-write")
+        slots_lock = self.memslots.slots_lock
         with self._paused():
-            with self.memslots.slots_lock:
+            with slots_lock:
                 self._harvest()
-                requests = self._layout_requests(binding)
+                generations = self._generations()
+                requests = self._layout_requests(binding, generations)
+                if not requests:  # the layout is the snapshot's: the memory in the same hold
+                    copied = self._restore_memory(snap, binding)
             if requests:
                 tx = self.transaction()
                 tx._record(requests)
                 tx.commit()  # validates the whole batch first: a refusal changes nothing
-            with self.memslots.slots_lock:
-                copied = self._copy_back(binding)
-                for (as_id, sid), raw in snap.dirty.items():
-                    s = self.slot_set(as_id).by_id(sid)
-                    if s is not None and s.dirty_bitmap is not None:
-                        s.dirty_bitmap.load(raw)
-                for as_id in range(self.address_spaces):
-                    for s in self.slot_set(as_id):
-                        if s.dirty_bitmap is not None and (as_id, s.id) not in snap.dirty:
-                            s.dirty_bitmap.load(b"")
-                self._manual_dirty_log_protect = snap.manual_dirty_log_protect
-            self._restore_tracking(snap)
+                generations = self._generations()
+                with slots_lock:
+                    copied = self._restore_memory(snap, binding)
+            if snap.tracked or self.mmu.tracks_any():
+                self._restore_tracking(snap)
             for v in snap.vcpus:
-                if self._vcpus[v.id].smm != v.smm:
-                    self._vcpus[v.id].smm = v.smm
+                vcpu = vcpus[v.id]
+                if vcpu.smm != v.smm:
+                    vcpu.smm = v.smm
                 if v.state is not None:
-                    self._vcpus[v.id].set_state(v.state)
+                    vcpu.set_state(v.state)
             # the pages put back now differ from what every other snapshot saw
-            for other in self._bound.values():
-                if other is not binding:
-                    other.pages |= binding.pages
-                    other.ranges += binding.ranges
+            if len(self._bound) > 1:
+                for other in self._bound.values():
+                    if other is not binding:
+                        other.pages |= binding.pages
+                        other.ranges += binding.ranges
             binding.pages = set()
             binding.ranges = []
-            binding.generations = self._generations()
+            binding.generations = generations
         return copied
 
-    def _layout_requests(self, b: _Binding) -> list[Request]:
-        """The requests that turn the current layout into the snapshot's: delete what
-        differs, create what is missing (none when the layout is the same)."""
-        if b.generations == self._generations():
+    def _restore_memory(self, snap: Snapshot, b: _Binding) -> int:
+        """The snapshot's memory and dirty logs, over its layout (slots_lock held): the
+        pages changed since copied back, every bitmap made the snapshot's. Returns the
+        number of pages copied."""
+        copied = self._copy_back(b)
+        dirty = snap.dirty
+        for as_id, slots in enumerate(self.memslots.active.value):
+            for s in slots:
+                if s.dirty_bitmap is not None:
+                    s.dirty_bitmap.load(dirty.get((as_id, s.id), b""))
+        self._manual_dirty_log_protect = snap.manual_dirty_log_protect
+        return copied
+
+    def _layout_requests(self, b: _Binding, generations: tuple[int, ...]) -> list[Request]:
+        """The requests that turn the current layout (at slot `generations`) into the
+        snapshot's: delete what differs, create what is missing (none when the layout is
+        the same)."""
+        if b.generations == generations:
             return []  # no slot change since the layout was the snapshot's
         want = {(r.as_id, r.id): r for r in b.layout}
         have: dict[tuple[int, int], SlotRecord] = {}
@@ -820,18 +843,21 @@ class Vm:
             pages.sort()
         if not pages:
             return 0
+        n = len(pages)
+        # the runs of adjacent pages: one when the pages are (a guest's sweep, usually; they
+        # are distinct unless ranges added some)
+        one_run = not b.ranges and pages[-1] - pages[0] == n - 1
         copied = 0
         token = host.guard.read_lock()
         try:
-            dst: list[memoryview | None] = []
-            for start, size, _src in b.images:
-                segs, ok = host.views(start, size, host.PROT_WRITE)
-                dst.append(segs[0] if len(segs) == 1 and ok == size else None)
+            dst = b.dst  # read inside the section: a change that empties it waits for us
+            if dst is None:
+                dst = self._image_views(b)
             starts = b.starts
-            i, n = 0, len(pages)
+            i = 0
             while i < n:
                 first = pages[i]
-                j = i + 1
+                j = n if one_run else i + 1
                 while j < n and pages[j] <= pages[j - 1] + 1:
                     j += 1
                 hva, end = first << PAGE_SHIFT, (pages[j - 1] + 1) << PAGE_SHIFT
@@ -851,7 +877,7 @@ class Vm:
                     if view is not None:
                         view[lo_off:hi_off] = src[lo_off:hi_off]
                     else:
-                        segs, ok = host.views(hva, stop - hva, host.PROT_WRITE)
+                        segs, _ok = host.views(hva, stop - hva, host.PROT_WRITE)
                         pos = lo_off
                         for seg in segs:
                             seg[:] = src[pos:pos + len(seg)]
@@ -861,6 +887,21 @@ class Vm:
         finally:
             host.guard.read_unlock(token)
         return copied
+
+    @staticmethod
+    def _image_views(b: _Binding) -> list[memoryview | None]:
+        """A view over each image's host memory where one mapping holds it all read-write
+        (else None). Kept in `b.dst` when every image has one, until a host change
+        empties it (`host.register_view_cache`). Inside a `host.guard` read section."""
+        with host.views_lock:
+            out: list[memoryview | None] = []
+            for start, size, _src in b.images:
+                segs, ok = host.views(start, size, host.PROT_RW)
+                out.append(segs[0] if len(segs) == 1 and ok == size else None)
+            if not host.changing.value and None not in out:
+                host.register_view_cache(b)
+                b.dst = out
+        return out
 
     def _restore_tracking(self, snap: Snapshot) -> None:
         want = {(a, g): c for a, g, c in snap.tracked}
@@ -1153,6 +1194,13 @@ class _Binding:
         self.ranges: list[tuple[int, int]] = []
         # the slot generations when the VM's layout was last known to be the snapshot's
         self.generations: tuple[int, ...] = ()
+        self.vcpus_checked = False  # the VM has every vCPU of the snapshot
+        # a writable view of each image's host memory, while no host change happened since
+        # (a `host.ViewCache`: every change empties it)
+        self.dst: list[memoryview | None] | None = None
+
+    def clear_views(self) -> None:
+        self.dst = None
 
 
 def _check_gmem_arg(guest_memfd: object) -> None:

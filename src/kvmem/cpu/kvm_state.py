@@ -20,8 +20,11 @@ Rules:
   the pending operation and returns EINTR without running guest code. After an IN or MMIO read,
   put the answer in the run page (`vcpu.set_io_data` / `set_mmio_data`) before either.
 - `get_state` returns `canonical` states; `set_state` writes whatever it is given, in the order
-  below. What KVM does not take is an `OSError(EINVAL)` naming it: an MSR it refuses, and a
-  paging mode it silently drops (kvm_pvm accepts CR0.PG without EFER.LME and keeps it clear).
+  below (`load` leaves out KVM_SET_SREGS where KVM holds those very registers, and
+  KVM_SET_MP_STATE of RUNNABLE, which a vCPU without an in-kernel irqchip always is: see
+  there).
+  What KVM does not take is an `OSError(EINVAL)` naming it: an MSR it refuses, and a paging
+  mode it silently drops (kvm_pvm accepts CR0.PG without EFER.LME and keeps it clear).
 - The x87/SSE registers go through the XSAVE image (as QEMU does), not KVM_GET/SET_FPU:
   KVM_GET_FPU does not report MXCSR, and KVM_SET_FPU writes the FXSAVE area without marking
   x87/SSE in XSTATE_BV, so the next XRSTOR puts them back in their init state (on the host
@@ -78,6 +81,9 @@ _XFEATURE_X87_SSE: Final = 0x3
 _CR0_MODE: Final = (1 << 0) | (1 << 16) | (1 << 31)  # PE, WP, PG
 _CR4_MODE: Final = (1 << 4) | (1 << 5) | (1 << 12) | (1 << 20) | (1 << 21)  # PSE PAE LA57 SMEP SMAP
 _EFER_MODE: Final = (1 << 8) | (1 << 10) | (1 << 11)  # LME, LMA, NXE
+_CR0_PG: Final = 1 << 31
+_CR4_PAE: Final = 1 << 5
+_EFER_LMA: Final = 1 << 10
 _VENDOR_AMD: Final = frozenset({0x6874_7541, 0x6F67_7948})  # "Auth"enticAMD, "Hygo"nGenuine
 
 
@@ -159,16 +165,20 @@ class Prepared:
     """A state packed for one vCPU: the ioctl arguments `load` gives KVM, in order. A VMM
     that loads the same state again and again (a snapshot restored per fuzz input) packs
     it once. The XSAVE image keeps the components beyond the legacy area as they were at
-    `prepare` (the state does not hold them)."""
+    `prepare` (the state does not hold them). The arguments are bytearrays the ioctls take
+    as they are (KVM only reads them): no copy per load."""
 
     state: VcpuState
-    sregs: bytes
-    regs: bytes
-    xsave: bytes
-    msrs: bytes
+    sregs: bytearray
+    regs: bytearray
+    xsave: bytearray
+    msrs: bytearray
     nmsrs: int
-    mp_state: bytes
-    events: bytes
+    mp_state: bytearray
+    events: bytearray
+    # PAE paging: KVM_SET_SREGS also loads the PDPTRs from guest memory, which the guest may
+    # have changed since; setting the same registers again is then not a no-op
+    pdptrs: bool = False
 
 
 def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
@@ -195,9 +205,11 @@ def prepare(vcpu: KvmVcpu, state: VcpuState) -> Prepared:
         sipi_vector=e.sipi_vector, flags=_EVENT_FLAGS, smi_smm=e.smi.smm,
         smi_pending=e.smi.pending, smi_smm_inside_nmi=e.smi.smm_inside_nmi,
         smi_latched_init=e.smi.latched_init).pack()
-    return Prepared(state, sregs, regs, _fpu_into_xsave(vcpu.get_xsave(), state.fpu),
-                    kvmapi.pack_msrs(entries), len(entries),
-                    kvmapi.pack_mp_state(state.mp_state), events)
+    pae = bool(s.cr0 & _CR0_PG and s.cr4 & _CR4_PAE and not s.efer & _EFER_LMA)
+    return Prepared(state, bytearray(sregs), bytearray(regs),
+                    bytearray(_fpu_into_xsave(vcpu.get_xsave(), state.fpu)),
+                    bytearray(kvmapi.pack_msrs(entries)), len(entries),
+                    bytearray(kvmapi.pack_mp_state(state.mp_state)), bytearray(events), pae)
 
 
 def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
@@ -206,9 +218,15 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
     # an exit still owed would finish on the *new* state at the next KVM_RUN (an IN would land
     # in the new RAX): complete it on the old one first
     settle(vcpu)
-    vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
-    if not checked:
-        _check_mode_taken(vcpu, p.state.sregs)
+    # segment and control registers KVM holds already (a reset's, most often: guests seldom
+    # change them) are not set again: KVM_SET_SREGS of exactly what KVM_GET_SREGS reads
+    # changes nothing (no MMU reset; no interrupt queued, or the bitmaps would differ) but
+    # for PAE paging's PDPTR load from memory. Where they differ they are set here, before
+    # the MSRs, as always
+    if p.pdptrs or not vcpu.sregs_are(p.sregs):
+        vcpu.call("KVM_SET_SREGS", kvmapi.KVM_SET_SREGS, p.sregs)
+        if not checked:
+            _check_mode_taken(vcpu, p.state.sregs)
     # a state loaded before (a snapshot's, once per reset): the registers and the events
     # go into kvm_run's sync area for the next KVM_RUN instead of two ioctls (applied
     # there regs then events, after the MSRs and the mp_state: the general registers
@@ -224,7 +242,11 @@ def load(vcpu: KvmVcpu, p: Prepared, *, checked: bool = False) -> None:
         index, value = sorted(p.state.msrs.items(), key=lambda kv: kv[0] == MSR_IA32_TSC
                               )[written]
         raise OSError(errno.EINVAL, f"KVM_SET_MSRS refused MSR {index:#x} = {value:#x}")
-    vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
+    # without an in-kernel irqchip (kvmem creates none) a vCPU is RUNNABLE for good: KVM
+    # refuses any other mp_state (EINVAL) and a HLT exits to userspace instead of halting,
+    # so setting RUNNABLE again changes nothing; another mp_state still goes to KVM
+    if p.state.mp_state != kvmapi.KVM_MP_STATE_RUNNABLE:
+        vcpu.call("KVM_SET_MP_STATE", kvmapi.KVM_SET_MP_STATE, p.mp_state)
     # events last (as QEMU does): an INIT latched in them may change the mp_state just set
     if not (staged and vcpu.stage(p.regs, p.events)):
         if staged:

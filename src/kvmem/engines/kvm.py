@@ -83,7 +83,7 @@ from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONL
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Sequence
 
     from ..slots import Change, MemorySlot
     from ..vm import Vcpu, Vm
@@ -189,6 +189,7 @@ class KvmEngine(AttachedOnce):
         self._ring_slots: dict[int, tuple[int, int]] = {}
         self.stats = {"ioctls": 0, "pauses": 0, "kicks": 0, "tracked_writes": 0,
                       "dirty_folds": 0, "splits": 0}
+        self._paused_block = _Paused(self)
 
     def attach(self, vm: Vm) -> None:
         self._claim(vm)
@@ -254,9 +255,11 @@ class KvmEngine(AttachedOnce):
         with self._gate_lock:
             self._paused += 1
             self.stats["pauses"] += 1
-            for cpu in self._vcpus:
-                if cpu._in_run:
-                    cpu._interrupt()
+            running = [cpu for cpu in self._vcpus if cpu._in_run]
+            if not running:
+                return  # none is inside, and the gate (held here) keeps them out now
+            for cpu in running:
+                cpu._interrupt()
             # a vCPU inside KVM_RUN leaves it at once: immediate_exit covers a signal that
             # arrived before it entered
             self._gate.wait_until(lambda: not any(c._in_run for c in self._vcpus))
@@ -266,14 +269,9 @@ class KvmEngine(AttachedOnce):
             self._paused -= 1
             self._gate.notify_all()
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
+    def paused(self) -> _Paused:
         """No vCPU is inside KVM_RUN in the block (`Engine.paused`)."""
-        self._pause()
-        try:
-            yield
-        finally:
-            self._resume()
+        return self._paused_block
 
     # -- the mirror ---------------------------------------------------------------------------
     def _alloc_id(self, as_id: int) -> int:
@@ -459,6 +457,7 @@ class KvmEngine(AttachedOnce):
         then reset KVM's rings (see the rules above). True if KVM freed any entry."""
         self._lock.assert_held()
         taken = False
+        user_rings = self._ring_size
         for cpu in self._vcpus:
             ring = cpu._ring
             if ring is None:
@@ -467,9 +466,9 @@ class KvmEngine(AttachedOnce):
             if not entries:
                 continue
             taken = True
-            if self._ring_size:
+            if user_rings:
                 cpu._pending += entries
-            self._route(entries, bitmaps=not self._ring_size)
+            self._route(entries, not user_rings)
         if taken or self._reset_owed:
             # owed until it succeeds: harvested entries KVM has not reset keep their pages
             # writable, and a later drain would not see them again
@@ -490,30 +489,36 @@ class KvmEngine(AttachedOnce):
         armed = log.armed
         # grouped by KVM slot first (a reset's few dozen entries fall in one or two): one
         # slot lookup and one bulk mark per group, not per entry
-        groups: dict[int, list[int]] = {}
-        for kvm_slot, offset in entries:
-            group = groups.get(kvm_slot)
-            if group is None:
-                groups[kvm_slot] = [offset]
-            else:
-                group.append(offset)
+        first = entries[0][0]
+        offsets = [o for k, o in entries if k == first]
+        groups: dict[int, list[int]] = {first: offsets}
+        if len(offsets) != len(entries):
+            for kvm_slot, offset in entries:
+                if kvm_slot != first:
+                    group = groups.get(kvm_slot)
+                    if group is None:
+                        groups[kvm_slot] = [offset]
+                    else:
+                        group.append(offset)
         ring_slots = self._ring_slots
+        sets = vm.memslots.active.value
         for kvm_slot, offsets in groups.items():
             where = ring_slots.get(kvm_slot)
             if where is None:
                 continue
             value, delta = where
-            s = vm.slot_set(value >> 16).by_id(value & 0xFFFF)
+            s = sets[value >> 16].by_id(value & 0xFFFF)
             if s is None:
                 continue
-            npages = s.npages
-            rels = [o + delta for o in offsets if o + delta < npages]
+            lim = s.npages - delta  # offset o is page o + delta of `s`
             if bitmaps and s.dirty_bitmap is not None:
                 mark = s.dirty_bitmap.mark
-                for rel in rels:
-                    mark(rel)
+                for o in offsets:
+                    if o < lim:
+                        mark(o + delta)
             if armed:
-                log.mark_pages(s.as_id, s.base_gfn, s.hva >> PAGE_SHIFT, rels)
+                base = (s.hva >> PAGE_SHIFT) + delta
+                log.mark_pages([base + o for o in offsets if o < lim])
 
     def _ring_entries(self, cpu: KvmEngineVcpu) -> list[tuple[int, int]]:
         """The entries KVM pushed since the last harvest, in kvmem's slots and offsets (the
@@ -537,6 +542,9 @@ class KvmEngine(AttachedOnce):
 
     def restore_log_sync(self, vm: Vm) -> None:
         with self._lock:
+            if self._own_ring or (self._ring_size and vm.memslots.restore_log.armed):
+                self._drain()  # every slot's entries at once (what `_fold` of each does)
+                return
             for as_id in range(vm.address_spaces):
                 for s in vm.slot_set(as_id):
                     self._fold(s)
@@ -596,6 +604,23 @@ class KvmEngine(AttachedOnce):
     def split_covers(self, as_id: int, gfn: int) -> bool:
         """`gfn` is mirrored read-only because kvmem tracks writes to it."""
         return gfn in self._split[as_id]
+
+
+class _Paused:
+    """`with engine.paused():` — `_pause` on entry, `_resume` on exit; one per engine,
+    reusable and reentrant (a pause is a count), cheaper than a generator (a reset pauses
+    once)."""
+
+    __slots__ = ("_engine",)
+
+    def __init__(self, engine: KvmEngine) -> None:
+        self._engine = engine
+
+    def __enter__(self) -> None:
+        self._engine._pause()
+
+    def __exit__(self, *exc: object) -> None:
+        self._engine._resume()
 
 
 class KvmEngineVcpu:
