@@ -13,11 +13,13 @@ not on that path). Samples are CPU time of the process (all threads, user + syst
 wall time: the machine is shared. Baselines, measured in the same run, interleaved:
 
 - `unicorn_fault_after_harvest` (target <= 4): vs one raw Unicorn `mem_protect` of one page
-  (read-only and back, alternately) on a bare Uc holding as many one-page regions as the
-  engine's mirror holds (N + the code page): Unicorn's cost of a protection change grows
-  with its number of regions, which the mirror cannot lower (a page needs a region of its
-  own to have its own protection). A fault after a harvest needs two changes (the harvest's
-  and the fault's), so 2 is the floor; the rest is kvmem's.
+  (read-only and back, alternately) on a bare Uc holding N + 1 one-page regions — what a
+  mirror with a region per page pays per protection change (Unicorn's cost of a change
+  grows with its number of regions), and two such changes (the harvest's and the fault's)
+  per page was the floor of such a mirror. The engine's mirror keeps a few regions per
+  64-page chunk instead (engines/unicorn.py, "Regions"): a harvest protects a chunk's
+  region whole, and a fault re-cuts its chunk (about four map/unmap calls over few
+  regions).
 - `kvm_fault_after_harvest` (target <= 1): vs one raw `mprotect(2)` of one host page
   (read-only and back, alternately): a harvest and the fault after it cost a page less than
   write-protecting it with a system call would. (On this host KVM emulates the guest's
@@ -185,7 +187,7 @@ def bench_unicorn(rep: C.Report, npages: int, rounds: int) -> None:
                      subject_label="vm.get_dirty_log + run after it minus a run, per page",
                      baseline_label=f"Uc.mem_protect of one page, {npages + 1} regions mapped",
                      id="unicorn_fault_after_harvest",
-                     note="floor 2: the harvest's protection change and the fault's"))
+                     note="2 was the floor of a mirror with one region per page"))
 
 
 def bench_kvm(rep: C.Report, npages: int, rounds: int) -> None:

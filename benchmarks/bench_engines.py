@@ -9,6 +9,17 @@ Figures (each against a baseline measured in the same run, interleaved round by 
 - `unicorn_walker` (throughput, target ≥ 0.9): the `walker` guest over RAM (every word)
   on `Vm(engine="unicorn")`, where nothing is mapped until touched, after one warm-up
   run — vs a bare Unicorn with all RAM mapped up front running the same binary.
+- `unicorn_mmio_exit` (info): the `walker` guest over a page without memory on
+  `Vm(engine="unicorn")` — every load and store an MMIO exit the VMM answers from a
+  bytearray (a block-wise run stops at the access, the instruction runs again alone:
+  emu_start with count=1 and memory hooks, then run() returns) — vs a bare Unicorn whose
+  `mmio_map` callbacks answer the same accesses inline. Per access.
+- `unicorn_exact_step` (info): the same guest over a write-tracked page (every access an
+  exact step, no exit: the cost of the step alone) vs over RAM on the same engine
+  (block-wise, after warm-up). Per access.
+  Unicorn drops every translated block when a run without an instruction count follows
+  one with it (uc_emu_start deletes its count hook and calls tb_flush); the engine's
+  block-wise runs after a step keep the count hook instead (see its "exact steps").
 - `harvest` (KVM, info): `vm.get_dirty_log` of a 64 MiB logging slot (KVM's log read,
   folded into kvmem's bitmap and cleared, kvmem's bitmap harvested) vs one raw
   KVM_GET_DIRTY_LOG on a VM with the same slot.
@@ -24,6 +35,7 @@ import gc
 import signal
 import sys
 import threading
+from typing import Any
 
 import _common as C
 from unicorn.unicorn import Uc
@@ -217,6 +229,135 @@ def bench_unicorn(rep: C.Report, ram: int, rounds: int) -> None:
                      baseline_label="bare Unicorn, RAM mapped up front", id="unicorn_walker"))
 
 
+# -- Unicorn slow accesses: exact steps --------------------------------------------------------
+MMIO = 0x200000
+
+
+class _NoTracker:
+    def track_write(self, gpa: int, data: bytes) -> None:
+        pass
+
+    def track_remove_region(self, gfn: int, npages: int) -> None:
+        pass
+
+
+class StepGuest:
+    """`walker` over one word per `words` at MMIO on `Vm(engine="unicorn")`: `kind` "mmio"
+    (no slot there: every access exits), "tracked" (a write-tracked RAM page: every access
+    an exact step) or "ram"."""
+
+    def __init__(self, kind: str, words: int) -> None:
+        self.code = kvmem.HostMemory.anonymous(16 * PAGE)
+        self.data = kvmem.HostMemory.anonymous(PAGE)
+        self.vm = kvmem.Vm(engine="unicorn")
+        vm = self.vm
+        vm.set_memory_region(0, 0, 0, self.code.size, self.code.hva)
+        if kind != "mmio":
+            vm.set_memory_region(1, 0, MMIO, self.data.size, self.data.hva)
+        if kind == "tracked":
+            vm.page_track.register(_NoTracker())
+            vm.page_track.add_gfn(MMIO // PAGE)
+        vm.write(CODE, program("walker"))
+        self.cpu = vm.create_vcpu(0)
+        self.regs = Regs(esi=MMIO, ecx=4 * words, edi=4, ebx=0x5EED, ebp=1)
+        self.dev = bytearray(PAGE)
+        self.result = b""
+
+    def run(self, r: int = 0) -> None:
+        cpu, dev = self.cpu, self.dev
+        cpu.start(CODE, self.regs)
+        while True:
+            e = cpu.run()
+            if e.kind is ExitKind.MMIO:
+                at = e.addr - MMIO
+                if e.is_write:
+                    dev[at:at + e.size] = e.data
+                else:
+                    cpu.complete(bytes(dev[at:at + e.size]))
+            elif e.kind is ExitKind.IO:
+                self.result = e.data
+            else:
+                assert e.kind is ExitKind.HLT, e
+                return
+
+    def close(self) -> None:
+        assert self.vm.engine is not None
+        self.vm.engine.close()
+        self.code.close()
+        self.data.close()
+
+
+class RawMmio:
+    """The same guest on a bare Unicorn, its data page `mmio_map`ped: the callbacks answer
+    every access from a bytearray."""
+
+    def __init__(self, words: int) -> None:
+        walker = program("walker")
+        self.mem = kvmem.HostMemory.anonymous(16 * PAGE)
+        self.mem.view()[CODE:CODE + len(walker)] = walker
+        self.uc = Uc(UC_ARCH_X86, UC_MODE_32)
+        self.uc.mem_map_ptr(0, self.mem.size, UC_PROT_ALL, self.mem.hva)
+        dev = self.dev = bytearray(PAGE)
+
+        def read(uc: Uc, offset: int, size: int, data: Any) -> int:
+            return int.from_bytes(dev[offset:offset + size], "little")
+
+        def write(uc: Uc, offset: int, size: int, value: int, data: Any) -> None:
+            dev[offset:offset + size] = (value & ((1 << 8 * size) - 1)).to_bytes(size, "little")
+
+        self.uc.mmio_map(MMIO, PAGE, read, None, write, None)
+        self.out: list[int] = []
+        self.uc.hook_add(UC_HOOK_INSN, lambda uc, port, size, value, data:
+                         self.out.append(value), None, 1, 0, UC_X86_INS_OUT)
+        self.words = words
+
+    def run(self, r: int = 0) -> None:
+        uc = self.uc
+        for reg, v in ((UC_X86_REG_ESI, MMIO), (UC_X86_REG_ECX, 4 * self.words),
+                       (UC_X86_REG_EDI, 4), (UC_X86_REG_EBX, 0x5EED), (UC_X86_REG_EBP, 1)):
+            uc.reg_write(reg, v)
+        uc.emu_start(CODE, 1 << 32)
+
+    def close(self) -> None:
+        del self.uc
+        self.mem.close()
+
+
+def bench_steps(rep: C.Report, words: int, rounds: int) -> None:
+    mmio, tracked, ram = StepGuest("mmio", words), StepGuest("tracked", words), \
+        StepGuest("ram", words)
+    raw = RawMmio(words)
+    try:
+        for g in (mmio, tracked, ram):
+            g.run()
+        raw.run()
+        assert mmio.result == tracked.result == ram.result == \
+            raw.out[-1].to_bytes(4, "little"), (mmio.result, ram.result, raw.out)
+        accesses = 2 * words  # a store and a load a word
+        samples = C.interleave({"mmio": (mmio.run, accesses), "raw": (raw.run, accesses),
+                                "tracked": (tracked.run, accesses),
+                                "ram": (ram.run, accesses)}, rounds)
+        assert mmio.vm.engine is not None
+        steps = mmio.vm.engine.stats["steps"]
+    finally:
+        for g in (mmio, tracked, ram):
+            g.close()
+        raw.close()
+    rep.add(C.Figure(f"Unicorn MMIO access, walker over {words} words (per access), "
+                     f"kvmem exit / raw mmio_map", samples["mmio"], samples["raw"],
+                     subject_label="Unicorn engine: stop, exact step (count=1), MMIO exit, "
+                     "run() / complete()", baseline_label="bare Unicorn, mmio_map "
+                     "callbacks answer inline", id="unicorn_mmio_exit",
+                     note=f"{steps} exact steps in the run; kvmem's Python per exit "
+                     "(thread handoff, context restore, hooks added and removed through "
+                     "the binding) dominates, not Unicorn"))
+    rep.add(C.Figure(f"Unicorn exact step, walker over a tracked page, {words} words (per "
+                     f"access) / same walker over RAM", samples["tracked"], samples["ram"],
+                     subject_label="Unicorn engine: every access an exact step (no exit)",
+                     baseline_label="Unicorn engine: the same accesses block-wise on RAM",
+                     id="unicorn_exact_step"))
+
+
 # -- dirty-log harvest -------------------------------------------------------------------------
 def bench_harvest(rep: C.Report, size: int, rounds: int) -> None:
     mem = kvmem.HostMemory.anonymous(size)
@@ -252,6 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     C.quiet_gc()
     try:
         bench_unicorn(rep, ram, rounds)
+        bench_steps(rep, 16 if args.quick else 256, 3 if args.quick else 7)
         if why_not is None:
             bench_transactions(rep, 5 if args.quick else 40)
             bench_harvest(rep, 64 << 20, 10 if args.quick else 60)

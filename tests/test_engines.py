@@ -270,6 +270,122 @@ def test_smm_vcpu_sees_address_space_1() -> None:
         smram.close()
 
 
+def _uc_regions(vm: kvmem.Vm) -> list[tuple[int, int, int]]:
+    """Unicorn's own regions (begin, end, perms) under vCPU 0 of a Unicorn Vm."""
+    return sorted(vm.vcpus[0]._backend._uc.mem_regions())  # type: ignore[union-attr]
+
+
+def _walker_words(base: int, size: int, stride: int, seed: int) -> dict[int, int]:
+    """What one pass of `walker` leaves in memory: gpa → word."""
+    return {a: (a ^ seed ^ 1) & 0xFFFF_FFFF for a in range(base, base + size, stride)}
+
+
+def test_unicorn_maps_contiguous_pages_as_few_regions() -> None:
+    """Once it maps 128 pages, the mirror maps consecutive pages over consecutive host
+    pages with one protection as one region per chunk (Unicorn's map/protect/unmap cost
+    grows with its region count): walks over 256 pages of a logging slot leave a region
+    per chunk after each harvest write-protects them and every page takes its write fault
+    again — and every write lands and is logged."""
+    data = kvmem.HostMemory.anonymous(256 * PAGE_SIZE)
+    code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
+    vm = kvmem.Vm(engine="unicorn")
+    assert vm.engine is not None
+    try:
+        vm.set_memory_region(0, 0, 0, code.size, code.hva)
+        vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, data.size, data.hva)
+        vm.write(CODE, program("walker"))
+        cpu = vm.create_vcpu(0)
+        for seed in (7, 8, 9):
+            cpu.start(CODE, Regs(esi=0x100000, ecx=data.size, edi=PAGE_SIZE, ebx=seed, ebp=1))
+            assert cpu.run().kind is ExitKind.IO
+            assert cpu.run().kind is ExitKind.HLT
+            for gpa, word in _walker_words(0x100000, data.size, PAGE_SIZE, seed).items():
+                assert int.from_bytes(vm.read(gpa, 4), "little") == word, (seed, hex(gpa))
+            regions = [r for r in _uc_regions(vm) if r[0] >= 0x100000]
+            if seed != 7:  # (the first 128 pages faulted in before merging began)
+                assert len(regions) == 256 // 64, regions  # a region per 64-page chunk
+            assert bits(vm.get_dirty_log(1)) == list(range(256)), seed
+    finally:
+        vm.engine.close()
+        data.close()
+        code.close()
+
+
+def test_unicorn_merges_no_pages_over_distant_host_memory() -> None:
+    """Two slots side by side in guest memory (the edge inside a chunk) over host pages that
+    are not side by side: no region spans the edge, and each page's writes reach its own
+    host page — also once the mirror merges (after a harvest, over 200 pages)."""
+    mem = kvmem.HostMemory.anonymous(300 * PAGE_SIZE)
+    code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
+    vm = kvmem.Vm(engine="unicorn")
+    assert vm.engine is not None
+    edge = 0x100000 + 100 * PAGE_SIZE
+    try:
+        vm.set_memory_region(0, 0, 0, code.size, code.hva)
+        vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, 100 * PAGE_SIZE,
+                             mem.hva)  # host pages 0-99
+        vm.set_memory_region(2, KVM_MEM_LOG_DIRTY_PAGES, edge, 100 * PAGE_SIZE,
+                             mem.hva + 200 * PAGE_SIZE)  # host pages 200-299
+        vm.write(CODE, program("walker"))
+        cpu = vm.create_vcpu(0)
+        view = mem.view()
+        for seed in (5, 6):
+            cpu.start(CODE, Regs(esi=0x100000, ecx=200 * PAGE_SIZE, edi=PAGE_SIZE, ebx=seed,
+                                 ebp=1))
+            assert cpu.run().kind is ExitKind.IO
+            for gpa, word in _walker_words(0x100000, 200 * PAGE_SIZE, PAGE_SIZE, seed).items():
+                page = (gpa - 0x100000) // PAGE_SIZE
+                at = (page if page < 100 else page + 100) * PAGE_SIZE
+                assert int.from_bytes(view[at:at + 4], "little") == word, (seed, hex(gpa))
+            assert bytes(view[100 * PAGE_SIZE:200 * PAGE_SIZE]) == bytes(100 * PAGE_SIZE)
+            assert not [r for r in _uc_regions(vm) if r[0] < edge <= r[1]]
+            vm.get_dirty_log(1)
+            vm.get_dirty_log(2)
+    finally:
+        vm.engine.close()
+        mem.close()
+        code.close()
+
+
+def test_unicorn_zap_between_a_fault_and_its_mapping_is_not_lost(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A harvest that write-protects a page after the fault path gave the mirror its spte,
+    before the mirror mapped it (the spte is not in the mirror yet), still reaches the
+    mirror: the store runs again after it, faults, and is logged."""
+    data = kvmem.HostMemory.anonymous(4 * PAGE_SIZE)
+    code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
+    vm = kvmem.Vm(engine="unicorn")
+    assert vm.engine is not None
+    try:
+        vm.set_memory_region(0, 0, 0, code.size, code.hva)
+        vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, data.size, data.hva)
+        vm.write(CODE, program("walker"))
+        cpu = vm.create_vcpu(0)
+        real = cpu.fault_in
+        inner: list[list[int]] = []
+
+        def fault_then_harvest(gpa: int, write: bool, private: bool | None = None
+                               ) -> object:
+            spte = real(gpa, write, private)
+            if write and gpa >> 12 == 0x102 and not inner:
+                inner.append(bits(vm.get_dirty_log(1)))  # write-protects page 2 again
+            return spte
+
+        monkeypatch.setattr(cpu, "fault_in", fault_then_harvest)
+        # pages 0 and 2: the harvest protects each alone, page 2 not mapped yet
+        cpu.start(CODE, Regs(esi=0x100000, ecx=data.size, edi=2 * PAGE_SIZE, ebx=3, ebp=1))
+        assert cpu.run().kind is ExitKind.IO
+        assert cpu.run().kind is ExitKind.HLT
+        assert inner == [[0, 2]]
+        assert bits(vm.get_dirty_log(1)) == [2]  # the store landed after the inner harvest
+        for gpa, word in _walker_words(0x100000, data.size, 2 * PAGE_SIZE, 3).items():
+            assert int.from_bytes(vm.read(gpa, 4), "little") == word, hex(gpa)
+    finally:
+        vm.engine.close()
+        data.close()
+        code.close()
+
+
 @pytest.mark.kvm
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 def test_kvm_dirty_log_survives_a_failed_harvest(make_vm: Callable[..., kvmem.Vm],

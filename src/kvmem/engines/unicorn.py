@@ -25,7 +25,12 @@ Rules of this room:
     *exact step* and stops; the run ends at the instruction, nothing of it done, and the
     worker runs just it again (count=1) with memory hooks on, which see each access whole
     and do it as KVM's emulator does (see "exact steps" below). Inside a step no stop lands
-    mid-instruction (a zap or a kick waits for its end), so it runs once.
+    mid-instruction (a zap or a kick waits for its end), so it runs once. A run without an
+    instruction count after one with it makes Unicorn drop every translated block
+    (uc_emu_start deletes its count hook and calls tb_flush): the block-wise runs after a
+    step pass a count no run reaches (`_FOREVER`), keeping the hook, until one stops for
+    something other than a slow page. Blocks translated meanwhile call the hook (a C
+    counter) before each instruction, so a stop may land at any instruction there.
   - IN / OUT: the port hooks run inside the instruction and the block would go on past it.
     So port instructions are *learned* before they run: every new block whose bytes hold
     a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
@@ -51,15 +56,32 @@ Rules of this room:
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
-  flush returns, no guest instruction uses the old mapping. Pending ranges are unmapped
-  between two `emu_start`s; a hook that re-enters the guest while some are pending
-  protects their regions PROT_NONE first (a fenced access restarts the instruction after
-  the real unmap). A memory hook never unmaps or re-protects the page under the current
-  access: Unicorn forbids the unmap, and a store finishes with the TLB entry it read
-  before calling the hook — for a read-only page, one that drops the write. Such a hook
-  returns False and leaves the change to `_restart`, run between two emu_starts; the
-  instruction then runs again. Mapping an unmapped page from its hook is safe: Unicorn
-  gives an unmapped page a TLB entry that never hits, so the access reads a fresh one.
+  flush returns, no guest instruction uses the old mapping. A gfn being faulted in counts
+  as mapped for this (`_inflight`): the mirror maps an spte after the fault path handed it
+  over (from the hook, or in a restart), and a zap meanwhile must not miss it. Pending
+  ranges are unmapped between two `emu_start`s; a hook that re-enters the guest while
+  some are pending protects their regions PROT_NONE first (a fenced access restarts the
+  instruction after the real unmap). A memory hook never unmaps or re-protects the page
+  under the current access: Unicorn forbids the unmap, and a store finishes with the TLB
+  entry it read before calling the hook — for a read-only page, one that drops the write.
+  Such a hook returns False and leaves the change to `_restart`, run between two
+  emu_starts; the instruction then runs again. Mapping an unmapped page from its hook is
+  safe: Unicorn gives an unmapped page a TLB entry that never hits, so the access reads a
+  fresh one.
+- Regions. Unicorn's map, unmap and protect each rebuild its whole memory map, at a cost
+  that grows with its number of regions, and an unmap flushes its TLB page by page. So,
+  once the mirror maps `_MERGE_PAGES` pages, it keeps few, short regions: within a chunk
+  of `_CHUNK` gfns (no region crosses one), consecutive RAM pages over consecutive host
+  pages with one protection are one region; a slow page is a region of its own. (Below
+  that, a region per page: a write fault after a harvest is then one protection change
+  over few regions, where a merged chunk takes about four map/unmap calls.) `_remap`
+  re-cuts the regions that changed pages touch, with their neighbours — a region whose
+  extent stays is protected, the others unmapped and mapped — and only between two
+  emu_starts, as it unmaps and maps again neighbours that the instruction or its block
+  may be using. A hook maps a page itself only where no other region changes
+  (`_map_in_hook`: no neighbour to merge with); else it leaves the mapping to `_restart`
+  (caution: no test failed when hooks merged themselves). A fence covers a whole region:
+  an access anywhere in it restarts.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
 - RF (RFLAGS bit 16) at an exit is KVM's, set by `_report_rf` (QEMU's RF is not KVM's:
   it leaves RF alone in REP string instructions). KVM's emulator writes RFLAGS back only
@@ -95,11 +117,12 @@ Rules of this room:
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import dataclasses
 import errno
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from unicorn import x86_const as X
@@ -155,6 +178,11 @@ _REGS = (("eax", X.UC_X86_REG_RAX), ("ebx", X.UC_X86_REG_RBX), ("ecx", X.UC_X86_
          ("esp", X.UC_X86_REG_RSP), ("ebp", X.UC_X86_REG_RBP), ("eip", X.UC_X86_REG_RIP),
          ("eflags", X.UC_X86_REG_RFLAGS))
 _RAM, _SLOW = "ram", "slow"
+_PageMap = tuple[str, int, bool]  # how the mirror maps a page: kind, hva (RAM), writable
+_SLOW_PAGE: _PageMap = (_SLOW, 0, False)
+_Region = tuple[int, int, str, int, bool]  # base gfn, npages, kind, hva (RAM), writable
+_CHUNK = 64  # gfns: no region of the mirror crosses a multiple of it (see "Regions")
+_MERGE_PAGES = 128  # the mirror merges pages into regions once it maps this many
 _STEPPED = Exit(ExitKind.INTERNAL_ERROR, detail="one instruction run")  # _settle's, by identity
 _PREFIXES = frozenset(b"\x26\x2e\x36\x3e\x64\x65\x66\x67\xf2\xf3")
 _PIO_READ_AHEAD = 1024  # KVM's emulator reads a string IN ahead into a 1 KiB buffer
@@ -164,6 +192,7 @@ _RFLAGS_AC = 1 << 18
 _MSR_EFER = 0xC000_0080
 _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
+_FOREVER = 1 << 62  # an instruction count no run reaches (see "exact steps")
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
 # the string instructions (ins, outs, movs, cmps, stos, lods, scas; byte and wider forms)
 _STRING_OPCODES = frozenset((*range(0x6C, 0x70), *range(0xA4, 0xA8), *range(0xAA, 0xB0)))
@@ -314,9 +343,14 @@ class UnicornVcpu:
         # mappings (worker-owned; read by zappers under _lock)
         self._lock = sync.Mutex("unicorn_vcpu.mappings")
         self._zcv = sync.Condition(self._lock)
-        self._regions: dict[int, tuple[int, str, int]] = {}  # base gfn → npages, kind, hva
-        self._page: dict[int, int] = {}  # gfn → base gfn of its region
+        # base gfn → npages, kind, hva, writable (see "Regions" in the module notes)
+        self._regions: dict[int, tuple[int, str, int, bool]] = {}
+        self._sorted: list[int] = []  # the bases, in order
+        self._npages = 0  # pages they map
         self._fenced: set[int] = set()
+        # gfns faulted in and not yet known mapped: a zap of one is pending all the same
+        # (the mirror maps the spte after the MMU gave it, or after a restart)
+        self._inflight: set[int] = set()
         self._pending: list[tuple[int, int]] = []
         self._mapped_as = vcpu.as_id
         self._inside = False
@@ -372,6 +406,7 @@ class UnicornVcpu:
         self._scan_stop = False  # the run stopped before a new block, to scan it
         self._clean: set[int] = set()  # block pcs whose bytes hold no port opcode
         self._stepping = False  # a one-instruction run (count=1) is running
+        self._keep_count = False  # block-wise runs keep Unicorn's count hook (exact steps)
         self._fault_stops = False  # the last _hook_fault's _enter asked for a stop
         self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
         self._busy = False  # the worker is in _run_guest (engine gate lock)
@@ -786,6 +821,7 @@ class UnicornVcpu:
                     if held:
                         break
                     if not self._pending and self._vcpu.as_id == self._mapped_as:
+                        self._inflight.clear()  # what they faulted in is mapped, or pending
                         self._inside = True
                         self._epoch += 1
                         self._stop_requested = False
@@ -813,7 +849,7 @@ class UnicornVcpu:
                     self._engine.stats["steps"] += 1
                     uc.emu_start(rip, 0, count=1)
                 else:
-                    uc.emu_start(rip, 0)
+                    uc.emu_start(rip, 0, count=_FOREVER if self._keep_count else 0)
             except UcError as e:
                 error = e
             finally:
@@ -827,6 +863,10 @@ class UnicornVcpu:
                     uc.hook_del(h)
                 if hooks:
                     uc.ctl_remove_cache(pc, pc + 1)  # the step's code calls the hooks
+            if exact:
+                self._keep_count = True
+            elif not self._step:
+                self._keep_count = self._exact is not None  # stopped for another step
             # an event of an instruction that exited, or that runs again, is not delivered
             event = self._trap.take()
             if self._inert:
@@ -971,9 +1011,8 @@ class UnicornVcpu:
             gfn, _ = (translate_gva(self._vcpu.read, controls, gva, fetch=True, user=user,
                                     features=uc_state.PAGING_FEATURES) >> PAGE_SHIFT
                       for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1))
-            if gfn not in self._page:
-                spte = self._vcpu.fault_in(gfn << PAGE_SHIFT, False)
-                self._map_ram(gfn, spte)
+            if self._base_of(gfn) is None:
+                self._remap(_spte_pages(self._vcpu.fault_in(gfn << PAGE_SHIFT, False)))
         except (PageFault, KvmError, MemoryFault, MmioExit, TrackedWrite):
             return None
         return pc, gfn
@@ -982,9 +1021,10 @@ class UnicornVcpu:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
         if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
-            ready = walked is not None and walked[0] == rip and walked[1] in self._page
+            ready = (walked is not None and walked[0] == rip
+                     and self._base_of(walked[1]) is not None)
         else:
-            ready = rip >> PAGE_SHIFT in self._page
+            ready = self._base_of(rip >> PAGE_SHIFT) is not None
         if rip not in self._scans and rip not in self._clean and ready:
             # The edge hook does not see the first block of a run while Unicorn has not
             # yet left a block the ordinary way (its record of the last block is set only
@@ -1110,81 +1150,192 @@ class UnicornVcpu:
         """From any thread (the MMU lock held): drop [start, end) from this vCPU's mappings
         before returning, as far as a running guest is concerned."""
         with self._lock:
-            if as_id != self._mapped_as or not self._overlaps(start, end):
+            if as_id != self._mapped_as or not (
+                    self._overlaps(start, end) or any(start <= g < end for g in self._inflight)):
                 return
             self._pending.append((start, end))
             self._stop_guest()
 
+    def _base_of(self, gfn: int) -> int | None:
+        """The base gfn of the region that maps `gfn`, None if none does."""
+        i = bisect.bisect_right(self._sorted, gfn) - 1
+        if i < 0:
+            return None
+        base = self._sorted[i]
+        return base if gfn < base + self._regions[base][0] else None
+
     def _overlaps(self, start: int, end: int) -> bool:
-        if end - start <= 64:
-            return any(g in self._page for g in range(start, end))
-        return any(b < end and b + n > start for b, (n, _, _) in self._regions.items())
+        i = bisect.bisect_left(self._sorted, end) - 1
+        if i < 0:
+            return False
+        base = self._sorted[i]
+        return base >= start or base + self._regions[base][0] > start
 
     def _bases(self, start: int, end: int) -> list[int]:
-        if end - start <= 64:
-            return sorted({self._page[g] for g in range(start, end) if g in self._page})
-        return [b for b, (n, _, _) in self._regions.items() if b < end and b + n > start]
+        first = self._base_of(start)
+        i = bisect.bisect_left(self._sorted, start if first is None else first)
+        j = bisect.bisect_left(self._sorted, end)
+        return self._sorted[i:j]
 
     def _apply_pending(self) -> None:
         """Between two emu_starts: unmap pending ranges; follow an SMM switch. A page whose
         spte is still there, over the same host page, only changes permissions (a dirty-log
-        write protection): cheaper than an unmap for Unicorn, which keeps regions in a
-        list."""
+        write protection): its region keeps its extent where it can, and is protected, not
+        unmapped and mapped again (see "Regions")."""
         with self._lock:
             pending, self._pending = self._pending, []
-            bases = sorted({b for s, e in pending for b in self._bases(s, e)})
             if self._vcpu.as_id != self._mapped_as:
-                bases = list(self._regions)
                 self._mapped_as = self._vcpu.as_id
-                pending = []
+                pending = [(b, b + self._regions[b][0]) for b in self._sorted]
+                switched = True
+            else:
+                switched = False
         mmu = self._engine.vm.mmu
-        for base in bases:
-            npages, kind, hva = self._regions[base]
-            spte = mmu.spte(self._mapped_as, base) if pending else None
-            if (kind == _RAM and npages == 1 and spte is not None and spte.npages == 1
-                    and spte.frame.hva == hva and spte.frame.current()):
-                perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
-                self._uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, perms)
-                with self._lock:
-                    self._fenced.discard(base)
-                continue
-            self._unmap_region(base)
+        changes: dict[int, _PageMap | None] = {}
+        for start, end in pending:
+            for base in self._bases(start, end):
+                npages, kind, hva, _ = self._regions[base]
+                for g in range(max(base, start), min(base + npages, end)):
+                    spte = None if switched or kind != _RAM else mmu.spte(self._mapped_as, g)
+                    at = hva + ((g - base) << PAGE_SHIFT)
+                    if (spte is not None and spte.frame.hva + ((g - spte.gfn) << PAGE_SHIFT)
+                            == at and spte.current(g)):
+                        changes[g] = (_RAM, at, spte.writable)
+                    else:
+                        changes[g] = None
+        self._remap(changes)
 
-    def _unmap_region(self, base: int) -> None:
-        with self._lock:
-            region = self._regions.pop(base, None)
-            if region is None:
+    def _remap(self, changes: Mapping[int, _PageMap | None]) -> None:
+        """Between two emu_starts: map each gfn of `changes` as it says (None: unmapped),
+        re-cutting the regions of its chunk into maximal runs of RAM pages over contiguous
+        host memory with one protection (a slow page is a region of its own). Only the
+        regions that differ are unmapped and mapped; one whose extent stays is protected."""
+        uc = self._uc
+        stats = self._engine.stats
+        if len(changes) == 1 and self._npages < _MERGE_PAGES:
+            # a region per page: one page's protection change is one mem_protect
+            ((g, page),) = changes.items()
+            region = self._regions.get(g)
+            if page is not None and region is not None and region[0] == 1 \
+                    and region[1:3] == page[:2]:
+                if region[3] != page[2] or g in self._fenced:
+                    with self._lock:
+                        self._regions[g] = (1, *page)
+                        self._fenced.discard(g)
+                    uc.mem_protect(g << PAGE_SHIFT, PAGE_SIZE, _perms(page[2]))
                 return
-            npages = region[0]
-            for g in range(base, base + npages):
-                self._page.pop(g, None)
-            self._fenced.discard(base)
-        self._uc.mem_unmap(base << PAGE_SHIFT, npages << PAGE_SHIFT)
-        # a gpa mapped again may be other host memory: drop code translated from this one
-        self._uc.ctl_remove_cache(base << PAGE_SHIFT, (base + npages) << PAGE_SHIFT)
-        self._engine.stats["unmaps"] += 1
+        for chunk, runs in _runs(changes).items():
+            # the regions the runs touch, and their neighbours (merges are of neighbours)
+            lo = max(chunk * _CHUNK, runs[0][0] - 1)
+            hi = min((chunk + 1) * _CHUNK, runs[-1][1] + 1)
+            old = {b: self._regions[b] for b in self._bases(lo, hi)}
+            segs = [(b, *r) for b, r in old.items()]
+            merge = max(self._npages, len(changes)) >= _MERGE_PAGES
+            for start, end, page in runs:
+                cut: list[_Region] = []
+                for b, n, kind, hva, w in segs:
+                    if b + n <= start or b >= end:
+                        cut.append((b, n, kind, hva, w))
+                        continue
+                    if b < start:
+                        cut.append((b, start - b, kind, hva, w))
+                    if b + n > end:
+                        cut.append((end, b + n - end, kind,
+                                    hva + ((end - b) << PAGE_SHIFT) if kind == _RAM else 0, w))
+                if page is not None:
+                    if page[0] == _RAM and merge:
+                        cut.append((start, end - start, *page))
+                    elif page[0] == _RAM:
+                        cut += [(g, 1, _RAM, page[1] + ((g - start) << PAGE_SHIFT), page[2])
+                                for g in range(start, end)]
+                    else:
+                        cut += [(g, 1, *page) for g in range(start, end)]
+                segs = sorted(cut)
+            new: dict[int, tuple[int, str, int, bool]] = {}
+            last: _Region | None = None
+            for seg in segs:
+                if (merge and last is not None and seg[2] == last[2] == _RAM and seg[4] == last[4]
+                        and seg[0] == last[0] + last[1]
+                        and seg[3] == last[3] + (last[1] << PAGE_SHIFT)):
+                    last = (last[0], last[1] + seg[1], _RAM, last[3], last[4])
+                else:
+                    if last is not None:
+                        new[last[0]] = last[1:]
+                    last = seg
+            if last is not None:
+                new[last[0]] = last[1:]
+            unmap: list[int] = []
+            protect: list[tuple[int, bool]] = []
+            for b, (n, kind, hva, w) in old.items():
+                want = new.get(b)
+                if want is None or want[:3] != (n, kind, hva):
+                    unmap.append(b)
+                    continue
+                if want[3] != w or b in self._fenced:
+                    protect.append((b, want[3]))
+                del new[b]
+            with self._lock:
+                for b in unmap:
+                    del self._regions[b]
+                    self._fenced.discard(b)
+                for b, w in protect:
+                    self._regions[b] = (*self._regions[b][:3], w)
+                    self._fenced.discard(b)
+                self._regions.update(new)
+                self._npages += (sum(r[0] for r in new.values())
+                                 - sum(old[b][0] for b in unmap))
+                if unmap or new:
+                    self._sorted = sorted(self._regions)
+            for b in unmap:
+                uc.mem_unmap(b << PAGE_SHIFT, old[b][0] << PAGE_SHIFT)
+                stats["unmaps"] += 1
+            for b, w in protect:
+                uc.mem_protect(b << PAGE_SHIFT, old[b][0] << PAGE_SHIFT, _perms(w))
+            for start, end, page in runs:
+                # a gpa mapped again may be other host memory: drop code translated from it
+                # (a page merged with its neighbours maps the same memory again)
+                for b, (n, kind, hva, _) in old.items():
+                    s, e = max(b, start), min(b + n, end)
+                    if s < e and (page is None or page[0] != kind or (kind == _RAM and
+                                  page[1] + ((s - start) << PAGE_SHIFT)
+                                  != hva + ((s - b) << PAGE_SHIFT))):
+                        uc.ctl_remove_cache(s << PAGE_SHIFT, e << PAGE_SHIFT)
+            for b, (n, kind, hva, w) in new.items():
+                if kind == _RAM:
+                    uc.mem_map_ptr(b << PAGE_SHIFT, n << PAGE_SHIFT, _perms(w), hva)
+                else:
+                    self._mmio_map(b)
+                stats["maps"] += 1
 
-    def _record(self, base: int, npages: int, kind: str, hva: int = 0) -> None:
+    def _map_in_hook(self, pages: dict[int, _PageMap]) -> bool:
+        """From a memory hook, for an unmapped page: map `pages` (one spte's, or a slow
+        page) as one region if that needs no other region changed — none of them mapped,
+        no neighbour in the chunk to merge with. False if not: `_remap` must do it, between
+        two emu_starts."""
+        lo, hi = min(pages), max(pages) + 1
+        if lo // _CHUNK != (hi - 1) // _CHUNK or self._overlaps(lo, hi):
+            return False
+        kind, hva, w = pages[lo]
+        if kind == _RAM and self._npages >= _MERGE_PAGES:
+            for g, at in ((lo - 1, hva - PAGE_SIZE), (hi, hva + ((hi - lo) << PAGE_SHIFT))):
+                b = self._base_of(g) if g // _CHUNK == lo // _CHUNK else None
+                if b is not None:
+                    _, k, bhva, bw = self._regions[b]
+                    if k == _RAM and bw == w and bhva + ((g - b) << PAGE_SHIFT) == at:
+                        return False
+        if kind == _RAM:
+            self._uc.mem_map_ptr(lo << PAGE_SHIFT, (hi - lo) << PAGE_SHIFT, _perms(w), hva)
+        else:
+            self._mmio_map(lo)
         with self._lock:
-            self._regions[base] = (npages, kind, hva)
-            for g in range(base, base + npages):
-                self._page[g] = base
+            self._regions[lo] = (hi - lo, kind, hva, w)
+            bisect.insort(self._sorted, lo)
+            self._npages += hi - lo
         self._engine.stats["maps"] += 1
+        return True
 
-    def _map_ram(self, gfn: int, spte: Spte) -> None:
-        base, npages = spte.gfn, spte.npages
-        if npages > 1 and any(g in self._page for g in range(base, base + npages)):
-            base, npages = gfn, 1
-        hva = spte.frame.hva + ((base - spte.gfn) << PAGE_SHIFT)
-        perms = UC_PROT_ALL if spte.writable else UC_PROT_READ | UC_PROT_EXEC
-        self._uc.mem_map_ptr(base << PAGE_SHIFT, npages << PAGE_SHIFT, perms, hva)
-        self._record(base, npages, _RAM, hva)
-
-    def _map_slow(self, gfn: int) -> None:
+    def _mmio_map(self, gfn: int) -> None:
         """Map the page as Unicorn MMIO: every access takes kvmem's vCPU memory path."""
-        base = self._page.get(gfn)
-        if base is not None:
-            self._unmap_region(base)
         page = gfn << PAGE_SHIFT
 
         def read(uc: Uc, offset: int, size: int, data: Any) -> int:
@@ -1194,7 +1345,6 @@ class UnicornVcpu:
             self._slow_write(page + offset, size, value)
 
         self._uc.mmio_map(page, PAGE_SIZE, read, None, write, None)
-        self._record(gfn, 1, _SLOW)
 
     # -- hooks: leaving and re-entering the guest -----------------------------------------------
     def _leave(self) -> None:
@@ -1230,6 +1380,8 @@ class UnicornVcpu:
     def _hook_fault(self, address: int, size: int, write: bool) -> Spte | None:
         """The fault path for a memory hook, outside the guest: the spte to map, None for
         the slow path (MMIO, read-only, tracked), or None with `_fatal` set."""
+        with self._lock:
+            self._inflight.add(address >> PAGE_SHIFT)
         self._leave()
         try:
             self._engine.stats["faults"] += 1
@@ -1356,10 +1508,12 @@ class UnicornVcpu:
         if self._pending_covers(gfn):
             self._restart = _nothing  # zapped while we faulted: unmap, then try again
             return False
-        if spte is None:
-            self._map_slow(gfn)
-        else:
-            self._map_ram(gfn, spte)
+        pages = {gfn: _SLOW_PAGE} if spte is None else _spte_pages(spte)
+        if not self._map_in_hook(pages):
+            # merged into a neighbour's region, which the instruction or its block may use:
+            # Unicorn unmaps and maps it again between two emu_starts, and the access reruns
+            self._restart = lambda: self._remap(pages)
+            return False
         if fetch or self._fault_stops:
             # fetch: the block being translated keeps wrong EIPs for its instructions (a
             # stop or a hook would see the EIP of an earlier one): translate it again.
@@ -1420,7 +1574,7 @@ class UnicornVcpu:
         if self._inert:
             return False
         gfn = address >> PAGE_SHIFT
-        base = self._page.get(gfn)
+        base = self._base_of(gfn)
         if base is None or base in self._fenced or access != UC_MEM_WRITE_PROT:
             # a fenced region, or a read of PROT_NONE: unmap what is pending and retry
             self._restart = _nothing
@@ -1433,17 +1587,16 @@ class UnicornVcpu:
         if self._pending_covers(gfn):
             self._restart = _nothing
             return False
-        if spte is None:
-            # the page must take the slow path; its mapping cannot change under this access
-            self._restart = lambda: self._map_slow(gfn)
-            return False
-        if self._regions[base][0] != 1 or not spte.writable:
-            self._restart = lambda: self._unmap_region(base)
-            return False
         # Not from here: the store that called us goes on with the TLB entry Unicorn read
         # for it, which drops writes to a read-only page, whatever the page's protection
-        # is now. Made writable between two emu_starts, the page takes the store again.
-        self._restart = lambda: uc.mem_protect(base << PAGE_SHIFT, PAGE_SIZE, UC_PROT_ALL)
+        # is now. Remapped between two emu_starts (writable, the slow path if the page
+        # must take it, unmapped if the spte stayed read-only), the page takes it again.
+        pages: Mapping[int, _PageMap | None] = {gfn: None}
+        if spte is None:
+            pages = {gfn: _SLOW_PAGE}
+        elif spte.writable:
+            pages = _spte_pages(spte)
+        self._restart = lambda: self._remap(pages)
         return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
@@ -1523,18 +1676,18 @@ class UnicornVcpu:
             if key[0] is not ExitKind.MMIO:
                 continue
             gfn = key[1] >> PAGE_SHIFT
-            base = self._page.get(gfn)
+            base = self._base_of(gfn)
             if base is not None and self._regions[base][1] == _RAM and gfn not in code:
-                self._map_slow(gfn)
+                self._remap({gfn: _SLOW_PAGE})
                 self._parts_slowed.append(gfn)
 
     def _read_parts_fast(self) -> None:
         """After the step: those pages fault in as RAM again."""
         slowed, self._parts_slowed = self._parts_slowed, []
-        for gfn in slowed:
-            base = self._page.get(gfn)
-            if base is not None and self._regions[base][1] == _SLOW:
-                self._unmap_region(base)
+        gone = {g: None for g in slowed
+                if (b := self._base_of(g)) is not None and self._regions[b][1] == _SLOW}
+        if gone:
+            self._remap(gone)
 
     def _exact_hooks(self, rip: int) -> list[int]:
         uc = self._uc
@@ -1703,6 +1856,41 @@ class UnicornVcpu:
             return  # (OUTS from a slow page: the exact step posts it, with the right data)
         payload = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         self._post(Exit(ExitKind.IO, port, size, True, payload))
+
+
+def _perms(writable: bool) -> int:
+    return UC_PROT_ALL if writable else UC_PROT_READ | UC_PROT_EXEC
+
+
+def _spte_pages(spte: Spte) -> dict[int, _PageMap]:
+    """The pages `spte` maps, as the mirror maps them."""
+    hva = spte.frame.hva
+    return {spte.gfn + i: (_RAM, hva + (i << PAGE_SHIFT), spte.writable)
+            for i in range(spte.npages)}
+
+
+def _runs(changes: Mapping[int, _PageMap | None]
+          ) -> dict[int, list[tuple[int, int, _PageMap | None]]]:
+    """`changes` as runs (start, end, how the first page is mapped) by chunk: consecutive
+    gfns unmapped alike, or mapped as RAM alike over consecutive host pages."""
+    chunks: dict[int, list[tuple[int, int, _PageMap | None]]] = {}
+    start = end = -1
+    first: _PageMap | None = None
+    for g in sorted(changes):
+        page = changes[g]
+        if g == end and g % _CHUNK and (
+                (page is None and first is None)
+                or (page is not None and first is not None and page[0] == first[0] == _RAM
+                    and page[2] == first[2]
+                    and page[1] == first[1] + ((g - start) << PAGE_SHIFT))):
+            end += 1
+            continue
+        if end > start:
+            chunks.setdefault(start // _CHUNK, []).append((start, end, first))
+        start, end, first = g, g + 1, page
+    if end > start:
+        chunks.setdefault(start // _CHUNK, []).append((start, end, first))
+    return chunks
 
 
 def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
