@@ -16,7 +16,9 @@ guest memory (every host page behind the window and the low slot).
 
 The VM: a low slot [0, 1 MiB) with the code (at `CODE`) and the mode's tables; a data window
 of `WINDOW_PAGES` pages at `DATA`, cut into RAM, logging RAM, read-only slots and holes; an
-MMIO window at `MMIO` (never a slot); a far range at `FAR` where slots may move. Steps are
+MMIO window at `MMIO` (never a slot); a far range at `FAR` where slots may move. In long64, half the
+plans (by their own draw from the seed) start with page tables whose entries have no
+accessed or dirty bits: the CPU's walks set them, as guest writes the dirty logs see. Steps are
 runs (the program from its entry with EBP = the pass number, host actions at some of its
 exits) and host actions: harvests (GET, GET + CLEAR under manual protect), `vm.write`,
 transactions (split, merge, move), `discard` of host pages, tracking on/off, logging on/off.
@@ -118,6 +120,9 @@ class Plan:
     fill: bytes  # the window's initial contents
     program: randprog.RandomProgram
     steps: list[tuple[str, Any]] = field(default_factory=list)
+    # long64: page tables without accessed/dirty bits, which the CPU's walks then set (and
+    # dirty logging sees) — drawn from its own generator, so the rest of a plan is the same
+    bare_tables: bool = False
     # ("run", (pass, {exit index: [actions]})) or ("act", action)
 
 
@@ -243,7 +248,8 @@ def plan(seed: int, mode: str | None = None, *, runs: int | None = None) -> Plan
     fill = rng.randbytes(WINDOW_PAGES * PAGE_SIZE)
     program = randprog.generate(rng.getrandbits(32), mode, (DATA, WINDOW_PAGES),
                                 (MMIO, MMIO_PAGES))
-    p = Plan(seed, mode, manual, low_flags, slots, fill, program)
+    p = Plan(seed, mode, manual, low_flags, slots, fill, program,
+             bare_tables=mode == "long64" and random.Random(seed ^ 0xAD).random() < 0.5)
     p.steps = schedule(rng, slots, runs)
     return p
 
@@ -327,6 +333,14 @@ class Runner:
         vm.write(CODE, p.program.code)
         if p.mode == "long64":
             self.state = modes.long_mode(CODE, vm.write, TABLES)
+            if p.bare_tables:  # every present entry without its accessed and dirty bits
+                n = modes.identity_map_bytes(1 << 30)
+                raw = bytearray(vm.read(TABLES, n))
+                for at in range(0, n, 8):
+                    e = int.from_bytes(raw[at:at + 8], "little")
+                    if e & 1:
+                        raw[at:at + 8] = (e & ~0x60).to_bytes(8, "little")
+                vm.write(TABLES, bytes(raw))
         else:
             self.state = modes.protected_mode(CODE, vm.write, GDT)
         vm.page_track.register(_Recorder(self.events))

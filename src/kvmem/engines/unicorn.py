@@ -580,11 +580,21 @@ class UnicornVcpu:
         mask = (1 << bits) - 1
         last = self._last
         assert last is not None
-        self._answers, self._used = {}, set()
         rdi, rcx = int(uc.reg_read(X.UC_X86_REG_RDI)), int(uc.reg_read(X.UC_X86_REG_RCX))
+        # the destination's pages through the guest's page tables, as KVM's emulator writes
+        # them: a write walk each, which sets their accessed/dirty bits (a fault: the
+        # elements are replayed one by one instead, and Unicorn's fill raises it)
+        parts: list[tuple[int, int, int]] = []  # (linear, gpa, bytes)
+        for linear, n in _page_parts(rdi & mask, len(data)):
+            gpa = self._write_walk(linear)
+            if gpa is None:
+                self._ins_answer = data
+                return None
+            parts.append((linear, gpa, n))
+        self._answers, self._used = {}, set()
         exits: list[Exit] = []
-        for part, n in _page_parts(rdi & mask, len(data)):
-            chunk = data[part - (rdi & mask):][:n]
+        for linear, part, n in parts:
+            chunk = data[linear - (rdi & mask):][:n]
             for at in range(0, n, 8):
                 if exits and self._tracked(part):  # behind an exit, as in _on_write
                     self._after_exits.append((part + at, chunk[at:at + 8]))
@@ -599,6 +609,25 @@ class UnicornVcpu:
         self._exit_pc = self._pc()
         self._set_rf(True)
         return exits
+
+    def _write_walk(self, linear: int) -> int | None:
+        """Between two runs: the gpa a guest write to `linear` reaches, its walk setting the
+        accessed/dirty bits (as KVM's emulator's does); None if it would fault."""
+        uc = self._uc
+        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        if not cr0 & _CR0_PG:
+            return linear
+        try:
+            with self._vcpu.loaded():  # the bits' marks go to this vCPU's ring
+                got = walk_for_tlb(self._vcpu.read, self._set_bits, controls_of(uc, cr0),
+                                   linear & ~(PAGE_SIZE - 1), access="write",
+                                   user=int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3,
+                                   ac=bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+                                           & _RFLAGS_AC),
+                                   features=uc_state.PAGING_FEATURES)
+        except PageFault:
+            return None
+        return got.gpa | (linear & (PAGE_SIZE - 1))
 
     def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
         """A guest write within one page that the caller's thread makes for the guest, the
