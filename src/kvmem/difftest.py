@@ -16,14 +16,14 @@ guest memory (every host page behind the window and the low slot).
 
 The VM: a low slot [0, 1 MiB) with the code (at `CODE`) and the mode's tables; a data window
 of `WINDOW_PAGES` pages at `DATA`, cut into RAM, logging RAM, read-only slots and holes; an
-MMIO window at `MMIO` (never a slot); a far range at `FAR` where slots may move. In long64, half the
-plans (by their own draw from the seed) start with page tables whose entries have no
-accessed or dirty bits: the CPU's walks set them, as guest writes the dirty logs see. Steps are
-runs (the program from its entry with EBP = the pass number, host actions at some of its
-exits) and host actions: harvests (GET, GET + CLEAR under manual protect), `vm.write`,
-transactions (split, merge, move), `discard` of host pages, tracking on/off, logging on/off.
-MMIO reads and INs are answered with bytes derived from their address, so both engines get
-the same answers for the same accesses.
+MMIO window at `MMIO` (never a slot); a far range at `FAR` where slots may move. In long64,
+half the plans (by their own draw from the seed) start with page tables whose entries have
+no accessed or dirty bits: the CPU's walks set them, as guest writes the dirty logs see.
+Steps are runs (the program from its entry with EBP = the pass number, host actions at some
+of its exits) and host actions: harvests (GET, GET + CLEAR under manual protect),
+`vm.write`, transactions (split, merge, move), `discard` of host pages, tracking on/off,
+logging on/off. MMIO reads and INs are answered with bytes derived from their address, so
+both engines get the same answers for the same accesses.
 
 Rules: the schedule is decided by the seed and a model of the layout only, never by what an
 engine did, so both engines get the same steps for as long as their traces agree; the first
