@@ -310,6 +310,12 @@ class UnicornEngine(AttachedOnce):
                 for cpu in self._vcpus:
                     cpu._zap(c.new.as_id, c.new.base_gfn, c.new.end_gfn)
 
+    def guest_tables_restored(self, vm: Vm) -> None:
+        # translations Unicorn's TLB holds may come from the tables as they were: flushed
+        # before each vCPU's next emu_start (a state load writing CR3 flushes it too)
+        for cpu in self._vcpus:
+            cpu._tlb_stale = True
+
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         if not tracked:  # the slow page may become RAM again
             for cpu in self._vcpus:
