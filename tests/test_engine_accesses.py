@@ -11,6 +11,9 @@ them on its own:
 - `rep ins` into a tracked page or a read-only slot is one write of all the elements its
   exit read ahead (no zero written first); RIP stays at it until that write's exit is taken;
 - `rep stos` going down (DF set) goes down, exit after exit;
+- a load from a RAM page into a page without memory completes with the RAM bytes read
+  before its exit, whatever the host did to them meanwhile (difftest seed 10527); a store
+  across the two has written its RAM part by its exit, and nothing more after it;
 - 64-bit code with 4-level paging runs (Unicorn maps the page-table pages its walk reads).
 
 The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsewhere.
@@ -283,3 +286,51 @@ def test_rep_ins_across_a_hole_and_a_tracked_page(engine: str, boot: Boot) -> No
     cpu.complete(b"cd")
     assert cpu.run() == Exit(ExitKind.HLT)
     assert track.writes == [(RAM2, b"b"), (RAM2 + 1, b"cd")]
+
+
+SPARE = 0x20_0000  # slot 3 of the tests below: one page, no slot after it
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("change", ["write", "discard"])
+def test_a_load_from_ram_into_no_memory_keeps_the_ram_bytes_it_read(
+        engine: str, change: str, boot: Boot) -> None:
+    """A load crossing from a RAM page into a page without memory: KVM's emulator reads
+    the RAM part, then exits for the rest, and completes with the RAM bytes it read
+    before the exit — whatever the host did to that page meanwhile (a write, a discard:
+    the difftest's seed 10527)."""
+    mem = kvmem.HostMemory.anonymous(PAGE_SIZE)
+    try:
+        vm, cpu, _ = boot(engine, mov_edi(SPARE + PAGE_SIZE - 2) + LOAD4)  # load at 0x1005
+        vm.set_memory_region(3, 0, SPARE, PAGE_SIZE, mem.hva)
+        vm.write(SPARE + PAGE_SIZE - 2, b"\x11\x22")
+        assert cpu.run() == mmio(SPARE + PAGE_SIZE, 2)
+        assert cpu.get_regs().eip == 0x1005
+        if change == "write":
+            vm.write(SPARE + PAGE_SIZE - 2, b"\x77\x88")
+        else:
+            mem.discard(0, PAGE_SIZE)
+        cpu.complete(b"\x33\x44")
+        assert cpu.run() == Exit(ExitKind.HLT)
+        assert cpu.get_regs().eax == 0x44332211
+        vm.set_memory_region(3, 0, SPARE, 0, 0)
+    finally:
+        mem.close()
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("direction", ["ram first", "hole first"])
+def test_a_store_across_ram_and_no_memory_wrote_its_ram_part_at_the_exit(
+        engine: str, direction: str, boot: Boot) -> None:
+    """The mirror case: a store crossing between a RAM page and a page without memory
+    has written its RAM part by its MMIO exit (either order); the host changes those
+    bytes at the exit and they stay so (the engine writes nothing more after it)."""
+    at, ram_part = ((HOLE - 2, HOLE - 2) if direction == "ram first" else (RAM2 - 2, RAM2))
+    vm, cpu, _ = boot(engine, mov_edi(at) + mov_eax(0x44332211) + STORE4)
+    e = cpu.run()
+    assert e.kind is ExitKind.MMIO and e.is_write and e.size == 2
+    stored = bytes.fromhex("1122") if direction == "ram first" else bytes.fromhex("3344")
+    assert vm.read(ram_part, 2) == stored
+    vm.write(ram_part, b"zz")
+    assert cpu.run() == Exit(ExitKind.HLT)
+    assert vm.read(ram_part, 2) == b"zz"

@@ -60,11 +60,19 @@ def test_random_programs_agree(mode: str, chunk: int) -> None:
     assert not found, explain(found)
 
 
+# divergences known and not fixed (see kvmem.difftest's docstring): (mode, seed) → kind.
+# The slow test holds them to it, so that a fix shows (and removes them from here).
+KNOWN = {("prot32", 11678): "exit: mmio write vs mmio write"}
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("KVMEM_SLOW") != "1", reason="set KVMEM_SLOW=1")
 @pytest.mark.parametrize("mode", randprog.MODES)
 def test_random_programs_agree_many(mode: str) -> None:
     found = divergences(range(10_000, 10_000 + SLOW_PROGRAMS), mode)
+    known = {seed: kind for (m, seed), kind in KNOWN.items() if m == mode}
+    assert {d.seed: d.kind for d in found if d.seed in known} == known
+    found = [d for d in found if d.seed not in known]
     assert not found, explain(found)
 
 

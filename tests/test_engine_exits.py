@@ -7,13 +7,17 @@ it, its destination untouched) until `complete(data)` and the next `run`. A stri
 one exit of `count` accesses (KVM's read-ahead); a string OUT is one exit per element,
 EIP at the instruction while elements remain. An unaligned MMIO store is one exit of its
 size. Registers may be set at any exit; after a kick, `run` returns KICKED and runs
-nothing. The expected exits are written out, so each engine is held to them on its own.
+nothing. RFLAGS.RF is KVM's at each exit (set inside an unfinished REP string instruction).
+At a string IN's exit its element is untouched, and nothing after a port instruction has
+run, also in a run's first block with paging on. The expected exits are written out, so
+each engine is held to them on its own.
 
 The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 from collections.abc import Callable, Iterator
 
@@ -320,6 +324,138 @@ def test_nothing_after_a_port_instruction_runs_before_its_exit_in_real_mode(
         assert (cpu.get_regs().eip, vm.read(BUF, 5)) == (0x4, bytes(4) + b"\x77")
         assert cpu.run() == io(0x81, 1)
         assert (cpu.get_regs().eip, vm.read(BUF, 5)) == (0xA, bytes.fromhex("3412000077"))
+        cpu.complete(b"\x99")
+        assert cpu.run() == Exit(ExitKind.HLT)
+        assert vm.read(BUF, 5) == bytes.fromhex("3412000099")
+
+
+# RFLAGS.RF at each exit: KVM's emulator writes RFLAGS back where it writes RIP back, RF set
+# while a REP string instruction is not finished (EIP at it) and clear once an instruction
+# finishes; a read exit writes nothing back (RF as the last write-back left it)
+HOLE = RAM  # no slot above the RAM: a read there is an MMIO exit
+RF_TOUR = [
+    (0x1000, "be 00 20 00 00"),        # mov esi, BUF
+    (0x1005, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x100A, "66 ba 82 00"),           # mov dx, 0x82
+    (0x100E, "f3 6e"),                 # rep outsb: RF at each element, the last too
+    (0x1010, "e6 80"),                 # out 0x80, al: finished, RF clear
+    (0x1012, "bf 00 00 00 10"),        # mov edi, MMIO
+    (0x1017, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x101C, "f3 aa"),                 # rep stosb into MMIO: RF at each write
+    (0x101E, "be 00 00 00 10"),        # mov esi, MMIO
+    (0x1023, "bf 00 20 00 00"),        # mov edi, BUF
+    (0x1028, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x102D, "f3 a4"),                 # rep movsb MMIO -> RAM: reads, RF as before (clear)
+    (0x102F, "be 00 00 00 10"),        # mov esi, MMIO
+    (0x1034, "bf 10 00 00 10"),        # mov edi, MMIO + 0x10
+    (0x1039, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x103E, "f3 a4"),                 # rep movsb MMIO -> MMIO: the read after a write: RF
+    (0x1040, "bf ff 2f 00 00"),        # mov edi, BUF + 0xfff
+    (0x1045, "b9 02 00 00 00"),        # mov ecx, 2
+    (0x104A, "f3 6c"),                 # rep insb, 1 byte left in the page: the second IN
+                                       # comes after KVM went back to the guest: RF
+    (0x104C, "be fc fb 0f 00"),        # mov esi, HOLE - 1028
+    (0x1051, "bf 00 40 00 00"),        # mov edi, 0x4000
+    (0x1056, "b9 06 04 00 00"),        # mov ecx, 1030
+    (0x105B, "e6 80"),                 # out 0x80, al
+    (0x105D, "f3 a4"),                 # rep movsb: 1028 bytes of RAM, then the hole: KVM
+                                       # went back to the guest at ecx = 1024: RF
+    (0x105F, "f4"),                    # hlt: RF clear
+]
+RF_EXITS = [  # exit, (eip, ecx, RF)
+    (io(0x82, 1, b"a"), (0x100E, 1, 1)),
+    (io(0x82, 1, b"b"), (0x100E, 0, 1)),
+    (io(0x80, 1, b"\0"), (0x1012, 0, 0)),
+    (mmio(MMIO, 1, b"\0"), (0x101C, 1, 1)),
+    (mmio(MMIO + 1, 1, b"\0"), (0x101C, 0, 1)),
+    (mmio(MMIO, 1), (0x102D, 2, 0)),
+    (mmio(MMIO + 1, 1), (0x102D, 1, 0)),
+    (mmio(MMIO, 1), (0x103E, 2, 0)),
+    (mmio(MMIO + 0x10, 1, b"A"), (0x103E, 1, 1)),
+    (mmio(MMIO + 1, 1), (0x103E, 1, 1)),
+    (mmio(MMIO + 0x11, 1, b"A"), (0x103E, 0, 1)),
+    (io(0x82, 1, count=1), (0x104A, 2, 0)),
+    (io(0x82, 1, count=1), (0x104A, 1, 1)),
+    (io(0x80, 1, b"\0"), (0x105D, 1030, 0)),
+    (mmio(HOLE, 1), (0x105D, 2, 1)),
+    (mmio(HOLE + 1, 1), (0x105D, 1, 1)),
+    (Exit(ExitKind.HLT), (0x1060, 0, 0)),
+]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rf_at_each_exit_is_kvms(engine: str,
+                                 boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
+    vm, cpu = boot(engine, code(RF_TOUR))
+    vm.write(BUF, b"ab")
+    seen = []
+    for _ in RF_EXITS:
+        e = cpu.run()
+        r = cpu.get_regs()
+        seen.append((e, (r.eip, r.ecx, r.eflags >> 16 & 1)))
+        if e.reads:
+            cpu.complete(bytes([0x41] * e.answer_size))
+    assert seen == RF_EXITS
+    assert cpu.get_state().regs.rflags & 1 << 16 == 0
+
+
+MODES = ["prot32", "long64"]
+
+
+def enter(vm: kvmem.Vm, cpu: kvmem.Vcpu, mode: str, program: bytes) -> None:
+    """Load `program` at 0x10000 and start it in `mode` (long64: 4-level paging)."""
+    vm.write(0x10000, program)
+    if mode == "long64":
+        cpu.set_state(modes.long_mode(0x10000, vm.write, 0x20000))
+    else:
+        cpu.set_state(modes.protected_mode(0x10000, vm.write, 0x30000))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_string_in_leaves_its_element_alone_until_answered(
+        engine: str, mode: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
+    """On a page the guest has written (Unicorn maps it writable), at a REP INS's exit the
+    element is what it was (QEMU's INS stores a zero there first; KVM writes nothing until
+    the answer), the first time the INS runs (the first block of a run, with paging too)
+    and when it runs again; the answer then lands."""
+    program = bytes.fromhex("bf 00 20 00 00"  # mov edi, BUF
+                            "89 07"           # mov [rdi], eax: the page is written
+                            "b9 02 00 00 00"  # mov ecx, 2
+                            "ba 40 00 00 00"  # mov edx, 0x40
+                            "f3 6c"           # rep insb
+                            "f4")
+    vm, cpu = boot(engine, b"\xf4")
+    for value in (0x77665544, 0x33221100):
+        enter(vm, cpu, mode, program)
+        cpu.set_regs(dataclasses.replace(cpu.get_regs(), eax=value))
+        assert cpu.run() == io(0x40, 1, count=2)
+        assert vm.read(BUF, 2) == value.to_bytes(4, "little")[:2]
+        cpu.complete(b"xy")
+        assert cpu.run() == Exit(ExitKind.HLT)
+        assert vm.read(BUF, 2) == b"xy"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mode", MODES)
+def test_nothing_after_a_port_instruction_runs_before_its_exit_from_a_runs_first_block(
+        engine: str, mode: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
+    """The port instruction in the first block a run executes, with paging on too (Unicorn
+    reports that block to no hook: the engine walks the page tables to look at it first)."""
+    program = bytes.fromhex("b0 11"                                # mov al, 0x11
+                            "e6 80"                                # out 0x80, al
+                            "c7 04 25 00 20 00 00 34 12 00 00"     # mov dword [BUF], 0x1234
+                            "e4 81"                                # in al, 0x81
+                            "88 04 25 04 20 00 00"                 # mov [BUF + 4], al
+                            "f4")
+    vm, cpu = boot(engine, b"\xf4")
+    for _ in range(2):
+        vm.write(BUF, bytes(4) + b"\x77")
+        enter(vm, cpu, mode, program)
+        assert cpu.run() == io(0x80, 1, b"\x11")
+        assert vm.read(BUF, 5) == bytes(4) + b"\x77"
+        assert cpu.run() == io(0x81, 1)
+        assert vm.read(BUF, 5) == bytes.fromhex("3412000077")
         cpu.complete(b"\x99")
         assert cpu.run() == Exit(ExitKind.HLT)
         assert vm.read(BUF, 5) == bytes.fromhex("3412000099")

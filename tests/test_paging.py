@@ -41,6 +41,7 @@ from kvmem.cpu.paging import (
     PagingFeatures,
     kvm_translate,
     paging_mode,
+    table_pages,
     translate_gva,
     walk_for_tlb,
 )
@@ -269,6 +270,26 @@ A, D = 0x20, 0x40
 
 def _ad(t: Tables, gpas: list[int]) -> list[int]:
     return [int.from_bytes(t.read(g, 8), "little") & (A | D) for g in gpas]
+
+
+def test_table_pages_are_every_structure_below_cr3() -> None:
+    t = Tables()
+    pml4 = t.table()
+    t.map4(pml4, 0x40_0000, 0x9000)  # PDPT, PD, PT
+    t.map4(pml4, 0x8000_0000, 0x20_0000, level=2)  # a 2 MiB leaf: a PDPT and a PD, no PT
+    t.map4(pml4, 0x7F00_0000_0000, 0x4000_0000, level=3)  # a 1 GiB leaf: PDPT only
+    tables = table_pages(t.read, long_sregs(pml4))
+    assert tables == set(range(pml4, t.next, 0x1000))
+    assert len(tables) == 6  # PML4; PDPT, PD, PT; a PD (the PDPT shared); a PDPT
+    assert table_pages(t.read, Sregs(cr0=1)) == set()  # no paging
+    pd = t.table()  # 32-bit paging, a 4 MiB page (with PSE) and a 4 KiB page table
+    pt = t.table()
+    t.set32(pd, 0, pt | P)
+    t.set32(pd, 1, 0x40_0000 | P | PS)
+    legacy = Sregs(cr0=CR0_PG_PE, cr3=pd, cr4=CR4_PSE)
+    assert table_pages(t.read, legacy) == {pd, pt}
+    # without CR4.PSE bit 7 is ignored: the entry is a page table's
+    assert table_pages(t.read, Sregs(cr0=CR0_PG_PE, cr3=pd)) == {pd, pt, 0x40_0000}
 
 
 def test_walk_for_tlb_sets_accessed_and_dirty_as_kvm() -> None:

@@ -20,11 +20,13 @@ from kvmem import HostMemory, KvmError, Snapshot, SnapshotFormatError, host
 from kvmem.dirty import RestoreLog
 from kvmem.engines import ExitKind, Regs
 from kvmem.guests import program
+from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 
 GuestWrites = Callable[[kvmem.Vm, int, int], list[tuple[int, bytes]]]
 WALKER_CODE = 0x1000  # where conftest's `guest_writes` loads the walker
 
+KVM_MISSING = kvm_available()
 MiB = 1 << 20
 DATA = 0x10000  # where the tests' guests write
 
@@ -450,3 +452,87 @@ def test_from_snapshot_on_every_engine(engine: str | None, tmp_path: Path) -> No
         for m in vm.host_memory:
             m.close()
         mem.close()
+
+
+# -- page tables put back behind the CPU's back ------------------------------------------------
+SYS, UCODE, KCODE, STACK, X, A, B = (0x20_0000, 0x40_0000, 0x41_0000, 0x60_0000, 0x50_0000,
+                                     0x50_0000, 0x51_0000)
+
+
+def _user_vm(make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory]
+             ) -> tuple[kvmem.Vm, kvmem.cpu.VcpuState, int]:
+    """A VM whose vCPU 0 holds CPL 3 code reading gva X (mapped to A) into RBX, then INT3;
+    and the gpa of X's page-table entry."""
+    from kvmem.cpu import modes
+
+    vm, _ = _vm(make_vm, mems, size=8 * MiB)
+    state = modes.user_mode(UCODE, vm.write, SYS, rsp=STACK, identity_size=8 * MiB)
+    vm.write(A, (0x11).to_bytes(8, "little"))
+    vm.write(B, (0x22).to_bytes(8, "little"))
+    vm.write(UCODE, bytes([0x48, 0x8B, 0x1C, 0x25]) + X.to_bytes(4, "little") + b"\xcc")
+    table = state.sregs.cr3
+    for level in (4, 3, 2):
+        entry = vm.read(table + 8 * ((X >> (12 + 9 * (level - 1))) & 511), 8)
+        table = int.from_bytes(entry, "little") & 0x000F_FFFF_FFFF_F000
+    return vm, state, table + 8 * ((X >> 12) & 511)
+
+
+def test_a_restore_that_puts_page_tables_back_tells_the_listeners(
+        make_vm: Callable[..., kvmem.Vm], mems: Callable[[int], HostMemory]) -> None:
+    """Listeners hear `guest_tables_restored` when a restore copied back a page holding a
+    page table of a snapshot vCPU (reachable from its CR3), and only then."""
+    vm, state, pte = _user_vm(make_vm, mems)
+    cpu = vm.create_vcpu(0)
+    cpu.set_state(state)
+    heard: list[kvmem.Vm] = []
+
+    class Listener(kvmem.SlotsListener):
+        def guest_tables_restored(self, vm: kvmem.Vm) -> None:
+            heard.append(vm)
+
+    vm.add_listener(Listener())
+    snap = vm.snapshot()
+    vm.write(B, b"data")  # not a table
+    vm.restore(snap)
+    assert heard == []
+    vm.write(pte, (A | 7).to_bytes(8, "little"))  # X's page table
+    vm.restore(snap)
+    assert heard == [vm]
+    vm.restore(snap)  # nothing copied: nothing to hear
+    assert heard == [vm]
+
+
+@pytest.mark.parametrize("engine", ["unicorn", pytest.param("kvm", marks=[
+    pytest.mark.kvm, pytest.mark.skipif(KVM_MISSING is not None, reason=f"KVM: {KVM_MISSING}")])])
+def test_no_translation_survives_a_restore(engine: str, make_vm: Callable[..., kvmem.Vm],
+                                           mems: Callable[[int], HostMemory]) -> None:
+    """The guest remaps X from A to B (CPL 0 code writing its page table) after the
+    snapshot and reads B through it; after the restore the table maps A again and the guest
+    reads A — no translation made from the table as it was since lives on (KVM's shadow
+    pages and TLB do not see a host copy into a table: the engine drops them)."""
+    from kvmem.cpu import modes
+
+    vm, state, pte = _user_vm(make_vm, mems)
+    kernel = modes.long_mode(KCODE, lambda gpa, data: None, 0x7F_0000).sregs
+    ring0 = state.with_sregs(cs=kernel.cs, ss=kernel.ss, ds=kernel.ds,
+                             es=kernel.es).with_regs(rip=KCODE)
+    entry = int.from_bytes(vm.read(pte, 8), "little")
+    remap = (entry & ~0x000F_FFFF_FFFF_F000) | B
+    # mov $remap, %rax; mov %rax, (pte); hlt
+    vm.write(KCODE, bytes([0x48, 0xB8]) + remap.to_bytes(8, "little")
+             + bytes([0x48, 0x89, 0x04, 0x25]) + pte.to_bytes(4, "little") + b"\xf4")
+    cpu = vm.create_vcpu(0)
+
+    def read_x() -> int:
+        cpu.set_state(state)
+        assert cpu.run().kind is ExitKind.IO  # the INT3, at the stub
+        return cpu.get_state().regs.rbx
+
+    assert read_x() == 0x11
+    snap = vm.snapshot()
+    cpu.set_state(ring0)
+    assert cpu.run().kind is ExitKind.HLT
+    assert read_x() == 0x22
+    vm.restore(snap)
+    assert vm.read(pte, 8) == entry.to_bytes(8, "little")
+    assert read_x() == 0x11, "a translation made from the remapped table survived the restore"

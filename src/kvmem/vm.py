@@ -55,7 +55,7 @@ from .access import DirtyMarks, GuestMemory, HvaCache
 from .args import as_bool, as_bytes, as_int, as_u16, as_u32, as_u64, check_range, check_span
 from .contract import EngineCapabilities, EngineError, Exit, Regs
 from .cpu import PageFault, PagingFeatures, Sregs, VcpuState, canonical, translate_gva
-from .cpu.paging import INVALID_GPA
+from .cpu.paging import INVALID_GPA, table_pages
 from .dirty import (
     KVM_DIRTY_GFN_SIZE,
     KVM_DIRTY_RING_RSVD_ENTRIES,
@@ -144,6 +144,12 @@ class SlotsListener:
     def restore_log_sync(self, vm: Vm) -> None:
         """A snapshot or restore is about to read the restore log: fold the listener's own
         dirty bits of every slot into it (and into the slot's bitmap where it logs)."""
+    def guest_tables_restored(self, vm: Vm) -> None:
+        """A restore copied back pages that hold the guest's page tables (reachable from a
+        vCPU's CR3 at the snapshot): drop every translation built from them — a CPU sees
+        the guest's own writes to its tables, not a host copy (KVM keeps its shadow pages,
+        a TLB its entries)."""
+
     def dirty_ring_enable(self, vm: Vm, nbytes: int, acq_rel: bool) -> None:
         """`vm.enable_dirty_ring(nbytes)` passed kvmem's checks: enable the listener's own
         rings (an engine's KVM_CAP_DIRTY_LOG_RING). Raising refuses the call; nothing is
@@ -804,6 +810,16 @@ class Vm:
                         vcpu._backend.set_state(v.state)
                     else:
                         vcpu.set_state(v.state)
+            # guest page tables put back behind the CPU's back: translations made from what
+            # they held since are stale (only pages copied can be tables that changed)
+            if self._listeners and (binding.pages or binding.ranges):
+                if binding.tables is None:
+                    binding.tables = self._table_pages(snap)
+                if binding.tables and (not binding.tables.isdisjoint(binding.pages) or any(
+                        lo <= t << PAGE_SHIFT < hi for lo, hi in binding.ranges
+                        for t in binding.tables)):
+                    for listener in self._listeners:
+                        listener.guest_tables_restored(self)
             # the pages put back now differ from what every other snapshot saw
             if len(self._bound) > 1:
                 for other in self._bound.values():
@@ -814,6 +830,23 @@ class Vm:
             binding.ranges = []
             binding.generations = generations
         return copied
+
+    def _table_pages(self, snap: Snapshot) -> set[int]:
+        """The host pages (hva >> PAGE_SHIFT) holding the page tables of the snapshot's
+        vCPUs (reachable from their CR3), in the snapshot's memory and layout — as the VM
+        has them right after a restore."""
+        out: set[int] = set()
+        for v in snap.vcpus:
+            if v.state is None:
+                continue
+            as_id = 1 if v.smm else 0
+            memory = self._memory[as_id]
+            slots = self.slot_set(as_id)
+            for gpa in table_pages(memory.read, v.state.sregs):
+                s = slots.search(gpa >> PAGE_SHIFT)
+                if s is not None:
+                    out.add(s.hva_of(gpa >> PAGE_SHIFT) >> PAGE_SHIFT)
+        return out
 
     def _restore_memory(self, snap: Snapshot, b: _Binding, generations: tuple[int, ...]
                         ) -> int:
@@ -1233,6 +1266,8 @@ class _Binding:
         # `bitmaps_at`
         self.bitmaps: list[tuple[DirtyBitmap, bytes]] = []
         self.bitmaps_at: tuple[int, ...] = ()
+        # the host pages holding its vCPUs' page tables (`Vm._table_pages`), once known
+        self.tables: set[int] | None = None
         # a writable view of each image's host memory, while no host change happened since
         # (a `host.ViewCache`: every change empties it)
         self.dst: list[memoryview | None] | None = None

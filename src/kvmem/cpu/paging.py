@@ -7,6 +7,8 @@ Defines:
 - `kvm_translate(read, sregs, gva)` — the same walk, answered the way KVM_TRANSLATE answers;
 - `paging_mode(sregs)` — which of the five modes (none, 32-bit, PAE, 4-level, 5-level) a
   vCPU is in;
+- `table_pages(read, controls)` — the gpa of every paging-structure page reachable from
+  CR3 (what a VMM that rewrites guest memory behind the CPU's back must know of);
 - `walk_for_tlb(read, write, controls, gva, ...)` — a CPU's walk on a TLB miss: the same
   translation, then the accessed and dirty bits set as KVM's walker sets them, and what the
   page grants (`TlbEntry`) — for an engine whose CPU lets kvmem fill its TLB;
@@ -48,6 +50,7 @@ __all__ = [
     "TlbEntry",
     "kvm_translate",
     "paging_mode",
+    "table_pages",
     "translate_gva",
     "walk_for_tlb",
 ]
@@ -83,6 +86,7 @@ _D: Final = 1 << 6
 _PS: Final = 1 << 7
 _NX: Final = 1 << 63
 
+_PAGE: Final = 4096
 _U32: Final = struct.Struct("<I")
 _U64: Final = struct.Struct("<Q")
 
@@ -194,6 +198,50 @@ def kvm_translate(read: Read, sregs: Sregs, gva: int, *,
     except PageFault:
         return INVALID_GPA, False, True, False
     return gpa, True, True, False
+
+
+def table_pages(read: Read, controls: Controls | Sregs) -> set[int]:
+    """The gpa of every page holding a paging structure reachable from CR3 in the mode the
+    registers say (none: empty): the root, and below it every present entry that is not a
+    leaf. A table `read` cannot read (no memory there) ends that branch."""
+    mode = paging_mode(controls)
+    out: set[int] = set()
+    if mode == "none":
+        return out
+    addr = _bits(12, 51)
+
+    def entries(gpa: int, fmt: struct.Struct) -> list[int]:
+        try:
+            raw = read(gpa, _PAGE)
+        except (ValueError, LookupError, OSError):
+            return []
+        return [e for (e,) in fmt.iter_unpack(raw)]
+
+    def below(table: int, level: int, fmt: struct.Struct, mask: int, leafs: tuple[int, ...]
+              ) -> None:
+        out.add(table)
+        if level == 1:
+            return
+        for e in entries(table, fmt):
+            if e & _P and not (level in leafs and e & _PS):
+                below(e & mask, level - 1, fmt, mask, leafs)
+
+    if mode == "32-bit":
+        pse = (2,) if controls.cr4 & _CR4_PSE else ()
+        below(controls.cr3 & 0xFFFF_F000, 2, _U32, 0xFFFF_F000, pse)
+    elif mode == "pae":
+        pdpt = controls.cr3 & 0xFFFF_FFE0
+        out.add(pdpt & ~0xFFF)
+        try:
+            pdptes = [e for (e,) in _U64.iter_unpack(read(pdpt, 32))]
+        except (ValueError, LookupError, OSError):
+            pdptes = []
+        for e in pdptes:
+            if e & _P:
+                below(e & addr, 2, _U64, addr, (2,))
+    else:
+        below(controls.cr3 & addr, 5 if mode == "5-level" else 4, _U64, addr, (2, 3))
+    return out
 
 
 def walk_for_tlb(read: Read, write: Write, controls: Controls | Sregs, gva: int, *,

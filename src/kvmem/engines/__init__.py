@@ -68,6 +68,16 @@ exit finishes the instruction first on KVM (with the answer given, zeros without
 reports the state before it on Unicorn. `complete(data)` takes exactly `exit.answer_size`
 bytes (`size * count` for IN, `size` for an MMIO read) and refuses any other length
 (`EngineError(EINVAL)`); without it the guest reads zeros.
+
+RFLAGS.RF (bit 16) at an exit is KVM's (its emulator writes RFLAGS back where it writes RIP
+back): 1 at every write exit of a REP string instruction (MMIO write, OUTS element, a REP
+INS's writeback) — EIP at it, even after its last element, until the next run finishes it;
+0 at a write exit of any other instruction; at a read exit (IN, MMIO read) and a stop, as the
+last write-back left it: as at the run's start if no instruction finished since, 1 if a REP
+string instruction there went back to the guest meanwhile (a REP INS once its elements read
+ahead are written, any other every 1024 iterations), else 0. HLT: 0. (Unicorn cannot see
+the 1024-iteration re-entry of a REP instruction that began in the same run: there it
+reports 0 where KVM reports 1.)
 """
 
 from __future__ import annotations

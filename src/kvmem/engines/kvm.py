@@ -56,6 +56,7 @@ from ..cpu.paging import INVALID_GPA
 from ..dirty import RingReader
 from ..errors import KvmError
 from ..gmem import GuestMemfd
+from ..host import HostMemory
 from ..kvmapi import (
     KVM_CAP_DIRTY_LOG_RING,
     KVM_CAP_GUEST_MEMFD,
@@ -79,7 +80,13 @@ from ..kvmapi import (
     KvmVcpu,
     probe_phys_bits,
 )
-from ..uapi import KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SHIFT
+from ..uapi import (
+    KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
+    PAGE_SHIFT,
+    PAGE_SIZE,
+)
 from . import AttachedOnce, EngineCapabilities, EngineError, Exit, ExitKind, Regs
 
 if TYPE_CHECKING:
@@ -188,7 +195,8 @@ class KvmEngine(AttachedOnce):
         # entries keep the old slot: a reused id reads stale entries anew, as in KVM.
         self._ring_slots: dict[int, tuple[int, int]] = {}
         self.stats = {"ioctls": 0, "pauses": 0, "kicks": 0, "tracked_writes": 0,
-                      "dirty_folds": 0, "splits": 0}
+                      "dirty_folds": 0, "splits": 0, "translation_flushes": 0}
+        self._scratch: HostMemory | None = None  # a page for `guest_tables_restored`
         self._paused_block = _Paused(self)
 
     def attach(self, vm: Vm) -> None:
@@ -248,6 +256,8 @@ class KvmEngine(AttachedOnce):
             cpu._fd.close()
         self._fd.close()
         self._kvm.close()
+        if self._scratch is not None:
+            self._scratch.close()
 
     # -- holding vCPUs out of KVM_RUN ----------------------------------------------------------
     def _pause(self) -> None:
@@ -554,6 +564,26 @@ class KvmEngine(AttachedOnce):
             for as_id in range(vm.address_spaces):
                 for s in vm.slot_set(as_id):
                     self._fold(s)
+
+    def guest_tables_restored(self, vm: Vm) -> None:
+        # KVM keeps the translations it built from guest page tables (its shadow pages, the
+        # guest's TLB) until the guest writes a table — which it sees — or a slot goes; a
+        # host copy into a table it does not see. Deleting a slot drops them all (x86's
+        # kvm_arch_flush_shadow_memslot zaps every shadow page, and flushes the TLBs): one
+        # page of the engine's own, made past every slot of address space 0 and deleted.
+        with self._lock:
+            if self._scratch is None:
+                self._scratch = HostMemory.anonymous(PAGE_SIZE)
+            gfn = max((p.gfn + p.npages for pieces in self._pieces.values() for p in pieces
+                       if p.kvm_slot >> 16 == 0), default=0)
+            sid = self._alloc_id(0)
+            try:
+                self.stats["ioctls"] += 2
+                self._set(sid, 0, gfn, 1, self._scratch.hva)
+                self._set(sid, 0, 0, 0, 0)
+            finally:
+                self._free_ids[0].append(sid)
+            self.stats["translation_flushes"] += 1
 
     def restore_log_armed(self, vm: Vm) -> None:
         # every writable slot logs in KVM from now on (one FLAGS_ONLY ioctl per KVM slot,

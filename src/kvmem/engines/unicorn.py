@@ -36,10 +36,13 @@ Rules of this room:
     a port opcode (any byte E4-E7, EC-EF, 6C-6F) stops the run before it starts (an edge
     hook); the worker gives it a code hook on every instruction (a *scan*), which notes
     the port instructions it meets, until each was seen once. A learned port instruction
-    has a code hook on the instruction after it, so a stop its port hook makes lands there.
-    One met unlearned all the same (paging on, or the first block of a run, which Unicorn
-    reports to no edge hook; without paging the worker looks at the block at RIP itself)
-    is rewound to the context its hook saved, and scanned; meanwhile hooks do nothing.
+    has a code hook on the instruction after it, so a stop its port hook makes lands there;
+    an INS one on itself too (`_at_ins`): QEMU's INS stores a zero at EDI before its IN,
+    so its exit is posted before it runs. The first block of a run Unicorn reports to no
+    edge hook: the worker looks at the block at RIP itself (with paging on, where its code
+    translates: `_walk_code`). One met unlearned all the same (a block
+    that could not be looked at) is rewound to the context its hook saved, and scanned;
+    meanwhile hooks do nothing (what its block did until the stop is not undone).
   Instructions are named by linear address (CS base + RIP), as code hooks name them.
   A read cannot wait for its answer inside the hook: the hook saves the context from
   before the instruction and the worker restores it after the stop; `complete` queues the
@@ -47,7 +50,9 @@ Rules of this room:
   and EDI for the elements of a string IN, so an instruction Unicorn restarts reads the
   same answers; answers belong to the RIP of their instruction). A REP INS going up is
   finished between runs as KVM's emulator finishes it (`_string_in_writeback`). A context
-  saved in a hook carries the EFLAGS read then (`_save` / `_restore`).
+  saved in a hook carries the EFLAGS read then (`_save` / `_restore`). A load whose RAM
+  part was read before its MMIO exit takes those bytes in the replay, as KVM's emulator
+  does, even where Unicorn maps that page as RAM (`_read_parts_slow`).
 - The MMU tells the engine of every spte it drops or write-protects (`stage2_unmapped`,
   under the MMU lock). The vCPU records the range as pending and, if its guest may be
   running (`_inside`), stops Unicorn and waits until the guest is out — so when the MMU's
@@ -78,6 +83,15 @@ Rules of this room:
   (caution: no test failed when hooks merged themselves). A fence covers a whole region:
   an access anywhere in it restarts.
 - Hooks never hold `_inside` while they wait for a lock or for the VMM (`_leave`/`_enter`).
+- RF (RFLAGS bit 16) at an exit is KVM's, set by `_report_rf` (QEMU's RF is not KVM's:
+  it leaves RF alone in REP string instructions). KVM's emulator writes RFLAGS back only
+  where it writes RIP back: RF set while a REP string instruction is not finished, clear
+  once an instruction finishes. So: at a write exit (MMIO write, OUT(S), a REP INS's
+  writeback) RF is 1 if the instruction is a REP string one still at RIP, else 0; at a read
+  exit (IN, MMIO read) and any other stop RF is as the last write-back left it: as at the
+  run's start if the run finished no instruction (RIP is where it started) — or 1 if a REP
+  string instruction there went back to the guest meanwhile (a REP INS once its elements
+  read ahead are written, any other every 1024 iterations) — and 0 if it did.
 - Events (an exception, INT n, SYSCALL) stop Unicorn (`uc_state.UcTrap`); the worker
   delivers them between two emu_starts (`kvmem.cpu.events`, memory through the vCPU's
   accessors) and goes on, or exits SHUTDOWN for what cannot be delivered. The event of an
@@ -180,6 +194,10 @@ _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
 _FOREVER = 1 << 62  # an instruction count no run reaches (see "exact steps")
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
+# the string instructions (ins, outs, movs, cmps, stos, lods, scas; byte and wider forms)
+_STRING_OPCODES = frozenset((*range(0x6C, 0x70), *range(0xA4, 0xA8), *range(0xAA, 0xB0)))
+_RF = 1 << 16  # RFLAGS.RF (see "RF" in the header)
+_REP_REENTRY = 1024  # KVM's emulator re-enters the guest every 1024 REP iterations
 
 
 def controls_of(uc: Uc, cr0: int | None = None) -> Controls:
@@ -292,6 +310,12 @@ class UnicornEngine(AttachedOnce):
                 for cpu in self._vcpus:
                     cpu._zap(c.new.as_id, c.new.base_gfn, c.new.end_gfn)
 
+    def guest_tables_restored(self, vm: Vm) -> None:
+        # translations Unicorn's TLB holds may come from the tables as they were: flushed
+        # before each vCPU's next emu_start (a state load writing CR3 flushes it too)
+        for cpu in self._vcpus:
+            cpu._tlb_stale = True
+
     def track_changed(self, vm: Vm, as_id: int, gfn: int, tracked: bool) -> None:
         if not tracked:  # the slow page may become RAM again
             for cpu in self._vcpus:
@@ -361,6 +385,9 @@ class UnicornVcpu:
         self._answer_rip = 0  # RIP of the instruction the answers are for
         self._ins_answer: bytes | None = None  # the answer to a string IN, whole
         self._rip_after: int | None = None  # where a string IN's writeback leaves RIP
+        self._exit_pc = -1  # the instruction (pc) of the last exit posted: see _report_rf
+        # the state at the last tracked write of a run (KVM writes RFLAGS back there)
+        self._rf_mark: tuple[int, bool, int] | None = None
         # exact steps (see _want_exact): the context to run again exactly, whether the next
         # run is that step, the bytes its loads read, the writes it made (by gpa, data)
         self._exact: Any = None
@@ -368,6 +395,7 @@ class UnicornVcpu:
         self._exact_bytes: dict[int, int] = {}
         self._exact_done: set[tuple[int, bytes]] = set()
         self._exact_in = False  # the step's IN has run
+        self._parts_slowed: list[int] = []  # RAM pages the step maps slow (_read_parts_slow)
         self._drop_answers = False  # the step made a tracked write (see _on_write)
         self._after_exits: list[tuple[int, bytes]] = []  # tracked writes behind an exit
         self._last: Exit | None = None
@@ -378,6 +406,7 @@ class UnicornVcpu:
         self._inert = False  # a rewind is pending: hooks do nothing
         self._rewind: Any = None  # the context before a port instruction not yet learned
         self._sites: dict[int, int | None] = {}  # port instruction → next one's hook
+        self._ins_sites: dict[int, int] = {}  # a learned INS → its own hook (_at_ins)
         self._site_todo: list[tuple[int, int]] = []  # noted by scans: (pc, next pc)
         self._scans: dict[int, _Scan] = {}  # block pc → its scan (done ones stay)
         self._scan_stop = False  # the run stopped before a new block, to scan it
@@ -464,6 +493,9 @@ class UnicornVcpu:
         for hook in self._sites.values():
             if hook is not None:
                 self._uc.hook_del(hook)
+        for hook in self._ins_sites.values():
+            self._uc.hook_del(hook)
+        self._ins_sites = {}
         for scan in self._scans.values():
             if scan.hook is not None:
                 self._uc.hook_del(scan.hook)
@@ -488,6 +520,7 @@ class UnicornVcpu:
                                                 f"({exits[0]}); take it with run() first")
             return
         rip = self._uc.reg_read(X.UC_X86_REG_RIP)
+        start = self._run_start()
         self._step = True
         try:
             # a string IN takes one step per element answered
@@ -500,6 +533,7 @@ class UnicornVcpu:
                 if (len(self._used) >= len(self._answers)
                         or self._uc.reg_read(X.UC_X86_REG_RIP) != rip):
                     break
+            self._report_rf(None, start)
         finally:
             self._step = False
             self._at_read = False
@@ -552,11 +586,21 @@ class UnicornVcpu:
         mask = (1 << bits) - 1
         last = self._last
         assert last is not None
-        self._answers, self._used = {}, set()
         rdi, rcx = int(uc.reg_read(X.UC_X86_REG_RDI)), int(uc.reg_read(X.UC_X86_REG_RCX))
+        # the destination's pages through the guest's page tables, as KVM's emulator writes
+        # them: a write walk each, which sets their accessed/dirty bits (a fault: the
+        # elements are replayed one by one instead, and Unicorn's fill raises it)
+        parts: list[tuple[int, int, int]] = []  # (linear, gpa, bytes)
+        for linear, n in _page_parts(rdi & mask, len(data)):
+            gpa = self._write_walk(linear)
+            if gpa is None:
+                self._ins_answer = data
+                return None
+            parts.append((linear, gpa, n))
+        self._answers, self._used = {}, set()
         exits: list[Exit] = []
-        for part, n in _page_parts(rdi & mask, len(data)):
-            chunk = data[part - (rdi & mask):][:n]
+        for linear, part, n in parts:
+            chunk = data[linear - (rdi & mask):][:n]
             for at in range(0, n, 8):
                 if exits and self._tracked(part):  # behind an exit, as in _on_write
                     self._after_exits.append((part + at, chunk[at:at + 8]))
@@ -567,7 +611,29 @@ class UnicornVcpu:
         uc.reg_write(X.UC_X86_REG_RCX, (rcx & ~mask) | left)
         if left == 0:  # (a state taken before the next run still has RIP at it, as KVM's)
             self._rip_after = self._answer_rip + len(prefixes) + 1
+        # KVM goes back to the guest with RF set (the INS finishes when re-entered)
+        self._exit_pc = self._pc()
+        self._set_rf(True)
         return exits
+
+    def _write_walk(self, linear: int) -> int | None:
+        """Between two runs: the gpa a guest write to `linear` reaches, its walk setting the
+        accessed/dirty bits (as KVM's emulator's does); None if it would fault."""
+        uc = self._uc
+        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        if not cr0 & _CR0_PG:
+            return linear
+        try:
+            with self._vcpu.loaded():  # the bits' marks go to this vCPU's ring
+                got = walk_for_tlb(self._vcpu.read, self._set_bits, controls_of(uc, cr0),
+                                   linear & ~(PAGE_SIZE - 1), access="write",
+                                   user=int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3,
+                                   ac=bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+                                           & _RFLAGS_AC),
+                                   features=uc_state.PAGING_FEATURES)
+        except PageFault:
+            return None
+        return got.gpa | (linear & (PAGE_SIZE - 1))
 
     def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
         """A guest write within one page that the caller's thread makes for the guest, the
@@ -583,6 +649,66 @@ class UnicornVcpu:
         if self._rip_after is not None:
             self._uc.reg_write(X.UC_X86_REG_RIP, self._rip_after)
             self._rip_after = None
+            self._set_rf(False)
+
+    # -- RF -------------------------------------------------------------------------------------
+    def _set_rf(self, on: bool) -> None:
+        uc = self._uc
+        flags = int(uc.reg_read(X.UC_X86_REG_EFLAGS))
+        uc.reg_write(X.UC_X86_REG_EFLAGS, flags | _RF if on else flags & ~_RF)
+
+    def _run_start(self) -> tuple[int, bool, int]:
+        """What `_report_rf` needs of the state a run starts from: pc, RF, RCX."""
+        uc = self._uc
+        return (self._pc(), bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RF),
+                int(uc.reg_read(X.UC_X86_REG_RCX)))
+
+    def _report_rf(self, exit_: Exit | None, start: tuple[int, bool, int] | None) -> None:
+        """Set RF as KVM reports it after `exit_` (None: a settling step), for a run that
+        started from `start` (None: the exit was queued, nothing ran). See the header."""
+        pc = self._pc()
+        if exit_ is not None and exit_.kind in (ExitKind.IO, ExitKind.MMIO) and \
+                not exit_.reads:
+            self._set_rf(pc == self._exit_pc and self._rep_string(pc) is not None)
+            return
+        if start is None:
+            return
+        start_pc, start_rf, start_rcx = start
+        if pc != start_pc:
+            self._set_rf(False)  # an instruction finished
+        else:  # (QEMU may have cleared it meanwhile)
+            self._set_rf(start_rf or self._rep_reentered(pc, start_rcx))
+
+    def _rep_string(self, pc: int) -> tuple[bytes, int] | None:
+        """(prefixes, opcode) of the instruction at `pc` if it is a REP string one."""
+        code = self._code(pc)
+        i = 0
+        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+            i += 1
+        prefixes = code[:i]
+        if i < len(code) and code[i] in _STRING_OPCODES and {0xF2, 0xF3} & set(prefixes):
+            return prefixes, code[i]
+        return None
+
+    def _rep_reentered(self, pc: int, start_rcx: int) -> bool:
+        """Did KVM go back to the guest in the REP string instruction at `pc` (with RF set)
+        since RCX was `start_rcx`? A REP INS does once the elements it read ahead are
+        written; any other after each iteration that leaves the count a multiple of 1024."""
+        rep = self._rep_string(pc)
+        if rep is None:
+            return False
+        prefixes, opcode = rep
+        bits = uc_state.code_bits(self._uc)
+        if 0x67 in prefixes:
+            bits = 32 if bits == 64 else 48 - bits
+        mask = (1 << bits) - 1
+        before = start_rcx & mask
+        now = int(self._uc.reg_read(X.UC_X86_REG_RCX)) & mask
+        if now >= before:
+            return False  # no iteration done
+        if opcode in (0x6C, 0x6D):
+            return True
+        return now == 0 or (before - 1) // _REP_REENTRY != (now - 1) // _REP_REENTRY
 
     def run(self) -> Exit:
         if self._unanswered:
@@ -600,7 +726,16 @@ class UnicornVcpu:
             if not self._exits:
                 self._finish_string_in()
         # more exits of one instruction (an MMIO store split at a page) need no guest run
-        exit_ = self._exits.pop(0) if self._exits else self._run_worker()
+        if self._exits:
+            exit_, start = self._exits.pop(0), None
+        else:
+            start = self._run_start()
+            self._rf_mark = None
+            exit_ = self._run_worker()
+            if self._rf_mark is not None:
+                start = self._rf_mark
+                start = (start[0], self._rep_string(start[0]) is not None, start[2])
+        self._report_rf(exit_, start)
         if not exit_.reads:
             # KVM drops what a string IN read ahead once it exits to userspace meanwhile
             self._answers, self._used, self._ins_answer = {}, set(), None
@@ -711,6 +846,7 @@ class UnicornVcpu:
             # out (a read being finished is not an entry: KVM completes it first)
             if not self._step and self._vcpu.dirty_ring.check_request():
                 return Exit(ExitKind.DIRTY_RING_FULL)
+            walked = None if self._step or self._exact_step else self._walk_code()
             held = False
             while True:
                 with self._lock:
@@ -731,9 +867,11 @@ class UnicornVcpu:
             error: UcError | None = None
             rip = int(uc.reg_read(X.UC_X86_REG_RIP))
             pc = self._pc(rip)
-            self._between_runs(pc)
+            self._between_runs(pc, walked)
             self._page_fault = None
             exact = self._exact_step
+            if exact:
+                self._read_parts_slow(pc)
             hooks = self._exact_hooks(pc) if exact else []
             if self._tlb_stale:
                 # entries filled outside the guest set no accessed bit
@@ -790,6 +928,7 @@ class UnicornVcpu:
             if exact:
                 self._exact_step = False
                 self._exact_bytes, self._exact_done = {}, set()
+                self._read_parts_fast()
                 if self._drop_answers and self._undo is None:
                     self._answers, self._used = {}, set()
                 self._drop_answers = False
@@ -873,6 +1012,8 @@ class UnicornVcpu:
         if self._sites.get(pc) is not None:
             return
         self._sites[pc] = self._uc.hook_add(UC_HOOK_CODE, _nothing_at, None, end, end)
+        if self._opcode(pc) in (0x6C, 0x6D) and pc not in self._ins_sites:
+            self._ins_sites[pc] = self._uc.hook_add(UC_HOOK_CODE, self._at_ins, None, pc, pc)
         self._uc.ctl_remove_cache(pc, end + 1)
 
     def _rescan(self, pc: int) -> None:
@@ -885,17 +1026,46 @@ class UnicornVcpu:
         self._sites[pc] = None  # a port instruction: exact from now (the scan hook follows)
         self._engine.stats["scans"] += 1
 
-    def _between_runs(self, rip: int) -> None:
+    def _walk_code(self) -> tuple[int, int] | None:
+        """Paging on, before a run from a block not known yet: translate its code (kvmem's
+        walker, no bit set) — its page and the next, where a block may go on — and map its
+        page, so that `_between_runs` can have Unicorn translate the block: each fill that
+        makes finds a translation (a fill refused outside emu_start has nowhere to go).
+        (pc, its gfn), or None where paging is off, the block is known, a walk faults or
+        the page has no RAM. Not inside the guest (`_inside`): it takes the MMU's locks."""
+        uc = self._uc
+        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        if not cr0 & _CR0_PG:
+            return None
+        pc = self._pc()
+        if pc in self._scans or pc in self._clean:
+            return None
+        controls = controls_of(uc, cr0)
+        user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        try:
+            gfn, _ = (translate_gva(self._vcpu.read, controls, gva, fetch=True, user=user,
+                                    features=uc_state.PAGING_FEATURES) >> PAGE_SHIFT
+                      for gva in (pc, (pc | (PAGE_SIZE - 1)) + 1))
+            if self._base_of(gfn) is None:
+                self._remap(_spte_pages(self._vcpu.fault_in(gfn << PAGE_SHIFT, False)))
+        except (PageFault, KvmError, MemoryFault, MmioExit, TrackedWrite):
+            return None
+        return pc, gfn
+
+    def _between_runs(self, rip: int, walked: tuple[int, int] | None = None) -> None:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
-        if (rip not in self._scans and rip not in self._clean
-                and self._base_of(rip >> PAGE_SHIFT) is not None
-                and not int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG):
+        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
+            ready = (walked is not None and walked[0] == rip
+                     and self._base_of(walked[1]) is not None)
+        else:
+            ready = self._base_of(rip >> PAGE_SHIFT) is not None
+        if rip not in self._scans and rip not in self._clean and ready:
             # The edge hook does not see the first block of a run while Unicorn has not
             # yet left a block the ordinary way (its record of the last block is set only
-            # then): look at the block at RIP first. Not with paging on, where translating
-            # it walks page tables that may not be mapped yet, and a guest fault inside
-            # Unicorn's control call has nowhere to go.
+            # then): look at the block at RIP first. With paging on, only where its code
+            # translates (`_walk_code`): a fill refused inside Unicorn's control call has
+            # nowhere to go.
             self._inert = True  # nothing is faulted in while Unicorn translates it
             try:
                 pc, icount, size = uc.ctl_request_cache(rip)
@@ -944,6 +1114,8 @@ class UnicornVcpu:
                 or (address not in self._sites and self._opcode(address) in _PORT_OPCODES)):
             self._sites[address] = None  # exact from now: the scan hook follows it
             self._site_todo.append((address, address + size))
+        if address not in self._ins_sites and self._opcode(address) in (0x6C, 0x6D):
+            self._at_ins(uc, address, size, None)  # what its own hook will do once learned
 
     def _pc(self, rip: int | None = None) -> int:
         """The linear address of the instruction at CS:RIP (`rip` if read already) — what
@@ -1390,10 +1562,32 @@ class UnicornVcpu:
         """QEMU's INS stores a zero at EDI before its IN (to fault early); KVM writes
         nothing before the IN is answered. A write fault of that store, with no answer for
         the element yet, posts the IN's exit instead: the page is not faulted in, nothing
-        is written or marked dirty. (On a page already writable the zero is stored, and the
-        replay overwrites it with the answer.) True if so: the hook returns False."""
+        is written or marked dirty. (On a page already writable, a learned INS posts its
+        exit before it runs: `_at_ins`.) True if so: the hook returns False."""
         if self._undo is not None or self._exact is not None or self._exact_in:
             return False
+        return self._ins_exit()
+
+    def _at_ins(self, uc: Uc, address: int, size: int, data: Any) -> None:
+        """A learned INS's code hook, before each of its runs (each REP element): with no
+        answer for the element, post its IN exit and stop before it, so that QEMU's zero
+        store never reaches a page Unicorn maps writable (KVM writes nothing at EDI until
+        the answer; a host reading the element at the exit reads what was there)."""
+        if (self._undo is not None or self._exact is not None or self._inert
+                or self._stepping or self._exits):
+            return
+        rep = self._rep_string(address)
+        if rep is not None:
+            bits = uc_state.code_bits(uc)
+            if 0x67 in rep[0]:
+                bits = 32 if bits == 64 else 48 - bits
+            if not int(uc.reg_read(X.UC_X86_REG_RCX)) & ((1 << bits) - 1):
+                return  # no element: the instruction does nothing
+        self._ins_exit()
+
+    def _ins_exit(self) -> bool:
+        """Post the IN exit of the INS at RIP for the element at EDI, unless it is not an
+        INS or the element has its answer (the replay). True if posted."""
         prefixes = self._ins_prefixes()
         if prefixes is None:
             return False
@@ -1459,6 +1653,7 @@ class UnicornVcpu:
         self._uc.reg_write(X.UC_X86_REG_EFLAGS, saved[1])
 
     def _post(self, exit_: Exit) -> None:
+        self._exit_pc = self._pc()
         self._exits.append(exit_)
         self._uc.emu_stop()
 
@@ -1501,6 +1696,33 @@ class UnicornVcpu:
             # saved here is the instruction's
             self._exact = self._save() if self._stepping else _AT_STOP
             self._uc.emu_stop()
+
+    def _read_parts_slow(self, pc: int) -> None:
+        """Before the exact step of a replay: map each page of a RAM part its first run read
+        (`_on_read`) as a slow page, so that its load takes those bytes from the step's
+        hooks, as KVM's emulator completes the load with what it read before the exit —
+        a page Unicorn maps as RAM would be read again, as the host left it meanwhile
+        (a discard, a `vm.write`). Not the instruction's own code page(s)."""
+        uc = self._uc
+        if not self._answers or int(uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+            return
+        code = {pc >> PAGE_SHIFT, (pc + 14) >> PAGE_SHIFT}
+        for key in self._answers:
+            if key[0] is not ExitKind.MMIO:
+                continue
+            gfn = key[1] >> PAGE_SHIFT
+            base = self._base_of(gfn)
+            if base is not None and self._regions[base][1] == _RAM and gfn not in code:
+                self._remap({gfn: _SLOW_PAGE})
+                self._parts_slowed.append(gfn)
+
+    def _read_parts_fast(self) -> None:
+        """After the step: those pages fault in as RAM again."""
+        slowed, self._parts_slowed = self._parts_slowed, []
+        gone = {g: None for g in slowed
+                if (b := self._base_of(g)) is not None and self._regions[b][1] == _SLOW}
+        if gone:
+            self._remap(gone)
 
     def _exact_hooks(self, rip: int) -> list[int]:
         uc = self._uc
@@ -1549,8 +1771,10 @@ class UnicornVcpu:
             self._exact_done.add((part, chunk))
             if self._tracked(part):
                 # on KVM a tracked write is an MMIO exit the engine takes itself: it drops
-                # what a string IN read ahead, and comes after an MMIO exit made before it
+                # what a string IN read ahead, comes after an MMIO exit made before it, and
+                # writes RFLAGS back (RF as at a write exit: see _report_rf)
                 self._drop_answers = bool(self._answers)
+                self._rf_mark = self._run_start()
                 if self._exits:
                     self._after_exits.append((part, chunk))
                     continue
@@ -1581,6 +1805,7 @@ class UnicornVcpu:
         try:
             self._vcpu.guest_write(gpa, data)
         except MmioExit:
+            self._exit_pc = self._pc()
             self._exits.append(Exit(ExitKind.MMIO, gpa, len(data), True, data))
         except MemoryFault as e:
             self._fatal = Exit(ExitKind.INTERNAL_ERROR, gpa, len(data), True, detail=str(e))
