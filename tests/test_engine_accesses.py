@@ -334,3 +334,29 @@ def test_a_store_across_ram_and_no_memory_wrote_its_ram_part_at_the_exit(
     vm.write(ram_part, b"zz")
     assert cpu.run() == Exit(ExitKind.HLT)
     assert vm.read(ram_part, 2) == b"zz"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_move_into_no_memory_sends_its_source_as_it_was(engine: str, warm: bool,
+                                                          boot: Boot) -> None:
+    """A MOVS element whose store crosses from RAM into a page without memory, its source
+    overlapping the RAM part (dst = src + 3): KVM's emulator reads the whole source, then
+    writes — the exit's byte is the source's as it was, and the RAM part the source's
+    first three. (Unicorn stores such a store's RAM bytes first: its TLB fill of the page
+    without memory refuses the store before any byte, and the instruction runs exactly.)
+    `warm`: the page without memory was stored to before, so Unicorn's TLB knew it."""
+    src = HOLE - 6
+    # warm-up: mov $HOLE, %edi; movsd; twice (the first maps the page, the second stores
+    # to it mapped)
+    program = ("bf" + le(HOLE) + "a5") * 2 if warm else ""
+    program += "be" + le(src) + mov_edi(src + 3) + "a5"  # mov $src, %esi; movsd
+    vm, cpu, _ = boot(engine, program)
+    vm.write(src, bytes.fromhex("a1b2c3d4"))
+    for _ in range(2 if warm else 0):
+        e = cpu.run()
+        assert e.kind is ExitKind.MMIO and e.addr == HOLE and e.size == 4
+    e = cpu.run()
+    assert e == mmio(HOLE, 1, bytes.fromhex("d4")), e
+    assert vm.read(src + 3, 3) == bytes.fromhex("a1b2c3")
+    assert cpu.run() == Exit(ExitKind.HLT)

@@ -62,7 +62,7 @@ def test_random_programs_agree(mode: str, chunk: int) -> None:
 
 # divergences known and not fixed (see kvmem.difftest's docstring): (mode, seed) → kind.
 # The slow test holds them to it, so that a fix shows (and removes them from here).
-KNOWN = {("prot32", 11678): "exit: mmio write vs mmio write"}
+KNOWN: dict[tuple[str, int], str] = {}
 
 
 @pytest.mark.slow

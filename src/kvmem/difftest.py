@@ -45,17 +45,13 @@ crossing the other way has written its RAM part by its exit; at a string IN's ex
 element's bytes are untouched (QEMU's INS stored a zero there first); nothing after a port
 instruction in a run's first block has run at its exit (with paging on).
 
-Known and not fixed (seed 11678 in prot32, found by the wide run; the slow test lists it in
-`KNOWN`): a `movs` element whose store crosses from a RAM page into a page without memory
-and whose source overlaps that RAM part (dst = src + 3, 4-byte elements). KVM's emulator
-reads the whole source, then writes: the MMIO write exit carries the source byte as it was.
-Unicorn first runs the element block-wise: QEMU stores a page-crossing store byte by byte,
-the RAM bytes directly, and only the byte on the page without memory reaches kvmem (which
-then runs the instruction again exactly) — by then the RAM part has overwritten source
-bytes, so the exact run reads and sends what the first attempt wrote. The window at that
-exit is the same on both; the exit's data differs. Fixing it needs the first attempt's RAM
-part undone or its source kept, which Unicorn's direct RAM stores do not allow without a
-hook on every store.
+A store crossing from a RAM page into a page without memory, whose source overlaps that
+RAM part (seeds 11678 in prot32 and 320 in long64: a `movs` element with dst = src + 3):
+KVM's emulator reads the whole source, then writes, so the MMIO write exit carries the
+source as it was. Unicorn stored a page-crossing store byte by byte, the RAM bytes first, so
+the exact rerun read back what the first attempt wrote. Now the fill of the page a store
+crosses into comes before any byte is stored, and kvmem's TLB fill refuses it for a slow
+page (`UnicornVcpu._store_gate`): nothing is stored, and the instruction runs exactly.
 """
 
 from __future__ import annotations

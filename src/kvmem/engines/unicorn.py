@@ -104,7 +104,9 @@ Rules of this room:
   once the leaf is dirty. A walk that fails refuses the fill: Unicorn stops before the
   instruction does anything and the worker delivers the #PF, CR2 read from Unicorn
   (`uc_state.fault_address`). Fills made outside emu_start (Unicorn's own code lookups)
-  set no bit and are flushed before the guest runs.
+  set no bit and are flushed before the guest runs. A block-wise store's fill of a slow
+  page is refused too (`_store_gate`), before any byte of the store — QEMU fills the page
+  a store crosses into first — and the instruction runs exactly.
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 - Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
   vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
@@ -1440,6 +1442,9 @@ class UnicornVcpu:
         self._engine.stats["tlb_fills"] += 1
         cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
         if not cr0 & _CR0_PG:
+            if access == UC_MEM_WRITE and self._emulating and \
+                    not self._store_gate(vaddr >> PAGE_SHIFT):
+                return False
             entry.paddr, entry.perms = vaddr, UC_PROT_ALL
             return True
         if not self._emulating:
@@ -1478,10 +1483,38 @@ class UnicornVcpu:
                 self._restart = _nothing  # a stop: the instruction again, after it
         if self._restart is _nothing:
             return False
+        if kind == "write" and not self._store_gate(got.gpa >> PAGE_SHIFT):
+            return False
         entry.paddr = got.gpa
         entry.perms = (UC_PROT_READ if got.read else 0) | (UC_PROT_WRITE if got.write else 0) \
             | (UC_PROT_EXEC if got.fetch else 0)
         return True
+
+    def _store_gate(self, gfn: int) -> bool:
+        """A fill for a store to `gfn`, inside the guest: False if the store may not go on
+        block-wise — its page is slow, and the instruction runs again exactly (_want_exact)
+        with nothing of it done. Unicorn fills the page a store crosses into before it
+        stores a byte, so a store from RAM into a slow page leaves its RAM part alone (the
+        slow page's own hook would see the store only after the RAM part was written, and
+        an overlapping string move would then read it back). In an exact step the store is
+        granted; the step's memory hooks, removed after it, flush Unicorn's TLB, so the
+        next store there is gated again (test_a_move_into_no_memory_sends_its_source_as_it_
+        was, warm)."""
+        if not self._slow_for_store(gfn):
+            return True
+        if self._exact_step or self._undo is not None or self._inert:
+            return True
+        self._want_exact()
+        return False
+
+    def _slow_for_store(self, gfn: int) -> bool:
+        """Whether a store to `gfn` takes the slow path: the mirror maps the page slow, or,
+        not mapped yet, it has no slot, a read-only one, or is tracked."""
+        base = self._base_of(gfn)
+        if base is not None:
+            return self._regions[base][1] == _SLOW
+        s = self._vcpu.slot_set().search(gfn)
+        return s is None or s.readonly or self._tracked(gfn << PAGE_SHIFT)
 
     def _set_bits(self, gpa: int, entry: bytes) -> None:
         """A walk's accessed/dirty bits, written as KVM writes them: a table in a read-only
