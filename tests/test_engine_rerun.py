@@ -352,3 +352,29 @@ def test_tables_in_a_read_only_slot_keep_their_bits(engine: str) -> None:
         assert vm.engine is not None
         vm.engine.close()
         mem.close()
+
+
+def test_an_error_in_unicorns_tlb_fill_is_the_vcpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TLB fill hook is called from C (not through Unicorn's Python binding): an
+    exception there cannot propagate, so it stops the guest and `run` raises it."""
+    from kvmem.engines import EngineError
+    from kvmem.engines.unicorn import UnicornVcpu
+
+    def boom(self: UnicornVcpu, uc: object, vaddr: int, access: int, entry: object,
+             data: object) -> bool:
+        raise RuntimeError(f"fill of {vaddr:#x} failed")
+
+    monkeypatch.setattr(UnicornVcpu, "_on_tlb_fill", boom)
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine="unicorn")
+    try:
+        vm.set_memory_region(0, 0, 0, RAM, mem.hva)
+        vm.write(CODE, AD_PROGRAM)
+        cpu = vm.create_vcpu(0)
+        cpu.start(CODE)
+        with pytest.raises(EngineError, match="fill of 0x1000 failed"):
+            cpu.run()
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()

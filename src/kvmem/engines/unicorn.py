@@ -121,6 +121,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import ctypes
 import dataclasses
 import errno
 import threading
@@ -158,6 +159,7 @@ from unicorn.unicorn_const import (
     UC_TLB_VIRTUAL,
 )
 from unicorn.unicorn_py3 import Uc, UcError
+from unicorn.unicorn_py3 import unicorn as _ucb
 
 from .. import sync
 from ..cpu import PageFault, PagingFeatures, Segment, Sregs, VcpuState, events, uc_state
@@ -342,7 +344,7 @@ class UnicornVcpu:
         # kvmem's walker fills Unicorn's TLB (see the rules): QEMU's would set accessed and
         # dirty bits by physical stores that no log sees
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
-        uc.hook_add(UC_HOOK_TLB_FILL, self._on_tlb_fill)
+        self._fill_hook = _raw_tlb_fill_hook(uc, self._on_tlb_fill)
         self._page_fault: Interrupt | None = None  # the #PF of the last fill that failed
         self._emulating = False  # inside emu_start: fills are the guest's
         self._tlb_stale = False  # a fill outside emu_start (Unicorn's own lookups) cached
@@ -904,6 +906,9 @@ class UnicornVcpu:
                 self._keep_count = True
             elif not self._step:
                 self._keep_count = self._exact is not None  # stopped for another step
+            failed = self._fill_hook[2]
+            if failed:  # the TLB fill hook raised: the vCPU's error (run() raises it)
+                raise failed.pop(0)
             # an event of an instruction that exited, or that runs again, is not delivered
             event = self._trap.take()
             if self._inert:
@@ -1959,6 +1964,37 @@ def _runs(changes: Mapping[int, _PageMap | None]
     if end > start:
         chunks.setdefault(start // _CHUNK, []).append((start, end, first))
     return chunks
+
+
+_TlbFill = Callable[[Uc, int, int, Any, Any], bool]
+_TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64,
+                                   ctypes.c_int, ctypes.POINTER(_ucb.uc_tlb_entry),
+                                   ctypes.c_void_p)
+
+
+def _raw_tlb_fill_hook(uc: Uc, fill: _TlbFill) -> Any:
+    """UC_HOOK_TLB_FILL on `uc` calling `fill(uc, vaddr, access, entry, None)`, registered
+    through Unicorn's C API, not its Python binding: a fill happens at every TLB miss (the
+    walker benchmark sweeps 1,024 pages a pass through a 256-entry TLB), and the binding's
+    wrapper cost several times the fill itself. An exception in `fill` refuses the fill,
+    after stopping the guest with it as the vCPU's error. Returns what keeps it alive."""
+    def call(_uch: Any, vaddr: int, access: int, entry: Any, _data: Any) -> bool:
+        try:
+            return fill(uc, vaddr, access, entry[0], None)
+        except BaseException as e:  # nowhere to raise in C: stop, and report it
+            uc.emu_stop()
+            raise_later.append(e)
+            return False
+
+    raise_later: list[BaseException] = []
+    callback = _TLB_FILL_CFUNC(call)
+    handle = ctypes.c_size_t()
+    err = _ucb.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL,
+                                 ctypes.cast(callback, ctypes.c_void_p), None,
+                                 ctypes.c_uint64(1), ctypes.c_uint64(0))
+    if err:
+        raise UcError(err)
+    return callback, handle, raise_later
 
 
 def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
