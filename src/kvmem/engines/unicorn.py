@@ -345,6 +345,9 @@ class UnicornVcpu:
         # dirty bits by physical stores that no log sees
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self._fill_hook = _raw_tlb_fill_hook(uc, self._on_tlb_fill)
+        self._uch = uc._uch
+        self._cr0_buf = ctypes.c_uint64()
+        self._cr0_ref = ctypes.byref(self._cr0_buf)
         self._page_fault: Interrupt | None = None  # the #PF of the last fill that failed
         self._emulating = False  # inside emu_start: fills are the guest's
         self._tlb_stale = False  # a fill outside emu_start (Unicorn's own lookups) cached
@@ -1445,7 +1448,8 @@ class UnicornVcpu:
         `_page_fault` and refuses: Unicorn then stops with UC_ERR_EXCEPTION, RIP at the
         instruction, and the worker delivers the #PF."""
         self._engine.stats["tlb_fills"] += 1
-        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        _uc_reg_read(self._uch, X.UC_X86_REG_CR0, self._cr0_ref)  # the binding's: 5x slower
+        cr0 = self._cr0_buf.value
         if not cr0 & _CR0_PG:
             if access == UC_MEM_WRITE and self._emulating and \
                     not self._store_gate(vaddr >> PAGE_SHIFT):
@@ -1967,6 +1971,7 @@ def _runs(changes: Mapping[int, _PageMap | None]
 
 
 _TlbFill = Callable[[Uc, int, int, Any, Any], bool]
+_uc_reg_read = _ucb.uclib.uc_reg_read
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64,
                                    ctypes.c_int, ctypes.POINTER(_ucb.uc_tlb_entry),
                                    ctypes.c_void_p)
