@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import pytest
+from expect import GUEST_ENGINES
 
 import kvmem
 from kvmem import kvmapi
@@ -32,7 +33,7 @@ from kvmem.guests import PORT_EXCEPTION, PORT_RESULT, PORT_SYSCALL, program
 
 KVM_MISSING = kvmapi.kvm_available()
 needs_kvm = pytest.mark.skipif(KVM_MISSING is not None, reason=f"KVM: {KVM_MISSING}")
-ENGINES = [pytest.param("kvm", marks=needs_kvm), "unicorn"]
+ENGINES = GUEST_ENGINES
 MEM = 8 << 20
 M64 = (1 << 64) - 1
 M32 = (1 << 32) - 1

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from expect import GUEST_ENGINES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -52,11 +53,7 @@ from kvmem.cpu.state import (
 )
 
 KVM_MISSING = kvmapi.kvm_available()
-ENGINES = [
-    pytest.param("kvm", marks=pytest.mark.skipif(KVM_MISSING is not None,
-                                                 reason=f"KVM: {KVM_MISSING}")),
-    "unicorn",
-]
+ENGINES = GUEST_ENGINES
 MEM = 8 << 20
 
 

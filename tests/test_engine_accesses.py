@@ -24,19 +24,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import GUEST_ENGINES
 
 import kvmem
 from kvmem.cpu import modes
 from kvmem.engines import Exit, ExitKind
-from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, PAGE_SIZE
 
-KVM_REASON = kvm_available()
-ENGINES = [
-    pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(
-        KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")]),
-    "unicorn",
-]
+ENGINES = GUEST_ENGINES
 RAM = 1 << 20  # slot 0: [0, RAM)
 HOLE = RAM  # one page without a slot
 RAM2 = HOLE + PAGE_SIZE  # slot 1: one page of RAM

@@ -22,18 +22,13 @@ import errno
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import GUEST_ENGINES
 
 import kvmem
 from kvmem.cpu import modes
 from kvmem.engines import EngineError, Exit, ExitKind, Regs
-from kvmem.kvmapi import kvm_available
 
-KVM_REASON = kvm_available()
-ENGINES = [
-    pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(
-        KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")]),
-    "unicorn",
-]
+ENGINES = GUEST_ENGINES
 RAM = 1 << 20
 CODE = 0x1000
 BUF = 0x2000

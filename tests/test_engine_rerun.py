@@ -18,19 +18,14 @@ import time
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import GUEST_ENGINES
 
 import kvmem
 from kvmem.engines import Exit, ExitKind, Regs
 from kvmem.guests import PORT_RESULT, PORT_TORN, program
-from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 
-KVM_REASON = kvm_available()
-ENGINES = [
-    pytest.param("kvm", marks=[pytest.mark.kvm, pytest.mark.skipif(
-        KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")]),
-    "unicorn",
-]
+ENGINES = GUEST_ENGINES
 RAM = 4 << 20
 NPAGES = RAM // PAGE_SIZE
 CODE = 0x1000

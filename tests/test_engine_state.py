@@ -13,17 +13,14 @@ import dataclasses
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import GUEST_ENGINES, KVM_REASON
 
 import kvmem
 from kvmem.cpu import VcpuState
 from kvmem.cpu.state import MSR_IA32_TSC
 from kvmem.engines import Exit, ExitKind, Regs
-from kvmem.kvmapi import kvm_available
 
-KVM_REASON = kvm_available()
-NEEDS_KVM = [pytest.mark.kvm, pytest.mark.skipif(KVM_REASON is not None,
-                                                 reason=f"KVM engine: {KVM_REASON}")]
-ENGINES = [pytest.param("kvm", marks=NEEDS_KVM), "unicorn"]
+ENGINES = GUEST_ENGINES
 RAM = 1 << 20
 CODE = 0x1000
 

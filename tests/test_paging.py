@@ -27,6 +27,7 @@ import struct
 from collections.abc import Callable, Iterator
 
 import pytest
+from expect import GUEST_ENGINES
 
 from kvmem import kvmapi
 from kvmem.cpu import modes, raw
@@ -572,11 +573,7 @@ def walk_targets(mem: raw.GuestMemory, sregs: Sregs, rng: random.Random) -> list
 # ---------------------------------------------------------------------------------------------
 # differential: translate_gva vs the page faults CPL-3 code takes, on both engines
 
-ENGINES = [
-    pytest.param("kvm", marks=pytest.mark.skipif(KVM_MISSING is not None,
-                                                 reason=f"KVM: {KVM_MISSING}")),
-    "unicorn",
-]
+ENGINES = GUEST_ENGINES
 # rdi -> (address, kind): kind 0 reads, 1 writes, 2 calls it (a RET sits there); then INT3.
 #   mov (%rdi),%rax; mov 8(%rdi),%rcx; cmp $1,%rcx; je W; cmp $2,%rcx; je F
 #   mov (%rax),%rbx; int3;  W: mov %rbx,(%rax); int3;  F: call *%rax; int3

@@ -14,19 +14,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from expect import GUEST_ENGINES
 
 import kvmem
 from kvmem import HostMemory, KvmError, Snapshot, SnapshotFormatError, host
 from kvmem.dirty import RestoreLog
 from kvmem.engines import ExitKind, Regs
 from kvmem.guests import program
-from kvmem.kvmapi import kvm_available
 from kvmem.uapi import KVM_MEM_LOG_DIRTY_PAGES, PAGE_SIZE
 
 GuestWrites = Callable[[kvmem.Vm, int, int], list[tuple[int, bytes]]]
 WALKER_CODE = 0x1000  # where conftest's `guest_writes` loads the walker
 
-KVM_MISSING = kvm_available()
 MiB = 1 << 20
 DATA = 0x10000  # where the tests' guests write
 
@@ -502,8 +501,7 @@ def test_a_restore_that_puts_page_tables_back_tells_the_listeners(
     assert heard == [vm]
 
 
-@pytest.mark.parametrize("engine", ["unicorn", pytest.param("kvm", marks=[
-    pytest.mark.kvm, pytest.mark.skipif(KVM_MISSING is not None, reason=f"KVM: {KVM_MISSING}")])])
+@pytest.mark.parametrize("engine", GUEST_ENGINES)
 def test_no_translation_survives_a_restore(engine: str, make_vm: Callable[..., kvmem.Vm],
                                            mems: Callable[[int], HostMemory]) -> None:
     """The guest remaps X from A to B (CPL 0 code writing its page table) after the

@@ -165,7 +165,7 @@ from .. import sync
 from ..cpu import PageFault, PagingFeatures, Segment, Sregs, VcpuState, events, uc_state
 from ..cpu import Regs as KvmRegs
 from ..cpu.events import Event, Interrupt
-from ..cpu.paging import Controls, translate_gva, walk_for_tlb
+from ..cpu.paging import Controls, TlbEntry, translate_gva, walk_for_tlb
 from ..errors import KvmError
 from ..mmu import MemoryFault, MmioExit, Spte, TrackedWrite
 from ..uapi import KVM_USER_MEM_SLOTS, PAGE_SHIFT, PAGE_SIZE
@@ -626,21 +626,32 @@ class UnicornVcpu:
     def _write_walk(self, linear: int) -> int | None:
         """Between two runs: the gpa a guest write to `linear` reaches, its walk setting the
         accessed/dirty bits (as KVM's emulator's does); None if it would fault."""
-        uc = self._uc
-        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        cr0 = self._cr0()
         if not cr0 & _CR0_PG:
             return linear
         try:
             with self._vcpu.loaded():  # the bits' marks go to this vCPU's ring
-                got = walk_for_tlb(self._vcpu.read, self._set_bits, controls_of(uc, cr0),
-                                   linear & ~(PAGE_SIZE - 1), access="write",
-                                   user=int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3,
-                                   ac=bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS))
-                                           & _RFLAGS_AC),
-                                   features=uc_state.PAGING_FEATURES)
+                got = self._walk(controls_of(self._uc, cr0), linear, "write", self._cpl3())
         except PageFault:
             return None
         return got.gpa | (linear & (PAGE_SIZE - 1))
+
+    def _walk(self, controls: Controls, linear: int, kind: str, user: bool) -> TlbEntry:
+        """kvmem's walk of a guest `kind` access ("read", "write", "fetch") to the page of
+        `linear` (`paging.walk_for_tlb`: accessed/dirty bits set, marked as the vCPU's
+        writes): what the page grants; `PageFault` where the walk faults."""
+        ac = bool(int(self._uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RFLAGS_AC)
+        return walk_for_tlb(self._vcpu.read, self._set_bits, controls,
+                            linear & ~(PAGE_SIZE - 1), access=kind, user=user, ac=ac,
+                            features=uc_state.PAGING_FEATURES)
+
+    def _cpl3(self) -> bool:
+        return int(self._uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+
+    def _cr0(self) -> int:
+        """CR0, read through Unicorn's C API (the binding's reg_read costs 5x as much)."""
+        _uc_reg_read(self._uch, X.UC_X86_REG_CR0, self._cr0_ref)
+        return int(self._cr0_buf.value)
 
     def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
         """A guest write within one page that the caller's thread makes for the guest, the
@@ -689,9 +700,7 @@ class UnicornVcpu:
     def _rep_string(self, pc: int) -> tuple[bytes, int] | None:
         """(prefixes, opcode) of the instruction at `pc` if it is a REP string one."""
         code = self._code(pc)
-        i = 0
-        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
-            i += 1
+        i = _prefix_length(code)
         prefixes = code[:i]
         if i < len(code) and code[i] in _STRING_OPCODES and {0xF2, 0xF3} & set(prefixes):
             return prefixes, code[i]
@@ -1150,9 +1159,7 @@ class UnicornVcpu:
     def _opcode(self, rip: int) -> int:
         """The first opcode byte of the instruction at `rip` (-1 if unreadable)."""
         code = self._code(rip)
-        i = 0
-        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
-            i += 1
+        i = _prefix_length(code)
         return code[i] if i < len(code) else -1
 
     def _port_exact(self) -> bool:
@@ -1448,8 +1455,7 @@ class UnicornVcpu:
         `_page_fault` and refuses: Unicorn then stops with UC_ERR_EXCEPTION, RIP at the
         instruction, and the worker delivers the #PF."""
         self._engine.stats["tlb_fills"] += 1
-        _uc_reg_read(self._uch, X.UC_X86_REG_CR0, self._cr0_ref)  # the binding's: 5x slower
-        cr0 = self._cr0_buf.value
+        cr0 = self._cr0()
         if not cr0 & _CR0_PG:
             if access == UC_MEM_WRITE and self._emulating and \
                     not self._store_gate(vaddr >> PAGE_SHIFT):
@@ -1471,18 +1477,15 @@ class UnicornVcpu:
         kind = "write" if access == UC_MEM_WRITE else "fetch" if access == UC_MEM_FETCH \
             else "read"
         controls = controls_of(uc, cr0)
-        user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        user = self._cpl3()
         if user and self._system_table(vaddr) and self._loads_descriptor(controls):
             # QEMU reads descriptors with supervisor rights at any CPL (its kernel MMU
             # index), and the hook is not told which index asks: a page of the GDT, LDT or
             # TSS, filled for an instruction that loads a descriptor, is the supervisor's
             user = False
-        ac = bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RFLAGS_AC)
         self._leave()
         try:
-            got = walk_for_tlb(self._vcpu.read, self._set_bits, controls, vaddr,
-                               access=kind, user=user, ac=ac,
-                               features=uc_state.PAGING_FEATURES)
+            got = self._walk(controls, vaddr, kind, user)
         except PageFault as e:
             # CR2 is the whole address, which the hook is not told: taken at the stop
             self._page_fault = Interrupt(_PF, e.error_code, cr2=vaddr)
@@ -1542,9 +1545,7 @@ class UnicornVcpu:
             code = self._vcpu.read(gpa, min(15, PAGE_SIZE - gpa % PAGE_SIZE))
         except (PageFault, KvmError, MmioExit, MemoryFault, ValueError):
             return False
-        i = 0
-        while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
-            i += 1
+        i = _prefix_length(code)
         op = code[i:i + 3]
         if not op:
             return False
@@ -2000,6 +2001,14 @@ def _raw_tlb_fill_hook(uc: Uc, fill: _TlbFill) -> Any:
     if err:
         raise UcError(err)
     return callback, handle, raise_later
+
+
+def _prefix_length(code: bytes) -> int:
+    """How many bytes of legacy and REX prefixes `code` starts with."""
+    i = 0
+    while i < len(code) and (code[i] in _PREFIXES or code[i] in _REX):
+        i += 1
+    return i
 
 
 def _page_parts(gpa: int, size: int) -> list[tuple[int, int]]:
