@@ -13,6 +13,7 @@ The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsew
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -283,6 +284,8 @@ def test_a_unicorn_lookup_outside_the_guest_sets_no_bit() -> None:
     removed, a cache dropped): kvmem's fill then translates without setting bits, and the
     entry is flushed before the guest runs — else the guest's first fetch would hit it and
     its walk, with the accessed bits it sets, would never happen."""
+    from unicorn.unicorn_const import UC_CTL_IO_WRITE, UC_CTL_TLB_FLUSH
+
     from kvmem.cpu import modes
     from kvmem.engines.unicorn import UnicornVcpu
 
@@ -299,9 +302,11 @@ def test_a_unicorn_lookup_outside_the_guest_sets_no_bit() -> None:
         assert cpu.run().kind is ExitKind.IO  # every page mapped: no more mirror changes
         assert _entries(vm)[(2, 0)] == 0x20
         vm.write(TABLES + 2 * PAGE_SIZE, (pd0 & ~AD).to_bytes(8, "little"))
-        cpu.set_state(state)  # loads CR3: no translation is cached
+        cpu.set_state(state)
         backend = cpu._backend
         assert isinstance(backend, UnicornVcpu)
+        # no translation cached (a state with the same CR3 keeps them)
+        backend._uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
         backend._uc.ctl_remove_cache(CODE, CODE + 1)  # a lookup of the code's page
         assert _entries(vm).get((2, 0), 0) == 0, "a lookup outside the guest set a bit"
         assert cpu.run().kind is ExitKind.IO
@@ -369,6 +374,93 @@ def test_an_error_in_unicorns_tlb_fill_is_the_vcpus(monkeypatch: pytest.MonkeyPa
         cpu.start(CODE)
         with pytest.raises(EngineError, match="fill of 0x1000 failed"):
             cpu.run()
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+def _unicorn_walker(ram: int) -> tuple[kvmem.Vm, kvmem.HostMemory, Callable[[], int]]:
+    """The walker over `ram` bytes on Unicorn, paging off; the callable runs it from
+    `start` and returns how many TLB fills the run took."""
+    mem = kvmem.HostMemory.anonymous(ram)
+    vm = kvmem.Vm(engine="unicorn")
+    vm.set_memory_region(0, 0, 0, ram, mem.hva)
+    vm.write(CODE, program("walker"))
+    cpu = vm.create_vcpu(0)
+    assert vm.engine is not None
+    stats = vm.engine.stats
+
+    def run() -> int:
+        before = stats["tlb_fills"]
+        cpu.start(CODE, Regs(esi=WALK, ecx=ram - WALK, edi=PAGE_SIZE, ebx=7, ebp=1))
+        assert cpu.run().kind is ExitKind.IO
+        assert cpu.run().kind is ExitKind.HLT
+        return int(stats["tlb_fills"]) - before
+
+    return vm, mem, run
+
+
+def test_unicorns_tlb_grows_to_the_working_set() -> None:
+    """QEMU resizes its TLB only when it is flushed, and a guest with paging off never
+    flushes it: a sweep of 1,008 pages through its first 256 entries would miss on every
+    page of every pass (a call into kvmem's walker each). The engine flushes once the fills
+    since the last flush outnumber the entries, and QEMU doubles the TLB: by the third
+    pass the whole sweep hits."""
+    vm, mem, run = _unicorn_walker(RAM)
+    try:
+        pages = (RAM - WALK) // PAGE_SIZE
+        assert run() > pages  # the sum sweep misses what the fill sweep's evicted
+        run()
+        assert run() == 0, "the TLB did not grow to the working set"
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+def test_unicorn_keeps_translations_where_kvm_does() -> None:
+    """KVM_SET_SREGS drops the guest's TLB only when CR0, CR3, CR4 or EFER change, or in
+    PAE paging, whose PDPTEs it loads anew (`uc_state.mmu_reset_needed`, after KVM's
+    `__set_sregs`): `start` again in the same mode keeps every translation (no fill), a state
+    with another CR3 drops them all."""
+    from unicorn.unicorn_py3 import Uc
+    from unicorn.unicorn_const import UC_ARCH_X86, UC_MODE_64
+
+    from kvmem.cpu import uc_state
+
+    small = 1 << 19  # 113 pages: within QEMU's first 256 entries
+    vm, mem, run = _unicorn_walker(small)
+    try:
+        assert run() > 0
+        run()
+        assert run() == 0, "start() in the same mode dropped the TLB"
+        cpu = vm.vcpus[0]
+        state = cpu.get_state()  # at the HLT; CR3 is 0, paging off
+        sregs = state.sregs
+        uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        uc_state.set_state(uc, state)
+        assert not uc_state.mmu_reset_needed(uc, sregs)
+        for changed in (dataclasses.replace(sregs, cr0=sregs.cr0 ^ 1 << 16),
+                        dataclasses.replace(sregs, cr3=PAGE_SIZE),
+                        dataclasses.replace(sregs, cr4=sregs.cr4 ^ 1 << 9),
+                        dataclasses.replace(sregs, efer=sregs.efer ^ 1)):
+            assert uc_state.mmu_reset_needed(uc, changed), changed
+        pae = dataclasses.replace(sregs, cr0=sregs.cr0 | 1 << 31, cr4=sregs.cr4 | 1 << 5,
+                                  cr3=TABLES)
+        uc_state.set_state(uc, dataclasses.replace(state, sregs=pae))
+        assert uc_state.mmu_reset_needed(uc, pae), "PAE paging loads its PDPTEs anew"
+        del uc
+        # on the engine: another CR3 drops every translation
+        moved = dataclasses.replace(state, sregs=dataclasses.replace(sregs, cr3=PAGE_SIZE),
+                                    regs=dataclasses.replace(
+                                        state.regs, rip=CODE, rsi=WALK, rcx=small - WALK,
+                                        rdi=PAGE_SIZE, rbp=1))
+        cpu.set_state(moved)
+        assert vm.engine is not None
+        before = vm.engine.stats["tlb_fills"]
+        assert cpu.run().kind is ExitKind.IO
+        assert vm.engine.stats["tlb_fills"] - before >= (small - WALK) // PAGE_SIZE
     finally:
         assert vm.engine is not None
         vm.engine.close()

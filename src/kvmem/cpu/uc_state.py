@@ -3,6 +3,8 @@
 Defines:
 - `get_state(uc)` / `set_state(uc, state)` — the whole state. One Uc created in UC_MODE_64 runs
   real-mode, 16/32-bit protected-mode and 64-bit code, whichever the state written says;
+- `mmu_reset_needed(uc, sregs)` — whether loading `sregs` drops the TLB (KVM's rule; the
+  two loaders follow it);
 - `configure(uc)`, `resume(uc)`, `resume_blockwise(uc)` — how to run a Uc whose state
   `set_state` wrote;
 - `UcTrap` — hooks that turn what Unicorn does not deliver (exceptions, INT n, SYSCALL) into a
@@ -126,6 +128,8 @@ _HF_OWNED: Final = (_HF_CPL | _HF_INHIBIT_IRQ | _HF_CS32 | _HF_SS32 | _HF_ADDSEG
                     | _HF_OSFXSR | _HF_SMAP)
 
 _CR0_PE: Final = 1 << 0
+_CR0_PG: Final = 1 << 31
+_CR4_PAE: Final = 1 << 5
 _CR4_OSFXSR: Final = 1 << 9
 _CR4_SMAP: Final = 1 << 21
 _EFER_SCE: Final = 1 << 0
@@ -471,11 +475,14 @@ def set_state(uc: Uc, state: VcpuState) -> None:
     _check_settable(state)
     layout = _the_probe().layout
     s = state.sregs
-    # CR4 before CR0: QEMU's CR0 write consults CR4.PAE; its long-mode transitions are then
-    # overwritten below, where EFER and hflags are written as the state says
-    uc.reg_write(X.UC_X86_REG_CR4, s.cr4)
-    uc.reg_write(X.UC_X86_REG_CR3, s.cr3)
-    uc.reg_write(X.UC_X86_REG_CR0, s.cr0)
+    reset = mmu_reset_needed(uc, s)
+    if reset:
+        # CR4 before CR0: QEMU's CR0 write consults CR4.PAE; its long-mode transitions are
+        # then overwritten below, where EFER and hflags are written as the state says. (The
+        # same values again would only flush the TLB, which KVM does not: see below.)
+        uc.reg_write(X.UC_X86_REG_CR4, s.cr4)
+        uc.reg_write(X.UC_X86_REG_CR3, s.cr3)
+        uc.reg_write(X.UC_X86_REG_CR0, s.cr0)
     uc.reg_write(X.UC_X86_REG_CR2, s.cr2)
     uc.reg_write(X.UC_X86_REG_CR8, s.cr8)
     uc.reg_write(X.UC_X86_REG_GDTR, (0, s.gdt.base, s.gdt.limit, 0))
@@ -503,20 +510,40 @@ def set_state(uc: Uc, state: VcpuState) -> None:
     env.put(_U64, layout.tsc_offset,
             (state.msrs[MSR_IA32_TSC] - _the_probe().ticks()) & (1 << 64) - 1)
     env.restore(uc)
-    # the soft TLB caches translations made under the old CR3/CR0/CR4 and CPL
-    uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
+    if reset:
+        uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
+
+
+def mmu_reset_needed(uc: Uc, s: Sregs) -> bool:
+    """Whether loading `s` into `uc` drops the TLB: KVM's rule for KVM_SET_SREGS (its
+    `__set_sregs`: `mmu_reset_needed`, then kvm_mmu_reset_context and a guest TLB flush) —
+    CR0, CR3, CR4 or EFER differ from the vCPU's, or the state pages in PAE mode (whose
+    PDPTEs KVM loads anew). Loading the same mode again (a `start`, a fuzz loop's restore of
+    one snapshot) keeps every translation, as on KVM: with shadow pages or hardware TLB
+    entries a host write to a page table is not seen, nor an accessed bit cleared by the host
+    set again, until the guest flushes. (QEMU's TLB is split by privilege — kernel, user,
+    SMAP — so a CPL change needs no flush.)"""
+    env = _Env(uc, _the_probe().layout)
+    lay = env.layout
+    if (env.get(_U64, lay.cr), env.get(_U64, lay.cr + 24), env.get(_U64, lay.cr + 32),
+            env.get(_U64, lay.efer)) != (s.cr0, s.cr3, s.cr4, s.efer):
+        return True
+    return bool(s.cr0 & _CR0_PG) and bool(s.cr4 & _CR4_PAE) and not s.efer & _EFER_LMA
 
 
 def load_context(uc: Uc, context: Any, state: VcpuState) -> None:
     """Load `state` again from `context`, Unicorn's CPU context saved right after a
     `set_state(uc, state)`: one copy instead of the register writes (a snapshot restored per
-    fuzz input). The TSC offset is set anew, so the TSC reads `state`'s value from now."""
+    fuzz input). The TSC offset is set anew, so the TSC reads `state`'s value from now. The
+    TLB is dropped as `set_state` drops it (`mmu_reset_needed`)."""
+    reset = mmu_reset_needed(uc, state.sregs)
     uc.context_restore(context)
     env = _Env(uc, _the_probe().layout)
     env.put(_U64, _the_probe().layout.tsc_offset,
             (state.msrs[MSR_IA32_TSC] - _the_probe().ticks()) & (1 << 64) - 1)
     env.restore(uc)
-    uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
+    if reset:
+        uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
 
 
 def _check_settable(state: VcpuState) -> None:

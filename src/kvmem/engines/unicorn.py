@@ -104,7 +104,14 @@ Rules of this room:
   once the leaf is dirty. A walk that fails refuses the fill: Unicorn stops before the
   instruction does anything and the worker delivers the #PF, CR2 read from Unicorn
   (`uc_state.fault_address`). Fills made outside emu_start (Unicorn's own code lookups)
-  set no bit and are flushed before the guest runs. A block-wise store's fill of a slow
+  set no bit and are flushed before the guest runs. The TLB is dropped where KVM drops
+  it (`uc_state.mmu_reset_needed`: a state load that changes CR0/3/4/EFER; the guest's own
+  CR3 writes, INVLPG, ...) and, besides, when the fills since the last drop outnumber its
+  entries: QEMU sizes its TLB only when it is flushed (doubling it when more than 70% was
+  in use), so a working set wider than the 256 entries it starts with, under a guest that
+  never flushes (paging off, one CR3), would otherwise miss on every page of every sweep —
+  and each miss here is a call into Python. A real TLB may drop entries at any time, so
+  the guest cannot tell. A block-wise store's fill of a slow
   page is refused too (`_store_gate`), before any byte of the store — QEMU fills the page
   a store crosses into first — and the instruction runs exactly.
 - A vCPU in SMM maps address space 1: switching drops every mapping.
@@ -197,6 +204,8 @@ _MSR_EFER = 0xC000_0080
 _PF = 14
 _AT_STOP = object()  # _want_exact's: the instruction to run exactly is where the run stopped
 _FOREVER = 1 << 62  # an instruction count no run reaches (see "exact steps")
+_TLB_ENTRIES = 256  # QEMU's first TLB size per privilege (CPU_TLB_DYN_DEFAULT_BITS)
+_TLB_ENTRIES_MAX = 1 << 15  # grown no further by kvmem's flushes (128 MiB of pages)
 _PORT_OPCODES = frozenset((*range(0xE4, 0xE8), *range(0xEC, 0xF0), *range(0x6C, 0x70)))
 # the string instructions (ins, outs, movs, cmps, stos, lods, scas; byte and wider forms)
 _STRING_OPCODES = frozenset((*range(0x6C, 0x70), *range(0xA4, 0xA8), *range(0xAA, 0xB0)))
@@ -351,6 +360,8 @@ class UnicornVcpu:
         self._page_fault: Interrupt | None = None  # the #PF of the last fill that failed
         self._emulating = False  # inside emu_start: fills are the guest's
         self._tlb_stale = False  # a fill outside emu_start (Unicorn's own lookups) cached
+        self._fills = 0  # TLB fills since this worker last dropped the TLB
+        self._tlb_entries = _TLB_ENTRIES  # what QEMU's TLB has grown to, as far as known
         # exceptions, INT n and SYSCALL: caught here, delivered by `_deliver`
         self._trap = uc_state.UcTrap(uc)
         # mappings (worker-owned; read by zappers under _lock)
@@ -889,10 +900,15 @@ class UnicornVcpu:
             if exact:
                 self._read_parts_slow(pc)
             hooks = self._exact_hooks(pc) if exact else []
-            if self._tlb_stale:
-                # entries filled outside the guest set no accessed bit
+            if self._tlb_stale or self._fills > self._tlb_entries:
+                # entries filled outside the guest set no accessed bit; or the TLB is too
+                # small for the working set, and QEMU grows it only at a flush (see "Guest
+                # virtual memory" in the module notes)
+                if self._fills > self._tlb_entries:
+                    self._tlb_entries = min(2 * self._tlb_entries, _TLB_ENTRIES_MAX)
                 uc.ctl(UC_CTL_TLB_FLUSH, UC_CTL_IO_WRITE)
                 self._tlb_stale = False
+                self._fills = 0
             self._emulating = True
             try:
                 if self._step or exact:
@@ -1455,6 +1471,7 @@ class UnicornVcpu:
         `_page_fault` and refuses: Unicorn then stops with UC_ERR_EXCEPTION, RIP at the
         instruction, and the worker delivers the #PF."""
         self._engine.stats["tlb_fills"] += 1
+        self._fills += 1
         cr0 = self._cr0()
         if not cr0 & _CR0_PG:
             if access == UC_MEM_WRITE and self._emulating and \
