@@ -424,8 +424,8 @@ def test_unicorn_keeps_translations_where_kvm_does() -> None:
     PAE paging, whose PDPTEs it loads anew (`uc_state.mmu_reset_needed`, after KVM's
     `__set_sregs`): `start` again in the same mode keeps every translation (no fill), a state
     with another CR3 drops them all."""
-    from unicorn.unicorn_py3 import Uc
     from unicorn.unicorn_const import UC_ARCH_X86, UC_MODE_64
+    from unicorn.unicorn_py3 import Uc
 
     from kvmem.cpu import uc_state
 
@@ -461,6 +461,33 @@ def test_unicorn_keeps_translations_where_kvm_does() -> None:
         before = vm.engine.stats["tlb_fills"]
         assert cpu.run().kind is ExitKind.IO
         assert vm.engine.stats["tlb_fills"] - before >= (small - WALK) // PAGE_SIZE
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()
+
+
+def test_an_error_in_an_exact_steps_memory_hook_is_the_vcpus(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The exact step's memory hooks are added through Unicorn's C API too: an exception in
+    one stops the guest and `run` raises it."""
+    from kvmem.engines import EngineError
+    from kvmem.engines.unicorn import UnicornVcpu
+
+    def boom(self: UnicornVcpu, uc: object, access: int, gpa: int, size: int, value: int,
+             data: object) -> None:
+        raise RuntimeError(f"store to {gpa:#x} failed")
+
+    monkeypatch.setattr(UnicornVcpu, "_on_write", boom)
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine="unicorn")
+    try:
+        vm.set_memory_region(0, 0, 0, 0x200000, mem.hva)  # nothing at STORE_AT: MMIO
+        vm.write(CODE, AD_PROGRAM[:11] + bytes([0xF4]))  # mov dword [STORE_AT], ...; hlt
+        cpu = vm.create_vcpu(0)
+        cpu.start(CODE)
+        with pytest.raises(EngineError, match="store to 0x300000 failed"):
+            cpu.run()
     finally:
         assert vm.engine is not None
         vm.engine.close()

@@ -213,11 +213,10 @@ _RF = 1 << 16  # RFLAGS.RF (see "RF" in the header)
 _REP_REENTRY = 1024  # KVM's emulator re-enters the guest every 1024 REP iterations
 
 
-def controls_of(uc: Uc, cr0: int | None = None) -> Controls:
-    """The registers a page walk depends on, read from `uc`."""
-    return Controls(int(uc.reg_read(X.UC_X86_REG_CR0)) if cr0 is None else cr0,
-                    int(uc.reg_read(X.UC_X86_REG_CR3)), int(uc.reg_read(X.UC_X86_REG_CR4)),
-                    int(uc.reg_read(X.UC_X86_REG_MSR, _MSR_EFER)))
+def controls_of(reg: _FastRegs, cr0: int | None = None) -> Controls:
+    """The registers a page walk depends on, read through `reg`."""
+    return Controls(reg(X.UC_X86_REG_CR0) if cr0 is None else cr0, reg(X.UC_X86_REG_CR3),
+                    reg(X.UC_X86_REG_CR4), reg.efer())
 
 
 class _Scan:
@@ -354,9 +353,13 @@ class UnicornVcpu:
         # dirty bits by physical stores that no log sees
         uc.ctl_set_tlb_mode(UC_TLB_VIRTUAL)
         self._fill_hook = _raw_tlb_fill_hook(uc, self._on_tlb_fill)
-        self._uch = uc._uch
-        self._cr0_buf = ctypes.c_uint64()
-        self._cr0_ref = ctypes.byref(self._cr0_buf)
+        self._mem_hooks = _RawMemHooks(
+            uc, lambda access, gpa, size, value: self._on_read(uc, access, gpa, size, value,
+                                                                None),
+            lambda access, gpa, size, value: self._on_write(uc, access, gpa, size, value,
+                                                            None),
+            self._fill_hook[2])
+        self._reg = _FastRegs(uc)
         self._page_fault: Interrupt | None = None  # the #PF of the last fill that failed
         self._emulating = False  # inside emu_start: fills are the guest's
         self._tlb_stale = False  # a fill outside emu_start (Unicorn's own lookups) cached
@@ -537,7 +540,7 @@ class UnicornVcpu:
                 raise EngineError(errno.EAGAIN, f"finishing the read made another exit "
                                                 f"({exits[0]}); take it with run() first")
             return
-        rip = self._uc.reg_read(X.UC_X86_REG_RIP)
+        rip = self._reg(X.UC_X86_REG_RIP)
         start = self._run_start()
         self._step = True
         try:
@@ -549,7 +552,7 @@ class UnicornVcpu:
                     raise EngineError(errno.EAGAIN, f"finishing the read made another exit "
                                                     f"({exit_}); take it with run() first")
                 if (len(self._used) >= len(self._answers)
-                        or self._uc.reg_read(X.UC_X86_REG_RIP) != rip):
+                        or self._reg(X.UC_X86_REG_RIP) != rip):
                     break
             self._report_rf(None, start)
         finally:
@@ -567,11 +570,11 @@ class UnicornVcpu:
         """The replay of the instruction that exited takes `data`, one access at a time."""
         last = self._last
         assert last is not None
-        self._answer_rip = int(self._uc.reg_read(X.UC_X86_REG_RIP))
+        self._answer_rip = self._reg(X.UC_X86_REG_RIP)
         if last.kind is ExitKind.MMIO:
             self._answers[(ExitKind.MMIO, last.addr)] = data
         else:
-            down = int(self._uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400
+            down = self._reg(X.UC_X86_REG_RFLAGS) & 0x400
             step = -last.size if down else last.size
             for k in range(last.count):
                 rdi = (self._read_rdi + k * step) & 0xFFFF_FFFF
@@ -592,11 +595,11 @@ class UnicornVcpu:
         element) and return its exits; None where it does not apply."""
         data, self._ins_answer = self._ins_answer, None
         uc = self._uc
-        if data is None or int(uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+        if data is None or self._reg(X.UC_X86_REG_RIP) != self._answer_rip:
             return None
         prefixes = self._ins_prefixes()
         if (prefixes is None or not {0xF2, 0xF3} & set(prefixes)
-                or int(uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400):
+                or self._reg(X.UC_X86_REG_RFLAGS) & 0x400):
             return None
         bits = uc_state.code_bits(uc)
         if 0x67 in prefixes:
@@ -604,7 +607,7 @@ class UnicornVcpu:
         mask = (1 << bits) - 1
         last = self._last
         assert last is not None
-        rdi, rcx = int(uc.reg_read(X.UC_X86_REG_RDI)), int(uc.reg_read(X.UC_X86_REG_RCX))
+        rdi, rcx = self._reg(X.UC_X86_REG_RDI), self._reg(X.UC_X86_REG_RCX)
         # the destination's pages through the guest's page tables, as KVM's emulator writes
         # them: a write walk each, which sets their accessed/dirty bits (a fault: the
         # elements are replayed one by one instead, and Unicorn's fill raises it)
@@ -642,7 +645,7 @@ class UnicornVcpu:
             return linear
         try:
             with self._vcpu.loaded():  # the bits' marks go to this vCPU's ring
-                got = self._walk(controls_of(self._uc, cr0), linear, "write", self._cpl3())
+                got = self._walk(controls_of(self._reg, cr0), linear, "write", self._cpl3())
         except PageFault:
             return None
         return got.gpa | (linear & (PAGE_SIZE - 1))
@@ -651,18 +654,16 @@ class UnicornVcpu:
         """kvmem's walk of a guest `kind` access ("read", "write", "fetch") to the page of
         `linear` (`paging.walk_for_tlb`: accessed/dirty bits set, marked as the vCPU's
         writes): what the page grants; `PageFault` where the walk faults."""
-        ac = bool(int(self._uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RFLAGS_AC)
+        ac = bool(self._reg(X.UC_X86_REG_EFLAGS) & _RFLAGS_AC)
         return walk_for_tlb(self._vcpu.read, self._set_bits, controls,
                             linear & ~(PAGE_SIZE - 1), access=kind, user=user, ac=ac,
                             features=uc_state.PAGING_FEATURES)
 
     def _cpl3(self) -> bool:
-        return int(self._uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        return self._reg(X.UC_X86_REG_CS) & 3 == 3
 
     def _cr0(self) -> int:
-        """CR0, read through Unicorn's C API (the binding's reg_read costs 5x as much)."""
-        _uc_reg_read(self._uch, X.UC_X86_REG_CR0, self._cr0_ref)
-        return int(self._cr0_buf.value)
+        return self._reg(X.UC_X86_REG_CR0)
 
     def _write_between_runs(self, gpa: int, data: bytes) -> list[Exit]:
         """A guest write within one page that the caller's thread makes for the guest, the
@@ -682,15 +683,13 @@ class UnicornVcpu:
 
     # -- RF -------------------------------------------------------------------------------------
     def _set_rf(self, on: bool) -> None:
-        uc = self._uc
-        flags = int(uc.reg_read(X.UC_X86_REG_EFLAGS))
-        uc.reg_write(X.UC_X86_REG_EFLAGS, flags | _RF if on else flags & ~_RF)
+        flags = self._reg(X.UC_X86_REG_EFLAGS)
+        self._reg.write(X.UC_X86_REG_EFLAGS, flags | _RF if on else flags & ~_RF)
 
     def _run_start(self) -> tuple[int, bool, int]:
         """What `_report_rf` needs of the state a run starts from: pc, RF, RCX."""
-        uc = self._uc
-        return (self._pc(), bool(int(uc.reg_read(X.UC_X86_REG_EFLAGS)) & _RF),
-                int(uc.reg_read(X.UC_X86_REG_RCX)))
+        return (self._pc(), bool(self._reg(X.UC_X86_REG_EFLAGS) & _RF),
+                self._reg(X.UC_X86_REG_RCX))
 
     def _report_rf(self, exit_: Exit | None, start: tuple[int, bool, int] | None) -> None:
         """Set RF as KVM reports it after `exit_` (None: a settling step), for a run that
@@ -730,7 +729,7 @@ class UnicornVcpu:
             bits = 32 if bits == 64 else 48 - bits
         mask = (1 << bits) - 1
         before = start_rcx & mask
-        now = int(self._uc.reg_read(X.UC_X86_REG_RCX)) & mask
+        now = self._reg(X.UC_X86_REG_RCX) & mask
         if now >= before:
             return False  # no iteration done
         if opcode in (0x6C, 0x6D):
@@ -892,14 +891,14 @@ class UnicornVcpu:
             if held:
                 continue
             error: UcError | None = None
-            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+            rip = self._reg(X.UC_X86_REG_RIP)
             pc = self._pc(rip)
             self._between_runs(pc, walked)
             self._page_fault = None
             exact = self._exact_step
             if exact:
                 self._read_parts_slow(pc)
-            hooks = self._exact_hooks(pc) if exact else []
+            hooks = exact and self._exact_hooks(pc)
             if self._tlb_stale or self._fills > self._tlb_entries:
                 # entries filled outside the guest set no accessed bit; or the TLB is too
                 # small for the working set, and QEMU grows it only at a flush (see "Guest
@@ -926,9 +925,8 @@ class UnicornVcpu:
                     stopped, self._stop_requested = self._stop_requested, False
                     self._zcv.notify_all()
                 self._stepping = False
-                for h in hooks:
-                    uc.hook_del(h)
                 if hooks:
+                    self._mem_hooks.delete()
                     uc.ctl_remove_cache(pc, pc + 1)  # the step's code calls the hooks
             if exact:
                 self._keep_count = True
@@ -972,7 +970,7 @@ class UnicornVcpu:
                 ctx, self._exact = self._exact, None
                 if ctx is _AT_STOP:
                     # QEMU's lazy flags, as flags (a run started from them reads them right)
-                    uc.reg_write(X.UC_X86_REG_EFLAGS, uc.reg_read(X.UC_X86_REG_EFLAGS))
+                    uc.reg_write(X.UC_X86_REG_EFLAGS, self._reg(X.UC_X86_REG_EFLAGS))
                 else:
                     self._restore(ctx)
                 self._exact_step = True
@@ -989,7 +987,7 @@ class UnicornVcpu:
                 self._restore(undo)
             elif self._used and not self._step and error is None and (
                     len(self._used) >= len(self._answers)
-                    or uc.reg_read(X.UC_X86_REG_RIP) != self._answer_rip):
+                    or self._reg(X.UC_X86_REG_RIP) != self._answer_rip):
                 self._answers, self._used = {}, set()  # the replay is done
             if self._exits:
                 return self._exits.pop(0)
@@ -1004,7 +1002,7 @@ class UnicornVcpu:
                     continue
                 if error.errno in (UC_ERR_FETCH_UNMAPPED, UC_ERR_FETCH_PROT):
                     return Exit(ExitKind.INTERNAL_ERROR, detail=f"instruction fetch failed "
-                                f"at {uc.reg_read(X.UC_X86_REG_RIP):#x}: {error}")
+                                f"at {self._reg(X.UC_X86_REG_RIP):#x}: {error}")
                 if error.errno == UC_ERR_INSN_INVALID:
                     event = uc_state.UcTrap.invalid_opcode()  # RIP at the instruction
                 elif error.errno == UC_ERR_EXCEPTION and self._page_fault is not None and \
@@ -1068,15 +1066,14 @@ class UnicornVcpu:
         makes finds a translation (a fill refused outside emu_start has nowhere to go).
         (pc, its gfn), or None where paging is off, the block is known, a walk faults or
         the page has no RAM. Not inside the guest (`_inside`): it takes the MMU's locks."""
-        uc = self._uc
-        cr0 = int(uc.reg_read(X.UC_X86_REG_CR0))
+        cr0 = self._reg(X.UC_X86_REG_CR0)
         if not cr0 & _CR0_PG:
             return None
         pc = self._pc()
         if pc in self._scans or pc in self._clean:
             return None
-        controls = controls_of(uc, cr0)
-        user = int(uc.reg_read(X.UC_X86_REG_CS)) & 3 == 3
+        controls = controls_of(self._reg, cr0)
+        user = self._reg(X.UC_X86_REG_CS) & 3 == 3
         try:
             gfn, _ = (translate_gva(self._vcpu.read, controls, gva, fetch=True, user=user,
                                     features=uc_state.PAGING_FEATURES) >> PAGE_SHIFT
@@ -1090,7 +1087,7 @@ class UnicornVcpu:
     def _between_runs(self, rip: int, walked: tuple[int, int] | None = None) -> None:
         """Hook what scans noted and the blocks to scan; end the scans that are done."""
         uc = self._uc
-        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PG:
+        if self._reg(X.UC_X86_REG_CR0) & _CR0_PG:
             ready = (walked is not None and walked[0] == rip
                      and self._base_of(walked[1]) is not None)
         else:
@@ -1156,12 +1153,11 @@ class UnicornVcpu:
         """The linear address of the instruction at CS:RIP (`rip` if read already) — what
         code hooks and blocks name (CS's base is 0 in every mode kvmem starts guests in
         but real mode, where it is the selector times 16)."""
-        uc = self._uc
         if rip is None:
-            rip = int(uc.reg_read(X.UC_X86_REG_RIP))
-        if int(uc.reg_read(X.UC_X86_REG_CR0)) & _CR0_PE:
+            rip = self._reg(X.UC_X86_REG_RIP)
+        if self._reg(X.UC_X86_REG_CR0) & _CR0_PE:
             return rip
-        return ((int(uc.reg_read(X.UC_X86_REG_CS)) & 0xFFFF) << 4) + (rip & 0xFFFF)
+        return ((self._reg(X.UC_X86_REG_CS) & 0xFFFF) << 4) + (rip & 0xFFFF)
 
     def _code(self, rip: int, size: int = 15) -> bytes:
         """Up to `size` code bytes at `rip` (a block's, or an instruction's: not past its
@@ -1207,7 +1203,7 @@ class UnicornVcpu:
     def _halted(self) -> bool:
         """Unicorn returns after HLT as after a stop: look at the instruction before EIP
         (a stop landing right after an instruction ending in byte f4 reads as a halt)."""
-        eip = self._uc.reg_read(X.UC_X86_REG_RIP)
+        eip = self._reg(X.UC_X86_REG_RIP)
         try:
             return bytes(self._uc.mem_read(eip - 1, 1)) == b"\xf4"
         except UcError:
@@ -1485,7 +1481,7 @@ class UnicornVcpu:
             # before the guest runs, so that its first access walks and sets them
             self._tlb_stale = True
             try:
-                gpa = translate_gva(self._vcpu.read, controls_of(uc), vaddr, fetch=True,
+                gpa = translate_gva(self._vcpu.read, controls_of(self._reg), vaddr, fetch=True,
                                     features=uc_state.PAGING_FEATURES)
             except PageFault:
                 return False
@@ -1493,7 +1489,7 @@ class UnicornVcpu:
             return True
         kind = "write" if access == UC_MEM_WRITE else "fetch" if access == UC_MEM_FETCH \
             else "read"
-        controls = controls_of(uc, cr0)
+        controls = controls_of(self._reg, cr0)
         user = self._cpl3()
         if user and self._system_table(vaddr) and self._loads_descriptor(controls):
             # QEMU reads descriptors with supervisor rights at any CPL (its kernel MMU
@@ -1641,7 +1637,7 @@ class UnicornVcpu:
             bits = uc_state.code_bits(uc)
             if 0x67 in rep[0]:
                 bits = 32 if bits == 64 else 48 - bits
-            if not int(uc.reg_read(X.UC_X86_REG_RCX)) & ((1 << bits) - 1):
+            if not self._reg(X.UC_X86_REG_RCX) & ((1 << bits) - 1):
                 return  # no element: the instruction does nothing
         self._ins_exit()
 
@@ -1652,12 +1648,12 @@ class UnicornVcpu:
         if prefixes is None:
             return False
         uc = self._uc
-        port = int(uc.reg_read(X.UC_X86_REG_RDX)) & 0xFFFF
-        rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
+        port = self._reg(X.UC_X86_REG_RDX) & 0xFFFF
+        rdi = self._reg(X.UC_X86_REG_RDI) & 0xFFFF_FFFF
         if self._answers.get((ExitKind.IO, port, rdi)) is not None and \
-                int(uc.reg_read(X.UC_X86_REG_RIP)) == self._answer_rip:
+                self._reg(X.UC_X86_REG_RIP) == self._answer_rip:
             return False  # the replay: the hooks of the IN take the answer
-        code = bytes(uc.mem_read(int(uc.reg_read(X.UC_X86_REG_RIP)) + len(prefixes), 1))
+        code = bytes(uc.mem_read(self._reg(X.UC_X86_REG_RIP) + len(prefixes), 1))
         size = 1 if code == b"\x6c" else 2 if 0x66 in prefixes else 4
         self._read_rdi = rdi
         self._post_read(Exit(ExitKind.IO, port, size, False,
@@ -1706,7 +1702,7 @@ class UnicornVcpu:
         """The context, from a hook. Inside a run QEMU keeps DF and the arithmetic flags
         outside the EFLAGS its context holds (and recomputes DF from that EFLAGS when a run
         starts): EFLAGS is read (computed) with it and written back by `_restore`."""
-        return self._uc.context_save(), int(self._uc.reg_read(X.UC_X86_REG_EFLAGS))
+        return self._uc.context_save(), self._reg(X.UC_X86_REG_EFLAGS)
 
     def _restore(self, saved: tuple[Any, int]) -> None:
         self._uc.context_restore(saved[0])
@@ -1727,7 +1723,7 @@ class UnicornVcpu:
         instruction reads are stale (the replay is over) and go."""
         if not self._answers:
             return None
-        if int(self._uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+        if self._reg(X.UC_X86_REG_RIP) != self._answer_rip:
             self._answers, self._used = {}, set()
             return None
         answer = self._answers.get(key)
@@ -1763,8 +1759,7 @@ class UnicornVcpu:
         hooks, as KVM's emulator completes the load with what it read before the exit —
         a page Unicorn maps as RAM would be read again, as the host left it meanwhile
         (a discard, a `vm.write`). Not the instruction's own code page(s)."""
-        uc = self._uc
-        if not self._answers or int(uc.reg_read(X.UC_X86_REG_RIP)) != self._answer_rip:
+        if not self._answers or self._reg(X.UC_X86_REG_RIP) != self._answer_rip:
             return
         code = {pc >> PAGE_SHIFT, (pc + 14) >> PAGE_SHIFT}
         for key in self._answers:
@@ -1784,11 +1779,10 @@ class UnicornVcpu:
         if gone:
             self._remap(gone)
 
-    def _exact_hooks(self, rip: int) -> list[int]:
-        uc = self._uc
-        uc.ctl_remove_cache(rip, rip + 1)  # translate it again, with the hooks
-        return [uc.hook_add(UC_HOOK_MEM_READ, self._on_read),
-                uc.hook_add(UC_HOOK_MEM_WRITE, self._on_write)]
+    def _exact_hooks(self, rip: int) -> bool:
+        self._uc.ctl_remove_cache(rip, rip + 1)  # translate it again, with the hooks
+        self._mem_hooks.add()
+        return True
 
     def _on_read(self, uc: Uc, access: int, gpa: int, size: int, value: int,
                  data: Any) -> None:
@@ -1904,7 +1898,7 @@ class UnicornVcpu:
     def _ins_prefixes(self) -> bytes | None:
         """The prefixes of the instruction at RIP if it is an INS, else None."""
         uc = self._uc
-        rip = int(uc.reg_read(X.UC_X86_REG_RIP))
+        rip = self._reg(X.UC_X86_REG_RIP)
         try:
             code = bytes(uc.mem_read(rip, min(15, PAGE_SIZE - rip % PAGE_SIZE)))
         except UcError:
@@ -1918,16 +1912,15 @@ class UnicornVcpu:
         """How many elements KVM's emulator reads ahead for the IN at RIP (pio_in_emulated):
         1 for IN; for INS, ECX (if REP) capped by the bytes left in EDI's page — bytes, not
         elements, as KVM compares them — and by its 1 KiB buffer."""
-        uc = self._uc
         prefixes = self._ins_prefixes()
         if prefixes is None:
             return 1
         count = 1
         if 0xF3 in prefixes or 0xF2 in prefixes:
-            count = int(uc.reg_read(X.UC_X86_REG_RCX))
+            count = self._reg(X.UC_X86_REG_RCX)
             count &= 0xFFFF if 0x67 in prefixes else 0xFFFF_FFFF
-        edi = int(uc.reg_read(X.UC_X86_REG_RDI))
-        down = int(uc.reg_read(X.UC_X86_REG_RFLAGS)) & 0x400
+        edi = self._reg(X.UC_X86_REG_RDI)
+        down = self._reg(X.UC_X86_REG_RFLAGS) & 0x400
         in_page = edi % PAGE_SIZE if down else PAGE_SIZE - edi % PAGE_SIZE
         return max(1, min(in_page, _PIO_READ_AHEAD // size, count))
 
@@ -1935,7 +1928,7 @@ class UnicornVcpu:
         if (self._undo is not None or self._exact is not None or self._inert
                 or not self._port_exact()):
             return 0
-        rdi = int(uc.reg_read(X.UC_X86_REG_RDI)) & 0xFFFF_FFFF
+        rdi = self._reg(X.UC_X86_REG_RDI) & 0xFFFF_FFFF
         self._exact_in = self._exact_step
         answer = self._replayed(ExitKind.IO, port, rdi)
         if answer is not None:
@@ -1990,6 +1983,7 @@ def _runs(changes: Mapping[int, _PageMap | None]
 
 _TlbFill = Callable[[Uc, int, int, Any, Any], bool]
 _uc_reg_read = _ucb.uclib.uc_reg_read
+_uc_reg_write = _ucb.uclib.uc_reg_write
 _TLB_FILL_CFUNC = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_uint64,
                                    ctypes.c_int, ctypes.POINTER(_ucb.uc_tlb_entry),
                                    ctypes.c_void_p)
@@ -2018,6 +2012,93 @@ def _raw_tlb_fill_hook(uc: Uc, fill: _TlbFill) -> Any:
     if err:
         raise UcError(err)
     return callback, handle, raise_later
+
+
+class _FastRegs:
+    """Scalar registers of a Uc (at most 64 bits), read and written through Unicorn's C
+    API: the binding's `reg_read` costs ~4.5 µs here, this ~1.4 µs, and one MMIO exit reads
+    some twenty. EFER is read through Unicorn's MSR access."""
+
+    __slots__ = ("_buf", "_msr", "_msr_ref", "_ref", "_uch")
+
+    def __init__(self, uc: Uc) -> None:
+        self._uch = uc._uch
+        self._buf = ctypes.c_uint64()
+        self._ref = ctypes.byref(self._buf)
+        self._msr = _UcMsr(_MSR_EFER, 0)
+        self._msr_ref = ctypes.byref(self._msr)
+
+    def __call__(self, reg: int) -> int:
+        self._buf.value = 0  # narrower registers (EFLAGS, CS) write their own width only
+        err = _uc_reg_read(self._uch, reg, self._ref)
+        if err:
+            raise UcError(err)
+        return int(self._buf.value)
+
+    def write(self, reg: int, value: int) -> None:
+        self._buf.value = value
+        err = _uc_reg_write(self._uch, reg, self._ref)
+        if err:
+            raise UcError(err)
+
+    def efer(self) -> int:
+        err = _uc_reg_read(self._uch, X.UC_X86_REG_MSR, self._msr_ref)
+        if err:
+            raise UcError(err)
+        return int(self._msr.val)
+
+
+class _UcMsr(ctypes.Structure):
+    _fields_ = (("rid", ctypes.c_uint32), ("val", ctypes.c_uint64))
+
+
+_MemHook = Callable[[int, int, int, int], None]
+_MEM_CFUNC = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64,
+                              ctypes.c_int, ctypes.c_int64, ctypes.c_void_p)
+
+
+class _RawMemHooks:
+    """UC_HOOK_MEM_READ and UC_HOOK_MEM_WRITE for an exact step, added and deleted through
+    Unicorn's C API with callbacks made once: the binding's `hook_add` wraps and thunks its
+    callback anew at every call (~50 µs here, for each of the two hooks of every exact
+    step). `on_read` / `on_write` get (access, address, size, value); an exception in one
+    stops the guest and is appended to `raise_later` (the vCPU's error, as the TLB fill
+    hook's)."""
+
+    def __init__(self, uc: Uc, on_read: _MemHook, on_write: _MemHook,
+                 raise_later: list[BaseException]) -> None:
+        self._uc = uc
+        self._handles: list[ctypes.c_size_t] = []
+
+        def guard(hook: _MemHook) -> Any:
+            def call(_uch: Any, access: int, address: int, size: int, value: int,
+                     _data: Any) -> None:
+                try:
+                    hook(access, address, size, value)
+                except BaseException as e:  # nowhere to raise in C: stop, and report it
+                    uc.emu_stop()
+                    raise_later.append(e)
+            return _MEM_CFUNC(call)
+
+        self._callbacks = [(UC_HOOK_MEM_READ, guard(on_read)),
+                           (UC_HOOK_MEM_WRITE, guard(on_write))]
+
+    def add(self) -> None:
+        for kind, callback in self._callbacks:
+            handle = ctypes.c_size_t()
+            err = _ucb.uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), kind,
+                                         ctypes.cast(callback, ctypes.c_void_p), None,
+                                         ctypes.c_uint64(1), ctypes.c_uint64(0))
+            if err:
+                raise UcError(err)
+            self._handles.append(handle)
+
+    def delete(self) -> None:
+        for handle in self._handles:
+            err = _ucb.uclib.uc_hook_del(self._uc._uch, handle)
+            if err:
+                raise UcError(err)
+        self._handles = []
 
 
 def _prefix_length(code: bytes) -> int:
