@@ -354,8 +354,9 @@ def bench_steps(rep: C.Report, words: int, rounds: int) -> None:
                      "run() / complete()", baseline_label="bare Unicorn, mmio_map "
                      "callbacks answer inline", id="unicorn_mmio_exit",
                      note=f"{steps} exact steps in the run; kvmem's Python per exit "
-                     "(thread handoff, context restore, hooks added and removed through "
-                     "the binding) dominates, not Unicorn"))
+                     "(thread handoff, context save/restore, the instruction translated "
+                     "again with and without memory hooks, a load run twice: to its exit, "
+                     "then with the answer) dominates, not Unicorn"))
     rep.add(C.Figure(f"Unicorn exact step, walker over a tracked page, {words} words (per "
                      f"access) / same walker over RAM", samples["tracked"], samples["ram"],
                      subject_label="Unicorn engine: every access an exact step (no exit)",
