@@ -29,7 +29,7 @@ from kvmem.kvmapi import kvm_available
 KVM_REASON = kvm_available()
 pytestmark = [pytest.mark.kvm,
               pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")]
-CI_PROGRAMS = 100  # per mode
+CI_PROGRAMS = 200  # per mode
 SLOW_PROGRAMS = 2000  # per mode
 CHUNKS = 5
 
