@@ -96,6 +96,31 @@ def run_to_halt(cpu: kvmem.Vcpu, exits: list[Exit]) -> None:
 
 
 @pytest.mark.parametrize("engine", ENGINES)
+def test_start_loads_the_same_state_each_time(
+        engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]) -> None:
+    """`start` after a run that changed registers and flags loads what the first `start`
+    did (Unicorn loads it again from a context saved the first time, then the registers),
+    and the guest gives the same result again."""
+    vm, cpu = boot(engine)
+    first = comparable(cpu.get_state())
+    assert (first.regs.rip, first.regs.rcx, first.regs.rsp, first.regs.rflags) == \
+        (CODE, ROUNDS, 0x8000, 0x2)
+    for _ in range(2):
+        exits: list[Exit] = []
+        run_to_halt(cpu, exits)
+        assert exits[-2].data == expected_result().to_bytes(4, "little")
+        assert comparable(cpu.get_state()) != first
+        changed = cpu.get_state()  # and what the program does not touch
+        changed = changed.with_segment("fs", base=0x5000).with_sregs(
+            cr0=changed.sregs.cr0 | 1 << 16)  # CR0.WP
+        cpu.set_state(dataclasses.replace(
+            changed, regs=dataclasses.replace(changed.regs, r9=0x1234_5678_9ABC)))
+        cpu.start(CODE, Regs(ecx=ROUNDS, esp=0x8000))
+        assert comparable(cpu.get_state()) == first
+        vm.write(DATA, (1000).to_bytes(4, "little") + bytes(8))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 def test_the_guest_result(engine: str, boot: Callable[..., tuple[kvmem.Vm, kvmem.Vcpu]]
                           ) -> None:
     _, cpu = boot(engine)

@@ -436,6 +436,7 @@ class UnicornVcpu:
         self._keep_count = False  # block-wise runs keep Unicorn's count hook (exact steps)
         self._fault_stops = False  # the last _hook_fault's _enter asked for a stop
         self._loaded: tuple[VcpuState, Any] | None = None  # the last state set, as a context
+        self._start_template: tuple[VcpuState, Any] | None = None  # `start`'s mode, likewise
         self._busy = False  # the worker is in _run_guest (engine gate lock)
         self._held = False  # ... and waits at the engine's gate
 
@@ -452,7 +453,19 @@ class UnicornVcpu:
         self._uc.ctl_flush_tb()
         self._forget_exit()
         self._forget_code()
-        uc_state.set_state(self._uc, _start_state(entry, regs if regs is not None else Regs()))
+        # the mode is loaded from a context saved the first time (one copy, not the ~45
+        # register writes of set_state: ~1 ms through the binding); then the registers
+        template = self._start_template
+        if template is None:
+            state = _start_state(0, Regs())
+            uc_state.set_state(self._uc, state)
+            self._start_template = (state, self._uc.context_save())
+        else:
+            uc_state.load_context(self._uc, template[1], template[0])
+        r = regs if regs is not None else Regs()
+        for name, reg in _REGS:
+            self._reg.write(reg, entry if name == "eip" else 0x2 if name == "eflags"
+                            else getattr(r, name))
 
     def get_regs(self) -> Regs:
         m = 0xFFFF_FFFF
