@@ -354,25 +354,29 @@ def test_tables_in_a_read_only_slot_keep_their_bits(engine: str) -> None:
         mem.close()
 
 
-def test_an_error_in_unicorns_tlb_fill_is_the_vcpus(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The TLB fill hook is called from C (not through Unicorn's Python binding): an
-    exception there cannot propagate, so it stops the guest and `run` raises it."""
+@pytest.mark.parametrize("hook", ["_on_tlb_fill", "_on_write"])
+def test_an_error_in_a_c_api_hook_is_the_vcpus(hook: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TLB fill hook and the exact step's memory hooks are called from C (not through
+    Unicorn's Python binding): an exception there cannot propagate, so it stops the guest
+    and `run` raises it. The store goes to a page without memory, so it is stepped."""
     from kvmem.engines import EngineError
     from kvmem.engines.unicorn import UnicornVcpu
 
-    def boom(self: UnicornVcpu, uc: object, vaddr: int, access: int, entry: object,
-             data: object) -> bool:
-        raise RuntimeError(f"fill of {vaddr:#x} failed")
+    def boom(self: UnicornVcpu, uc: object, *args: int) -> None:
+        # _on_tlb_fill(uc, vaddr, access, entry, data); _on_write(uc, access, gpa, ...)
+        raise RuntimeError(f"{hook} of {args[0 if hook == '_on_tlb_fill' else 1]:#x} failed")
 
-    monkeypatch.setattr(UnicornVcpu, "_on_tlb_fill", boom)
+    monkeypatch.setattr(UnicornVcpu, hook, boom)
     mem = kvmem.HostMemory.anonymous(RAM)
     vm = kvmem.Vm(engine="unicorn")
     try:
-        vm.set_memory_region(0, 0, 0, RAM, mem.hva)
-        vm.write(CODE, AD_PROGRAM)
+        vm.set_memory_region(0, 0, 0, 0x200000, mem.hva)  # nothing at STORE_AT
+        vm.write(CODE, AD_PROGRAM[:11] + bytes([0xF4]))  # mov dword [STORE_AT], ...; hlt
         cpu = vm.create_vcpu(0)
         cpu.start(CODE)
-        with pytest.raises(EngineError, match="fill of 0x1000 failed"):
+        at = CODE if hook == "_on_tlb_fill" else STORE_AT
+        with pytest.raises(EngineError, match=f"{hook} of {at:#x} failed"):
             cpu.run()
     finally:
         assert vm.engine is not None
@@ -461,33 +465,6 @@ def test_unicorn_keeps_translations_where_kvm_does() -> None:
         before = vm.engine.stats["tlb_fills"]
         assert cpu.run().kind is ExitKind.IO
         assert vm.engine.stats["tlb_fills"] - before >= (small - WALK) // PAGE_SIZE
-    finally:
-        assert vm.engine is not None
-        vm.engine.close()
-        mem.close()
-
-
-def test_an_error_in_an_exact_steps_memory_hook_is_the_vcpus(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """The exact step's memory hooks are added through Unicorn's C API too: an exception in
-    one stops the guest and `run` raises it."""
-    from kvmem.engines import EngineError
-    from kvmem.engines.unicorn import UnicornVcpu
-
-    def boom(self: UnicornVcpu, uc: object, access: int, gpa: int, size: int, value: int,
-             data: object) -> None:
-        raise RuntimeError(f"store to {gpa:#x} failed")
-
-    monkeypatch.setattr(UnicornVcpu, "_on_write", boom)
-    mem = kvmem.HostMemory.anonymous(RAM)
-    vm = kvmem.Vm(engine="unicorn")
-    try:
-        vm.set_memory_region(0, 0, 0, 0x200000, mem.hva)  # nothing at STORE_AT: MMIO
-        vm.write(CODE, AD_PROGRAM[:11] + bytes([0xF4]))  # mov dword [STORE_AT], ...; hlt
-        cpu = vm.create_vcpu(0)
-        cpu.start(CODE)
-        with pytest.raises(EngineError, match="store to 0x300000 failed"):
-            cpu.run()
     finally:
         assert vm.engine is not None
         vm.engine.close()
