@@ -386,6 +386,80 @@ def test_unicorn_zap_between_a_fault_and_its_mapping_is_not_lost(
         code.close()
 
 
+class _NoTracker:
+    def track_write(self, gpa: int, data: bytes) -> None:
+        pass
+
+    def track_remove_region(self, gfn: int, npages: int) -> None:
+        pass
+
+
+# mov dword [0x300000 + 0x1000 * i], i for i in 0..3 (absolute, in 32- and 64-bit code);
+# out 0x10, al; hlt
+_STORES = b"".join(bytes([0xC7, 0x04, 0x25]) + (0x300000 + 0x1000 * i).to_bytes(4, "little")
+                   + i.to_bytes(4, "little") for i in range(4)) + bytes([0xE6, 0x10, 0xF4])
+
+
+@pytest.mark.parametrize("paging", [False, True], ids=["flat", "long64"])
+def test_unicorn_hooks_take_no_lock_inside_the_guest(paging: bool,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Unicorn engine's rule "hooks never hold `_inside` while they wait for a lock": a
+    zapper holds the MMU lock while it waits for the guest to stop, so a hook that takes it
+    inside the guest deadlocks — a harvest racing a store to a page not mapped yet did, at
+    the store gate (benchmarks/diag_hot_pages.py hung). Every kvmem lock the vCPU's worker
+    takes while inside the guest is recorded, but the vCPU's own mapping lock (held briefly,
+    never while waiting); the stores go to pages not mapped yet, one of them tracked."""
+    from kvmem import sync
+    from kvmem.cpu import modes
+    from kvmem.engines.unicorn import UnicornVcpu
+
+    mem = kvmem.HostMemory.anonymous(4 << 20)
+    vm = kvmem.Vm(engine="unicorn")
+    assert vm.engine is not None
+    taken: list[str] = []
+    real_enter, real_acquire = sync.Mutex.__enter__, sync.Mutex.acquire
+
+    def note(lock: sync.Mutex) -> None:
+        backend = vm.vcpus[0]._backend if vm.vcpus else None
+        if isinstance(backend, UnicornVcpu) and backend._inside and \
+                lock is not backend._lock and \
+                threading.current_thread() is getattr(backend, "_worker", None):
+            taken.append(lock.name)
+
+    def enter(self: sync.Mutex) -> sync.Mutex:
+        note(self)
+        return real_enter(self)
+
+    def acquire(self: sync.Mutex) -> None:
+        note(self)
+        real_acquire(self)
+
+    try:
+        vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, mem.size, mem.hva)
+        vm.page_track.register(_NoTracker())
+        vm.page_track.add_gfn(0x302)
+        cpu = vm.create_vcpu(0)
+        if paging:
+            state = modes.long_mode(CODE, vm.write, 0x20000)
+            vm.write(CODE, _STORES)
+            cpu.set_state(state)
+        else:
+            vm.write(CODE, _STORES)
+            cpu.start(CODE)
+        monkeypatch.setattr(sync.Mutex, "__enter__", enter)
+        monkeypatch.setattr(sync.Mutex, "acquire", acquire)
+        assert cpu.run().kind is ExitKind.IO
+        assert cpu.run().kind is ExitKind.HLT
+        monkeypatch.undo()
+        assert taken == []
+        for i in range(4):
+            assert vm.read(0x300000 + 0x1000 * i, 4) == i.to_bytes(4, "little")
+    finally:
+        monkeypatch.undo()
+        vm.engine.close()
+        mem.close()
+
+
 @pytest.mark.kvm
 @pytest.mark.skipif(KVM_REASON is not None, reason=f"KVM engine: {KVM_REASON}")
 def test_kvm_dirty_log_survives_a_failed_harvest(make_vm: Callable[..., kvmem.Vm],

@@ -1538,16 +1538,17 @@ class UnicornVcpu:
         granted; the step's memory hooks, removed after it, flush Unicorn's TLB, so the
         next store there is gated again (test_a_move_into_no_memory_sends_its_source_as_it_
         was, warm)."""
-        if not self._slow_for_store(gfn):
-            return True
         if self._exact_step or self._undo is not None or self._inert:
+            return True
+        if not self._slow_for_store(gfn):
             return True
         self._want_exact()
         return False
 
     def _slow_for_store(self, gfn: int) -> bool:
         """Whether a store to `gfn` takes the slow path: the mirror maps the page slow, or,
-        not mapped yet, it has no slot, a read-only one, or is tracked."""
+        not mapped yet, it has no slot, a read-only one, or is tracked (`_tracked` asks out
+        of the guest)."""
         base = self._base_of(gfn)
         if base is not None:
             return self._regions[base][1] == _SLOW
@@ -1848,7 +1849,16 @@ class UnicornVcpu:
             self._guest_write_part(part, chunk)
 
     def _tracked(self, gpa: int) -> bool:
-        return self._engine.vm.page_track.is_tracked(gpa >> PAGE_SHIFT, self._vcpu.as_id)
+        """Whether the page of `gpa` is write-tracked: a count under the MMU lock, which a
+        zapper may hold while it waits for the guest to stop — so a hook asks out of the
+        guest (`_leave`/`_enter`; a stop requested meanwhile takes effect as at any hook)."""
+        if not self._inside:
+            return self._engine.vm.page_track.is_tracked(gpa >> PAGE_SHIFT, self._vcpu.as_id)
+        self._leave()
+        try:
+            return self._engine.vm.page_track.is_tracked(gpa >> PAGE_SHIFT, self._vcpu.as_id)
+        finally:
+            self._enter()
 
     def _guest_read_part(self, gpa: int, n: int) -> bytes | None:
         """Read `n` bytes within one page through kvmem's vCPU path, as a hook: None where
