@@ -395,9 +395,11 @@ class _NoTracker:
 
 
 # mov dword [0x300000 + 0x1000 * i], i for i in 0..3 (absolute, in 32- and 64-bit code);
-# out 0x10, al; hlt
-_STORES = b"".join(bytes([0xC7, 0x04, 0x25]) + (0x300000 + 0x1000 * i).to_bytes(4, "little")
-                   + i.to_bytes(4, "little") for i in range(4)) + bytes([0xE6, 0x10, 0xF4])
+# mov eax, [0x400000]; mov [0x400010], eax (no slot there: MMIO); out 0x10, al; hlt
+_STORES = (b"".join(bytes([0xC7, 0x04, 0x25]) + (0x300000 + 0x1000 * i).to_bytes(4, "little")
+                    + i.to_bytes(4, "little") for i in range(4))
+           + bytes([0x8B, 0x04, 0x25, 0x00, 0x00, 0x40, 0x00])
+           + bytes([0x89, 0x04, 0x25, 0x10, 0x00, 0x40, 0x00]) + bytes([0xE6, 0x10, 0xF4]))
 
 
 @pytest.mark.parametrize("paging", [False, True], ids=["flat", "long64"])
@@ -408,7 +410,8 @@ def test_unicorn_hooks_take_no_lock_inside_the_guest(paging: bool,
     inside the guest deadlocks — a harvest racing a store to a page not mapped yet did, at
     the store gate (benchmarks/diag_hot_pages.py hung). Every kvmem lock the vCPU's worker
     takes while inside the guest is recorded, but the vCPU's own mapping lock (held briefly,
-    never while waiting); the stores go to pages not mapped yet, one of them tracked."""
+    never while waiting); the stores go to pages not mapped yet, one of them tracked, and a
+    load and a store to no memory exit."""
     from kvmem import sync
     from kvmem.cpu import modes
     from kvmem.engines.unicorn import UnicornVcpu
@@ -448,10 +451,16 @@ def test_unicorn_hooks_take_no_lock_inside_the_guest(paging: bool,
             cpu.start(CODE)
         monkeypatch.setattr(sync.Mutex, "__enter__", enter)
         monkeypatch.setattr(sync.Mutex, "acquire", acquire)
-        assert cpu.run().kind is ExitKind.IO
-        assert cpu.run().kind is ExitKind.HLT
+        exits = []
+        while (e := cpu.run()).kind is not ExitKind.HLT:
+            exits.append(e)
+            if e.kind is ExitKind.MMIO and not e.is_write:
+                cpu.complete(b"\x5a" * e.size)
         monkeypatch.undo()
         assert taken == []
+        assert [(e.kind, e.addr, e.data) for e in exits] == [
+            (ExitKind.MMIO, 0x400000, b""), (ExitKind.MMIO, 0x400010, b"\x5a" * 4),
+            (ExitKind.IO, 0x10, b"\x5a")]
         for i in range(4):
             assert vm.read(0x300000 + 0x1000 * i, 4) == i.to_bytes(4, "little")
     finally:
