@@ -355,3 +355,43 @@ def test_a_move_into_no_memory_sends_its_source_as_it_was(engine: str, warm: boo
     assert e == mmio(HOLE, 1, bytes.fromhex("d4")), e
     assert vm.read(src + 3, 3) == bytes.fromhex("a1b2c3")
     assert cpu.run() == Exit(ExitKind.HLT)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("mapped", [False, True])
+def test_a_move_into_a_write_protected_page_reads_its_source_once(engine: str,
+                                                                  mapped: bool) -> None:
+    """A MOVS element whose load and store both cross into a RAM page a harvest
+    write-protected, the page before writable again, the store overlapping the source
+    (dst = src + 1): the element copies the source as it was, on every engine, and both
+    pages are logged. (Unicorn's TLB entry for the page, filled for the load, let the store
+    on: it stored the bytes before the page, took the write fault on the page, and ran the
+    instruction again, which read back what it had stored — difftest seed 13013, long64.
+    A read fill of a page not writable RAM now grants no write, so the store fills again
+    and takes its write fault before any byte.) `mapped`: the page was touched before the
+    harvest (Unicorn maps it, read-only after the harvest); else the load maps it."""
+    page = 0x20000
+    src, source = page - 3, bytes.fromhex("a1b2c3d4")
+    mem = kvmem.HostMemory.anonymous(RAM)
+    vm = kvmem.Vm(engine=engine)
+    try:
+        vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, RAM, mem.hva)
+        touch = (mov_edi(page + 8) + LOAD4 + STORE4) if mapped else ""
+        vm.write(CODE, bytes.fromhex(
+            touch + "f4"  # hlt; then, after the harvest:
+            + mov_edi(page - 16) + STORE4  # the page before writable again
+            + "be" + le(src) + mov_edi(src + 1) + "a5" + "f4"))  # movsd; hlt
+        vm.write(src, source)
+        cpu = vm.create_vcpu(0)
+        cpu.start(CODE)
+        assert cpu.run() == Exit(ExitKind.HLT)
+        vm.get_dirty_log(0)  # write-protects every page
+        assert cpu.run() == Exit(ExitKind.HLT)  # on from the first HLT
+        assert vm.read(src + 1, 4) == source, vm.read(src, 5).hex()
+        dirty = vm.get_dirty_log(0)
+        assert [i for i in range(RAM // PAGE_SIZE) if dirty[i // 8] >> (i % 8) & 1] == \
+            [page // PAGE_SIZE - 1, page // PAGE_SIZE]
+    finally:
+        assert vm.engine is not None
+        vm.engine.close()
+        mem.close()

@@ -1486,7 +1486,10 @@ class UnicornVcpu:
             if access == UC_MEM_WRITE and self._emulating and \
                     not self._store_gate(vaddr >> PAGE_SHIFT):
                 return False
-            entry.paddr, entry.perms = vaddr, UC_PROT_ALL
+            entry.paddr = vaddr
+            # a store to a page not writable RAM fills again, for the store gate
+            entry.perms = UC_PROT_ALL if access == UC_MEM_WRITE or \
+                self._writable_ram(vaddr >> PAGE_SHIFT) else UC_PROT_READ | UC_PROT_EXEC
             return True
         if not self._emulating:
             # Unicorn's own lookup of a code address (a hook removed, a cache dropped), not
@@ -1524,7 +1527,9 @@ class UnicornVcpu:
         if kind == "write" and not self._store_gate(got.gpa >> PAGE_SHIFT):
             return False
         entry.paddr = got.gpa
-        entry.perms = (UC_PROT_READ if got.read else 0) | (UC_PROT_WRITE if got.write else 0) \
+        # a store to a page not writable RAM fills again, for the store gate
+        write = got.write and (kind == "write" or self._writable_ram(got.gpa >> PAGE_SHIFT))
+        entry.perms = (UC_PROT_READ if got.read else 0) | (UC_PROT_WRITE if write else 0) \
             | (UC_PROT_EXEC if got.fetch else 0)
         return True
 
@@ -1537,13 +1542,32 @@ class UnicornVcpu:
         an overlapping string move would then read it back). In an exact step the store is
         granted; the step's memory hooks, removed after it, flush Unicorn's TLB, so the
         next store there is gated again (test_a_move_into_no_memory_sends_its_source_as_it_
-        was, warm)."""
+        was, warm). A store to a RAM page mapped read-only takes its write fault here, before
+        any byte is stored (difftest seed 13013, long64)."""
         if self._exact_step or self._undo is not None or self._inert:
             return True
-        if not self._slow_for_store(gfn):
+        if self._writable_ram(gfn):
             return True
-        self._want_exact()
+        if self._slow_for_store(gfn):
+            self._want_exact()
+            return False
+        if self._ins_prefixes() is not None:
+            return True  # QEMU's INS zero store: the prot and unmapped hooks handle it
+        if self._base_of(gfn) in self._fenced:
+            self._restart = _nothing  # a zap is pending: the instruction after it
+            return False
+        # RAM not mapped writable (not yet, or write-protected by a harvest, a CLEAR,
+        # logging turned on): its write fault comes first too — else Unicorn would store
+        # the part before the page, fault in the prot or unmapped hook, and run the
+        # instruction again, reading back what it stored (an overlapping MOVS)
+        self._write_fault(gfn << PAGE_SHIFT, 1)
         return False
+
+    def _writable_ram(self, gfn: int) -> bool:
+        """Whether the mirror maps `gfn` as writable RAM (a store there goes straight on)."""
+        base = self._base_of(gfn)
+        return base is not None and base not in self._fenced and \
+            self._regions[base][1] == _RAM and self._regions[base][3]
 
     def _slow_for_store(self, gfn: int) -> bool:
         """Whether a store to `gfn` takes the slow path: the mirror maps the page slow, or,
@@ -1686,23 +1710,30 @@ class UnicornVcpu:
             return False
         if self._ins_dummy():
             return False
+        self._write_fault(address, size)
+        return False
+
+    def _write_fault(self, address: int, size: int) -> None:
+        """A guest store to a RAM page the mirror maps read-only (a harvest, a CLEAR,
+        logging turned on): kvmem's write fault, and the page remapped by `_restart`
+        between two emu_starts, after which the instruction runs again. Not from the hook:
+        the store that called it goes on with the TLB entry Unicorn read for it, which
+        drops writes to a read-only page, whatever the page's protection is now. Remapped
+        (writable, the slow path if the page must take it, unmapped if the spte stayed
+        read-only), the page takes it again."""
+        gfn = address >> PAGE_SHIFT
         spte = self._hook_fault(address, size, True)
         if self._fatal is not None:
-            return False
+            return
         if self._pending_covers(gfn):
             self._restart = _nothing
-            return False
-        # Not from here: the store that called us goes on with the TLB entry Unicorn read
-        # for it, which drops writes to a read-only page, whatever the page's protection
-        # is now. Remapped between two emu_starts (writable, the slow path if the page
-        # must take it, unmapped if the spte stayed read-only), the page takes it again.
+            return
         pages: Mapping[int, _PageMap | None] = {gfn: None}
         if spte is None:
             pages = {gfn: _SLOW_PAGE}
         elif spte.writable:
             pages = _spte_pages(spte)
         self._restart = lambda: self._remap(pages)
-        return False
 
     # -- hooks: exits ---------------------------------------------------------------------------
     # An exit leaves emu_start: the hook posts it and stops Unicorn, which stops right after
