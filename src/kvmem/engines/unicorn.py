@@ -113,7 +113,10 @@ Rules of this room:
   and each miss here is a call into Python. A real TLB may drop entries at any time, so
   the guest cannot tell. A block-wise store's fill of a slow
   page is refused too (`_store_gate`), before any byte of the store — QEMU fills the page
-  a store crosses into first — and the instruction runs exactly.
+  a store crosses into first — and the instruction runs exactly; its fill of a RAM page
+  not mapped writable takes the write fault then, and the instruction runs again. So an
+  entry grants a write only for a write's fill or a page mapped writable RAM: a store to a
+  page a load filled fills again.
 - A vCPU in SMM maps address space 1: switching drops every mapping.
 - Dirty rings: the worker keeps its vCPU loaded, so the marks of its faults go to that
   vCPU's ring. A mark that raises the ring's soft-full request stops the guest: a fault's
