@@ -8,6 +8,7 @@ The KVM side runs wherever /dev/kvm works and is skipped, with the reason, elsew
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import shutil
@@ -280,13 +281,11 @@ def _walker_words(base: int, size: int, stride: int, seed: int) -> dict[int, int
     return {a: (a ^ seed ^ 1) & 0xFFFF_FFFF for a in range(base, base + size, stride)}
 
 
-def test_unicorn_maps_contiguous_pages_as_few_regions() -> None:
-    """Once it maps 128 pages, the mirror maps consecutive pages over consecutive host
-    pages with one protection as one region per chunk (Unicorn's map/protect/unmap cost
-    grows with its region count): walks over 256 pages of a logging slot leave a region
-    per chunk after each harvest write-protects them and every page takes its write fault
-    again — and every write lands and is logged."""
-    data = kvmem.HostMemory.anonymous(256 * PAGE_SIZE)
+@contextlib.contextmanager
+def _walker_vm(pages: int) -> Iterator[tuple[kvmem.Vm, kvmem.HostMemory, kvmem.Vcpu]]:
+    """A Unicorn Vm: `walker` in 16 pages of code at 0, `pages` of a logging slot (1) at
+    0x100000; vCPU 0."""
+    data = kvmem.HostMemory.anonymous(pages * PAGE_SIZE)
     code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
     vm = kvmem.Vm(engine="unicorn")
     assert vm.engine is not None
@@ -294,7 +293,20 @@ def test_unicorn_maps_contiguous_pages_as_few_regions() -> None:
         vm.set_memory_region(0, 0, 0, code.size, code.hva)
         vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, data.size, data.hva)
         vm.write(CODE, program("walker"))
-        cpu = vm.create_vcpu(0)
+        yield vm, data, vm.create_vcpu(0)
+    finally:
+        vm.engine.close()
+        data.close()
+        code.close()
+
+
+def test_unicorn_maps_contiguous_pages_as_few_regions() -> None:
+    """Once it maps 128 pages, the mirror maps consecutive pages over consecutive host
+    pages with one protection as one region per chunk (Unicorn's map/protect/unmap cost
+    grows with its region count): walks over 256 pages of a logging slot leave a region
+    per chunk after each harvest write-protects them and every page takes its write fault
+    again — and every write lands and is logged."""
+    with _walker_vm(256) as (vm, data, cpu):
         for seed in (7, 8, 9):
             cpu.start(CODE, Regs(esi=0x100000, ecx=data.size, edi=PAGE_SIZE, ebx=seed, ebp=1))
             assert cpu.run().kind is ExitKind.IO
@@ -305,10 +317,6 @@ def test_unicorn_maps_contiguous_pages_as_few_regions() -> None:
             if seed != 7:  # (the first 128 pages faulted in before merging began)
                 assert len(regions) == 256 // 64, regions  # a region per 64-page chunk
             assert bits(vm.get_dirty_log(1)) == list(range(256)), seed
-    finally:
-        vm.engine.close()
-        data.close()
-        code.close()
 
 
 def test_unicorn_merges_no_pages_over_distant_host_memory() -> None:
@@ -352,15 +360,7 @@ def test_unicorn_zap_between_a_fault_and_its_mapping_is_not_lost(
     """A harvest that write-protects a page after the fault path gave the mirror its spte,
     before the mirror mapped it (the spte is not in the mirror yet), still reaches the
     mirror: the store runs again after it, faults, and is logged."""
-    data = kvmem.HostMemory.anonymous(4 * PAGE_SIZE)
-    code = kvmem.HostMemory.anonymous(16 * PAGE_SIZE)
-    vm = kvmem.Vm(engine="unicorn")
-    assert vm.engine is not None
-    try:
-        vm.set_memory_region(0, 0, 0, code.size, code.hva)
-        vm.set_memory_region(1, KVM_MEM_LOG_DIRTY_PAGES, 0x100000, data.size, data.hva)
-        vm.write(CODE, program("walker"))
-        cpu = vm.create_vcpu(0)
+    with _walker_vm(4) as (vm, data, cpu):
         real = cpu.fault_in
         inner: list[list[int]] = []
 
@@ -380,18 +380,6 @@ def test_unicorn_zap_between_a_fault_and_its_mapping_is_not_lost(
         assert bits(vm.get_dirty_log(1)) == [2]  # the store landed after the inner harvest
         for gpa, word in _walker_words(0x100000, data.size, 2 * PAGE_SIZE, 3).items():
             assert int.from_bytes(vm.read(gpa, 4), "little") == word, hex(gpa)
-    finally:
-        vm.engine.close()
-        data.close()
-        code.close()
-
-
-class _NoTracker:
-    def track_write(self, gpa: int, data: bytes) -> None:
-        pass
-
-    def track_remove_region(self, gfn: int, npages: int) -> None:
-        pass
 
 
 # mov dword [0x300000 + 0x1000 * i], i for i in 0..3 (absolute, in 32- and 64-bit code);
@@ -439,7 +427,7 @@ def test_unicorn_hooks_take_no_lock_inside_the_guest(paging: bool,
 
     try:
         vm.set_memory_region(0, KVM_MEM_LOG_DIRTY_PAGES, 0, mem.size, mem.hva)
-        vm.page_track.register(_NoTracker())
+        vm.page_track.register(Recorder())
         vm.page_track.add_gfn(0x302)
         cpu = vm.create_vcpu(0)
         if paging:

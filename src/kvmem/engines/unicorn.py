@@ -1549,14 +1549,23 @@ class UnicornVcpu:
         any byte is stored (difftest seed 13013, long64)."""
         if self._exact_step or self._undo is not None or self._inert:
             return True
-        if self._writable_ram(gfn):
-            return True
-        if self._slow_for_store(gfn):
+        base = self._base_of(gfn)
+        fenced = False
+        if base is not None:
+            _, kind, _, writable = self._regions[base]
+            fenced = base in self._fenced
+            if kind == _RAM and writable and not fenced:
+                return True
+            slow = kind == _SLOW
+        else:  # not mapped yet: what the mirror would map (`_tracked` asks out of the guest)
+            slot = self._vcpu.slot_set().search(gfn)
+            slow = slot is None or slot.readonly or self._tracked(gfn << PAGE_SHIFT)
+        if slow:
             self._want_exact()
             return False
         if self._ins_prefixes() is not None:
             return True  # QEMU's INS zero store: the prot and unmapped hooks handle it
-        if self._base_of(gfn) in self._fenced:
+        if fenced:
             self._restart = _nothing  # a zap is pending: the instruction after it
             return False
         # RAM not mapped writable (not yet, or write-protected by a harvest, a CLEAR,
@@ -1571,16 +1580,6 @@ class UnicornVcpu:
         base = self._base_of(gfn)
         return base is not None and base not in self._fenced and \
             self._regions[base][1] == _RAM and self._regions[base][3]
-
-    def _slow_for_store(self, gfn: int) -> bool:
-        """Whether a store to `gfn` takes the slow path: the mirror maps the page slow, or,
-        not mapped yet, it has no slot, a read-only one, or is tracked (`_tracked` asks out
-        of the guest)."""
-        base = self._base_of(gfn)
-        if base is not None:
-            return self._regions[base][1] == _SLOW
-        s = self._vcpu.slot_set().search(gfn)
-        return s is None or s.readonly or self._tracked(gfn << PAGE_SHIFT)
 
     def _set_bits(self, gpa: int, entry: bytes) -> None:
         """A walk's accessed/dirty bits, written as KVM writes them: a table in a read-only
@@ -2062,13 +2061,19 @@ def _raw_tlb_fill_hook(uc: Uc, fill: _TlbFill) -> Any:
 
     raise_later: list[BaseException] = []
     callback = _TLB_FILL_CFUNC(call)
+    return callback, _c_hook_add(uc, UC_HOOK_TLB_FILL, callback), raise_later
+
+
+def _c_hook_add(uc: Uc, kind: int, callback: Any) -> ctypes.c_size_t:
+    """`uc_hook_add` of a ctypes callback on every address, through Unicorn's C API: the
+    hook's handle."""
     handle = ctypes.c_size_t()
-    err = _ucb.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), UC_HOOK_TLB_FILL,
+    err = _ucb.uclib.uc_hook_add(uc._uch, ctypes.byref(handle), kind,
                                  ctypes.cast(callback, ctypes.c_void_p), None,
                                  ctypes.c_uint64(1), ctypes.c_uint64(0))
     if err:
         raise UcError(err)
-    return callback, handle, raise_later
+    return handle
 
 
 class _FastRegs:
@@ -2141,14 +2146,8 @@ class _RawMemHooks:
                            (UC_HOOK_MEM_WRITE, guard(on_write))]
 
     def add(self) -> None:
-        for kind, callback in self._callbacks:
-            handle = ctypes.c_size_t()
-            err = _ucb.uclib.uc_hook_add(self._uc._uch, ctypes.byref(handle), kind,
-                                         ctypes.cast(callback, ctypes.c_void_p), None,
-                                         ctypes.c_uint64(1), ctypes.c_uint64(0))
-            if err:
-                raise UcError(err)
-            self._handles.append(handle)
+        self._handles = [_c_hook_add(self._uc, kind, callback)
+                         for kind, callback in self._callbacks]
 
     def delete(self) -> None:
         for handle in self._handles:
